@@ -1,0 +1,50 @@
+"""highway-bp: Highway backpropagation (Fagnou et al., ICLR 2025) for PyTorch.
+
+    import highwaybp as hbp
+    chain = hbp.ResidualChain([hbp.ResidualLayer(b) for b in blocks], method=hbp.Highway(k=3))
+    loss_fn(head(chain(x)), t).backward()
+"""
+
+from highwaybp._version import __version__
+from highwaybp.core.chain import ResidualChain
+from highwaybp.core.fidelity import compare_gradients, gradient_fidelity, use_method
+from highwaybp.core.iteration import Diagnostics
+from highwaybp.core.methods import Exact, FixedPoint, Highway, Method, method_from_string
+from highwaybp.core.residual import (
+    Gated,
+    Identity,
+    LinearShortcut,
+    ReLUResidual,
+    ResidualLayer,
+    ResidualMap,
+    Scaled,
+)
+from highwaybp.core.scan import (
+    reverse_scan,
+    reverse_scan_hillis_steele,
+    reverse_scan_sequential,
+)
+
+__all__ = [
+    "Diagnostics",
+    "Exact",
+    "FixedPoint",
+    "Gated",
+    "Highway",
+    "Identity",
+    "LinearShortcut",
+    "Method",
+    "ReLUResidual",
+    "ResidualChain",
+    "ResidualLayer",
+    "ResidualMap",
+    "Scaled",
+    "__version__",
+    "compare_gradients",
+    "gradient_fidelity",
+    "method_from_string",
+    "reverse_scan",
+    "reverse_scan_hillis_steele",
+    "reverse_scan_sequential",
+    "use_method",
+]

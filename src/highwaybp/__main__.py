@@ -1,0 +1,5 @@
+import sys
+
+from highwaybp.cli import main
+
+sys.exit(main())

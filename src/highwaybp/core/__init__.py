@@ -1,0 +1,1 @@
+"""The algorithm, model-agnostic: residual maps (K), scans, the iteration, the chain."""

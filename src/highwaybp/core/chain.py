@@ -1,0 +1,316 @@
+"""`ResidualChain`: a stack of residual layers whose backward is Highway-BP (or a baseline).
+
+With `Exact()` the chain is an ordinary module (autograd through each layer, bit-identical to
+`nn.Sequential(*layers)`). With `Highway`/`FixedPoint` the forward runs without an autograd
+tape and saves only the layer inputs h_0..h_{L-1} (plus RNG states for dropout replay); the
+backward is a `torch.autograd.Function` that runs the iteration, so `loss.backward()` fills
+every parameter's `.grad` (accumulating as autograd does) and passes dLoss/dx on to
+whatever precedes the chain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from highwaybp.core.iteration import Diagnostics, States, highway_iterate, raise_if_nonfinite
+from highwaybp.core.methods import Exact, FixedPoint, Highway, Method
+from highwaybp.core.replay import ForwardState, capture_forward_state
+from highwaybp.core.residual import ResidualLayer
+from highwaybp.core.scan import get_scan, reverse_scan_list
+from highwaybp.core.vjp import VJP_BACKENDS
+
+
+class ResidualChain(nn.Module):
+    """A chain of L residual layers h_i = f_i(h_{i-1}) trained with a chosen gradient method.
+
+    Args:
+        layers: `ResidualLayer`s (each declares its residual map, hence its K).
+        method: `Exact()` (default), `Highway(k)`, `Highway(tol=, max_k=)` or `FixedPoint(k)`.
+        scan: "sequential" (default, fastest on CPU) or "hillis_steele" (log depth).
+        vjp: per-layer VJP backend, "loop" (reference) or another registered backend.
+        preserve_rng_state: replay each layer's RNG state when it is re-run in the backward
+            (needed for dropout; costs one RNG-state copy per layer and forward).
+
+    Call: `chain(x, method=None, return_states=False)`; x: [*S] floating point. Returns
+    h_L [*S_L], or with `return_states=True` the stacked states h_1..h_L [L, *S] (all layers
+    must then keep the shape), so losses on intermediate states become per-layer losses.
+
+    After a backward through a Highway/FixedPoint chain, `chain.last_diagnostics` tells the
+    iterations used and the relative step of each (see `Diagnostics`).
+
+    All parameters the layers use must be registered in them (a tensor captured from
+    outside the chain gets no gradient from the Highway backward).
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[nn.Module],
+        method: Method | None = None,
+        *,
+        scan: str | None = None,
+        vjp: str = "loop",
+        preserve_rng_state: bool = True,
+    ) -> None:
+        super().__init__()
+        layers = list(layers)
+        if not layers:
+            raise ValueError("ResidualChain needs at least one layer, got an empty list")
+        for index, layer in enumerate(layers):
+            _check_layer(index, layer)
+        self.layers = nn.ModuleList(layers)
+        self.method = _check_method(Exact() if method is None else method)
+        self.scan_name = scan
+        get_scan(scan)  # fail now on an unknown name
+        if vjp not in VJP_BACKENDS:
+            raise ValueError(f"unknown vjp backend {vjp!r}; choose from {sorted(VJP_BACKENDS)}")
+        self.vjp = vjp
+        self.preserve_rng_state = preserve_rng_state
+        self.last_diagnostics: Optional[Diagnostics] = None
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def forward(
+        self, x: Tensor, method: Method | None = None, return_states: bool = False
+    ) -> Tensor:
+        _check_input(x)
+        method = self.method if method is None else _check_method(method)
+        if isinstance(method, Exact) or not self._needs_backward(x):
+            self.last_diagnostics = Diagnostics(method=repr(method), stop_reason="exact")
+            return self._forward_autograd(x, return_states)
+        run = _Run(self, method, return_states)
+        params = [p for p in self.parameters() if p.requires_grad]
+        return _HighwayFunction.apply(x, run, *params)
+
+    def _needs_backward(self, x: Tensor) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        return x.requires_grad or any(p.requires_grad for p in self.parameters())
+
+    def _forward_autograd(self, x: Tensor, return_states: bool) -> Tensor:
+        states = []
+        h = x
+        for layer in self.layers:
+            h = layer(h)
+            states.append(h)
+        return _stack_states(states) if return_states else h
+
+    def extra_repr(self) -> str:
+        return f"method={self.method!r}, scan={self.scan_name or 'default'}, vjp={self.vjp}"
+
+
+@dataclass
+class _Run:
+    """Non-tensor arguments of one forward, handed to the autograd Function."""
+
+    chain: ResidualChain
+    method: Method
+    return_states: bool
+    forward_states: Optional[list[ForwardState]] = None
+
+
+def _check_layer(index: int, layer: Any) -> None:
+    if isinstance(layer, ResidualLayer):
+        return
+    if isinstance(layer, nn.Module) and hasattr(layer, "block") and hasattr(layer, "residual"):
+        return
+    raise TypeError(
+        f"layer {index} ({type(layer).__name__}) has no residual decomposition: wrap it as "
+        f"highwaybp.ResidualLayer(block, residual=highwaybp.Identity()) (or Scaled(c), "
+        f"ReLUResidual(), Gated(), LinearShortcut(...)) so the chain knows its K"
+    )
+
+
+def _check_method(method: Any) -> Method:
+    if not isinstance(method, Method):
+        raise TypeError(
+            f"method must be highwaybp.Exact(), Highway(k), Highway(tol=, max_k=) or "
+            f"FixedPoint(k), got {method!r}"
+        )
+    return method
+
+
+def _check_input(x: Any) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"ResidualChain input must be a tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"ResidualChain input must be floating point (gradients need it), got {x.dtype}; "
+            "embed integer ids first or call x.float()"
+        )
+
+
+def _stack_states(states: list[Tensor]) -> Tensor:
+    shapes = {tuple(s.shape) for s in states}
+    if len(shapes) != 1:
+        raise ValueError(
+            f"return_states=True needs every layer to keep the state's shape, got {sorted(shapes)}"
+        )
+    return torch.stack(states)
+
+
+class _HighwayFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, run: _Run, *params: Tensor) -> Tensor:
+        chain = run.chain
+        inputs, forward_states, states = [], [], []
+        h = x
+        for layer in chain.layers:
+            forward_states.append(capture_forward_state(h, chain.preserve_rng_state))
+            inputs.append(h)
+            h = layer(h)
+            states.append(h)
+        run.forward_states = forward_states
+        ctx.run = run
+        ctx.params = params
+        ctx.save_for_backward(*inputs)
+        return _stack_states(states) if run.return_states else h
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Optional[Tensor], ...]:
+        try:
+            inputs = ctx.saved_tensors
+        except RuntimeError as err:
+            raise RuntimeError(
+                "backward through a ResidualChain a second time: its saved states were freed by "
+                "the first backward. Pass retain_graph=True to the first backward, or run the "
+                "forward again."
+            ) from err
+        run: _Run = ctx.run
+        chain = run.chain
+        backend = VJP_BACKENDS[chain.vjp](chain.layers, inputs, run.forward_states)
+        grad_x, ws, diag = _backward(chain, run, backend, list(inputs), grad_out)
+        param_grads = backend.param_vjps(ws, ctx.params)
+        chain.last_diagnostics = diag
+        return (grad_x if ctx.needs_input_grad[0] else None, None, *param_grads)
+
+
+def _backward(
+    chain: ResidualChain, run: _Run, backend: Any, inputs: list[Tensor], grad_out: Tensor
+) -> tuple[Tensor, list[Tensor], Diagnostics]:
+    """Run the iteration; return (dLoss/dh_0, [w_1..w_L], diagnostics)."""
+    layers = chain.layers
+    num_layers = len(layers)
+    out_shape = grad_out.shape[1:] if run.return_states else grad_out.shape
+    uniform = all(h.shape == out_shape for h in inputs) and all(
+        layer.residual.kind != "linear" for layer in layers
+    )
+    g = _upstream_grads(inputs, grad_out, run.return_states, stacked=uniform)
+    raise_if_nonfinite(g, 0, "the gradient flowing into the chain")
+    ops = _StackedOps(chain, backend) if uniform else _ListOps(chain, backend)
+    method = run.method
+    if isinstance(method, FixedPoint):
+        w, diag = highway_iterate(g, ops.full_vjp, lambda s: s, method, num_layers)
+    else:
+        assert isinstance(method, Highway)
+        w, diag = highway_iterate(
+            g, ops.block_vjp, ops.scan, method, num_layers, exact_backward=ops.exact_backward
+        )
+    rows = list(w.unbind(0)) if isinstance(w, Tensor) else w
+    return rows[0], rows[1:], diag
+
+
+def _upstream_grads(
+    inputs: list[Tensor], grad_out: Tensor, return_states: bool, stacked: bool
+) -> States:
+    """g_i = dLoss/dh_i for i = 0..L (g_0 = 0: the chain input has no loss of its own)."""
+    if stacked:
+        g = grad_out.new_zeros((len(inputs) + 1, *inputs[0].shape))
+        if return_states:
+            g[1:] = grad_out
+        else:
+            g[-1] = grad_out
+        return g
+    if return_states:
+        return [torch.zeros_like(inputs[0]), *grad_out.unbind(0)]
+    return [*(torch.zeros_like(h) for h in inputs), grad_out]
+
+
+class _StackedOps:
+    """Iteration operators on states stacked as one tensor [L+1, *S] (diagonal/scalar K)."""
+
+    def __init__(self, chain: ResidualChain, backend: Any) -> None:
+        self.backend = backend
+        self.layers = chain.layers
+        self.scan_fn = get_scan(chain.scan_name)
+        self.coeff = self._coefficients(backend.xs[0])
+
+    def _coefficients(self, like: Tensor) -> Optional[Tensor]:
+        """a_i = coefficient of K_{i+1} for i < L and a_L = 0, stacked to [L+1, ...]."""
+        coeffs = [
+            layer.residual.coefficient(ctx) for layer, ctx in zip(self.layers, self.backend.contexts)
+        ]
+        if all(c is None for c in coeffs):
+            return None
+        if all(c is None or isinstance(c, float) for c in coeffs):
+            values = [1.0 if c is None else c for c in coeffs] + [0.0]
+            shape = (len(values),) + (1,) * like.dim()
+            return torch.tensor(values, dtype=like.dtype, device=like.device).reshape(shape)
+        full = [_as_tensor(c, like) for c in coeffs]
+        return torch.stack([*full, torch.zeros_like(like)])
+
+    def scan(self, x: Tensor) -> Tensor:
+        return self.scan_fn(x, self.coeff)
+
+    def block_vjp(self, w: Tensor) -> Tensor:
+        v = self.backend.block_vjps(list(w[1:].unbind(0)))
+        return torch.stack([*v, torch.zeros_like(w[-1])])
+
+    def _apply_k(self, j: int, w_j: Tensor) -> Tensor:
+        return self.layers[j - 1].residual.apply_kt(w_j, self.backend.contexts[j - 1])
+
+    def full_vjp(self, w: Tensor) -> Tensor:
+        v = self.backend.block_vjps(list(w[1:].unbind(0)))
+        full = [vi + self._apply_k(j + 1, wj) for j, (vi, wj) in enumerate(zip(v, w[1:]))]
+        return torch.stack([*full, torch.zeros_like(w[-1])])
+
+    def exact_backward(self, g: Tensor) -> Tensor:
+        w = torch.empty_like(g)
+        w[-1] = g[-1]
+        for j in range(len(self.layers), 0, -1):
+            w[j - 1] = g[j - 1] + self.backend.layer_block_vjp(j, w[j]) + self._apply_k(j, w[j])
+        return w
+
+
+class _ListOps(_StackedOps):
+    """The same operators on a list of L+1 states of different shapes (general linear K)."""
+
+    def __init__(self, chain: ResidualChain, backend: Any) -> None:
+        self.backend = backend
+        self.layers = chain.layers
+
+    def scan(self, x: list[Tensor]) -> list[Tensor]:
+        maps = [self._k_map(j) for j in range(1, len(self.layers) + 1)]
+        return reverse_scan_list(x, [*maps, None])
+
+    def _k_map(self, j: int):
+        return lambda v: self._apply_k(j, v)
+
+    def block_vjp(self, w: list[Tensor]) -> list[Tensor]:
+        return [*self.backend.block_vjps(w[1:]), torch.zeros_like(w[-1])]
+
+    def full_vjp(self, w: list[Tensor]) -> list[Tensor]:
+        v = self.backend.block_vjps(w[1:])
+        full = [vi + self._apply_k(j + 1, wj) for j, (vi, wj) in enumerate(zip(v, w[1:]))]
+        return [*full, torch.zeros_like(w[-1])]
+
+    def exact_backward(self, g: list[Tensor]) -> list[Tensor]:
+        w = list(g)
+        for j in range(len(self.layers), 0, -1):
+            w[j - 1] = g[j - 1] + self.backend.layer_block_vjp(j, w[j]) + self._apply_k(j, w[j])
+        return w
+
+
+def _as_tensor(c: Any, like: Tensor) -> Tensor:
+    if c is None:
+        return torch.ones_like(like)
+    if isinstance(c, float):
+        return torch.full_like(like, c)
+    return c.expand_as(like)

@@ -1,0 +1,163 @@
+"""The Highway-BP iteration (Theorem 2), independent of how VJPs and scans are computed.
+
+States are indexed i = 0..L (h_0 is the chain input). A "state sequence" is either one
+tensor stacked along dim 0 ([L+1, *S], all states the same shape) or a list of L+1 tensors.
+
+    w^0     = scan(g)                    w_i^0 = g_i + w_{i+1}^0 K_{i+1}
+    w^{j+1} = w^0 + scan(block_vjp(w^j))  block_vjp(w)_i = w_{i+1} J_{i+1}, and 0 at i = L
+
+FixedPoint is the same loop with K = 0 (scan = identity, block_vjp = the full layer VJP).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from highwaybp.core.methods import FixedPoint, Highway
+
+States = Union[Tensor, list]
+
+
+@dataclass
+class Diagnostics:
+    """What the last backward did. Keys:
+
+    - method: repr of the method used.
+    - iterations: iterations run (k actually used; at most min(k, L): the estimate is exact
+      after L iterations, so more would not change it).
+    - step_norms: list of `iterations` floats, ||w^{j} - w^{j-1}|| / ||w^{j}|| over all
+      states, j = 1..iterations.
+    - stop_reason: "fixed_k", "exact_after_L", "tol", "growth", "max_k" or "exact".
+    - converged: adaptive only, whether the step fell under tol (None for fixed k).
+    - fallback: adaptive only, the fallback applied ("exact", "best", "last") or None.
+    """
+
+    method: str
+    iterations: int = 0
+    step_norms: list = field(default_factory=list)
+    stop_reason: str = ""
+    converged: Optional[bool] = None
+    fallback: Optional[str] = None
+
+
+def add_states(a: States, b: States) -> States:
+    if isinstance(a, Tensor):
+        return a + b
+    return [x + y for x, y in zip(a, b)]
+
+
+def states_norm(a: States) -> float:
+    if isinstance(a, Tensor):
+        return float(torch.linalg.vector_norm(a))
+    return math.sqrt(sum(float(torch.linalg.vector_norm(x)) ** 2 for x in a))
+
+
+def states_diff_norm(a: States, b: States) -> float:
+    if isinstance(a, Tensor):
+        return float(torch.linalg.vector_norm(a - b))
+    return math.sqrt(sum(float(torch.linalg.vector_norm(x - y)) ** 2 for x, y in zip(a, b)))
+
+
+def first_nonfinite(a: States) -> Optional[int]:
+    """Index of the first state holding NaN/Inf, or None."""
+    rows = a.unbind(0) if isinstance(a, Tensor) else a
+    for i, row in enumerate(rows):
+        if not bool(torch.isfinite(row).all()):
+            return i
+    return None
+
+
+def raise_if_nonfinite(w: States, iteration: int, what: str = "Highway-BP estimate") -> None:
+    index = first_nonfinite(w)
+    if index is None:
+        return
+    where = "the chain input h_0" if index == 0 else f"the output of layer {index} (h_{index})"
+    raise FloatingPointError(
+        f"{what} is NaN/Inf at iteration {iteration}, first at {where}. The gradient flowing "
+        "into the chain or through a block is not finite: check the loss and learning rate, "
+        "try method=Exact() to see whether backprop itself is finite, or use a smaller k."
+    )
+
+
+def _relative_step(new: States, old: States) -> tuple[float, float]:
+    norm = states_norm(new)
+    diff = states_diff_norm(new, old)
+    return (0.0 if diff == 0.0 else diff / max(norm, 1e-300)), norm
+
+
+def highway_iterate(
+    g: States,
+    block_vjp: Callable[[States], States],
+    scan: Callable[[States], States],
+    method: Highway | FixedPoint,
+    num_layers: int,
+    exact_backward: Callable[[States], States] | None = None,
+) -> tuple[States, Diagnostics]:
+    """Run the iteration for `method` and return (w, diagnostics).
+
+    Args:
+        g: dLoss/dh_i for i = 0..L (zeros where a state has no loss of its own).
+        block_vjp: w -> v with v_i = w_{i+1} @ J_{i+1} for i < L and v_L = 0 (FixedPoint:
+            the full layer VJP w_{i+1} @ df_{i+1}/dh_i).
+        scan: x -> y with y_L = x_L, y_i = x_i + y_{i+1} @ K_{i+1} (FixedPoint: identity).
+        num_layers: L; the estimate is exact after L iterations, so at most L are run.
+        exact_backward: g -> exact gradients (sequential), used by the adaptive fallback.
+    """
+    diag = Diagnostics(method=repr(method))
+    w0 = scan(g)
+    raise_if_nonfinite(w0, 0)
+    bound = method.iteration_bound
+    adaptive = isinstance(method, Highway) and method.adaptive
+    w, best_w, best_step = w0, w0, math.inf
+    stop = "fixed_k"
+    for j in range(1, min(bound, num_layers) + 1):
+        w_new = add_states(w0, scan(block_vjp(w)))
+        step, norm = _relative_step(w_new, w)
+        if not (math.isfinite(step) and math.isfinite(norm)):
+            raise_if_nonfinite(w_new, j)
+        diag.step_norms.append(step)
+        diag.iterations = j
+        w = w_new
+        if step <= best_step:
+            best_w, best_step = w, step
+        if adaptive:
+            if step < method.tol:
+                stop = "tol"
+                break
+            if j >= 2 and step > diag.step_norms[-2]:
+                stop = "growth"
+                break
+    else:
+        if adaptive:
+            stop = "exact_after_L" if bound >= num_layers else "max_k"
+        elif bound > num_layers:
+            stop = "exact_after_L"
+    diag.stop_reason = stop
+    if adaptive:
+        diag.converged = stop in ("tol", "exact_after_L")
+        if not diag.converged:
+            w = _apply_fallback(method.fallback, g, w, best_w, exact_backward)
+            diag.fallback = method.fallback
+    return w, diag
+
+
+def _apply_fallback(
+    fallback: str,
+    g: States,
+    last: States,
+    best: States,
+    exact_backward: Callable[[States], States] | None,
+) -> States:
+    if fallback == "best":
+        return best
+    if fallback == "last":
+        return last
+    if exact_backward is None:
+        raise RuntimeError("fallback='exact' needs an exact backward for this model")
+    return exact_backward(g)

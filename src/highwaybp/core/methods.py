@@ -1,0 +1,155 @@
+"""Gradient methods: what a chain's backward computes. Each is a small frozen config object.
+
+- `Exact()`: ordinary backprop (autograd through the layers).
+- `Highway(k)`: Highway-BP with k iterations; `Highway(tol=..., max_k=...)` is adaptive.
+- `FixedPoint(k)`: the Jacobi fixed-point iteration baseline (Highway-BP with K = 0).
+
+`method_from_string("highway:k=3")` builds one from text (the CLI uses it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+_FALLBACKS = ("exact", "best", "last")
+
+
+def _check_k(name: str, k: object) -> int:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"{name}: k must be an int >= 0, got {k!r} ({type(k).__name__})")
+    if k < 0:
+        raise ValueError(f"{name}: k must be >= 0 (k = 0 keeps only the residual paths), got {k}")
+    return k
+
+
+@dataclass(frozen=True)
+class Method:
+    """Base class of gradient methods."""
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__.lower()
+
+
+@dataclass(frozen=True)
+class Exact(Method):
+    """Exact backpropagation: the chain runs its layers under autograd."""
+
+    def __repr__(self) -> str:
+        return "Exact()"
+
+
+@dataclass(frozen=True, init=False)
+class Highway(Method):
+    """Highway backpropagation (Fagnou et al., ICLR 2025).
+
+    Fixed: `Highway(k=3)` runs k iterations; the estimate holds every gradient path that
+    crosses at most k blocks and is exact for k >= L (chain length).
+
+    Adaptive: `Highway(tol=1e-3, max_k=20)` iterates until the relative step
+    ||w^{j+1} - w^j|| / ||w^{j+1}|| falls under `tol`. The truncated path sum can grow before
+    it converges on a trained model, so the adaptive method also stops when the step grows
+    (step_j > step_{j-1}) or `max_k` is reached without converging, and then uses `fallback`:
+    "exact" (default; sequential exact backprop, so the gradient is never silently poor),
+    "best" (the estimate whose step was smallest) or "last" (the latest estimate).
+    """
+
+    k: Optional[int] = None
+    tol: Optional[float] = None
+    max_k: Optional[int] = None
+    fallback: str = "exact"
+
+    def __init__(
+        self,
+        k: Optional[int] = None,
+        *,
+        tol: Optional[float] = None,
+        max_k: Optional[int] = None,
+        fallback: str = "exact",
+    ) -> None:
+        if tol is None:
+            if max_k is not None:
+                raise ValueError("Highway: max_k is for the adaptive form; pass tol=... too")
+            k = _check_k("Highway", 3 if k is None else k)
+        else:
+            if k is not None:
+                raise ValueError("Highway: pass either k (fixed) or tol and max_k (adaptive)")
+            if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
+                raise ValueError(f"Highway: tol must be a positive number, got {tol!r}")
+            if not math.isfinite(tol):
+                raise ValueError("Highway: tol must be finite")
+            if max_k is None:
+                raise ValueError(
+                    "Highway: the adaptive form needs a bound, e.g. Highway(tol=1e-3, max_k=20)"
+                )
+            max_k = _check_k("Highway(max_k)", max_k)
+        if fallback not in _FALLBACKS:
+            raise ValueError(f"Highway: fallback must be one of {_FALLBACKS}, got {fallback!r}")
+        object.__setattr__(self, "k", k)
+        object.__setattr__(self, "tol", None if tol is None else float(tol))
+        object.__setattr__(self, "max_k", max_k)
+        object.__setattr__(self, "fallback", fallback)
+
+    @property
+    def adaptive(self) -> bool:
+        return self.tol is not None
+
+    @property
+    def iteration_bound(self) -> int:
+        return self.max_k if self.adaptive else self.k
+
+    def __repr__(self) -> str:
+        if self.adaptive:
+            return f"Highway(tol={self.tol:g}, max_k={self.max_k}, fallback={self.fallback!r})"
+        return f"Highway(k={self.k})"
+
+
+@dataclass(frozen=True, init=False)
+class FixedPoint(Method):
+    """Fixed-point (Jacobi) iteration (Wang & Ragni 2021): Highway-BP with K = 0.
+
+    w_i^{j+1} = dloss_i/dh_i + w_{i+1}^j @ df_{i+1}/dh_i. Without per-layer losses it only
+    backpropagates through the last k layers.
+    """
+
+    k: int = 3
+
+    def __init__(self, k: int = 3) -> None:
+        object.__setattr__(self, "k", _check_k("FixedPoint", k))
+
+    @property
+    def iteration_bound(self) -> int:
+        return self.k
+
+    def __repr__(self) -> str:
+        return f"FixedPoint(k={self.k})"
+
+
+METHODS = {"exact": Exact, "highway": Highway, "fixedpoint": FixedPoint}
+
+
+def method_from_string(text: str) -> Method:
+    """Parse "exact", "highway:k=3", "highway:tol=1e-3,max_k=20", "fixedpoint:k=2".
+
+    A bare number after the name is k: "highway:3".
+    """
+    name, _, arg_text = text.strip().lower().partition(":")
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {sorted(METHODS)}")
+    kwargs: dict[str, object] = {}
+    for item in filter(None, (s.strip() for s in arg_text.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            key, value = "k", key
+        key = key.strip()
+        if key in ("k", "max_k"):
+            kwargs[key] = int(value)
+        elif key == "tol":
+            kwargs[key] = float(value)
+        elif key == "fallback":
+            kwargs[key] = value.strip()
+        else:
+            raise ValueError(f"unknown option {key!r} in method {text!r}")
+    return METHODS[name](**kwargs)

@@ -1,0 +1,89 @@
+"""Re-running a layer for its VJPs must evaluate the same function as the forward did.
+
+As torch.utils.checkpoint does: keep the RNG state each layer saw (dropout masks) and the
+autocast state, and replay them. Re-running a layer must also not change module state, so
+buffers (BatchNorm running statistics, num_batches_tracked) are restored afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import get_device_states, set_device_states
+
+
+@dataclass
+class ForwardState:
+    """RNG and autocast state of one layer's forward (RNG only if preserved)."""
+
+    device_type: str
+    cpu_rng: Optional[Tensor]
+    device_ids: list
+    device_rng: list
+    autocast: dict[str, Any]
+
+
+def _autocast_state(device_type: str) -> dict[str, Any]:
+    state = {
+        "cpu": (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")),
+    }
+    if device_type != "cpu" and torch.amp.is_autocast_available(device_type):
+        state[device_type] = (
+            torch.is_autocast_enabled(device_type),
+            torch.get_autocast_dtype(device_type),
+        )
+    return state
+
+
+def capture_forward_state(x: Tensor, preserve_rng: bool) -> ForwardState:
+    """The state to replay later for a layer about to run on `x`."""
+    device_type = x.device.type
+    cpu_rng, ids, states = None, [], []
+    if preserve_rng:
+        cpu_rng = torch.get_rng_state()
+        ids, states = get_device_states(x)
+    return ForwardState(device_type, cpu_rng, ids, states, _autocast_state(device_type))
+
+
+@contextmanager
+def replayed(state: ForwardState) -> Iterator[None]:
+    """Run the body under the captured RNG and autocast state; the caller's RNG is untouched."""
+    devices = state.device_ids if state.cpu_rng is not None else []
+    with torch.random.fork_rng(devices=devices, enabled=state.cpu_rng is not None,
+                               device_type=state.device_type if devices else None):
+        if state.cpu_rng is not None:
+            torch.set_rng_state(state.cpu_rng)
+            if devices:
+                set_device_states(devices, state.device_rng, device_type=state.device_type)
+        with _autocast(state.autocast):
+            yield
+
+
+@contextmanager
+def _autocast(state: dict[str, Any]) -> Iterator[None]:
+    enabled, dtype = state["cpu"]
+    with torch.autocast("cpu", dtype=dtype, enabled=enabled):
+        others = [(dev, st) for dev, st in state.items() if dev != "cpu"]
+        if not others:
+            yield
+            return
+        dev, (dev_enabled, dev_dtype) = others[0]
+        with torch.autocast(dev, dtype=dev_dtype, enabled=dev_enabled):
+            yield
+
+
+@contextmanager
+def buffers_restored(module: nn.Module) -> Iterator[None]:
+    """Restore every buffer of `module` after the body (a recompute must not count twice)."""
+    saved = [(buf, buf.detach().clone()) for buf in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buf, value in saved:
+                buf.copy_(value)

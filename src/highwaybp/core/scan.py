@@ -1,0 +1,116 @@
+"""Reverse linear-recurrence scans (the paper's CumSumProd).
+
+All stacked scans share one signature and one definition:
+
+    reverse_scan(x, a) -> y,   y_{N-1} = x_{N-1},   y_i = x_i + a_i * y_{i+1}
+
+x: [N, *S]; a: [N, *S'] with S' broadcastable to S (a_{N-1} is never read), or None for
+a_i = 1 (K = I: a reverse cumulative sum). In Highway-BP, index i is the state h_i and
+a_i is the coefficient of K_{i+1}: the multiplier of y_{i+1} is the *next* layer's K. (The
+paper's Algorithm 1 read literally starts from P_i = K_i; the correct start is K_{i+1}.)
+
+- `reverse_scan_sequential`: the reference, O(N) work, N dependent steps. On a CPU the scan
+  is memory-bound, so this is also the fastest (see `highwaybp bench scan`); it is the default.
+- `reverse_scan_hillis_steele`: the paper's log-depth scan (O(N log N) work, log N steps),
+  the one to use where many cores or a GPU are idle during the scan.
+
+Never compute a scan as cumsum(x / cumprod(a)) * cumprod(a): the products underflow (NaN
+for gates near 0). Both scans here are recurrence forms, stable for |a| <= 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+ScanFn = Callable[[Tensor, "Tensor | None"], Tensor]
+
+
+def _check(x: Tensor, a: Tensor | None) -> None:
+    if x.dim() < 1 or x.shape[0] == 0:
+        raise ValueError(f"scan input needs a non-empty leading (layer) dim, got {tuple(x.shape)}")
+    if a is not None:
+        if a.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"scan coefficients have {a.shape[0]} entries along dim 0, inputs {x.shape[0]}"
+            )
+        torch.broadcast_shapes(a.shape[1:], x.shape[1:])
+
+
+def reverse_scan_sequential(x: Tensor, a: Tensor | None = None) -> Tensor:
+    """Reference scan: y_i = x_i + a_i * y_{i+1}, one step per index. Shapes as module doc."""
+    _check(x, a)
+    if a is None:
+        return x.flip(0).cumsum(0).flip(0)
+    y = torch.empty_like(x)
+    y[-1] = x[-1]
+    for i in range(x.shape[0] - 2, -1, -1):
+        torch.addcmul(x[i], a[i], y[i + 1], out=y[i])
+    return y
+
+
+def reverse_scan_hillis_steele(x: Tensor, a: Tensor | None = None) -> Tensor:
+    """Log-depth Hillis-Steele scan with the same result as `reverse_scan_sequential`.
+
+    Keeps (A_i, B_i) with y_i = B_i + A_i * y_{i+d}; each round doubles d by substituting
+    y_{i+d}. Entries with i + d >= N already hold y_i (y beyond the end is 0).
+    """
+    _check(x, a)
+    n = x.shape[0]
+    if a is None:
+        a = torch.ones((n,) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device)
+    coeff = a.expand((n,) + tuple(torch.broadcast_shapes(a.shape[1:], x.shape[1:]))).clone()
+    coeff[-1] = 0
+    acc = x.clone()
+    d = 1
+    while d < n:
+        head = slice(0, n - d)
+        new_acc = acc.clone()
+        new_acc[head] = torch.addcmul(acc[head], coeff[head], acc[d:])
+        new_coeff = coeff.clone()
+        new_coeff[head] = coeff[head] * coeff[d:]
+        acc, coeff = new_acc, new_coeff
+        d *= 2
+    return acc
+
+
+SCANS: dict[str, ScanFn] = {
+    "sequential": reverse_scan_sequential,
+    "hillis_steele": reverse_scan_hillis_steele,
+}
+DEFAULT_SCAN = "sequential"
+
+
+def get_scan(name: str | None) -> ScanFn:
+    """The scan registered under `name` (None: the default, the faster one on CPU)."""
+    name = DEFAULT_SCAN if name is None else name
+    if name not in SCANS:
+        raise ValueError(f"unknown scan {name!r}; choose from {sorted(SCANS)}")
+    return SCANS[name]
+
+
+def reverse_scan(x: Tensor, a: Tensor | None = None) -> Tensor:
+    """The default stacked scan (see module docstring)."""
+    return SCANS[DEFAULT_SCAN](x, a)
+
+
+def reverse_scan_list(
+    xs: Sequence[Tensor], apply_kt: Sequence[Callable[[Tensor], Tensor] | None]
+) -> list[Tensor]:
+    """Sequential scan over per-index tensors of different shapes, for general linear K.
+
+    y_{N-1} = xs[N-1]; y_i = xs[i] + apply_kt[i](y_{i+1}) where apply_kt[i] maps a tensor of
+    y_{i+1}'s shape to xs[i]'s shape (None means identity). apply_kt[N-1] is never called.
+    """
+    if len(xs) != len(apply_kt):
+        raise ValueError(f"{len(xs)} inputs but {len(apply_kt)} K maps")
+    ys: list[Any] = [None] * len(xs)
+    ys[-1] = xs[-1]
+    for i in range(len(xs) - 2, -1, -1):
+        fn = apply_kt[i]
+        carried = ys[i + 1] if fn is None else fn(ys[i + 1])
+        ys[i] = xs[i] + carried
+    return ys
