@@ -78,9 +78,7 @@ def _as_layers(model: Union[nn.Module, Sequence[nn.Module]]) -> list[nn.Module]:
     )
 
 
-def balanced_boundaries(
-    costs: Sequence[float], splits: int
-) -> list[int]:
+def balanced_boundaries(costs: Sequence[float], splits: int) -> list[int]:
     """Cut points 0 = b_0 < b_1 < ... < b_K = n of `costs` into `splits` contiguous groups,
     minimising the largest group cost (exact dynamic programme; n is small)."""
     n = len(costs)
@@ -143,8 +141,7 @@ def split_model(
         or any(a >= b for a, b in zip(boundaries, boundaries[1:]))
     ):
         raise ValueError(
-            f"boundaries must be {splits + 1} increasing cut points from 0 to {n}, "
-            f"got {boundaries}"
+            f"boundaries must be {splits + 1} increasing cut points from 0 to {n}, got {boundaries}"
         )
     return [nn.Sequential(*layers[a:b]) for a, b in zip(boundaries, boundaries[1:])]
 
@@ -275,12 +272,17 @@ class DDGStage:
             raise RuntimeError(f"stage {self.index} already holds the batch of step {t}")
         rng = self._rng_now()
         if self.semantics == "stash":
-            params = {
-                n: p.detach().clone().requires_grad_(True) for n, p in self._trainable()
-            }
+            params = {n: p.detach().clone().requires_grad_(True) for n, p in self._trainable()}
+            # Buffers go in as copies: BatchNorm saves the running statistics in the
+            # graph, so the live ones must not be updated in place under it; the updated
+            # copies are written back, which counts the batch once.
+            buffers = {n: b.detach().clone() for n, b in self.module.named_buffers()}
             x_in = x.detach().requires_grad_(self.index > 0)
             with torch.enable_grad(), self._own_rng():
-                y = functional_call(self.module, params, (x_in,))
+                y = functional_call(self.module, {**params, **buffers}, (x_in,))
+            with torch.no_grad():
+                for n, b in self.module.named_buffers():
+                    b.copy_(buffers[n])
             self.pending[t] = _InFlight(x_in, rng, params, y)
         else:
             x_in = x.detach()
@@ -309,9 +311,7 @@ class DDGStage:
             inputs = [entry.params[n] for n, _ in named]
             if need_input_grad:
                 inputs.append(entry.x)
-            grads = torch.autograd.grad(
-                entry.y, inputs, grad_output, allow_unused=True
-            )
+            grads = torch.autograd.grad(entry.y, inputs, grad_output, allow_unused=True)
             x_grad = grads[-1] if need_input_grad else None
             self._apply(grads[: len(named)])
             return x_grad
@@ -321,11 +321,11 @@ class DDGStage:
         x_in = entry.x.detach().requires_grad_(need_input_grad)
         with torch.enable_grad(), _rng_use(entry.rng, self.device):
             y = self.module(x_in)
-        with torch.no_grad():
-            for b, v in zip(self.module.buffers(), saved):
-                b.copy_(v)
         inputs = [p for _, p in named] + ([x_in] if need_input_grad else [])
         grads = torch.autograd.grad(y, inputs, grad_output, allow_unused=True)
+        with torch.no_grad():  # after the backward: BatchNorm saved these in the graph
+            for b, v in zip(self.module.buffers(), saved):
+                b.copy_(v)
         x_grad = grads[-1] if need_input_grad else None
         self._apply(grads[: len(named)])
         return x_grad
@@ -400,8 +400,12 @@ class DDGStage:
         ):
             raise ValueError(
                 "checkpoint is for stage {}/{} ({}), this stage is {}/{} ({})".format(
-                    state["index"], state["num_stages"], state["semantics"],
-                    self.index, self.num_stages, self.semantics,
+                    state["index"],
+                    state["num_stages"],
+                    state["semantics"],
+                    self.index,
+                    self.num_stages,
+                    self.semantics,
                 )
             )
         self.steps_done = state["steps_done"]
