@@ -88,6 +88,41 @@ class ResidualChain(nn.Module):
         params = [p for p in self.parameters() if p.requires_grad]
         return _HighwayFunction.apply(x, run, *params)
 
+    def state_gradients(
+        self,
+        x: Tensor,
+        grad_out: Tensor,
+        method: Method | None = None,
+        return_states: bool = False,
+    ) -> list[Tensor]:
+        """The method's estimates w_0..w_L of dLoss/dh_i, for a given upstream gradient.
+
+        `grad_out` is dLoss/d(output): shaped like h_L, or [L, ...] with `return_states`.
+        Exact() gives exact backprop (the sequential reference). Parameters' `.grad` is
+        untouched. For studying the estimate layer by layer (e.g. against the path sum).
+        """
+        _check_input(x)
+        method = self.method if method is None else _check_method(method)
+        run = _Run(self, method, return_states)
+        inputs: list[Tensor] = []
+        run.forward_states = []
+        with torch.no_grad():
+            h = x
+            for layer in self.layers:
+                run.forward_states.append(capture_forward_state(h, self.preserve_rng_state))
+                inputs.append(h)
+                h = layer(h)
+        backend = VJP_BACKENDS[self.vjp](self.layers, inputs, run.forward_states)
+        if isinstance(method, Exact):
+            uniform = _is_uniform(self, inputs, grad_out, return_states)
+            g = _upstream_grads(inputs, grad_out, return_states, stacked=uniform)
+            ops = _StackedOps(self, backend) if uniform else _ListOps(self, backend)
+            w = ops.exact_backward(g)
+            return list(w.unbind(0)) if isinstance(w, Tensor) else list(w)
+        w0, rest, diag = _backward(self, run, backend, inputs, grad_out)
+        self.last_diagnostics = diag
+        return [w0, *rest]
+
     def _needs_backward(self, x: Tensor) -> bool:
         if not torch.is_grad_enabled():
             return False
@@ -196,12 +231,8 @@ def _backward(
     chain: ResidualChain, run: _Run, backend: Any, inputs: list[Tensor], grad_out: Tensor
 ) -> tuple[Tensor, list[Tensor], Diagnostics]:
     """Run the iteration; return (dLoss/dh_0, [w_1..w_L], diagnostics)."""
-    layers = chain.layers
-    num_layers = len(layers)
-    out_shape = grad_out.shape[1:] if run.return_states else grad_out.shape
-    uniform = all(h.shape == out_shape for h in inputs) and all(
-        layer.residual.kind != "linear" for layer in layers
-    )
+    num_layers = len(chain.layers)
+    uniform = _is_uniform(chain, inputs, grad_out, run.return_states)
     g = _upstream_grads(inputs, grad_out, run.return_states, stacked=uniform)
     raise_if_nonfinite(g, 0, "the gradient flowing into the chain")
     ops = _StackedOps(chain, backend) if uniform else _ListOps(chain, backend)
@@ -215,6 +246,16 @@ def _backward(
         )
     rows = list(w.unbind(0)) if isinstance(w, Tensor) else w
     return rows[0], rows[1:], diag
+
+
+def _is_uniform(
+    chain: ResidualChain, inputs: list[Tensor], grad_out: Tensor, return_states: bool
+) -> bool:
+    """All states share one shape and every K is diagonal: states stack into one tensor."""
+    out_shape = grad_out.shape[1:] if return_states else grad_out.shape
+    return all(h.shape == out_shape for h in inputs) and all(
+        layer.residual.kind != "linear" for layer in chain.layers
+    )
 
 
 def _upstream_grads(
@@ -244,9 +285,8 @@ class _StackedOps:
 
     def _coefficients(self, like: Tensor) -> Optional[Tensor]:
         """a_i = coefficient of K_{i+1} for i < L and a_L = 0, stacked to [L+1, ...]."""
-        coeffs = [
-            layer.residual.coefficient(ctx) for layer, ctx in zip(self.layers, self.backend.contexts)
-        ]
+        pairs = zip(self.layers, self.backend.contexts)
+        coeffs = [layer.residual.coefficient(ctx) for layer, ctx in pairs]
         if all(c is None for c in coeffs):
             return None
         if all(c is None or isinstance(c, float) for c in coeffs):

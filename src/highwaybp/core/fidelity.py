@@ -88,7 +88,8 @@ def gradient_fidelity(
             torch.manual_seed(seed)
             grad = _flat_grad(model, loss_fn)
         entry: dict[str, Any] = compare_gradients(grad, exact)
-        diags = [c.last_diagnostics for c in chains_in(model) if getattr(c, "last_diagnostics", None)]
+        diags = [getattr(c, "last_diagnostics", None) for c in chains_in(model)]
+        diags = [d for d in diags if d is not None]
         entry["iterations"] = [d.iterations for d in diags]
         entry["step_norms"] = [d.step_norms for d in diags]
         report[name] = entry

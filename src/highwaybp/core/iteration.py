@@ -64,22 +64,27 @@ def states_diff_norm(a: States, b: States) -> float:
     return math.sqrt(sum(float(torch.linalg.vector_norm(x - y)) ** 2 for x, y in zip(a, b)))
 
 
-def first_nonfinite(a: States) -> Optional[int]:
-    """Index of the first state holding NaN/Inf, or None."""
+def last_nonfinite(a: States) -> Optional[int]:
+    """Highest state index holding NaN/Inf, or None. The reverse scan carries a NaN from
+    where it appears down to h_0, so the highest index is where it came in."""
     rows = a.unbind(0) if isinstance(a, Tensor) else a
-    for i, row in enumerate(rows):
-        if not bool(torch.isfinite(row).all()):
+    for i in range(len(rows) - 1, -1, -1):
+        if not bool(torch.isfinite(rows[i]).all()):
             return i
     return None
 
 
 def raise_if_nonfinite(w: States, iteration: int, what: str = "Highway-BP estimate") -> None:
-    index = first_nonfinite(w)
+    index = last_nonfinite(w)
     if index is None:
         return
-    where = "the chain input h_0" if index == 0 else f"the output of layer {index} (h_{index})"
+    num_layers = (w.shape[0] if isinstance(w, Tensor) else len(w)) - 1
+    if index == num_layers:
+        where = f"the chain output h_{index} (the incoming gradient)"
+    else:
+        where = f"h_{index}, the input of layer {index + 1} (its VJP or the loss on h_{index})"
     raise FloatingPointError(
-        f"{what} is NaN/Inf at iteration {iteration}, first at {where}. The gradient flowing "
+        f"{what} is NaN/Inf at iteration {iteration}, entering at {where}. The gradient flowing "
         "into the chain or through a block is not finite: check the loss and learning rate, "
         "try method=Exact() to see whether backprop itself is finite, or use a smaller k."
     )

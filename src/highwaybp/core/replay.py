@@ -79,11 +79,20 @@ def _autocast(state: dict[str, Any]) -> Iterator[None]:
 
 @contextmanager
 def buffers_restored(module: nn.Module) -> Iterator[None]:
-    """Restore every buffer of `module` after the body (a recompute must not count twice)."""
-    saved = [(buf, buf.detach().clone()) for buf in module.buffers()]
+    """Run the body on copies of every buffer of `module`, then put the originals back.
+
+    The re-run must not count twice in BatchNorm's running statistics. The originals are
+    swapped out rather than restored in place afterwards: autograd saves the running-stat
+    tensors in BatchNorm's graph, and an in-place restore would invalidate that graph.
+    """
+    swapped = []
+    for sub in module.modules():
+        for name, buf in sub._buffers.items():
+            if buf is not None:
+                swapped.append((sub, name, buf))
+                sub._buffers[name] = buf.clone()
     try:
         yield
     finally:
-        with torch.no_grad():
-            for buf, value in saved:
-                buf.copy_(value)
+        for sub, name, buf in swapped:
+            sub._buffers[name] = buf

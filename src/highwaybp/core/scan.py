@@ -62,7 +62,7 @@ def reverse_scan_hillis_steele(x: Tensor, a: Tensor | None = None) -> Tensor:
     n = x.shape[0]
     if a is None:
         a = torch.ones((n,) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device)
-    coeff = a.expand((n,) + tuple(torch.broadcast_shapes(a.shape[1:], x.shape[1:]))).clone()
+    coeff = a.expand((n, *tuple(torch.broadcast_shapes(a.shape[1:], x.shape[1:])))).clone()
     coeff[-1] = 0
     acc = x.clone()
     d = 1

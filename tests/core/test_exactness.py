@@ -1,0 +1,78 @@
+"""Highway at k = L equals autograd backprop of the same model (float64)."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import highwaybp as hbp
+from tests.core.helpers import RESIDUAL_KINDS, grads_of, make_chain, max_rel_diff
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    kinds=st.lists(st.sampled_from(RESIDUAL_KINDS), min_size=1, max_size=12),
+    width=st.integers(1, 16),
+    batch=st.integers(1, 3),
+    per_layer_loss=st.booleans(),
+    dropout=st.sampled_from([0.0, 0.3]),
+    seed=st.integers(0, 2**16),
+)
+def test_highway_at_k_equal_L_is_backprop(kinds, width, batch, per_layer_loss, dropout, seed):
+    torch.manual_seed(seed)
+    chain = make_chain(kinds, width, dropout=dropout).double()
+    x = torch.randn(batch, width, dtype=torch.float64, requires_grad=True)
+    exact = grads_of(chain, x, hbp.Exact(), per_layer_loss, seed)
+    highway = grads_of(chain, x, hbp.Highway(k=len(kinds)), per_layer_loss, seed)
+    assert max_rel_diff(highway, exact) < 1e-10
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    kinds=st.lists(st.sampled_from(RESIDUAL_KINDS), min_size=1, max_size=8),
+    width=st.integers(1, 8),
+    per_layer_loss=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_fixed_point_at_k_equal_L_is_backprop(kinds, width, per_layer_loss, seed):
+    torch.manual_seed(seed)
+    chain = make_chain(kinds, width).double()
+    x = torch.randn(2, width, dtype=torch.float64, requires_grad=True)
+    exact = grads_of(chain, x, hbp.Exact(), per_layer_loss, seed)
+    fixed = grads_of(chain, x, hbp.FixedPoint(k=len(kinds)), per_layer_loss, seed)
+    assert max_rel_diff(fixed, exact) < 1e-10
+
+
+def test_hillis_steele_scan_in_chain_matches_sequential():
+    torch.manual_seed(0)
+    kinds = ["relu", "gated", "scaled", "identity", "relu"]
+    seq = make_chain(kinds, 6).double()
+    hs = make_chain(kinds, 6, scan="hillis_steele").double()
+    hs.load_state_dict(seq.state_dict())
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    for k in (0, 2, 5):
+        a = grads_of(seq, x, hbp.Highway(k=k), per_layer_loss=True)
+        b = grads_of(hs, x, hbp.Highway(k=k), per_layer_loss=True)
+        assert max_rel_diff(b, a) < 1e-12
+
+
+def test_exact_method_on_chain_is_autograd_and_reports_exact():
+    torch.manual_seed(0)
+    chain = make_chain(["identity"] * 3, 4).double()
+    x = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    chain(x).sum().backward()
+    assert chain.last_diagnostics.stop_reason == "exact"
+    assert chain.last_diagnostics.iterations == 0
+
+
+def test_exact_state_gradients_match_autograd_per_state():
+    torch.manual_seed(1)
+    chain = make_chain(["relu", "gated", "identity"], 5).double()
+    x = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    states = chain(x, method=hbp.Exact(), return_states=True)
+    grad_out = torch.randn_like(states)
+    auto = torch.autograd.grad(states, x, grad_out)[0]
+    ws = chain.state_gradients(x, grad_out, method=hbp.Exact(), return_states=True)
+    assert len(ws) == 4
+    torch.testing.assert_close(ws[0], auto, rtol=1e-12, atol=1e-12)
