@@ -21,6 +21,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from highwaybp.core.batched import BatchedVJP
 from highwaybp.core.replay import ForwardState, buffers_restored, replayed
 
 
@@ -103,4 +104,4 @@ def _detach(z: Any) -> Any:
     return z
 
 
-VJP_BACKENDS: dict[str, type] = {"loop": LoopVJP}
+VJP_BACKENDS: dict[str, type] = {"loop": LoopVJP, "batched": BatchedVJP}

@@ -1,0 +1,147 @@
+"""The batched (torch.func vmap) VJP backend equals the per-layer loop backend."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import highwaybp as hbp
+from highwaybp.models.resnet import CifarResNet, PreActBlock
+from highwaybp.models.transformer import GPT, EncoderClassifier
+
+V, T, B = 11, 5, 3
+
+
+class ConvStack(nn.Module):
+    """L identical pre-activation conv blocks with BatchNorm (one ResNet stage)."""
+
+    def __init__(self, depth=4, ch=4):
+        super().__init__()
+        self.chain = hbp.ResidualChain(
+            [hbp.ResidualLayer(PreActBlock(ch, ch), hbp.Identity()) for _ in range(depth)]
+        )
+
+    def forward(self, x):
+        return self.chain(x)
+
+
+class ReLUMLP(nn.Module):
+    def __init__(self, depth=5, width=6):
+        super().__init__()
+        blocks = [nn.Sequential(nn.Linear(width, width), nn.Tanh()) for _ in range(depth)]
+        self.chain = hbp.ResidualChain([hbp.ResidualLayer(b, hbp.ReLUResidual()) for b in blocks])
+
+    def forward(self, x):
+        return self.chain(x)
+
+
+def _model(name):
+    torch.manual_seed(0)
+    if name == "gpt":
+        return GPT(V, block_size=8, d_model=16, n_layer=2, n_head=2).double()
+    if name == "encoder":
+        return EncoderClassifier(V, 3, max_len=8, d_model=16, n_layer=2, n_head=2).double()
+    if name == "encoder_no_affine":
+        return EncoderClassifier(
+            V, 3, max_len=8, d_model=16, n_layer=2, n_head=2, layer_norm_affine=False
+        ).double()
+    if name == "conv_bn":
+        return ConvStack().double()
+    return ReLUMLP().double()
+
+
+def _grads(model, method, vjp):
+    """Gradients w.r.t. the chain input and all parameters, with the chain's backend set."""
+    model.chain.vjp = vjp
+    model.zero_grad(set_to_none=True)
+    g = torch.Generator().manual_seed(1)
+    if isinstance(model, (GPT, EncoderClassifier)):
+        ids = torch.randint(0, V, (B, T), generator=g)
+        emb = model.embed(ids) if isinstance(model, GPT) else model.tok(ids) + model.pos.weight[:T]
+        x = emb.detach().requires_grad_(True)
+    elif isinstance(model, ConvStack):
+        x = torch.randn(B, 4, 6, 6, generator=g, dtype=torch.float64).requires_grad_(True)
+    else:
+        x = torch.randn(B, 6, generator=g, dtype=torch.float64).requires_grad_(True)
+    out = model.chain(x, method=method)
+    w = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+    ((w * out).sum() + (out**2).sum()).backward()
+    return [x.grad] + [p.grad for p in model.parameters()], model.chain.last_diagnostics
+
+
+NAMES = ["gpt", "encoder", "encoder_no_affine", "conv_bn", "relu_mlp"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_batched_equals_loop(name):
+    model = _model(name)
+    L = len(model.chain)
+    for method in (hbp.Highway(k=0), hbp.Highway(k=2), hbp.Highway(k=L), hbp.FixedPoint(k=2)):
+        loop, _ = _grads(model, method, "loop")
+        batched, _ = _grads(model, method, "batched")
+        n_checked = 0
+        for a, b in zip(loop, batched):
+            if a is None:
+                assert b is None
+                continue
+            torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-12)
+            n_checked += 1
+        assert n_checked >= 3
+
+
+def test_batched_adaptive_exact_fallback_equals_loop():
+    model = _model("gpt")
+    method = hbp.Highway(tol=1e-30, max_k=1, fallback="exact")  # never converges -> exact
+    loop, d_loop = _grads(model, method, "loop")
+    batched, d_batched = _grads(model, method, "batched")
+    assert d_batched.fallback == "exact" == d_loop.fallback
+    exact, _ = _grads(model, hbp.Exact(), "loop")
+    for a, b, e in zip(loop, batched, exact):
+        torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(b, e, atol=1e-9, rtol=1e-9)
+
+
+def test_batched_batchnorm_stats_updated_once():
+    base = _model("conv_bn")
+    exact, batched = copy.deepcopy(base), copy.deepcopy(base)
+    _grads(exact, hbp.Exact(), "loop")
+    _grads(batched, hbp.Highway(k=1), "batched")
+    for (name, a), (_, b) in zip(exact.named_buffers(), batched.named_buffers()):
+        torch.testing.assert_close(b, a, atol=0, rtol=0, msg=name)
+
+
+def test_batched_groups_resnet_stages():
+    """The paper-form ResNet batches per stage (3 groups of identical blocks)."""
+    from highwaybp.core.batched import check_batchable
+
+    torch.manual_seed(0)
+    resnet = CifarResNet(20, width=4, in_channels=1, downsample="updown").double()
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    h = resnet.stem(x)
+    assert check_batchable(list(resnet.chain.layers), [h] * 9) == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    grads = {}
+    for vjp in ("loop", "batched"):
+        resnet.zero_grad(set_to_none=True)
+        resnet.chain.vjp = vjp
+        with hbp.use_method(resnet, hbp.Highway(k=2)):
+            resnet(x).square().sum().backward()
+        grads[vjp] = [p.grad for p in resnet.parameters()]
+    for a, b in zip(grads["loop"], grads["batched"]):
+        torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-12)
+
+
+def test_batched_rejects_unbatchable_chains():
+    x = torch.randn(2, 1, 8, 8)
+    option_a = CifarResNet(20, width=4, in_channels=1, downsample="option_a", vjp="batched")
+    with hbp.use_method(option_a, hbp.Highway(k=1)), pytest.raises(ValueError, match="linear K"):
+        option_a(x.float()).sum().backward()
+    gpt = GPT(V, block_size=8, d_model=16, n_layer=2, n_head=2, dropout=0.1, vjp="batched")
+    ids = torch.randint(0, V, (B, T))
+    with hbp.use_method(gpt, hbp.Highway(k=1)), pytest.raises(RuntimeError, match="vjp='loop'"):
+        gpt.loss(ids, ids).backward()
+    gpt.eval()  # no dropout in eval mode: batchable
+    with hbp.use_method(gpt, hbp.Highway(k=1)):
+        gpt.loss(ids, ids).backward()
