@@ -6,7 +6,7 @@ import argparse
 import importlib
 
 # One module per benchmark, each with `register(subparsers)`.
-BENCHES: tuple[str, ...] = ()
+BENCHES: tuple[str, ...] = ("highwaybp.bench.deep",)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
