@@ -1,0 +1,621 @@
+"""DDG on torch.distributed: one rank per module, point-to-point activations and errors.
+
+Rank s holds module s of K (the same `DDGStage` as the single-process oracle in
+`highwaybp.baselines.ddg`, so both run the same arithmetic) and, at step t:
+
+    x = batch_t                     (rank 0)   |  recv activation of batch t from s-1
+    last rank:  loss, backward, update on batch t; send dLoss/dx of batch t to s-1
+    other rank: forward, send the output to s+1;
+                backward of batch t-d with the error received at step t-1, update,
+                send its input error to s-1; recv the error of batch t+1-d from s+1
+
+so a rank's backward overlaps the forwards and backwards of the ranks after it (no
+backward locking); the forward still goes rank by rank. Errors that would only be used
+after the last step are not sent.
+
+Shapes are negotiated once: before its first activation a rank sends a small header
+(ndim, dtype, shape); every later activation must have the same shape (use a fixed batch
+size, e.g. drop the last partial batch). The error shape of a rank is its own output
+shape.
+
+Failure handling (never a hang): every receive waits at most `timeout` seconds
+(`Work.wait(timeout)`), a dead peer closes its sockets so its neighbours fail at once and
+then close theirs, and a watchdog thread ends the process if no step completes within
+`timeout` + a grace period (it covers hangs outside a receive, e.g. in teardown). Each
+failure is reported as `DDGRuntimeError` naming the rank, the peer and the step.
+
+Launch: `torchrun --nproc-per-node K -m highwaybp train --method ddg --splits K ...`
+(env:// rendezvous, gloo on CPU, NCCL on GPU with one GPU per rank), or `spawn_ddg(...)`
+here (torch.multiprocessing, used by the tests and by `--launcher spawn`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import queue as queue_mod
+import resource
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from highwaybp.baselines.ddg import SEMANTICS, DDGStage, make_stages, split_model
+from highwaybp.train.io import load_checkpoint, save_checkpoint
+
+_DTYPES = [
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+]
+_HEADER_LEN = 10  # ndim, dtype code, up to 8 dims
+_TAG_HEADER, _TAG_ACT, _TAG_ERR = 1, 2, 3
+
+
+class DDGRuntimeError(RuntimeError):
+    """A rank of the DDG runtime failed, timed out, or lost a peer."""
+
+
+@dataclass
+class EpochBatches:
+    """Deterministic batch of step t: epoch e = t // steps_per_epoch uses the permutation
+    drawn from seed + e, and drops the last partial batch (fixed shapes for the runtime).
+
+    x: [N, ...] inputs, y: [N] targets. Picklable, so every rank can rebuild the stream.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    batch_size: int
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.batch_size > len(self.x):
+            raise ValueError(
+                f"batch_size must be in 1..{len(self.x)} (dataset size), got {self.batch_size}"
+            )
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.x) // self.batch_size
+
+    def __call__(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, i = divmod(t, self.steps_per_epoch)
+        if self._perm is None or self._perm[0] != epoch:
+            gen = torch.Generator().manual_seed(self.seed + epoch)
+            self._perm = (epoch, torch.randperm(len(self.x), generator=gen))
+        idx = self._perm[1][i * self.batch_size : (i + 1) * self.batch_size]
+        return self.x[idx], self.y[idx]
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_perm"] = None
+        return state
+
+
+@dataclass
+class DDGRunConfig:
+    """What every rank needs; picklable (use functools.partial, not lambdas).
+
+    build_model() -> the whole model as nn.Sequential / list of modules; every rank builds
+    it (seed inside build_model) and keeps its own part. batches(t) -> (x [B, ...],
+    target [B]) for step t, the same on every rank (rank 0 uses x, the last rank target).
+    """
+
+    build_model: Callable[[], Any]
+    batches: Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+    steps: int
+    optimizer_factory: Callable[..., torch.optim.Optimizer]
+    scheduler_factory: Optional[Callable[..., Any]] = None
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
+    semantics: str = "stash"
+    boundaries: Optional[Sequence[int]] = None
+    balance: str = "params"
+    rng_seed: Optional[int] = 0
+    timeout: float = 60.0  # seconds: max wait for a peer, and watchdog base
+    threads: Optional[int] = None  # torch threads per rank (default: cpus // world)
+    backend: Optional[str] = None  # "gloo" | "nccl" | None (nccl if CUDA else gloo)
+    checkpoint_dir: Optional[str] = None  # per-rank checkpoints (resume) if set
+    checkpoint_every: int = 0  # steps between checkpoints (0: only at the end)
+    extra: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- watchdog
+
+
+class Watchdog:
+    """Ends the process (exit code 3) when `beat()` was not called for `limit` seconds.
+
+    The receives already time out; this covers any other hang (a blocked send, teardown
+    of a process group whose peer died) so that no rank can outlive a failure for long.
+    """
+
+    def __init__(self, limit: float, rank: int) -> None:
+        self.limit = limit
+        self.rank = rank
+        self._last = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def beat(self) -> None:
+        self._last = time.monotonic()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            idle = time.monotonic() - self._last
+            if idle > self.limit:
+                sys.stderr.write(
+                    f"[ddg rank {self.rank}] watchdog: no progress for {idle:.1f}s "
+                    f"(limit {self.limit:.0f}s); a peer failed or hangs. Exiting.\n"
+                )
+                sys.stderr.flush()
+                os._exit(3)
+
+
+# ----------------------------------------------------------------------------- comm
+
+
+class _Link:
+    """Point-to-point messages of one rank with bounded waits and clear errors."""
+
+    def __init__(self, rank: int, world: int, timeout: float, device: torch.device) -> None:
+        self.rank, self.world = rank, world
+        self.timeout = datetime.timedelta(seconds=timeout)
+        self.device = device
+        self.sends: list[Any] = []
+        self.in_shape: Optional[tuple[torch.Size, torch.dtype]] = None
+        self.header_sent = False
+
+    def _fail(self, what: str, peer: int, step: int, err: BaseException) -> DDGRuntimeError:
+        return DDGRuntimeError(
+            f"DDG rank {self.rank}/{self.world}: {what} rank {peer} failed at step {step} "
+            f"(timeout {self.timeout.total_seconds():.0f}s): {type(err).__name__}: {err}. "
+            "A peer died, raised or is stuck; every rank stops."
+        )
+
+    def _recv(self, buf: torch.Tensor, src: int, tag: int, what: str, step: int):
+        try:
+            work = dist.irecv(buf, src=src, tag=tag)
+            if not work.wait(self.timeout):
+                raise TimeoutError("receive did not complete")
+        except Exception as err:
+            raise self._fail(f"receiving {what} from", src, step, err) from err
+        return buf
+
+    def _send(self, tensor: torch.Tensor, dst: int, tag: int, what: str, step: int) -> None:
+        try:
+            self.sends.append((dist.isend(tensor.contiguous(), dst=dst, tag=tag), dst, what))
+        except Exception as err:
+            raise self._fail(f"sending {what} to", dst, step, err) from err
+
+    def flush(self, step: int) -> None:
+        """Wait for this step's sends (bounded), so buffers can be freed."""
+        for work, dst, what in self.sends:
+            try:
+                if not work.wait(self.timeout):
+                    raise TimeoutError("send did not complete")
+            except Exception as err:
+                raise self._fail(f"sending {what} to", dst, step, err) from err
+        self.sends = []
+
+    def send_activation(self, y: torch.Tensor, step: int) -> None:
+        if not self.header_sent:  # once per run (also after a resume)
+            if y.dim() > _HEADER_LEN - 2 or y.dtype not in _DTYPES:
+                raise DDGRuntimeError(
+                    f"DDG sends tensors of <= {_HEADER_LEN - 2} dims with dtype in "
+                    f"{_DTYPES}; module {self.rank} returned {tuple(y.shape)} {y.dtype}"
+                )
+            header = torch.zeros(_HEADER_LEN, dtype=torch.int64, device=self.device)
+            header[0], header[1] = y.dim(), _DTYPES.index(y.dtype)
+            header[2 : 2 + y.dim()] = torch.tensor(y.shape, dtype=torch.int64)
+            self._send(header, self.rank + 1, _TAG_HEADER, "the shape header", step)
+            self.header_sent = True
+        self._send(y.detach(), self.rank + 1, _TAG_ACT, "an activation", step)
+
+    def recv_activation(self, step: int) -> torch.Tensor:
+        if self.in_shape is None:  # shape negotiation, once
+            header = torch.zeros(_HEADER_LEN, dtype=torch.int64, device=self.device)
+            self._recv(header, self.rank - 1, _TAG_HEADER, "the shape header", step)
+            header = header.cpu().tolist()
+            ndim = int(header[0])
+            self.in_shape = (torch.Size(header[2 : 2 + ndim]), _DTYPES[int(header[1])])
+        shape, dtype = self.in_shape
+        buf = torch.empty(shape, dtype=dtype, device=self.device)
+        return self._recv(buf, self.rank - 1, _TAG_ACT, "an activation", step)
+
+    def send_error(self, g: torch.Tensor, step: int) -> None:
+        self._send(g.detach(), self.rank - 1, _TAG_ERR, "an error", step)
+
+    def recv_error(self, like: torch.Tensor, step: int) -> torch.Tensor:
+        buf = torch.empty_like(like)
+        return self._recv(buf, self.rank + 1, _TAG_ERR, "an error", step)
+
+
+# ----------------------------------------------------------------------------- rank loop
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _ckpt_path(cfg: DDGRunConfig, rank: int) -> Optional[Path]:
+    if cfg.checkpoint_dir is None:
+        return None
+    return Path(cfg.checkpoint_dir) / f"ddg_rank{rank}.ckpt"
+
+
+def run_rank(
+    rank: int,
+    world: int,
+    cfg: DDGRunConfig,
+    device: torch.device | str = "cpu",
+    progress: Optional[Callable[[int], None]] = None,
+    watchdog: Optional[Watchdog] = None,
+) -> dict[str, Any]:
+    """Run the DDG schedule as rank `rank` of `world` (= K); the process group must be up.
+
+    Returns {"rank", "module_state", "losses" (last rank: [steps]), "correct" (last rank:
+    per-step count of right predictions), "stats": timings [s], peak RSS [MB], threads}.
+    """
+    if cfg.semantics not in SEMANTICS:
+        raise ValueError(f"semantics must be one of {SEMANTICS}, got {cfg.semantics!r}")
+    device = torch.device(device)
+    modules = split_model(cfg.build_model(), world, cfg.boundaries, cfg.balance)
+    module = modules[rank].to(device)
+    # Build every stage's optimizer the same way as the oracle, keep ours.
+    stage: DDGStage = make_stages(
+        [module] if world == 1 else modules,
+        cfg.optimizer_factory,
+        cfg.scheduler_factory,
+        cfg.semantics,
+        cfg.rng_seed,
+    )[rank if world > 1 else 0]
+    del modules
+    link = _Link(rank, world, cfg.timeout, device)
+    last, first_rank = rank == world - 1, rank == 0
+    losses: list[float] = []
+    correct: list[int] = []
+    pending_err: Optional[torch.Tensor] = None
+    out_like: Optional[torch.Tensor] = None
+    start = 0
+    ckpt = _ckpt_path(cfg, rank)
+    if ckpt is not None and (state := load_checkpoint(ckpt)) is not None:
+        module.load_state_dict(state["module"])
+        stage.load_state_dict(state["stage"])
+        start, losses, correct = state["t"], state["losses"], state["correct"]
+        pending_err, out_like = state["pending_err"], state["out_like"]
+    if world > 1:  # every rank must resume from the same step
+        steps_seen = torch.tensor([start], dtype=torch.int64, device=device)
+        gathered = [torch.zeros_like(steps_seen) for _ in range(world)]
+        dist.all_gather(gathered, steps_seen)
+        if len({int(g) for g in gathered}) != 1:
+            raise DDGRuntimeError(
+                f"DDG per-rank checkpoints are at different steps {[int(g) for g in gathered]}"
+                "; delete the ddg_rank*.ckpt files to restart"
+            )
+    stats = {"forward_s": 0.0, "backward_s": 0.0, "wait_s": 0.0, "steps": 0}
+    t0 = time.perf_counter()
+    for t in range(start, cfg.steps):
+        if first_rank or last:
+            xb, yb = cfg.batches(t)
+            xb, yb = xb.to(device), yb.to(device)
+        tic = time.perf_counter()
+        x = xb if first_rank else link.recv_activation(t)
+        stats["wait_s"] += time.perf_counter() - tic
+        send_back = rank > 0 and t < cfg.steps - 1  # the error is used at step t+1
+        if last:
+            tic = time.perf_counter()
+            loss, out, g = stage.train_last(t, x, yb, cfg.loss_fn, need_input_grad=rank > 0)
+            stats["backward_s"] += time.perf_counter() - tic
+            losses.append(float(loss))
+            if out.dim() == 2 and yb.dim() == 1:
+                correct.append(int((out.argmax(1) == yb).sum()))
+            if send_back:
+                link.send_error(g, t)
+        else:
+            tic = time.perf_counter()
+            y = stage.forward(t, x)
+            stats["forward_s"] += time.perf_counter() - tic
+            link.send_activation(y, t)
+            out_like = y
+            if t - stage.delay >= 0:
+                tic = time.perf_counter()
+                g = stage.backward(t, pending_err, need_input_grad=rank > 0)
+                stats["backward_s"] += time.perf_counter() - tic
+                if send_back:
+                    link.send_error(g, t)
+            pending_err = None
+            if t + 1 < cfg.steps and t + 1 - stage.delay >= 0:
+                tic = time.perf_counter()
+                pending_err = link.recv_error(out_like, t)
+                stats["wait_s"] += time.perf_counter() - tic
+        stage.end_step()
+        link.flush(t)
+        stats["steps"] += 1
+        if watchdog is not None:
+            watchdog.beat()
+        if progress is not None:
+            progress(t)
+        every = cfg.checkpoint_every
+        if ckpt is not None and every > 0 and (t + 1) % every == 0 and t + 1 < cfg.steps:
+            save_checkpoint(
+                ckpt,
+                {
+                    "t": t + 1,
+                    "module": module.state_dict(),
+                    "stage": stage.state_dict(),
+                    "losses": losses,
+                    "correct": correct,
+                    "pending_err": pending_err,
+                    "out_like": None if out_like is None else torch.empty_like(out_like),
+                },
+            )
+    stats["total_s"] = time.perf_counter() - t0
+    stats["peak_rss_mb"] = _peak_rss_mb()
+    stats["threads"] = torch.get_num_threads()
+    stats["updates"] = stage.updates
+    stats["params"] = sum(p.numel() for p in module.parameters())
+    return {
+        "rank": rank,
+        "world": world,
+        "module_state": {k: v.detach().cpu() for k, v in module.state_dict().items()},
+        "losses": losses,
+        "correct": correct,
+        "stats": stats,
+    }
+
+
+# ----------------------------------------------------------------------------- launch
+
+
+def _pick_backend(cfg: DDGRunConfig) -> str:
+    if cfg.backend is not None:
+        return cfg.backend
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def _setup_rank(rank: int, world: int, cfg: DDGRunConfig) -> torch.device:
+    threads = cfg.threads or max(1, (os.cpu_count() or 1) // world)
+    torch.set_num_threads(threads)
+    if _pick_backend(cfg) == "nccl":
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def run_from_env(cfg: DDGRunConfig) -> dict[str, Any]:
+    """Entry point under `torchrun`: env:// rendezvous, one rank per module."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    device = _setup_rank(rank, world, cfg)
+    watchdog = Watchdog(cfg.timeout + 30.0, rank)
+    timeout = datetime.timedelta(seconds=cfg.timeout)
+    try:
+        dist.init_process_group(_pick_backend(cfg), timeout=timeout)
+        watchdog.beat()
+        result = run_rank(rank, world, cfg, device, watchdog=watchdog)
+        watchdog.beat()
+        dist.destroy_process_group()
+        return result
+    finally:
+        watchdog.stop()
+
+
+def _spawn_entry(
+    rank: int,
+    world: int,
+    cfg: DDGRunConfig,
+    init_method: str,
+    events: Any,
+    result_dir: str,
+) -> None:
+    device = _setup_rank(rank, world, cfg)
+    # The watchdog outlives the receive timeout a little, so a receive error (clearer)
+    # normally wins; it is the backstop for everything else.
+    watchdog = Watchdog(cfg.timeout + 10.0, rank)
+    try:
+        dist.init_process_group(
+            _pick_backend(cfg),
+            init_method=init_method,
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=cfg.timeout),
+        )
+        watchdog.beat()
+        result = run_rank(
+            rank,
+            world,
+            cfg,
+            device,
+            progress=lambda t: events.put(("step", rank, t)),
+            watchdog=watchdog,
+        )
+        torch.save(result, Path(result_dir) / f"rank{rank}.pt")
+        watchdog.beat()
+        dist.destroy_process_group()
+        events.put(("done", rank, None))
+    except BaseException as err:  # report, then leave without waiting on dead peers
+        msg = f"{type(err).__name__}: {err}"
+        try:
+            events.put(("error", rank, msg))
+            time.sleep(0.2)  # let the queue feeder thread flush
+        finally:
+            sys.stderr.write(f"[ddg rank {rank}] {msg}\n{traceback.format_exc()}")
+            sys.stderr.flush()
+            os._exit(1)
+    watchdog.stop()
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for the spawn launcher's rendezvous)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _mp_context():
+    """forkserver with torch and this module preloaded: each rank starts in well under a
+    second instead of re-importing torch (seconds on a loaded machine). Fork itself is
+    unsafe once the parent has run OpenMP kernels; the server has not. Falls back to
+    spawn where forkserver does not exist."""
+    try:
+        ctx = mp.get_context("forkserver")
+    except ValueError:
+        return mp.get_context("spawn")
+    ctx.set_forkserver_preload(["torch", "highwaybp.distributed.ddg"])
+    return ctx
+
+
+class DDGProcesses:
+    """K local processes running DDG (torch.multiprocessing); see `spawn_ddg`.
+
+    .procs are the processes (rank order); .events collects ("step" | "done" | "error",
+    rank, payload) messages as `poll` reads them.
+    """
+
+    def __init__(self, cfg: DDGRunConfig, world: int) -> None:
+        if world < 1:
+            raise ValueError(f"need at least one rank, got {world}")
+        self.cfg, self.world = cfg, world
+        self._tmp = tempfile.TemporaryDirectory(prefix="ddg_")
+        ctx = _mp_context()
+        self._queue = ctx.Queue()
+        init = f"tcp://127.0.0.1:{free_port()}"
+        self.procs = [
+            ctx.Process(
+                target=_spawn_entry,
+                args=(r, world, cfg, init, self._queue, self._tmp.name),
+                daemon=True,
+            )
+            for r in range(world)
+        ]
+        for p in self.procs:
+            p.start()
+        self.events: list[tuple[str, int, Any]] = []
+        self.last_step = [-1] * world
+
+    def poll(self, wait: float = 0.1) -> None:
+        """Move queued messages into .events (waits at most `wait` s for the first)."""
+        try:
+            item = self._queue.get(timeout=wait)
+        except queue_mod.Empty:
+            return
+        while True:
+            self.events.append(item)
+            if item[0] == "step":
+                self.last_step[item[1]] = item[2]
+            try:
+                item = self._queue.get_nowait()
+            except queue_mod.Empty:
+                return
+
+    def errors(self) -> dict[int, str]:
+        return {r: msg for kind, r, msg in self.events if kind == "error"}
+
+    def join(self, deadline: float) -> list[Optional[int]]:
+        """Wait until every process exits or `deadline` seconds pass; exit codes."""
+        end = time.monotonic() + deadline
+        while time.monotonic() < end and any(p.is_alive() for p in self.procs):
+            self.poll(0.1)
+        self.poll(0.0)
+        return [p.exitcode for p in self.procs]
+
+    def results(self) -> list[dict[str, Any]]:
+        return [
+            torch.load(Path(self._tmp.name) / f"rank{r}.pt", weights_only=False)
+            for r in range(self.world)
+        ]
+
+    def kill_all(self) -> None:
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+        for p in self.procs:
+            p.join(5)
+
+    def close(self) -> None:
+        self.kill_all()
+        self._tmp.cleanup()
+
+
+def spawn_ddg(cfg: DDGRunConfig, world: int, deadline: Optional[float] = None) -> list[dict]:
+    """Run DDG on `world` local processes (gloo unless cfg.backend says otherwise).
+
+    Returns the per-rank results of `run_rank`. Raises DDGRuntimeError (with every rank's
+    message) if a rank fails; never waits longer than `deadline` seconds
+    (default: 4 * cfg.timeout + 60).
+    """
+    return spawn_ddg_many([(cfg, world)], deadline)[0]
+
+
+def spawn_ddg_many(
+    runs: Sequence[tuple[DDGRunConfig, int]], deadline: Optional[float] = None
+) -> list[list[dict]]:
+    """Several independent `spawn_ddg` runs started together (their start-up overlaps)."""
+    for cfg, world in runs:
+        check_config(cfg, world)
+    if deadline is None:
+        deadline = max(4 * cfg.timeout + 60 for cfg, _ in runs)
+    started = []
+    try:
+        for cfg, world in runs:
+            started.append(DDGProcesses(cfg, world))
+        end = time.monotonic() + deadline
+        out = []
+        for procs in started:
+            codes = procs.join(max(0.0, end - time.monotonic()))
+            errors = procs.errors()
+            if errors or any(c != 0 for c in codes):
+                alive = [r for r, c in enumerate(codes) if c is None]
+                detail = "; ".join(f"rank {r}: {m}" for r, m in sorted(errors.items()))
+                raise DDGRuntimeError(
+                    f"DDG run failed (exit codes {codes}"
+                    + (f", still running after {deadline:.0f}s: {alive}" if alive else "")
+                    + f"): {detail or 'a rank exited without a message'}"
+                )
+            out.append(procs.results())
+        return out
+    finally:
+        for procs in started:
+            procs.close()
+
+
+def check_config(cfg: DDGRunConfig, world: int) -> None:
+    """Fail early, in the launching process, on settings every rank would reject."""
+    if cfg.semantics not in SEMANTICS:
+        raise ValueError(f"semantics must be one of {SEMANTICS}, got {cfg.semantics!r}")
+    if world < 1:
+        raise ValueError(f"need at least one rank (one per module), got {world}")
+    if cfg.steps < 1:
+        raise ValueError(f"steps must be >= 1, got {cfg.steps}")
+    if cfg.timeout <= 0:
+        raise ValueError(f"timeout must be > 0 seconds, got {cfg.timeout}")
+
+
+def assemble_model(cfg: DDGRunConfig, results: Sequence[dict]) -> nn.Sequential:
+    """The whole trained model from the per-rank results (built with cfg.build_model)."""
+    modules = split_model(cfg.build_model(), len(results), cfg.boundaries, cfg.balance)
+    for m, res in zip(modules, sorted(results, key=lambda r: r["rank"])):
+        m.load_state_dict(res["module_state"])
+    return nn.Sequential(*modules)

@@ -1,0 +1,127 @@
+"""DDG on torch.distributed (gloo, local processes) against the single-process oracle."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from highwaybp.baselines.ddg import DDGTrainer
+from highwaybp.distributed.ddg import (
+    DDGProcesses,
+    DDGRunConfig,
+    EpochBatches,
+    assemble_model,
+    spawn_ddg,
+    spawn_ddg_many,
+)
+from highwaybp.models.resnet1d import build_resnet1d
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="torch.distributed is not available"
+)
+
+
+def _config(semantics: str, steps: int, **kw) -> DDGRunConfig:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(48, 40, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 10, (48,), generator=gen)
+    base = dict(
+        build_model=functools.partial(
+            build_resnet1d, seed=3, channels=6, blocks=3, dtype=torch.float64
+        ),
+        batches=EpochBatches(x, y, batch_size=8, seed=1),
+        steps=steps,
+        optimizer_factory=functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9),
+        scheduler_factory=functools.partial(
+            torch.optim.lr_scheduler.StepLR, step_size=4, gamma=0.5
+        ),
+        semantics=semantics,
+        rng_seed=0,
+        timeout=30.0,
+        threads=1,
+    )
+    base.update(kw)
+    return DDGRunConfig(**base)
+
+
+def _oracle(cfg: DDGRunConfig, splits: int):
+    model = cfg.build_model()
+    trainer = DDGTrainer(
+        model,
+        splits,
+        cfg.optimizer_factory,
+        semantics=cfg.semantics,
+        scheduler_factory=cfg.scheduler_factory,
+        rng_seed=cfg.rng_seed,
+    )
+    losses = [trainer.step(*cfg.batches(t)).loss for t in range(cfg.steps)]
+    return model, losses
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+def test_multiprocess_matches_oracle_both_semantics(splits):
+    cfgs = [_config(semantics, steps=9) for semantics in ["stash", "recompute"]]
+    runs = spawn_ddg_many([(cfg, splits) for cfg in cfgs], deadline=120)
+    for cfg, results in zip(cfgs, runs):
+        dist_model = assemble_model(cfg, results)
+        oracle_model, oracle_losses = _oracle(cfg, splits)
+        pairs = zip(oracle_model.state_dict().items(), dist_model.state_dict().values())
+        for (name, a), b in pairs:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=f"{cfg.semantics} {name}")
+        assert results[-1]["losses"] == pytest.approx(oracle_losses, rel=1e-9)
+        for r, res in enumerate(results):
+            assert res["stats"]["updates"] == cfg.steps - (splits - 1 - r)
+        # the run did train: parameters moved away from the initial ones
+        init = cfg.build_model().state_dict().values()
+        moved = [not torch.equal(a, b) for a, b in zip(init, dist_model.state_dict().values())]
+        assert any(moved)
+
+
+def test_multiprocess_resumes_from_checkpoints(tmp_path):
+    cfg_full = _config("stash", steps=8)
+    cfg_a = _config("stash", steps=5, checkpoint_dir=str(tmp_path), checkpoint_every=2)
+    full, _ = spawn_ddg_many([(cfg_full, 2), (cfg_a, 2)], deadline=120)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddg_rank0.ckpt", "ddg_rank1.ckpt"]
+    cfg_b = _config("stash", steps=8, checkpoint_dir=str(tmp_path), checkpoint_every=2)
+    resumed = spawn_ddg(cfg_b, 2, deadline=120)
+    assert len(resumed[-1]["losses"]) == 8  # 4 from the checkpoint + 4 new
+    full_model, resumed_model = assemble_model(cfg_full, full), assemble_model(cfg_b, resumed)
+    for a, b in zip(full_model.state_dict().values(), resumed_model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_killing_one_rank_stops_every_rank_with_an_error():
+    timeout = 8.0
+    cfg = _config("recompute", steps=100_000, timeout=timeout)
+    procs = DDGProcesses(cfg, 3)
+    try:
+        start = time.monotonic()
+        while procs.last_step[1] < 3:  # wait until the run is well under way
+            procs.poll(0.2)
+            assert time.monotonic() - start < 50, f"run did not start: {procs.events[-3:]}"
+            assert all(p.is_alive() for p in procs.procs), procs.errors()
+        os.kill(procs.procs[1].pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        codes = procs.join(deadline=timeout + 15)
+        elapsed = time.monotonic() - killed_at
+        assert all(c is not None for c in codes), f"a rank still runs after {elapsed:.0f}s"
+        assert codes[1] == -signal.SIGKILL
+        assert codes[0] != 0 and codes[2] != 0
+        errors = procs.errors()
+        for r in (0, 2):  # the survivors say what happened
+            assert r in errors and "DDG rank" in errors[r] and "every rank stops" in errors[r]
+        assert elapsed < timeout + 15
+    finally:
+        procs.close()
+
+
+def test_bad_config_is_a_clear_error_before_spawning():
+    with pytest.raises(ValueError, match="semantics must be one of"):
+        spawn_ddg(_config("nope", steps=2), 2, deadline=60)
+    with pytest.raises(ValueError, match="timeout must be"):
+        spawn_ddg(_config("stash", steps=2, timeout=0), 2, deadline=60)
