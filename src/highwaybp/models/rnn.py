@@ -1,0 +1,653 @@
+"""`highwaybp.GRU` and `highwaybp.LSTM`: drop-in torch.nn.GRU / torch.nn.LSTM with Highway-BP
+through time.
+
+Each time step is a layer of the chain: h_t = f(x_t, h_{t-1}) with K_t = diag(z_t) for the
+GRU (torch's z is the fraction of h kept) and K_t = diag(f_t) on the cell state for the LSTM.
+The forward runs without an autograd tape and stores the gates; the backward runs the
+Highway-BP iteration in which every block VJP of all T steps is one batched call (one
+elementwise multiply and one [T*B, G*H] x [G*H, H] matmul) and the scan is a sequential
+in-place multiply-add. Losses on the outputs at every step are per-layer losses. Stacked
+layers run the iteration layer by layer from the top (autograd does that ordering): the
+gradient reaching a layer's inputs is the per-step loss of the layer below.
+
+    rnn = highwaybp.GRU(32, 128, num_layers=2, method=highwaybp.Highway(k=1))
+    rnn.load_state_dict(torch.nn.GRU(32, 128, num_layers=2).state_dict())
+    out, h_n = rnn(x)            # x [T, B, 32] (or [B, T, 32] with batch_first=True)
+    loss(out).backward()         # Highway-BP; rnn.last_diagnostics says what it did
+
+`CellRNN` runs the same iteration for any cell module that declares its residual gate, with
+autograd VJPs (the reference the fast GRU/LSTM engines are tested against).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from highwaybp.core.iteration import Diagnostics, highway_iterate, raise_if_nonfinite
+from highwaybp.core.methods import Exact, FixedPoint, Highway, Method
+from highwaybp.core.scan import reverse_scan_sequential
+from highwaybp.models.rnn_cells import BufferPool, GRUEngine, LSTMEngine
+
+Engine = Union[GRUEngine, LSTMEngine]
+ITERATE_MODES = ("fast", "core")
+
+
+# ---- the iteration on an engine ------------------------------------------------------------
+
+
+def fast_iterate(
+    eng: Engine, g: Tensor, method: Highway | FixedPoint
+) -> tuple[Tensor, Diagnostics]:
+    """`highway_iterate` specialised to an engine: same estimate and diagnostics, no allocations.
+
+    Uses w^{j+1} = w^0 + scan(v^j) = scan(g + v^j) (the scan is linear), two preallocated
+    state buffers swapped each iteration, an in-place scan and the gate-adjoint buffer as
+    scratch for the step norm. g: dLoss/dh_i in the engine's layout (see rnn_cells).
+    """
+    diag = Diagnostics(method=repr(method))
+    full = isinstance(method, FixedPoint)
+    w = eng.new_state()
+    w.copy_(g)
+    if not full:
+        eng.scan_(w)
+    _check_finite(eng, w, 0)
+    bound = method.iteration_bound
+    adaptive = isinstance(method, Highway) and method.adaptive
+    keep_best = adaptive and method.fallback == "best"
+    best = eng.new_state().copy_(w) if keep_best else None
+    best_step = math.inf
+    nxt = eng.new_state()
+    stop = "fixed_k"
+    finished = True
+    for j in range(1, min(bound, eng.T) + 1):
+        eng.block_vjp(w, nxt, full)
+        nxt.add_(g)
+        if not full:
+            eng.scan_(nxt)
+        step, norm = _relative_step(eng, nxt, w)
+        if not (math.isfinite(step) and math.isfinite(norm)):
+            _check_finite(eng, nxt, j)
+        diag.step_norms.append(step)
+        diag.iterations = j
+        w, nxt = nxt, w
+        if step <= best_step:
+            best_step = step
+            if best is not None:
+                best.copy_(w)
+        if adaptive:
+            if step < method.tol:
+                stop, finished = "tol", False
+                break
+            if j >= 2 and step > diag.step_norms[-2]:
+                stop, finished = "growth", False
+                break
+    if finished:
+        if adaptive:
+            stop = "exact_after_L" if bound >= eng.T else "max_k"
+        elif bound > eng.T:
+            stop = "exact_after_L"
+    diag.stop_reason = stop
+    if adaptive:
+        diag.converged = stop in ("tol", "exact_after_L")
+        if not diag.converged:
+            diag.fallback = method.fallback
+            if method.fallback == "exact":
+                w = eng.exact_backward(g, nxt)
+            elif method.fallback == "best":
+                w = best
+    return w, diag
+
+
+def _relative_step(eng: Engine, new: Tensor, old: Tensor) -> tuple[float, float]:
+    scratch = eng.scratch_like_state()
+    torch.sub(new, old, out=scratch)
+    diff = float(torch.linalg.vector_norm(scratch))
+    norm = float(torch.linalg.vector_norm(new))
+    return (0.0 if diff == 0.0 else diff / max(norm, 1e-300)), norm
+
+
+def _check_finite(eng: Engine, w: Tensor, iteration: int) -> None:
+    # One reduction instead of isfinite (several passes and temporaries); a non-finite sum
+    # (NaN/Inf somewhere, or an overflow) triggers the detailed check, which names the state.
+    if not math.isfinite(float(w.sum())):
+        raise_if_nonfinite(eng.layer_major(w), iteration)
+
+
+def core_iterate(
+    eng: Engine, g: Tensor, method: Highway | FixedPoint
+) -> tuple[Tensor, Diagnostics]:
+    """The same estimate through the core's generic `highway_iterate` (fresh tensors per step)."""
+    full = isinstance(method, FixedPoint)
+
+    def fresh() -> Tensor:
+        return torch.empty(eng.state_shape(), dtype=g.dtype, device=g.device)
+
+    def block_vjp(w_lm: Tensor) -> Tensor:
+        return eng.layer_major(eng.block_vjp(eng.from_layer_major(w_lm), fresh(), full))
+
+    def scan(x_lm: Tensor) -> Tensor:
+        return eng.layer_major(eng.scan_(eng.from_layer_major(x_lm).clone()))
+
+    def exact(g_lm: Tensor) -> Tensor:
+        return eng.layer_major(eng.exact_backward(eng.from_layer_major(g_lm), fresh()))
+
+    g_lm = eng.layer_major(g)
+    if full:
+        w, diag = highway_iterate(g_lm, block_vjp, lambda s: s, method, eng.T)
+    else:
+        w, diag = highway_iterate(g_lm, block_vjp, scan, method, eng.T, exact_backward=exact)
+    return eng.from_layer_major(w), diag
+
+
+# ---- one layer as an autograd Function --------------------------------------------------
+
+
+@dataclass
+class _LayerRun:
+    """Non-tensor arguments of one layer's forward, handed to the autograd Function."""
+
+    owner: Any
+    layer: int
+    method: Method
+    pool: BufferPool
+    iterate: str = "fast"
+    engine: Optional[Engine] = field(default=None, repr=False)
+
+
+def _make_engine(run: _LayerRun, x, h0, c0, w_ih, w_hh, b_ih, b_hh) -> Engine:
+    if c0 is None:
+        return GRUEngine(run.pool, x, h0, w_ih, w_hh, b_ih, b_hh)
+    return LSTMEngine(run.pool, x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+
+
+class _LayerFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        h0: Tensor,
+        c0: Optional[Tensor],
+        run: _LayerRun,
+        w_ih: Tensor,
+        w_hh: Tensor,
+        b_ih: Optional[Tensor],
+        b_hh: Optional[Tensor],
+    ):
+        eng = _make_engine(run, x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+        result = eng.forward()
+        ctx.run, ctx.eng = run, eng
+        if c0 is None:
+            y = result[1:]
+            ctx.save_for_backward(x, y)
+            return y
+        states, c_last = result
+        y = states[1:]
+        ctx.save_for_backward(x, y)
+        return y, c_last
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_y: Tensor, grad_c: Optional[Tensor] = None):
+        eng: Optional[Engine] = ctx.eng
+        if eng is None:
+            raise RuntimeError(
+                "backward through a highwaybp RNN a second time: its stored gates were released "
+                "by the first backward. Run the forward again (retain_graph is not supported)."
+            )
+        ctx.saved_tensors  # noqa: B018 -- raises if x or the output was modified in place
+        run: _LayerRun = ctx.run
+        try:
+            grads = _layer_backward(eng, run, grad_y, grad_c, ctx.needs_input_grad)
+        finally:
+            eng.release()
+            ctx.eng = None
+        return grads
+
+
+def _layer_backward(
+    eng: Engine, run: _LayerRun, grad_y: Tensor, grad_c: Optional[Tensor], needs: tuple[bool, ...]
+):
+    lstm = isinstance(eng, LSTMEngine)
+    g = eng.new_state()
+    if lstm:
+        g.zero_()
+        g[1, 1:].copy_(grad_y)
+        if grad_c is not None:
+            g[0, -1].copy_(grad_c)
+    else:
+        g[0].zero_()
+        g[1:].copy_(grad_y)
+    raise_if_nonfinite_fast(eng, g)
+    eng.prepare()
+    method = run.method
+    if isinstance(method, Exact):
+        w = eng.exact_backward(g, eng.new_state())
+        diag = Diagnostics(method=repr(method), stop_reason="exact")
+    elif run.iterate == "core":
+        w, diag = core_iterate(eng, g, method)
+    else:
+        w, diag = fast_iterate(eng, g, method)
+    dx, d_w_ih, d_w_hh, d_b_ih, d_b_hh = eng.param_grads(w, need_x=needs[0])
+    dh0 = (w[1, 0] if lstm else w[0]).clone() if needs[1] else None
+    dc0 = w[0, 0].clone() if lstm and needs[2] else None
+    run.owner._record_diagnostics(run.layer, diag)
+    return (
+        dx,
+        dh0,
+        dc0,
+        None,
+        d_w_ih,
+        d_w_hh,
+        d_b_ih if needs[6] else None,
+        d_b_hh if needs[7] else None,
+    )
+
+
+def raise_if_nonfinite_fast(eng: Engine, g: Tensor) -> None:
+    if not math.isfinite(float(g.sum())):
+        raise_if_nonfinite(eng.layer_major(g), 0, "the gradient flowing into the RNN")
+
+
+# ---- the modules ------------------------------------------------------------------------
+
+
+def _check_method(method: Any) -> Method:
+    if not isinstance(method, Method):
+        raise TypeError(
+            f"method must be highwaybp.Exact(), Highway(k), Highway(tol=, max_k=) or "
+            f"FixedPoint(k), got {method!r}"
+        )
+    return method
+
+
+class _HighwayRNNBase(nn.Module):
+    """Shared by GRU and LSTM: torch.nn's constructor, parameters and input conventions."""
+
+    mode = ""
+    gates = 0
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        *,
+        method: Method | None = None,
+        residual: bool = False,
+        iterate: str = "fast",
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (
+            ("input_size", input_size),
+            ("hidden_size", hidden_size),
+            ("num_layers", num_layers),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{self.mode}: {name} must be an int >= 1, got {value!r}")
+        if not (isinstance(dropout, (int, float)) and 0 <= dropout <= 1):
+            raise ValueError(f"{self.mode}: dropout must be a number in [0, 1], got {dropout!r}")
+        if bidirectional:
+            raise NotImplementedError(
+                f"highwaybp.{self.mode}: bidirectional=True is not supported (Highway-BP runs "
+                "through time in one direction); use two modules, one on the flipped sequence"
+            )
+        if iterate not in ITERATE_MODES:
+            raise ValueError(f"iterate must be one of {ITERATE_MODES}, got {iterate!r}")
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
+        self.bidirectional = False
+        self.residual = residual
+        self.method = _check_method(Exact() if method is None else method)
+        self.iterate = iterate
+        self.last_diagnostics: Optional[Diagnostics] = None
+        self.layer_diagnostics: list[Optional[Diagnostics]] = [None] * num_layers
+        self._pools = [BufferPool() for _ in range(num_layers)]
+        factory = {"device": device, "dtype": dtype}
+        width = self.gates * hidden_size
+        for layer in range(num_layers):
+            in_size = input_size if layer == 0 else hidden_size
+            setattr(
+                self, f"weight_ih_l{layer}", nn.Parameter(torch.empty(width, in_size, **factory))
+            )
+            setattr(
+                self,
+                f"weight_hh_l{layer}",
+                nn.Parameter(torch.empty(width, hidden_size, **factory)),
+            )
+            if bias:
+                setattr(self, f"bias_ih_l{layer}", nn.Parameter(torch.empty(width, **factory)))
+                setattr(self, f"bias_hh_l{layer}", nn.Parameter(torch.empty(width, **factory)))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """torch.nn's init: every parameter ~ U(-1/sqrt(hidden), 1/sqrt(hidden))."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for p in self.parameters():
+            nn.init.uniform_(p, -bound, bound)
+
+    def layer_params(self, layer: int) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+        get = lambda name: getattr(self, f"{name}_l{layer}", None)
+        return get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh")
+
+    def _record_diagnostics(self, layer: int, diag: Diagnostics) -> None:
+        self.layer_diagnostics[layer] = diag
+        self.last_diagnostics = diag  # layer 0 finishes last in a backward
+
+    def extra_repr(self) -> str:
+        text = f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}"
+        if not self.bias:
+            text += ", bias=False"
+        if self.batch_first:
+            text += ", batch_first=True"
+        if self.dropout:
+            text += f", dropout={self.dropout}"
+        if self.residual:
+            text += ", residual=True"
+        return text + f", method={self.method!r}"
+
+    # ---- input checks -------------------------------------------------------------------
+    def _prepare_input(self, x: Any) -> tuple[Tensor, bool]:
+        """-> (time-major x [T, B, In], batched?)."""
+        if isinstance(x, nn.utils.rnn.PackedSequence):
+            raise TypeError(
+                f"highwaybp.{self.mode} does not support PackedSequence: pass a padded tensor "
+                "[T, B, features] (or [B, T, features] with batch_first=True) and mask the "
+                "per-step losses of the padding instead"
+            )
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{self.mode} input must be a tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{self.mode} input must be floating point, got {x.dtype}")
+        layout = "[B, T, features]" if self.batch_first else "[T, B, features]"
+        if x.dim() not in (2, 3):
+            raise ValueError(
+                f"{self.mode} input must be 3-D {layout} (or 2-D [T, features] unbatched), got "
+                f"shape {tuple(x.shape)}"
+            )
+        if x.shape[-1] != self.input_size:
+            raise ValueError(
+                f"{self.mode} input has {x.shape[-1]} features in its last dim, expected "
+                f"input_size={self.input_size} (shape {tuple(x.shape)}, layout {layout})"
+            )
+        if x.dim() == 2:
+            return x.unsqueeze(1), False
+        if self.batch_first:
+            x = x.transpose(0, 1)
+        if x.shape[0] == 0 or x.shape[1] == 0:
+            raise ValueError(f"{self.mode} input has an empty time or batch dim: {tuple(x.shape)}")
+        return x.contiguous(), True
+
+    def _check_state(self, h: Any, name: str, x: Tensor, batched: bool) -> Tensor:
+        batch = x.shape[1]
+        want = (
+            (self.num_layers, batch, self.hidden_size)
+            if batched
+            else (self.num_layers, self.hidden_size)
+        )
+        if not isinstance(h, Tensor):
+            raise TypeError(
+                f"{self.mode}: {name} must be a tensor of shape {want}, got {type(h).__name__}"
+            )
+        if tuple(h.shape) != want:
+            hint = ""
+            if batched and h.dim() == 3 and h.shape[1] == x.shape[0] and x.shape[0] != batch:
+                hint = (
+                    f" Its batch size matches the input's dim {1 if self.batch_first else 0}:"
+                    f" is batch_first={not self.batch_first} what you meant? The module has"
+                    f" batch_first={self.batch_first}."
+                )
+            raise ValueError(
+                f"{self.mode}: {name} must have shape (num_layers, batch, hidden_size) = {want}, "
+                f"got {tuple(h.shape)}.{hint}"
+            )
+        if h.dtype != x.dtype:
+            raise TypeError(f"{self.mode}: {name} dtype {h.dtype} differs from input {x.dtype}")
+        return h if batched else h.unsqueeze(1)
+
+    # ---- forward ------------------------------------------------------------------------
+    def _run_layers(self, x: Tensor, h0: Tensor, c0: Optional[Tensor], method: Method):
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad
+            or h0.requires_grad
+            or (c0 is not None and c0.requires_grad)
+            or any(p.requires_grad for p in self.parameters())
+        )
+        if needs_grad and not isinstance(method, Exact):
+            self._check_highway_method(method)
+        inp = x
+        h_last, c_last = [], []
+        for layer in range(self.num_layers):
+            params = self.layer_params(layer)
+            c_init = None if c0 is None else c0[layer]
+            run = _LayerRun(self, layer, method, self._pools[layer], self.iterate)
+            if needs_grad:
+                out = _LayerFunction.apply(inp, h0[layer], c_init, run, *params)
+            else:
+                out = self._forward_no_grad(run, inp, h0[layer], c_init, params)
+            y, c_t = (out, None) if c0 is None else out
+            h_last.append(y[-1])
+            c_last.append(c_t)
+            if self.residual and layer > 0:
+                y = y + inp
+            if self.dropout and self.training and layer < self.num_layers - 1:
+                y = nn.functional.dropout(y, self.dropout, training=True)
+            inp = y
+        return inp, torch.stack(h_last), (None if c0 is None else torch.stack(c_last))
+
+    def _check_highway_method(self, method: Method) -> None:
+        pass
+
+    @staticmethod
+    def _forward_no_grad(run: _LayerRun, x, h0, c0, params):
+        with torch.no_grad():
+            eng = _make_engine(run, x, h0, c0, *params)
+            try:
+                result = eng.forward()
+            finally:
+                eng.release()
+        if c0 is None:
+            return result[1:]
+        return result[0][1:], result[1]
+
+    def _finish_output(self, y: Tensor, batched: bool) -> Tensor:
+        if not batched:
+            return y.squeeze(1)
+        return y.transpose(0, 1) if self.batch_first else y
+
+
+class GRU(_HighwayRNNBase):
+    """torch.nn.GRU with Highway-BP through time.
+
+    Args: as torch.nn.GRU (input_size, hidden_size, num_layers=1, bias=True,
+    batch_first=False, dropout=0.0; bidirectional must stay False), plus
+        method: Exact() (default; sequential BPTT on stored gates), Highway(k),
+            Highway(tol=, max_k=) or FixedPoint(k).
+        residual: add each layer's input to its output for layers 2..num_layers (the paper's
+            stacked GRU); False gives torch.nn.GRU's function.
+        iterate: "fast" (default, preallocated loop) or "core" (core.highway_iterate).
+
+    Parameters: weight_ih_l{k} [3H, In], weight_hh_l{k} [3H, H], bias_ih_l{k}, bias_hh_l{k}
+    [3H] (gate order r, z, n), so torch.nn.GRU's state_dict loads as is.
+
+    Call: rnn(x, h0=None, method=None) with x [T, B, In] ([B, T, In] if batch_first, or
+    [T, In] unbatched) and h0 [num_layers, B, H] -> (output [T, B, H], h_n [num_layers, B, H]).
+    """
+
+    mode = "GRU"
+    gates = 3
+
+    def forward(
+        self, x: Tensor, hx: Optional[Tensor] = None, method: Method | None = None
+    ) -> tuple[Tensor, Tensor]:
+        method = self.method if method is None else _check_method(method)
+        xt, batched = self._prepare_input(x)
+        if hx is None:
+            h0 = xt.new_zeros((self.num_layers, xt.shape[1], self.hidden_size))
+        else:
+            h0 = self._check_state(hx, "h0", xt, batched)
+        y, h_n, _ = self._run_layers(xt, h0, None, method)
+        return self._finish_output(y, batched), (h_n if batched else h_n.squeeze(1))
+
+
+class LSTM(_HighwayRNNBase):
+    """torch.nn.LSTM with Highway-BP through time (K_t = diag(f_t) on the cell state).
+
+    Args and parameters as `GRU` with 4H gate rows (order i, f, g, o); proj_size is not
+    supported. Call: rnn(x, (h0, c0)=None, method=None) -> (output, (h_n, c_n)).
+    """
+
+    mode = "LSTM"
+    gates = 4
+
+    def forward(
+        self, x: Tensor, hx: Optional[tuple[Tensor, Tensor]] = None, method: Method | None = None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        method = self.method if method is None else _check_method(method)
+        xt, batched = self._prepare_input(x)
+        if hx is None:
+            h0 = xt.new_zeros((self.num_layers, xt.shape[1], self.hidden_size))
+            c0 = torch.zeros_like(h0)
+        else:
+            if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
+                raise TypeError("LSTM: hx must be a tuple (h0, c0), each [num_layers, B, H]")
+            h0 = self._check_state(hx[0], "h0", xt, batched)
+            c0 = self._check_state(hx[1], "c0", xt, batched)
+        y, h_n, c_n = self._run_layers(xt, h0, c0, method)
+        if not batched:
+            h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
+        return self._finish_output(y, batched), (h_n, c_n)
+
+
+# ---- any cell with a declared residual gate (autograd VJPs) -----------------------------
+
+
+class CellRNN(nn.Module):
+    """One recurrent layer h_t = cell(x_t, h_{t-1}) trained with Highway-BP, for any cell.
+
+    The cell is an nn.Module with `forward(x [N, In], h [N, S]) -> h' [N, S]` that works on
+    any number of rows N, and, for Highway, `residual_gate(x, h) -> a [N, S]`: the diagonal of
+    K = the part of dh'/dh that the iteration treats as the residual path (GRU: z; LSTM on
+    [c, h]: [f, 0]). FixedPoint needs no gate. The block VJPs of all T steps are one autograd
+    VJP through the cell applied to [T*B] rows; this is the readable reference of the fast
+    GRU/LSTM engines, and a way to try Highway-BP on a new cell.
+
+    Call: rnn(x [T, B, In], h0 [B, S]) -> states h_1..h_T [T, B, S].
+    """
+
+    def __init__(self, cell: nn.Module, method: Method | None = None) -> None:
+        super().__init__()
+        self.cell = cell
+        self.method = _check_method(Exact() if method is None else method)
+        self.last_diagnostics: Optional[Diagnostics] = None
+        _check_cell(cell, self.method)
+
+    def forward(self, x: Tensor, h0: Tensor, method: Method | None = None) -> Tensor:
+        method = self.method if method is None else _check_method(method)
+        _check_cell(self.cell, method)
+        if x.dim() != 3 or h0.dim() != 2 or h0.shape[0] != x.shape[1]:
+            raise ValueError(
+                f"CellRNN needs x [T, B, In] and h0 [B, S], got {tuple(x.shape)} "
+                f"and {tuple(h0.shape)}"
+            )
+        if isinstance(method, Exact) or not torch.is_grad_enabled():
+            h, states = h0, []
+            for x_t in x.unbind(0):
+                h = self.cell(x_t, h)
+                states.append(h)
+            self.last_diagnostics = Diagnostics(method=repr(method), stop_reason="exact")
+            return torch.stack(states)
+        params = [p for p in self.cell.parameters() if p.requires_grad]
+        return _CellFunction.apply(x, h0, self, method, *params)
+
+
+def _check_cell(cell: Any, method: Method) -> None:
+    if not isinstance(cell, nn.Module):
+        raise TypeError(f"CellRNN needs an nn.Module cell, got {type(cell).__name__}")
+    if isinstance(method, Highway) and not callable(getattr(cell, "residual_gate", None)):
+        raise TypeError(
+            f"cell {type(cell).__name__} declares no residual gate, so Highway-BP does not know "
+            "its K: add a method residual_gate(x, h) -> [N, S] returning the diagonal of the "
+            "residual part of dh'/dh (GRU: the update gate z), or use method=FixedPoint(k)"
+        )
+
+
+class _CellFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, h0: Tensor, owner: CellRNN, method: Method, *params):
+        states = [h0]
+        for x_t in x.unbind(0):
+            states.append(owner.cell(x_t, states[-1]))
+        stacked = torch.stack(states)
+        ctx.owner, ctx.method = owner, method
+        ctx.save_for_backward(x, stacked, *params)
+        return stacked[1:]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_y: Tensor):
+        x, stacked, *params = ctx.saved_tensors
+        owner, method = ctx.owner, ctx.method
+        T, B = x.shape[:2]
+        S = stacked.shape[-1]
+        with torch.enable_grad():
+            hp = stacked[:-1].reshape(T * B, S).detach().requires_grad_(True)
+            xs = x.reshape(T * B, -1).detach().requires_grad_(ctx.needs_input_grad[0])
+            out = owner.cell(xs, hp)
+        full = isinstance(method, FixedPoint)
+        a = None
+        if not full:
+            with torch.no_grad():
+                a = owner.cell.residual_gate(xs, hp).reshape(T, B, S)
+        coeff = None if full else torch.cat([a, torch.zeros_like(a[:1])])
+
+        def block_vjp(w: Tensor) -> Tensor:
+            (v,) = torch.autograd.grad(out, hp, w[1:].reshape(T * B, S), retain_graph=True)
+            v = v.reshape(T, B, S)
+            if not full:
+                v = v - a * w[1:]
+            return torch.cat([v, torch.zeros_like(w[:1])])
+
+        def exact(g: Tensor) -> Tensor:
+            w = g.clone()
+            for t in range(T, 0, -1):
+                w[t - 1] += block_vjp_step(owner.cell, x[t - 1], stacked[t - 1], w[t])
+            return w
+
+        g = torch.cat([torch.zeros_like(grad_y[:1]), grad_y])
+        if full:
+            w, diag = highway_iterate(g, block_vjp, lambda s: s, method, T)
+        else:
+            w, diag = highway_iterate(
+                g,
+                block_vjp,
+                lambda s: reverse_scan_sequential(s, coeff),
+                method,
+                T,
+                exact_backward=exact,
+            )
+        owner.last_diagnostics = diag
+        inputs = [hp, *params] + ([xs] if ctx.needs_input_grad[0] else [])
+        grads = torch.autograd.grad(out, inputs, w[1:].reshape(T * B, S), allow_unused=True)
+        param_grads = list(grads[1 : 1 + len(params)])
+        dx = grads[-1].reshape(x.shape) if ctx.needs_input_grad[0] else None
+        return (dx, w[0], None, None, *param_grads)
+
+
+def block_vjp_step(cell: nn.Module, x_t: Tensor, h: Tensor, w: Tensor) -> Tensor:
+    """w @ dcell(x_t, h)/dh for one step (the exact sequential backward of CellRNN)."""
+    with torch.enable_grad():
+        h = h.detach().requires_grad_(True)
+        (v,) = torch.autograd.grad(cell(x_t, h), h, w)
+    return v
