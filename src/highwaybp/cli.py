@@ -16,6 +16,7 @@ COMMANDS: tuple[str, ...] = (
     "highwaybp.train.demo",
     "highwaybp.bench.cli",
     "highwaybp.train.experiment_cli",
+    "highwaybp.train.train_cli",
 )
 
 

@@ -403,9 +403,14 @@ def _setup_rank(rank: int, world: int, cfg: DDGRunConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def run_from_env(cfg: DDGRunConfig) -> dict[str, Any]:
-    """Entry point under `torchrun`: env:// rendezvous, one rank per module."""
+def run_from_env(cfg: DDGRunConfig, result_dir: Optional[str] = None) -> dict[str, Any]:
+    """Entry point under `torchrun`: env:// rendezvous, one rank per module.
+
+    With `result_dir`, every rank saves its result there as rank{r}.pt and all ranks
+    meet at a (bounded) barrier, so rank 0 can then read every module.
+    """
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    check_config(cfg, world)
     device = _setup_rank(rank, world, cfg)
     watchdog = Watchdog(cfg.timeout + 30.0, rank)
     timeout = datetime.timedelta(seconds=cfg.timeout)
@@ -414,6 +419,10 @@ def run_from_env(cfg: DDGRunConfig) -> dict[str, Any]:
         watchdog.beat()
         result = run_rank(rank, world, cfg, device, watchdog=watchdog)
         watchdog.beat()
+        if result_dir is not None:
+            Path(result_dir).mkdir(parents=True, exist_ok=True)
+            torch.save(result, Path(result_dir) / f"rank{rank}.pt")
+            dist.barrier()
         dist.destroy_process_group()
         return result
     finally:

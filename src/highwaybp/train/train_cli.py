@@ -1,0 +1,423 @@
+"""`highwaybp train`: classification on offline data with a chosen gradient method.
+
+    highwaybp train --method exact            --steps 2000 --out runs/bp
+    highwaybp train --method highway --k 3    --steps 2000 --out runs/hbp3
+    highwaybp train --method fixedpoint --k 3 --steps 2000 --out runs/fp3
+    highwaybp train --method ddg --splits 3 --semantics stash --out runs/ddg3
+    highwaybp train --method ddg --splits 3 --launcher spawn --out runs/ddg3mp   # 3 procs
+    torchrun --nproc-per-node 3 -m highwaybp train --method ddg --splits 3 --out runs/t3
+
+Model: the 1-D ResNet of `highwaybp.models.resnet1d` (stem, residual blocks, pooled
+linear head). Data: MNIST-1D generated locally (default) or scikit-learn's 8x8 digits
+read as 64-sample signals. Optimizer: SGD with momentum (or Adam) with a cosine or
+constant learning rate, stepped once per training step.
+
+Writes to --out (atomically): config.json, metrics.csv (one row per evaluation),
+result.json (final figures) and checkpoint.pt; a rerun with the same --out resumes from
+the checkpoint (the configuration must match). Multi-process DDG writes per-rank
+checkpoints ddg_rank{r}.ckpt instead and resumes from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import io
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import highwaybp as hbp
+from highwaybp.baselines.ddg import SEMANTICS, DDGTrainer
+from highwaybp.models.resnet1d import build_resnet1d
+from highwaybp.train.data import TensorSplit, load_digits, load_mnist1d
+from highwaybp.train.io import (
+    atomic_write_json,
+    atomic_write_text,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+METHODS = ("exact", "highway", "fixedpoint", "ddg")
+# Settings that change the run: a resumed run must have the same ones.
+_RUN_KEYS = (
+    "data", "num_samples", "data_seed", "method", "k", "splits", "semantics", "steps",
+    "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule", "seed",
+    "channels", "blocks", "residual",
+)  # fmt: skip
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train the 1-D ResNet classifier with exact BP, Highway-BP, fixed point or DDG",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", choices=("mnist1d", "digits"), default="mnist1d")
+    g.add_argument("--num-samples", type=int, default=4000, help="mnist1d: train+test size")
+    g.add_argument("--data-seed", type=int, default=42, help="mnist1d generation seed")
+    g = p.add_argument_group("method")
+    g.add_argument("--method", choices=METHODS, default="exact")
+    g.add_argument("--k", type=int, default=3, help="highway/fixedpoint iterations")
+    g.add_argument("--splits", type=int, default=2, help="ddg: number of modules K")
+    g.add_argument("--semantics", choices=SEMANTICS, default="stash", help="ddg stale grads")
+    g.add_argument(
+        "--launcher",
+        choices=("auto", "none", "spawn"),
+        default="auto",
+        help="ddg: 'none' = single-process oracle, 'spawn' = one local process per module "
+        "(gloo), 'auto' = one rank per module when run under torchrun, else none",
+    )
+    g.add_argument("--timeout", type=float, default=120.0, help="ddg multi-process: seconds")
+    g.add_argument("--threads", type=int, default=None, help="torch threads (per rank)")
+    g = p.add_argument_group("model")
+    g.add_argument("--channels", type=int, default=32)
+    g.add_argument("--blocks", type=int, default=4)
+    g.add_argument("--residual", choices=("relu", "identity"), default="relu")
+    g = p.add_argument_group("optimisation")
+    length = g.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, default=None, help="training steps")
+    length.add_argument("--epochs", type=float, default=None, help="epochs (default 10)")
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
+    g.add_argument("--lr", type=float, default=0.05)
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument("--schedule", choices=("cosine", "constant"), default="cosine")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default=None, help="result folder (resumes from its checkpoint)")
+    g.add_argument("--eval-every", type=int, default=0, help="steps (0: ~10 evals per run)")
+    g.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="stop this invocation after N more steps (checkpoint kept; rerun to continue)",
+    )
+    g.add_argument("--quiet", action="store_true")
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def load_data(args: argparse.Namespace) -> TensorSplit:
+    """The dataset as 1-D signals: x [N, T] float32, y [N]."""
+    if args.data == "mnist1d":
+        return load_mnist1d(args.num_samples, args.data_seed)
+    d = load_digits(seed=args.data_seed)
+    return TensorSplit(
+        d.x_train.flatten(1), d.y_train, d.x_test.flatten(1), d.y_test, d.num_classes
+    )
+
+
+def total_steps(args: argparse.Namespace, n_train: int) -> int:
+    if args.steps is not None:
+        return args.steps
+    per_epoch = max(1, n_train // args.batch_size)
+    return max(1, math.ceil((args.epochs if args.epochs is not None else 10) * per_epoch))
+
+
+def optimizer_factory(args: argparse.Namespace):
+    if args.optimizer == "sgd":
+        return functools.partial(
+            torch.optim.SGD, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
+        )
+    return functools.partial(torch.optim.Adam, lr=args.lr, weight_decay=args.weight_decay)
+
+
+def scheduler_factory(args: argparse.Namespace, steps: int):
+    if args.schedule == "constant":
+        return None
+    return functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=steps)
+
+
+def chain_method(args: argparse.Namespace) -> hbp.Method:
+    if args.method == "highway":
+        return hbp.Highway(k=args.k)
+    if args.method == "fixedpoint":
+        return hbp.FixedPoint(k=args.k)
+    return hbp.Exact()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 1024):
+    """(mean cross-entropy, accuracy) of `model` in eval mode on x [N, T], y [N]."""
+    was_training = model.training
+    model.eval()
+    loss, correct = 0.0, 0
+    for i in range(0, len(x), chunk):
+        logits = model(x[i : i + chunk])
+        loss += float(F.cross_entropy(logits, y[i : i + chunk], reduction="sum"))
+        correct += int((logits.argmax(1) == y[i : i + chunk]).sum())
+    model.train(was_training)
+    return loss / len(x), correct / len(x)
+
+
+def _validate(args: argparse.Namespace, n_train: int) -> None:
+    if args.batch_size < 1 or args.batch_size > n_train:
+        raise SystemExit(f"--batch-size must be in 1..{n_train} (training set size)")
+    if args.method in ("highway", "fixedpoint") and args.k < 0:
+        raise SystemExit("--k must be >= 0")
+    if args.method == "ddg" and not 1 <= args.splits <= args.blocks + 2:
+        raise SystemExit(
+            f"--splits must be in 1..{args.blocks + 2} (stem + {args.blocks} blocks + head)"
+        )
+    if args.steps is not None and args.steps < 1:
+        raise SystemExit("--steps must be >= 1")
+
+
+def _config(args: argparse.Namespace, steps: int) -> dict[str, Any]:
+    cfg = {k: getattr(args, k) for k in _RUN_KEYS}
+    cfg["steps"] = steps
+    return cfg
+
+
+def _log(args: argparse.Namespace, msg: str) -> None:
+    if not args.quiet:
+        print(msg, flush=True)
+
+
+def _write_metrics(out: Optional[Path], rows: list[dict[str, Any]]) -> None:
+    if out is None or not rows:
+        return
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "metrics.csv", buf.getvalue())
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = load_data(args)
+    _validate(args, len(data.x_train))
+    steps = total_steps(args, len(data.x_train))
+    out = Path(args.out) if args.out else None
+    config = _config(args, steps)
+    distributed = args.method == "ddg" and (
+        args.launcher == "spawn"
+        or (args.launcher == "auto" and int(os.environ.get("WORLD_SIZE", "1")) > 1)
+    )
+    if distributed:
+        return _run_distributed(args, data, steps, out, config)
+    return _run_single(args, data, steps, out, config)
+
+
+def _run_single(args, data: TensorSplit, steps: int, out: Optional[Path], config) -> int:
+    from highwaybp.distributed.ddg import EpochBatches
+
+    model = build_resnet1d(
+        args.seed, args.channels, args.blocks, data.num_classes, args.residual, sequential=False
+    )
+    model.chain.method = chain_method(args)
+    batches = EpochBatches(data.x_train, data.y_train, args.batch_size, seed=args.seed)
+    if args.method == "ddg":
+        trainer = DDGTrainer(
+            model.as_sequential(),
+            args.splits,
+            optimizer_factory(args),
+            semantics=args.semantics,
+            scheduler_factory=scheduler_factory(args, steps),
+            rng_seed=args.seed,
+        )
+        opt = sched = None
+    else:
+        trainer = None
+        opt = optimizer_factory(args)(model.parameters())
+        make_sched = scheduler_factory(args, steps)
+        sched = make_sched(opt) if make_sched is not None else None
+    start, rows, elapsed = 0, [], 0.0
+    ckpt = load_checkpoint(out / "checkpoint.pt") if out is not None else None
+    if ckpt is not None:
+        if ckpt["config"] != config:
+            diff = {k: (ckpt["config"].get(k), v) for k, v in config.items()
+                    if ckpt["config"].get(k) != v}  # fmt: skip
+            raise SystemExit(
+                f"{out} holds a run with other settings {diff} (saved, now); "
+                "use another --out or delete its checkpoint.pt"
+            )
+        start, rows, elapsed = ckpt["step"], ckpt["rows"], ckpt["elapsed_s"]
+        if trainer is not None:
+            trainer.load_state_dict(ckpt["trainer"])
+        else:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            if sched is not None:
+                sched.load_state_dict(ckpt["scheduler"])
+        _log(args, f"resumed from {out / 'checkpoint.pt'} at step {start}/{steps}")
+    elif out is not None:
+        atomic_write_json(out / "config.json", config)
+    torch.manual_seed(args.seed)  # global RNG of plain runs (DDG stages own theirs)
+    if ckpt is not None:
+        torch.set_rng_state(ckpt["rng"])
+    every = args.eval_every or max(1, steps // 10)
+    end = steps if args.stop_after is None else min(steps, start + args.stop_after)
+    window: list[float] = []
+    tic = time.perf_counter()
+    for t in range(start, end):
+        x, y = batches(t)
+        if trainer is not None:
+            loss = trainer.step(x, y).loss
+        else:
+            opt.zero_grad(set_to_none=True)
+            loss_t = F.cross_entropy(model(x), y)
+            loss_t.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            loss = float(loss_t.detach())
+        if not math.isfinite(loss):
+            raise SystemExit(f"training diverged at step {t} (loss {loss}); lower --lr")
+        window.append(loss)
+        if (t + 1) % every == 0 or t + 1 == steps:
+            now = elapsed + time.perf_counter() - tic
+            test_loss, test_acc = evaluate(model, data.x_test, data.y_test)
+            rows.append(
+                {
+                    "step": t + 1,
+                    "epoch": round((t + 1) / batches.steps_per_epoch, 3),
+                    "train_loss": sum(window) / len(window),
+                    "test_loss": test_loss,
+                    "test_acc": test_acc,
+                    "time_s": round(now, 3),
+                }
+            )
+            window = []
+            _log(args, f"step {t + 1}/{steps} train {rows[-1]['train_loss']:.4f} "
+                       f"test {test_loss:.4f} acc {test_acc:.4f} ({now:.1f}s)")  # fmt: skip
+            if out is not None:
+                _write_metrics(out, rows)
+                save_checkpoint(
+                    out / "checkpoint.pt",
+                    {
+                        "config": config,
+                        "step": t + 1,
+                        "rows": rows,
+                        "elapsed_s": now,
+                        "rng": torch.get_rng_state(),
+                        "trainer": None if trainer is None else trainer.state_dict(),
+                        "model": model.state_dict() if trainer is None else None,
+                        "optimizer": None if opt is None else opt.state_dict(),
+                        "scheduler": None if sched is None else sched.state_dict(),
+                    },
+                )
+    if end < steps:
+        _log(args, f"stopped at step {end}/{steps} (--stop-after); rerun to continue")
+        return 0
+    result = _final(args, config, rows, model, data, launcher="single-process")
+    if out is not None:
+        atomic_write_json(out / "result.json", result)
+    return 0
+
+
+def _final(args, config, rows, model, data, launcher: str, extra=None) -> dict[str, Any]:
+    test_loss, test_acc = evaluate(model, data.x_test, data.y_test)
+    result = {
+        "config": config,
+        "launcher": launcher,
+        "final_test_loss": test_loss,
+        "final_test_acc": test_acc,
+        "best_test_acc": max([r["test_acc"] for r in rows], default=test_acc),
+        "train_time_s": rows[-1].get("time_s") if rows else None,
+        "torch_threads": torch.get_num_threads(),
+        "history": rows,
+    }
+    result.update(extra or {})
+    _log(args, f"final test acc {test_acc:.4f} loss {test_loss:.4f}")
+    return result
+
+
+def _run_distributed(args, data: TensorSplit, steps: int, out: Optional[Path], config) -> int:
+    from highwaybp.distributed import ddg as ddist
+
+    if args.stop_after is not None:
+        raise SystemExit("--stop-after is for single-process runs")
+    cfg = ddist.DDGRunConfig(
+        build_model=functools.partial(
+            build_resnet1d,
+            args.seed,
+            args.channels,
+            args.blocks,
+            data.num_classes,
+            args.residual,
+        ),
+        batches=ddist.EpochBatches(data.x_train, data.y_train, args.batch_size, seed=args.seed),
+        steps=steps,
+        optimizer_factory=optimizer_factory(args),
+        scheduler_factory=scheduler_factory(args, steps),
+        semantics=args.semantics,
+        rng_seed=args.seed,
+        timeout=args.timeout,
+        threads=args.threads,
+        checkpoint_dir=None if out is None else str(out),
+        checkpoint_every=args.eval_every or max(1, steps // 10),
+    )
+    if out is not None:
+        atomic_write_json(out / "config.json", config)
+    tic = time.perf_counter()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        world = int(os.environ["WORLD_SIZE"])
+        if world != args.splits:
+            raise SystemExit(f"torchrun started {world} ranks but --splits is {args.splits}")
+        result_dir = str(out / "ranks") if out is not None else None
+        if result_dir is None:
+            raise SystemExit("multi-process DDG under torchrun needs --out (per-rank results)")
+        ddist.run_from_env(cfg, result_dir)
+        if int(os.environ["RANK"]) != 0:
+            return 0
+        results = [
+            torch.load(Path(result_dir) / f"rank{r}.pt", weights_only=False) for r in range(world)
+        ]
+        launcher = "torchrun"
+    else:
+        _log(args, f"spawning {args.splits} local processes (gloo)")
+        results = ddist.spawn_ddg(cfg, args.splits)
+        launcher = "spawn"
+    wall = time.perf_counter() - tic
+    model = ddist.assemble_model(cfg, results)
+    last = results[-1]
+    per_epoch = cfg.batches.steps_per_epoch
+    rows = []
+    every = cfg.checkpoint_every
+    for s in range(every, steps + 1, every):  # train loss per window, test only at the end
+        window = last["losses"][s - every : s]
+        rows.append({"step": s, "epoch": round(s / per_epoch, 3),
+                     "train_loss": sum(window) / len(window)})  # fmt: skip
+    test_loss, test_acc = evaluate(model, data.x_test, data.y_test)
+    if rows:
+        rows[-1].update(test_loss=test_loss, test_acc=test_acc, time_s=round(wall, 3))
+    result = _final(
+        args,
+        config,
+        [r for r in rows if "test_acc" in r] or [],
+        model,
+        data,
+        launcher,
+        {
+            "wall_time_s": wall,
+            "train_losses_window": rows,
+            "ranks": [{"rank": r["rank"], **r["stats"]} for r in results],
+        },
+    )
+    if out is not None:
+        atomic_write_json(out / "result.json", result)
+        torch.save(model.state_dict(), out / "model.pt")
+    return 0

@@ -1,0 +1,86 @@
+"""`highwaybp train`: tiny end-to-end runs of every method, resume, DDG K = 1 == backprop."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from highwaybp.cli import main
+
+TINY = [
+    "--num-samples", "400", "--channels", "6", "--blocks", "2", "--batch-size", "16",
+    "--threads", "1", "--quiet", "--lr", "0.05",
+]  # fmt: skip
+
+
+def _train(out, *extra: str) -> dict:
+    assert main(["train", *TINY, "--out", str(out), *extra]) == 0
+    return json.loads((out / "result.json").read_text())
+
+
+def _rows(out) -> list[dict]:
+    with open(out / "metrics.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_ddg_k1_is_exact_backprop_bit_for_bit(tmp_path):
+    exact = _train(tmp_path / "bp", "--method", "exact", "--steps", "12", "--eval-every", "4")
+    ddg = _train(
+        tmp_path / "ddg1", "--method", "ddg", "--splits", "1", "--steps", "12",
+        "--eval-every", "4",
+    )  # fmt: skip
+    keys = ("train_loss", "test_loss", "test_acc")
+    assert [[r[k] for k in keys] for r in _rows(tmp_path / "bp")] == [
+        [r[k] for k in keys] for r in _rows(tmp_path / "ddg1")
+    ]
+    assert exact["final_test_loss"] == ddg["final_test_loss"]
+    assert (tmp_path / "bp" / "config.json").exists()
+
+
+@pytest.mark.parametrize("semantics", ["stash", "recompute"])
+def test_ddg_resumes_from_checkpoint(tmp_path, semantics):
+    args = ["--method", "ddg", "--splits", "3", "--semantics", semantics, "--steps", "10",
+            "--eval-every", "3"]  # fmt: skip
+    full = _train(tmp_path / "full", *args)
+    part = tmp_path / "part"
+    assert main(["train", *TINY, "--out", str(part), *args, "--stop-after", "7"]) == 0
+    assert not (part / "result.json").exists()
+    resumed = _train(part, *args)
+    keys = ("step", "train_loss", "test_loss", "test_acc")
+    assert [[r[k] for k in keys] for r in _rows(tmp_path / "full")] == [
+        [r[k] for k in keys] for r in _rows(part)
+    ]
+    assert full["final_test_loss"] == resumed["final_test_loss"]
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    _train(tmp_path, "--method", "exact", "--steps", "4")
+    with pytest.raises(SystemExit, match="other settings"):
+        _train(tmp_path, "--method", "exact", "--steps", "4", "--lr", "0.1")
+
+
+@pytest.mark.parametrize("method", ["highway", "fixedpoint"])
+def test_chain_methods_train(tmp_path, method):
+    res = _train(tmp_path, "--method", method, "--k", "1", "--steps", "6", "--eval-every", "3")
+    assert res["config"]["method"] == method
+    assert len(res["history"]) == 2
+    assert 0.0 <= res["final_test_acc"] <= 1.0
+
+
+def test_ddg_spawn_launcher_matches_single_process(tmp_path):
+    args = ["--method", "ddg", "--splits", "2", "--steps", "6", "--eval-every", "3"]
+    single = _train(tmp_path / "single", *args)
+    multi = _train(tmp_path / "multi", *args, "--launcher", "spawn", "--timeout", "60")
+    assert multi["launcher"] == "spawn"
+    assert [r["rank"] for r in multi["ranks"]] == [0, 1]
+    assert multi["final_test_loss"] == pytest.approx(single["final_test_loss"], rel=1e-4)
+    assert multi["final_test_acc"] == pytest.approx(single["final_test_acc"], abs=1e-6)
+
+
+def test_bad_arguments_are_clear(tmp_path):
+    with pytest.raises(SystemExit, match="--splits must be"):
+        _train(tmp_path, "--method", "ddg", "--splits", "9", "--steps", "2")
+    with pytest.raises(SystemExit, match="--batch-size"):
+        main(["train", *TINY, "--batch-size", "100000", "--steps", "2"])
