@@ -6,7 +6,7 @@ import argparse
 import importlib
 
 # One module per experiment, each with `register(subparsers)`.
-EXPERIMENTS: tuple[str, ...] = ()
+EXPERIMENTS: tuple[str, ...] = ("highwaybp.train.deep_experiment",)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
