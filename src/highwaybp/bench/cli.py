@@ -6,7 +6,11 @@ import argparse
 import importlib
 
 # One module per benchmark, each with `register(subparsers)`.
-BENCHES: tuple[str, ...] = ("highwaybp.bench.deep",)
+BENCHES: tuple[str, ...] = (
+    "highwaybp.bench.scan",
+    "highwaybp.bench.deep",
+    "highwaybp.bench.ddg",
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
