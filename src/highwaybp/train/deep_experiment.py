@@ -231,11 +231,11 @@ def gradient_cosines(model: nn.Module, task: Task, methods: list[Method]) -> dic
 
 
 def _checkpoints(steps: int) -> dict[int, float]:
-    """Step -> fraction of training for the evaluation points (first fraction wins a tie)."""
-    marks: dict[int, float] = {}
+    """Step -> fraction of training for the evaluation points."""
+    marks: dict[int, float] = {0: 0.0, steps: 1.0}  # the ends always; others if distinct
     for f in FRACTIONS:
         marks.setdefault(round(f * steps), f)
-    return marks
+    return dict(sorted(marks.items()))
 
 
 def _lr(task: Task, step: int) -> float:
