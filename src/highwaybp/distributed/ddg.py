@@ -257,6 +257,15 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
+def _in_flight_mb(stage: DDGStage) -> float:
+    total = 0
+    for e in stage.pending.values():
+        total += e.x.numel() * e.x.element_size()
+        if e.params is not None:
+            total += sum(v.numel() * v.element_size() for v in e.params.values())
+    return total / 2**20
+
+
 def _ckpt_path(cfg: DDGRunConfig, rank: int) -> Optional[Path]:
     if cfg.checkpoint_dir is None:
         return None
@@ -312,7 +321,10 @@ def run_rank(
                 f"DDG per-rank checkpoints are at different steps {[int(g) for g in gathered]}"
                 "; delete the ddg_rank*.ckpt files to restart"
             )
-    stats = {"forward_s": 0.0, "backward_s": 0.0, "wait_s": 0.0, "steps": 0}
+    stats: dict[str, Any] = {"forward_s": 0.0, "backward_s": 0.0, "wait_s": 0.0, "steps": 0}
+    stats["step_end_s"] = []  # time since the loop started at the end of each step
+    stats["max_in_flight_mb"] = 0.0  # stage inputs + stashed parameters held
+
     t0 = time.perf_counter()
     for t in range(start, cfg.steps):
         if first_rank or last:
@@ -337,6 +349,7 @@ def run_rank(
             stats["forward_s"] += time.perf_counter() - tic
             link.send_activation(y, t)
             out_like = y
+            stats["max_in_flight_mb"] = max(stats["max_in_flight_mb"], _in_flight_mb(stage))
             if t - stage.delay >= 0:
                 tic = time.perf_counter()
                 g = stage.backward(t, pending_err, need_input_grad=rank > 0)
@@ -351,6 +364,7 @@ def run_rank(
         stage.end_step()
         link.flush(t)
         stats["steps"] += 1
+        stats["step_end_s"].append(time.perf_counter() - t0)
         if watchdog is not None:
             watchdog.beat()
         if progress is not None:

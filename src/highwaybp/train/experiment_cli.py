@@ -6,7 +6,10 @@ import argparse
 import importlib
 
 # One module per experiment, each with `register(subparsers)`.
-EXPERIMENTS: tuple[str, ...] = ("highwaybp.train.deep_experiment",)
+EXPERIMENTS: tuple[str, ...] = (
+    "highwaybp.train.deep_experiment",
+    "highwaybp.train.ddg_experiment",
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

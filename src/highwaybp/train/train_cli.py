@@ -24,6 +24,7 @@ import argparse
 import csv
 import functools
 import io
+import json
 import math
 import os
 import time
@@ -216,6 +217,11 @@ def run(args: argparse.Namespace) -> int:
         args.launcher == "spawn"
         or (args.launcher == "auto" and int(os.environ.get("WORLD_SIZE", "1")) > 1)
     )
+    if out is not None and (out / "result.json").exists():
+        done = json.loads((out / "result.json").read_text())
+        if done.get("config") == config:
+            _log(args, f"{out} already holds the finished run: {done['final_test_acc']:.4f}")
+            return 0
     if distributed:
         return _run_distributed(args, data, steps, out, config)
     return _run_single(args, data, steps, out, config)

@@ -1,0 +1,190 @@
+"""`highwaybp experiment ddg`: convergence of BP, DDG (K = 2, 3, 4; stash and recompute)
+and Highway-BP on MNIST-1D with the 1-D ResNet, at CPU scale.
+
+Each arm is one `highwaybp train ...` run (same seed, same data order, same model init,
+same optimizer and schedule) in its own folder under --out/runs/<arm>/, so an interrupted
+experiment resumes arm by arm. Arms run as subprocesses, `--jobs` at a time, one torch
+thread each. Then it writes:
+
+- summary.json / summary.csv: final and best test accuracy, final test loss and train
+  time of every arm, plus the exact command;
+- curves.png: test accuracy and train loss against the step for every arm;
+- table.md: the markdown table for the docs.
+
+`--tiny` is a seconds-long setting for CI (400 samples, 2 blocks, 30 steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from highwaybp.train.io import atomic_write_json, atomic_write_text
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "ddg",
+        help="BP vs DDG (K=2,3,4, stash/recompute) vs Highway-BP on MNIST-1D",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--out", default="results/ddg")
+    p.add_argument("--splits", type=int, nargs="+", default=[2, 3, 4])
+    p.add_argument("--semantics", nargs="+", default=["stash", "recompute"])
+    p.add_argument("--highway-k", type=int, nargs="*", default=[1, 2])
+    p.add_argument("--epochs", type=float, default=20)
+    p.add_argument("--num-samples", type=int, default=4000)
+    p.add_argument("--channels", type=int, default=32)
+    p.add_argument("--blocks", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=2, help="arms run at the same time")
+    p.add_argument("--tiny", action="store_true", help="seconds-long CI setting")
+    p.set_defaults(func=run)
+
+
+def arms(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    """(name, method arguments of `highwaybp train`) of every arm."""
+    out = [("bp", ["--method", "exact"])]
+    for k in args.splits:
+        for sem in args.semantics:
+            out.append((f"ddg-k{k}-{sem}", ["--method", "ddg", "--splits", str(k),
+                                             "--semantics", sem]))  # fmt: skip
+    for k in args.highway_k:
+        out.append((f"highway-k{k}", ["--method", "highway", "--k", str(k)]))
+    return out
+
+
+def common_args(args: argparse.Namespace) -> list[str]:
+    if args.tiny:
+        return ["--num-samples", "400", "--channels", "8", "--blocks", "2", "--steps", "30",
+                "--batch-size", "16", "--eval-every", "10", "--seed", str(args.seed),
+                "--lr", str(args.lr), "--threads", "1", "--quiet"]  # fmt: skip
+    return ["--num-samples", str(args.num_samples), "--channels", str(args.channels),
+            "--blocks", str(args.blocks), "--epochs", str(args.epochs),
+            "--batch-size", str(args.batch_size), "--seed", str(args.seed),
+            "--lr", str(args.lr), "--threads", "1", "--quiet"]  # fmt: skip
+
+
+def _run_arms(jobs: list[tuple[str, list[str]]], parallel: int) -> dict[str, float]:
+    """Run `highwaybp train` commands, `parallel` at a time; wall seconds per arm."""
+    pending, running, walls = list(jobs), {}, {}
+    while pending or running:
+        while pending and len(running) < max(1, parallel):
+            name, cmd = pending.pop(0)
+            print(f"[ddg experiment] start {name}: {shlex.join(cmd)}", flush=True)
+            running[name] = (subprocess.Popen(cmd), time.perf_counter())
+        time.sleep(0.5)
+        for name, (proc, start) in list(running.items()):
+            if proc.poll() is not None:
+                del running[name]
+                if proc.returncode != 0:
+                    for other, _ in running.values():
+                        other.terminate()
+                    raise SystemExit(f"arm {name} failed (exit {proc.returncode})")
+                walls[name] = time.perf_counter() - start
+                print(f"[ddg experiment] done {name} in {walls[name]:.0f}s", flush=True)
+    return walls
+
+
+def run(args: argparse.Namespace) -> int:
+    bad = [s for s in args.semantics if s not in ("stash", "recompute")]
+    if bad:
+        raise SystemExit(f"--semantics takes stash and/or recompute, got {bad}")
+    out = Path(args.out)
+    base = [sys.executable, "-m", "highwaybp", "train", *common_args(args)]
+    jobs = [
+        (name, [*base, *method, "--out", str(out / "runs" / name)]) for name, method in arms(args)
+    ]
+    _run_arms(jobs, args.jobs)
+    rows = []
+    for name, cmd in jobs:
+        res = json.loads((out / "runs" / name / "result.json").read_text())
+        rows.append(
+            {
+                "arm": name,
+                "method": res["config"]["method"],
+                "splits": res["config"]["splits"] if res["config"]["method"] == "ddg" else "",
+                "semantics": res["config"]["semantics"] if res["config"]["method"] == "ddg" else "",
+                "k": res["config"]["k"] if res["config"]["method"] == "highway" else "",
+                "final_test_acc": res["final_test_acc"],
+                "best_test_acc": res["best_test_acc"],
+                "final_test_loss": res["final_test_loss"],
+                "train_time_s": res["train_time_s"],
+                "command": "highwaybp train " + shlex.join(cmd[4:]),
+                "history": res["history"],
+            }
+        )
+    command = "highwaybp experiment ddg " + shlex.join(sys.argv[3:] if len(sys.argv) > 3 else [])
+    summary = {
+        "experiment": "ddg",
+        "command": command.strip(),
+        "setting": common_args(args),
+        "note": "one seed; single-process DDG oracle (same arithmetic as the multi-process "
+        "runtime); shared, noisy 2-core machine, so train_time_s is indicative only",
+        "rows": rows,
+    }
+    atomic_write_json(out / "summary.json", summary)
+    buf = io.StringIO()
+    fields = [k for k in rows[0] if k != "history"]
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "summary.csv", buf.getvalue())
+    table = format_table(rows)
+    atomic_write_text(out / "table.md", table + "\n")
+    plot(rows, out / "curves.png")
+    print(table)
+    print(f"wrote {out}/summary.json, summary.csv, table.md, curves.png")
+    return 0
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| arm | final test acc | best test acc | final test loss | train time (s) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        t = r["train_time_s"]
+        lines.append(
+            f"| {r['arm']} | {r['final_test_acc']:.4f} | {r['best_test_acc']:.4f} "
+            f"| {r['final_test_loss']:.4f} | {'' if t is None else f'{t:.0f}'} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for r in rows:
+        steps = [h["step"] for h in r["history"]]
+        style = "-" if r["method"] != "ddg" else ("--" if r["semantics"] == "stash" else ":")
+        ax_acc.plot(steps, [h["test_acc"] for h in r["history"]], style, label=r["arm"])
+        ax_loss.plot(steps, [h["train_loss"] for h in r["history"]], style, label=r["arm"])
+    ax_acc.set(xlabel="step", ylabel="test accuracy", title="MNIST-1D, 1-D ResNet")
+    ax_loss.set(xlabel="step", ylabel="train loss (mean since last eval)", yscale="log")
+    ax_acc.legend(fontsize=7)
+    ax_acc.grid(alpha=0.3)
+    ax_loss.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".png.tmp")
+    tmp.write_bytes(buf.getvalue())
+    tmp.replace(path)
