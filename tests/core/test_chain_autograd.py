@@ -3,6 +3,7 @@ gradients for what precedes it, dropout replay, BatchNorm state, shape-changing 
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -90,10 +91,11 @@ class BNBlock(nn.Sequential):
         super().__init__(nn.Linear(width, width), nn.BatchNorm1d(width), nn.Tanh())
 
 
-def test_batchnorm_statistics_are_exact_and_updated_once():
+@pytest.mark.parametrize("recompute", [True, False])
+def test_batchnorm_statistics_are_exact_and_updated_once(recompute):
     torch.manual_seed(0)
     layers = [hbp.ResidualLayer(BNBlock(4)) for _ in range(3)]
-    chain = hbp.ResidualChain(layers).double()
+    chain = hbp.ResidualChain(layers, recompute=recompute).double()
     reference = hbp.ResidualChain([hbp.ResidualLayer(BNBlock(4)) for _ in range(3)]).double()
     reference.load_state_dict(chain.state_dict())
     x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
@@ -177,3 +179,21 @@ def test_autocast_state_is_replayed_in_the_backward():
     # closely than the fp32 function does.
     assert max_rel_diff(highway_bf16, exact_bf16) < 0.1 * bf16_gap
     assert all(g.dtype == torch.float32 for g in highway_bf16)
+
+
+def test_recompute_false_keeps_forward_graphs_and_allows_one_backward():
+    torch.manual_seed(0)
+    chain = make_chain(["gated", "relu", "identity"], 5, dropout=0.3, recompute=False).double()
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    exact = grads_of(chain, x, hbp.Exact(), per_layer_loss=True, seed=3)
+    highway = grads_of(chain, x, hbp.Highway(k=3), per_layer_loss=True, seed=3)
+    assert max_rel_diff(highway, exact) < 1e-10
+    out = chain(x, method=hbp.Highway(k=1)).sum()
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second time"):
+        out.backward()
+
+
+def test_recompute_false_needs_the_loop_backend():
+    with pytest.raises(ValueError, match=r"recompute=False.*vjp='loop'"):
+        make_chain(["identity"], 3, recompute=False, vjp="batched")

@@ -17,11 +17,14 @@ from tests.core.helpers import RESIDUAL_KINDS, grads_of, make_chain, max_rel_dif
     batch=st.integers(1, 3),
     per_layer_loss=st.booleans(),
     dropout=st.sampled_from([0.0, 0.3]),
+    recompute=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_highway_at_k_equal_L_is_backprop(kinds, width, batch, per_layer_loss, dropout, seed):
+def test_highway_at_k_equal_L_is_backprop(
+    kinds, width, batch, per_layer_loss, dropout, recompute, seed
+):
     torch.manual_seed(seed)
-    chain = make_chain(kinds, width, dropout=dropout).double()
+    chain = make_chain(kinds, width, dropout=dropout, recompute=recompute).double()
     x = torch.randn(batch, width, dtype=torch.float64, requires_grad=True)
     exact = grads_of(chain, x, hbp.Exact(), per_layer_loss, seed)
     highway = grads_of(chain, x, hbp.Highway(k=len(kinds)), per_layer_loss, seed)

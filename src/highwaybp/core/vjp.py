@@ -15,7 +15,8 @@ its interface and are registered in `VJP_BACKENDS`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Optional
 
 import torch
@@ -38,26 +39,31 @@ class LoopVJP:
     """
 
     def __init__(
-        self, layers: Sequence[nn.Module], inputs: Sequence[Tensor],
-        states: Sequence[ForwardState],
+        self, layers: Sequence[nn.Module], inputs: Sequence[Tensor] = (),
+        states: Sequence[ForwardState] = (),
     ) -> None:
         self.layers = list(layers)
         self.xs: list[Tensor] = []
         self.ys: list[Tensor] = []
         self.contexts: list[Any] = []
-        with torch.enable_grad():
-            for layer, h, state in zip(self.layers, inputs, states):
-                self._rebuild(layer, h, state)
+        for layer, h, state in zip(self.layers, inputs, states):
+            self.record(layer, h, state)
 
-    def _rebuild(self, layer: nn.Module, h: Tensor, state: ForwardState) -> None:
+    def record(self, layer: nn.Module, h: Tensor, state: ForwardState | None = None) -> Tensor:
+        """Run `layer` on h under autograd, keep its graph, return its output (with graph).
+
+        With `state` this is a re-run: the forward's RNG/autocast state is replayed and
+        buffers are left as they were. Without it, this *is* the forward (recompute=False).
+        """
         x = h.detach().requires_grad_(True)
-        with replayed(state), buffers_restored(layer):
+        with torch.enable_grad(), _rerun_guard(layer, state):
             z = layer.block(x)
             # K's part is the derivative through the residual's first argument: cut it.
             y = layer.residual.combine(x.detach(), z)
         self.contexts.append(layer.residual.k_context(x.detach(), _detach(z), y.detach()))
         self.xs.append(x)
         self.ys.append(y)
+        return y
 
     def _live(self, ws: Sequence[Tensor]) -> tuple[list[int], list[Tensor], list[Tensor]]:
         # A layer whose output depends on neither its input nor a parameter has no graph.
@@ -94,6 +100,15 @@ class LoopVJP:
         if not params or not ys:
             return [None] * len(params)
         return list(torch.autograd.grad(ys, list(params), grad_outputs=live_ws, allow_unused=True))
+
+
+@contextmanager
+def _rerun_guard(layer: nn.Module, state: ForwardState | None) -> Iterator[None]:
+    if state is None:
+        yield
+        return
+    with replayed(state), buffers_restored(layer):
+        yield
 
 
 def _detach(z: Any) -> Any:
