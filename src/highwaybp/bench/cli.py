@@ -10,6 +10,7 @@ BENCHES: tuple[str, ...] = (
     "highwaybp.bench.scan",
     "highwaybp.bench.deep",
     "highwaybp.bench.ddg",
+    "highwaybp.bench.rnn",
 )
 
 

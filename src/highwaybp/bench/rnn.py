@@ -1,0 +1,552 @@
+"""`highwaybp bench rnn`: training-step time, memory and gradient fidelity of Highway-BP
+through time against exact baselines, all measured in the same run.
+
+Methods (one JSON record each, per sequence length):
+
+- `torch`: torch.nn.GRU / torch.nn.LSTM (the native op; its CPU backward is autograd).
+- `autograd-loop`: autograd through the same cell math looped over time, written well: the
+  input projection for all steps is one matmul, the loop iterates with `unbind` (indexing a
+  precomputed tensor per step would make the backward O(T^2)) and fuses the r/z sigmoids.
+  The bench also times it at `--scaling-factor` x T to show that it scales linearly.
+- `hbp-exact`: highwaybp's GRU/LSTM with method=Exact(): sequential BPTT on the gates the
+  forward stored (a hand-written exact backward; a third, often the strongest, baseline).
+- `highway(k)`, `fixedpoint(k)`: highwaybp's GRU/LSTM with Highway(k) / FixedPoint(k).
+
+Per record: forward, backward and total step time (median over `--repeats` runs after
+`--warmup`; a step is forward + backward of a per-step loss, no optimizer), peak memory of
+a step (a fresh subprocess, VmHWM above the RSS before the first step), the backward's
+achieved matmul throughput as a fraction of a large matmul's measured in the same run, and
+the cosine / relative error of the RNN parameter gradient against exact backprop, at init
+and after `--train-steps` exact training steps on a delayed-copy task (the model state is
+named in the record: accuracy at small k is good at init and can be poor once trained).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from highwaybp.core.fidelity import compare_gradients
+from highwaybp.core.methods import Exact, FixedPoint, Highway, Method
+from highwaybp.models.rnn import GRU, LSTM
+
+EXACT_BASELINES = ("torch", "autograd-loop")
+
+
+# ---- the autograd baseline --------------------------------------------------------------
+
+
+class AutogradLoopRNN(nn.Module):
+    """torch.nn.GRU/LSTM's math in autograd ops looped over time (the paper's BPTT baseline).
+
+    Same parameters as torch.nn.GRU/LSTM (load its state_dict). Written for speed: one input
+    projection matmul for all steps, `unbind` over time, fused sigmoids.
+    """
+
+    def __init__(self, cell: str, ref: nn.Module) -> None:
+        super().__init__()
+        self.cell, self.num_layers, self.hidden = cell, ref.num_layers, ref.hidden_size
+        for name, p in ref.named_parameters():
+            self.register_parameter(name, nn.Parameter(p.detach().clone()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in range(self.num_layers):
+            w_ih, w_hh, b_ih, b_hh = (
+                getattr(self, f"{n}_l{layer}")
+                for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+            )
+            T, B, _ = x.shape
+            gi = torch.addmm(b_ih, x.reshape(T * B, -1), w_ih.t()).view(T, B, -1)
+            step = self._gru if self.cell == "gru" else self._lstm
+            x = step(gi, w_hh, b_hh, B)
+        return x
+
+    def _gru(self, gi: Tensor, w_hh: Tensor, b_hh: Tensor, batch: int) -> Tensor:
+        H = self.hidden
+        h = gi.new_zeros(batch, H)
+        w_t, outs = w_hh.t(), []
+        for gi_t in gi.unbind(0):
+            gh = torch.addmm(b_hh, h, w_t)
+            rz = torch.sigmoid(gi_t[:, : 2 * H] + gh[:, : 2 * H])
+            r, z = rz[:, :H], rz[:, H:]
+            n = torch.tanh(torch.addcmul(gi_t[:, 2 * H :], r, gh[:, 2 * H :]))
+            h = torch.addcmul(n, z, h - n)
+            outs.append(h)
+        return torch.stack(outs)
+
+    def _lstm(self, gi: Tensor, w_hh: Tensor, b_hh: Tensor, batch: int) -> Tensor:
+        H = self.hidden
+        h = gi.new_zeros(batch, H)
+        c = gi.new_zeros(batch, H)
+        gi = gi + b_hh
+        w_t, outs = w_hh.t(), []
+        for gi_t in gi.unbind(0):
+            a = torch.addmm(gi_t, h, w_t)
+            ifo = torch.sigmoid(a[:, : 2 * H])
+            g = torch.tanh(a[:, 2 * H : 3 * H])
+            o = torch.sigmoid(a[:, 3 * H :])
+            c = torch.addcmul(ifo[:, H:] * c, ifo[:, :H], g)
+            h = o * torch.tanh(c)
+            outs.append(h)
+        return torch.stack(outs)
+
+
+# ---- models and steps ---------------------------------------------------------------------
+
+
+def _method_name(method: Method) -> str:
+    if isinstance(method, Highway):
+        return f"highway(k={method.k})"
+    if isinstance(method, FixedPoint):
+        return f"fixedpoint(k={method.k})"
+    return "hbp-exact"
+
+
+def _parse_method(name: str) -> tuple[str, Optional[Method]]:
+    if name in EXACT_BASELINES:
+        return name, None
+    if name == "hbp-exact":
+        return name, Exact()
+    kind, k = name.split("(k=")
+    k = int(k.rstrip(")"))
+    return name, (Highway(k=k) if kind == "highway" else FixedPoint(k=k))
+
+
+def build(args: Any, name: str, ref: nn.Module) -> Callable[[Tensor], Tensor]:
+    """A callable x -> outputs [T, B, H] for the method `name`, sharing `ref`'s weights."""
+    _, method = _parse_method(name)
+    if name == "torch":
+        return lambda x: ref(x)[0]
+    if name == "autograd-loop":
+        return AutogradLoopRNN(args.cell, ref)
+    cls = GRU if args.cell == "gru" else LSTM
+    m = cls(args.input_size, args.hidden, num_layers=args.layers, method=method)
+    m.load_state_dict(ref.state_dict())
+    return lambda x: m(x)[0]
+
+
+def _params(fn: Any, ref: nn.Module) -> list[Tensor]:
+    if isinstance(fn, nn.Module):
+        return list(fn.parameters())
+    owner = getattr(fn, "__closure__", None)
+    for cell in owner or ():
+        if isinstance(cell.cell_contents, nn.Module) and cell.cell_contents is not ref:
+            return list(cell.cell_contents.parameters())
+    return list(ref.parameters())
+
+
+def time_step(fn: Callable[[Tensor], Tensor], params: list[Tensor], x: Tensor, gy: Tensor):
+    for p in params:
+        p.grad = None
+    t0 = time.perf_counter()
+    y = fn(x)
+    t1 = time.perf_counter()
+    y.backward(gy)
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1
+
+
+def measure(fn, params, x, gy, repeats: int, warmup: int) -> dict[str, float]:
+    for _ in range(warmup):
+        time_step(fn, params, x, gy)
+    runs = [time_step(fn, params, x, gy) for _ in range(repeats)]
+    fwd = [r[0] for r in runs]
+    bwd = [r[1] for r in runs]
+    tot = [a + b for a, b in runs]
+    return {
+        "fwd_ms": 1e3 * statistics.median(fwd),
+        "bwd_ms": 1e3 * statistics.median(bwd),
+        "total_ms": 1e3 * statistics.median(tot),
+        "total_runs_ms": [round(1e3 * t, 3) for t in tot],
+    }
+
+
+def matmul_peak_gflops(shape: tuple[int, int, int] = (2048, 1024, 4096), repeats: int = 5) -> float:
+    """Throughput of a large fp32 matmul [n, k] x [k, m] on this machine, now (GFLOP/s)."""
+    n, k, m = shape
+    a, b = torch.randn(n, k), torch.randn(k, m)
+    out = torch.empty(n, m)
+    torch.mm(a, b, out=out)
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        ts.append(time.perf_counter() - t0)
+    return 2 * n * k * m / statistics.median(ts) / 1e9
+
+
+def backward_matmul_flops(args: Any, name: str, seq_len: int) -> float:
+    """Matmul FLOPs of one backward: recurrent input-VJPs (T sequential steps for exact
+    methods, k batched sweeps for Highway/FixedPoint) plus the parameter/input VJPs."""
+    G = 3 if args.cell == "gru" else 4
+    H, B = args.hidden, args.batch
+    per_sweep = 2 * seq_len * B * G * H * H
+    total = 0.0
+    for layer in range(args.layers):
+        in_size = args.input_size if layer == 0 else H
+        _, method = _parse_method(name)
+        exact = method is None or isinstance(method, Exact)
+        sweeps = 1 if exact else min(method.k, seq_len)
+        total += sweeps * per_sweep
+        total += per_sweep + 2 * seq_len * B * G * H * in_size  # dW_hh, dW_ih
+        if layer > 0:
+            total += 2 * seq_len * B * G * H * in_size  # dx for the layer below
+    return total
+
+
+# ---- gradient fidelity --------------------------------------------------------------------
+
+
+class CopyTask:
+    """Delayed copy: read x_{t - lag} (projected) from h_t. Forces memory through the blocks."""
+
+    def __init__(self, args: Any, seq_len: int, seed: int) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(seq_len, args.batch, args.input_size, generator=gen)
+        self.lag = min(args.lag, seq_len - 1)
+        self.readout = nn.Linear(args.hidden, args.input_size)
+        with torch.no_grad():
+            self.readout.weight.copy_(
+                torch.randn(args.input_size, args.hidden, generator=gen) / math.sqrt(args.hidden)
+            )
+            self.readout.bias.zero_()
+        target = torch.zeros_like(self.x)
+        target[self.lag :] = self.x[: seq_len - self.lag]
+        self.target = target
+
+    def loss(self, y: Tensor) -> Tensor:
+        return nn.functional.mse_loss(self.readout(y), self.target)
+
+
+def train_exact(ref: nn.Module, task: CopyTask, steps: int, lr: float) -> list[float]:
+    params = [*ref.parameters(), *task.readout.parameters()]
+    opt = torch.optim.Adam(params, lr=lr)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = task.loss(ref(task.x)[0])
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def fidelity(args: Any, ref: nn.Module, names: list[str], task: CopyTask) -> dict[str, dict]:
+    """Cosine / relative error of each method's RNN parameter gradient vs torch autograd."""
+    exact = torch.autograd.grad(task.loss(ref(task.x)[0]), list(ref.parameters()))
+    out = {}
+    for name in names:
+        fn = build(args, name, ref)
+        params = _params(fn, ref)
+        grads = torch.autograd.grad(task.loss(fn(task.x)), params)
+        out[name] = compare_gradients(list(grads), list(exact))
+    return out
+
+
+# ---- memory (fresh subprocess per method) ---------------------------------------------
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_probe(config: dict) -> dict:
+    """Run in a child: peak RSS above the pre-step RSS over two steps of one method."""
+    args = argparse.Namespace(**config)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    ref = _reference(args)
+    fn = build(args, args.probe_method, ref)
+    params = _params(fn, ref)
+    # One tiny step first: lazy library/thread initialisation is not the method's memory
+    # (the tiny buffers are pooled under other shapes, so the real step still allocates its own).
+    time_step(fn, params, torch.randn(2, 1, args.input_size), torch.randn(2, 1, args.hidden))
+    x = torch.randn(args.probe_seq_len, args.batch, args.input_size)
+    gy = torch.randn(args.probe_seq_len, args.batch, args.hidden)
+    before = _status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as handle:  # resets VmHWM to the current RSS
+        handle.write("5")
+    for _ in range(2):
+        time_step(fn, params, x, gy)
+    return {"peak_mb": (_status_kb("VmHWM") - before) / 1024}
+
+
+def peak_memory_mb(args: Any, name: str, seq_len: int) -> Optional[float]:
+    config = {k: v for k, v in vars(args).items() if k != "func"}
+    config.update(probe_method=name, probe_seq_len=seq_len)
+    code = (
+        "import json, sys; from highwaybp.bench.rnn import memory_probe; "
+        "print(json.dumps(memory_probe(json.loads(sys.argv[1]))))"
+    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code, json.dumps(config)],
+            capture_output=True,
+            text=True,
+            timeout=args.memory_timeout,
+            check=True,
+        )
+        return json.loads(done.stdout.strip().splitlines()[-1])["peak_mb"]
+    except (subprocess.SubprocessError, ValueError, OSError, KeyError, IndexError) as err:
+        print(f"  memory probe for {name} failed: {err}", file=sys.stderr)
+        return None
+
+
+# ---- the run --------------------------------------------------------------------------
+
+
+def _reference(args: Any) -> nn.Module:
+    cls = nn.GRU if args.cell == "gru" else nn.LSTM
+    return cls(args.input_size, args.hidden, num_layers=args.layers)
+
+
+def method_names(ks: list[int]) -> list[str]:
+    names = ["torch", "autograd-loop", "hbp-exact"]
+    names += [f"highway(k={k})" for k in ks]
+    names += [f"fixedpoint(k={k})" for k in ks]
+    return names
+
+
+def run_length(args: Any, seq_len: int, peak: float) -> tuple[list[dict], dict]:
+    torch.manual_seed(args.seed)
+    ref = _reference(args)
+    names = method_names(args.k)
+    x = torch.randn(seq_len, args.batch, args.input_size)
+    gy = torch.randn(seq_len, args.batch, args.hidden)
+    records = []
+    for name in names:
+        fn = build(args, name, ref)
+        timing = measure(fn, _params(fn, ref), x, gy, args.repeats, args.warmup)
+        flops = backward_matmul_flops(args, name, seq_len)
+        gflops = flops / (timing["bwd_ms"] / 1e3) / 1e9
+        record = {
+            "cell": args.cell,
+            "seq_len": seq_len,
+            "batch": args.batch,
+            "hidden": args.hidden,
+            "input_size": args.input_size,
+            "layers": args.layers,
+            "method": name,
+            **timing,
+            "bwd_matmul_gflop": flops / 1e9,
+            "bwd_matmul_gflops": gflops,
+            "bwd_matmul_fraction_of_peak": gflops / peak,
+        }
+        records.append(record)
+        print(
+            f"  T={seq_len} {name:16s} fwd {timing['fwd_ms']:9.1f} bwd {timing['bwd_ms']:9.1f} "
+            f"total {timing['total_ms']:9.1f} ms",
+            flush=True,
+        )
+    extra: dict[str, Any] = {}
+    if args.scaling_factor > 1:
+        big = seq_len * args.scaling_factor
+        fn = build(args, "autograd-loop", ref)
+        xb = torch.randn(big, args.batch, args.input_size)
+        gb = torch.randn(big, args.batch, args.hidden)
+        t_big = measure(fn, _params(fn, ref), xb, gb, args.repeats, args.warmup)
+        base = next(r for r in records if r["method"] == "autograd-loop")
+        extra["autograd_loop_scaling"] = {
+            "T": seq_len,
+            "T_big": big,
+            "total_ms_T": base["total_ms"],
+            "total_ms_T_big": t_big["total_ms"],
+            "bwd_ms_T": base["bwd_ms"],
+            "bwd_ms_T_big": t_big["bwd_ms"],
+            "ratio": t_big["total_ms"] / base["total_ms"],
+            "linear_ratio": float(args.scaling_factor),
+        }
+        print(
+            f"  autograd-loop at T={seq_len}: {base['total_ms']:.1f} ms, at T={big}: "
+            f"{t_big['total_ms']:.1f} ms (ratio {extra['autograd_loop_scaling']['ratio']:.2f},"
+            f" linear would be {args.scaling_factor})",
+            flush=True,
+        )
+    _add_ratios(records)
+    _add_fidelity(args, ref, names, records, seq_len)
+    if args.memory:
+        for r in records:
+            r["peak_mem_mb"] = peak_memory_mb(args, r["method"], seq_len)
+    return records, extra
+
+
+def _add_ratios(records: list[dict]) -> None:
+    fastest = min(
+        (r for r in records if r["method"] in EXACT_BASELINES), key=lambda r: r["total_ms"]
+    )
+    hbp_exact = next(r for r in records if r["method"] == "hbp-exact")
+    for r in records:
+        r["fastest_exact_baseline"] = fastest["method"]
+        r["speedup_vs_fastest_exact"] = fastest["total_ms"] / r["total_ms"]
+        r["speedup_vs_hbp_exact"] = hbp_exact["total_ms"] / r["total_ms"]
+
+
+def _add_fidelity(
+    args: Any, ref: nn.Module, names: list[str], records: list[dict], seq_len: int
+) -> None:
+    task = CopyTask(args, seq_len, args.seed + 1)
+    at_init = fidelity(args, ref, names, task)
+    trained: dict[str, dict] = {}
+    losses: list[float] = []
+    if args.train_steps > 0:
+        losses = train_exact(ref, task, args.train_steps, args.lr)
+        trained = fidelity(args, ref, names, task)
+    for r in records:
+        f0 = at_init[r["method"]]
+        r["fidelity_init"] = {"state": "init", **f0}
+        if trained:
+            r["fidelity_trained"] = {
+                "state": f"after {args.train_steps} exact Adam steps (lr {args.lr}) on a "
+                f"delayed-copy task (lag {task.lag}); loss {losses[0]:.4f} -> {losses[-1]:.4f}",
+                **trained[r["method"]],
+            }
+
+
+def _fmt(v: Optional[float], spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def print_table(records: list[dict]) -> None:
+    head = (
+        f"{'T':>6} {'method':16s} {'fwd ms':>9} {'bwd ms':>9} {'total ms':>9} "
+        f"{'x fastest':>9} {'x hbpEx':>8} {'mem MB':>8} {'mm frac':>7} "
+        f"{'cos init':>9} {'rel init':>9} {'cos trn':>9} {'rel trn':>9}"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in records:
+        ft = r.get("fidelity_trained", {})
+        print(
+            f"{r['seq_len']:>6} {r['method']:16s} {r['fwd_ms']:9.1f} {r['bwd_ms']:9.1f} "
+            f"{r['total_ms']:9.1f} {r['speedup_vs_fastest_exact']:9.2f} "
+            f"{r['speedup_vs_hbp_exact']:8.2f} {_fmt(r.get('peak_mem_mb'), '8.0f')} "
+            f"{r['bwd_matmul_fraction_of_peak']:7.2f} "
+            f"{r['fidelity_init']['cosine']:9.6f} {r['fidelity_init']['rel_error']:9.2e} "
+            f"{_fmt(ft.get('cosine'), '9.6f')} {_fmt(ft.get('rel_error'), '9.2e')}"
+        )
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from err
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected non-negative ints, got {text!r}")
+    return values
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "rnn",
+        help="GRU/LSTM training step: torch.nn, autograd loop, exact, Highway(k), FixedPoint(k)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--cell", choices=("gru", "lstm"), default="gru")
+    p.add_argument(
+        "--seq-len",
+        type=_int_list,
+        default=[1024],
+        help="sequence length, or a comma-separated sweep (e.g. 256,1024,4096)",
+    )
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--input-size", type=int, default=None, help="default: hidden")
+    p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--k", type=_int_list, default=[0, 1, 3], help="comma-separated k values")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs (median), >= 5")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument(
+        "--train-steps",
+        type=int,
+        default=50,
+        help="exact training steps before the 'trained' fidelity (0: skip)",
+    )
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lag", type=int, default=10, help="delay of the copy task")
+    p.add_argument(
+        "--scaling-factor",
+        type=int,
+        default=4,
+        help="also time the autograd loop at this multiple of T (1: skip)",
+    )
+    p.add_argument(
+        "--no-memory",
+        dest="memory",
+        action="store_false",
+        help="skip the per-method peak-memory subprocesses",
+    )
+    p.add_argument("--memory-timeout", type=float, default=1800.0)
+    p.add_argument(
+        "--peak-matmul",
+        type=_int_list,
+        default=[2048, 1024, 4096],
+        help="n,k,m of the reference matmul for the throughput fraction",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="results/bench_rnn.json")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.repeats < 5:
+        print(
+            "error: --repeats must be >= 5 (medians of fewer runs are too noisy here)",
+            file=sys.stderr,
+        )
+        return 2
+    if min(args.batch, args.hidden, args.layers) < 1:
+        print("error: --batch, --hidden and --layers must be >= 1", file=sys.stderr)
+        return 2
+    if args.input_size is None:
+        args.input_size = args.hidden
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    peak = matmul_peak_gflops(tuple(args.peak_matmul))
+    print(
+        f"bench rnn: cell={args.cell} B={args.batch} H={args.hidden} In={args.input_size} "
+        f"layers={args.layers} k={args.k} threads={args.threads}; large-matmul peak "
+        f"{peak:.1f} GFLOP/s; load average {load_before[0]:.2f}",
+        flush=True,
+    )
+    records, scaling = [], {}
+    for seq_len in args.seq_len:
+        recs, extra = run_length(args, seq_len, peak)
+        records += recs
+        scaling[str(seq_len)] = extra.get("autograd_loop_scaling")
+    print()
+    print_table(records)
+    meta = {
+        "command": "highwaybp bench rnn " + " ".join(sys.argv[3:]) if len(sys.argv) > 2 else "",
+        "argv": sys.argv,
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "large_matmul_gflops": peak,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "autograd_loop_scaling": scaling,
+        "notes": "medians of --repeats runs after --warmup; a step is forward + backward of a "
+        "per-step loss; the machine may be shared (see load averages)",
+    }
+    from highwaybp.train.io import atomic_write_json
+
+    atomic_write_json(args.out, {"meta": meta, "records": records})
+    print(f"\nwrote {args.out}")
+    return 0
