@@ -145,9 +145,12 @@ class Watchdog:
     of a process group whose peer died) so that no rank can outlive a failure for long.
     """
 
-    def __init__(self, limit: float, rank: int) -> None:
+    def __init__(
+        self, limit: float, rank: int, on_fire: Optional[Callable[[str], None]] = None
+    ) -> None:
         self.limit = limit
         self.rank = rank
+        self.on_fire = on_fire
         self._last = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -163,11 +166,17 @@ class Watchdog:
         while not self._stop.wait(0.2):
             idle = time.monotonic() - self._last
             if idle > self.limit:
-                sys.stderr.write(
-                    f"[ddg rank {self.rank}] watchdog: no progress for {idle:.1f}s "
-                    f"(limit {self.limit:.0f}s); a peer failed or hangs. Exiting.\n"
+                msg = (
+                    f"DDG rank {self.rank}: watchdog: no progress for {idle:.1f}s (limit "
+                    f"{self.limit:.0f}s); a peer failed or hangs, so every rank stops"
                 )
+                sys.stderr.write(f"[ddg rank {self.rank}] {msg}\n")
                 sys.stderr.flush()
+                if self.on_fire is not None:
+                    try:
+                        self.on_fire(msg)
+                    finally:
+                        os._exit(3)
                 os._exit(3)
 
 
@@ -452,9 +461,16 @@ def _spawn_entry(
     result_dir: str,
 ) -> None:
     device = _setup_rank(rank, world, cfg)
-    # The watchdog outlives the receive timeout a little, so a receive error (clearer)
-    # normally wins; it is the backstop for everything else.
-    watchdog = Watchdog(cfg.timeout + 10.0, rank)
+
+    def report(kind: str, msg: str) -> None:
+        # Flush the queue's feeder thread before the process ends, or the message is lost.
+        events.put((kind, rank, msg))
+        events.close()
+        events.join_thread()
+
+    # The watchdog outlives the receive timeout, so a receive error (clearer) normally
+    # wins; it is the backstop for everything else (slow start-up included).
+    watchdog = Watchdog(2 * cfg.timeout + 10.0, rank, lambda msg: report("error", msg))
     try:
         dist.init_process_group(
             _pick_backend(cfg),
@@ -476,11 +492,12 @@ def _spawn_entry(
         watchdog.beat()
         dist.destroy_process_group()
         events.put(("done", rank, None))
+        events.close()
+        events.join_thread()
     except BaseException as err:  # report, then leave without waiting on dead peers
         msg = f"{type(err).__name__}: {err}"
         try:
-            events.put(("error", rank, msg))
-            time.sleep(0.2)  # let the queue feeder thread flush
+            report("error", msg)
         finally:
             sys.stderr.write(f"[ddg rank {rank}] {msg}\n{traceback.format_exc()}")
             sys.stderr.flush()
