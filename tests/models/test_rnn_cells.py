@@ -120,16 +120,11 @@ def test_exact_backward_and_param_grads_match_autograd(cell):
     with torch.no_grad():
         eng.forward()
         eng.prepare()
-    g = torch.zeros(eng.state_shape(), dtype=DT)
     g_last = 2 * states[-1].detach()
-    if cell == "gru":
-        g[1:] = gy
-        g[-1] += g_last
-    else:
-        g[1, 1:] = gy
-        g[0, -1] += g_last[:, :H]
-        g[1, -1] += g_last[:, H:]
-    w = eng.exact_backward(g, eng.new_state())
+    gy = gy.clone()
+    gy[-1] += g_last[:, -H:]
+    eng.set_loss(gy, g_last[:, :H] if cell == "lstm" else None)
+    w = eng.exact_backward(eng.new_state())
     dx, *dparams = eng.param_grads(w, need_x=True)
     ds0 = w[0] if cell == "gru" else torch.cat([w[0, 0], w[1, 0]], -1)
     for got, exp in zip([dx, ds0, *dparams], want):
@@ -140,12 +135,10 @@ def _iterate_both(cell: str, method):
     _, eng, _, _ = _setup(cell, seed=3)
     eng.forward()
     eng.prepare()
-    g = torch.randn(eng.state_shape(), dtype=DT)
-    g_lm = eng.layer_major(g)
-    g_lm[0] = 0
-    w_fast, d_fast = fast_iterate(eng, g, method)
+    eng.set_loss(torch.randn(T, B, H, dtype=DT), torch.randn(B, H, dtype=DT))
+    w_fast, d_fast = fast_iterate(eng, method)
     w_fast = w_fast.clone()
-    w_core, d_core = core_iterate(eng, g, method)
+    w_core, d_core = core_iterate(eng, method)
     return w_fast, d_fast, w_core, d_core
 
 

@@ -41,22 +41,19 @@ ITERATE_MODES = ("fast", "core")
 # ---- the iteration on an engine ------------------------------------------------------------
 
 
-def fast_iterate(
-    eng: Engine, g: Tensor, method: Highway | FixedPoint
-) -> tuple[Tensor, Diagnostics]:
+def fast_iterate(eng: Engine, method: Highway | FixedPoint) -> tuple[Tensor, Diagnostics]:
     """`highway_iterate` specialised to an engine: same estimate and diagnostics, no allocations.
 
     Uses w^{j+1} = w^0 + scan(v^j) = scan(g + v^j) (the scan is linear), two preallocated
     state buffers swapped each iteration, an in-place scan and the gate-adjoint buffer as
-    scratch for the step norm. g: dLoss/dh_i in the engine's layout (see rnn_cells).
+    scratch for the step norm. The per-layer losses g are the engine's (`set_loss`), added
+    in place. NaN/Inf: checked by the step norms and once on the returned estimate.
     """
     diag = Diagnostics(method=repr(method))
     full = isinstance(method, FixedPoint)
-    w = eng.new_state()
-    w.copy_(g)
+    w = eng.init_loss_(eng.new_state())
     if not full:
         eng.scan_(w)
-    _check_finite(eng, w, 0)
     bound = method.iteration_bound
     adaptive = isinstance(method, Highway) and method.adaptive
     keep_best = adaptive and method.fallback == "best"
@@ -67,7 +64,7 @@ def fast_iterate(
     finished = True
     for j in range(1, min(bound, eng.T) + 1):
         eng.block_vjp(w, nxt, full)
-        nxt.add_(g)
+        eng.add_loss_(nxt)
         if not full:
             eng.scan_(nxt)
         step, norm = _relative_step(eng, nxt, w)
@@ -98,9 +95,10 @@ def fast_iterate(
         if not diag.converged:
             diag.fallback = method.fallback
             if method.fallback == "exact":
-                w = eng.exact_backward(g, nxt)
+                w = eng.exact_backward(nxt)
             elif method.fallback == "best":
                 w = best
+    _check_finite(eng, w, diag.iterations)
     return w, diag
 
 
@@ -119,14 +117,12 @@ def _check_finite(eng: Engine, w: Tensor, iteration: int) -> None:
         raise_if_nonfinite(eng.layer_major(w), iteration)
 
 
-def core_iterate(
-    eng: Engine, g: Tensor, method: Highway | FixedPoint
-) -> tuple[Tensor, Diagnostics]:
+def core_iterate(eng: Engine, method: Highway | FixedPoint) -> tuple[Tensor, Diagnostics]:
     """The same estimate through the core's generic `highway_iterate` (fresh tensors per step)."""
     full = isinstance(method, FixedPoint)
 
     def fresh() -> Tensor:
-        return torch.empty(eng.state_shape(), dtype=g.dtype, device=g.device)
+        return torch.empty(eng.state_shape(), dtype=eng.x.dtype, device=eng.x.device)
 
     def block_vjp(w_lm: Tensor) -> Tensor:
         return eng.layer_major(eng.block_vjp(eng.from_layer_major(w_lm), fresh(), full))
@@ -134,10 +130,10 @@ def core_iterate(
     def scan(x_lm: Tensor) -> Tensor:
         return eng.layer_major(eng.scan_(eng.from_layer_major(x_lm).clone()))
 
-    def exact(g_lm: Tensor) -> Tensor:
-        return eng.layer_major(eng.exact_backward(eng.from_layer_major(g_lm), fresh()))
+    def exact(g_lm: Tensor) -> Tensor:  # g_lm is always the engine's own loss here
+        return eng.layer_major(eng.exact_backward(fresh()))
 
-    g_lm = eng.layer_major(g)
+    g_lm = eng.layer_major(eng.loss_state())
     if full:
         w, diag = highway_iterate(g_lm, block_vjp, lambda s: s, method, eng.T)
     else:
@@ -214,25 +210,17 @@ def _layer_backward(
     eng: Engine, run: _LayerRun, grad_y: Tensor, grad_c: Optional[Tensor], needs: tuple[bool, ...]
 ):
     lstm = isinstance(eng, LSTMEngine)
-    g = eng.new_state()
-    if lstm:
-        g.zero_()
-        g[1, 1:].copy_(grad_y)
-        if grad_c is not None:
-            g[0, -1].copy_(grad_c)
-    else:
-        g[0].zero_()
-        g[1:].copy_(grad_y)
-    raise_if_nonfinite_fast(eng, g)
+    eng.set_loss(grad_y, grad_c if lstm else None)
     eng.prepare()
     method = run.method
     if isinstance(method, Exact):
-        w = eng.exact_backward(g, eng.new_state())
+        w = eng.exact_backward(eng.new_state())
+        _check_finite(eng, w, 0)
         diag = Diagnostics(method=repr(method), stop_reason="exact")
     elif run.iterate == "core":
-        w, diag = core_iterate(eng, g, method)
+        w, diag = core_iterate(eng, method)
     else:
-        w, diag = fast_iterate(eng, g, method)
+        w, diag = fast_iterate(eng, method)
     dx, d_w_ih, d_w_hh, d_b_ih, d_b_hh = eng.param_grads(w, need_x=needs[0])
     dh0 = (w[1, 0] if lstm else w[0]).clone() if needs[1] else None
     dc0 = w[0, 0].clone() if lstm and needs[2] else None
@@ -247,11 +235,6 @@ def _layer_backward(
         d_b_ih if needs[6] else None,
         d_b_hh if needs[7] else None,
     )
-
-
-def raise_if_nonfinite_fast(eng: Engine, g: Tensor) -> None:
-    if not math.isfinite(float(g.sum())):
-        raise_if_nonfinite(eng.layer_major(g), 0, "the gradient flowing into the RNN")
 
 
 # ---- the modules ------------------------------------------------------------------------

@@ -79,10 +79,6 @@ def _addmm_or_mm(bias: Optional[Tensor], a: Tensor, b: Tensor, out: Tensor) -> N
         torch.addmm(bias, a, b, out=out)
 
 
-def _sum_rows(g2d: Tensor) -> Tensor:
-    return g2d.sum(0)
-
-
 class _Engine:
     """What the GRU and LSTM engines share: buffers, scan, parameter-gradient plumbing."""
 
@@ -105,6 +101,7 @@ class _Engine:
         self.T, self.B, self.In = x.shape
         self.H = h0.shape[-1]
         self.prepared = False
+        self.one = x.new_ones(())
         self.G: Optional[Tensor] = None  # [T, B, gates*H]: pre-activation adjoints
         self.g_filled = False
         self._owned: list[Tensor] = []
@@ -151,23 +148,90 @@ class _Engine:
             return flat[:n].view(self.state_shape())
         return self.new_state()
 
+    # ---- per-step losses ----------------------------------------------------------------
+    def set_loss(self, grad_y: Tensor, grad_c: Optional[Tensor] = None) -> None:
+        """dLoss/dh_t for t = 1..T ([T, B, H]) and, LSTM only, dLoss/dc_T ([B, H] or None).
+
+        These are the per-layer losses g_i of the iteration (g_0 = 0: h_0 has no loss of its
+        own). They are read in place, never copied into a [T+1] stack on the fast path.
+        """
+        self.grad_y = grad_y
+        self.grad_c = grad_c
+        self.zero_row = grad_y.new_zeros((self.B, self.H))
+
+    def loss_state(self) -> Tensor:
+        """The per-layer losses g stacked in the engine layout (a fresh tensor)."""
+        g = torch.zeros(self.state_shape(), dtype=self.grad_y.dtype, device=self.grad_y.device)
+        self.add_loss_(g)
+        return g
+
+    def init_loss_(self, buf: Tensor) -> Tensor:
+        """buf <- g (one pass)."""
+        if self.state_parts == 1:
+            buf[0].zero_()
+            buf[1:].copy_(self.grad_y)
+        else:
+            buf[0].zero_()
+            if self.grad_c is not None:
+                buf[0, -1].copy_(self.grad_c)
+            buf[1, 0].zero_()
+            buf[1, 1:].copy_(self.grad_y)
+        return buf
+
+    def add_loss_(self, buf: Tensor) -> Tensor:
+        """buf += g."""
+        if self.state_parts == 1:
+            buf[1:].add_(self.grad_y)
+        else:
+            buf[1, 1:].add_(self.grad_y)
+            if self.grad_c is not None:
+                buf[0, -1].add_(self.grad_c)
+        return buf
+
+    def _loss_rows(self) -> list[Tensor]:
+        """g_0..g_T of the h part as a list of [B, H] views (g_0 = 0)."""
+        return [self.zero_row, *self.grad_y.unbind(0)]
+
     # ---- parameter gradients ----------------------------------------------------------
+    def _with_ones(self, rows: Tensor, width: int) -> Tensor:
+        """[T*B, width + 1] pooled copy of rows [T*B, width] with a ones column appended.
+
+        (rows, 1)^T G gives the weight gradient and the bias gradient in one pass over G.
+        """
+        ext = self.take(self.T * self.B, width + 1)
+        ext[:, :width].copy_(rows)
+        ext[:, width].fill_(1.0)
+        return ext
+
+    def _weight_and_bias(
+        self, rows: Tensor, width: int, g2: Tensor, bias: Optional[Tensor]
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        """(dW [G*H, width], db [G*H] or None) = (G^T rows, G^T 1) with G = g2 [T*B, G*H]."""
+        if bias is None:
+            return torch.mm(rows.t(), g2).t(), None
+        both = torch.mm(self._with_ones(rows, width).t(), g2)  # [width + 1, G*H]
+        return both[:width].t(), both[width]
+
     def _param_grads_from(
-        self, g_h: Tensor, g_x: Tensor, need_x: bool
+        self, g_h: Tensor, g_x: Optional[Tensor], need_x: bool
     ) -> tuple[Optional[Tensor], Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
         """(dx, dW_ih, dW_hh, db_ih, db_hh) from the pre-activation adjoints [T*B, G*H].
 
-        g_h feeds the h W_hh^T + b_hh side, g_x the x W_ih^T + b_ih side.
+        g_h feeds the h W_hh^T + b_hh side, g_x the x W_ih^T + b_ih side (None: same as g_h).
+        The GRU passes g_x = None and rewrites g_h into g_x in between (`_to_x_side`).
         """
         tb = self.T * self.B
         h_prev = self.states_h()[:-1].reshape(tb, self.H)
-        d_w_hh = torch.mm(g_h.t(), h_prev)
-        d_b_hh = None if self.b_hh is None else _sum_rows(g_h)
+        d_w_hh, d_b_hh = self._weight_and_bias(h_prev, self.H, g_h, self.b_hh)
+        if g_x is None:
+            g_x = self._to_x_side(g_h)
         x2 = self.x.reshape(tb, self.In)
-        d_w_ih = torch.mm(g_x.t(), x2)
-        d_b_ih = None if self.b_ih is None else _sum_rows(g_x)
+        d_w_ih, d_b_ih = self._weight_and_bias(x2, self.In, g_x, self.b_ih)
         dx = torch.mm(g_x, self.w_ih).view(self.T, self.B, self.In) if need_x else None
         return dx, d_w_ih, d_w_hh, d_b_ih, d_b_hh
+
+    def _to_x_side(self, g_h: Tensor) -> Tensor:
+        return g_h
 
     def states_h(self) -> Tensor:
         raise NotImplementedError
@@ -189,7 +253,6 @@ class GRUEngine(_Engine):
         A = self.take(T, B, 3 * H)
         HH = self.take(T, B, 3 * H)
         _addmm_or_mm(self.b_ih, x.reshape(T * B, self.In), self.w_ih.t(), A.view(T * B, 3 * H))
-        tmp = x.new_empty((B, H))
         w_t = self.w_hh.t()
         b_hh = self.b_hh
         hs = states.unbind(0)
@@ -202,8 +265,9 @@ class GRUEngine(_Engine):
             rz.add_(hh[:, :h2]).sigmoid_()
             n = a[:, h2:]
             n.addcmul_(a[:, :H], hh[:, h2:]).tanh_()
-            torch.sub(h, n, out=tmp)
-            torch.addcmul(n, a[:, H:h2], tmp, out=hs[t + 1])
+            d = hh[:, H:h2]  # h W_hz^T + b_hz is used up: keep h - n there for the backward
+            torch.sub(h, n, out=d)
+            torch.addcmul(n, a[:, H:h2], d, out=hs[t + 1])
         self.states, self.A, self.HH = states, A, HH
         return states
 
@@ -218,25 +282,24 @@ class GRUEngine(_Engine):
     def prepare(self) -> None:
         """Gates -> coefficients, in place: HH <- Ph = [Pr, Pz, Pn r], A's n slot <- Pn.
 
-        With w = dLoss/dh_t: the hh-side pre-activation adjoint is w * Ph (so the block VJP
-        is (w * Ph) @ W_hh), the x-side one is [w Pr, w Pz, w Pn].
+        Pz = (h - n) z (1 - z), Pn = (1 - z)(1 - n^2), Pr = Pn hn r (1 - r). With
+        w = dLoss/dh_t the hh-side pre-activation adjoint is w * Ph (so the block VJP is
+        (w * Ph) @ W_hh) and the x-side one is [w Pr, w Pz, w Pn]. Nine memory passes.
         """
         if self.prepared:
             return
         H = self.H
         A, HH = self.A, self.HH
         r, z, n = A[..., :H], A[..., H : 2 * H], A[..., 2 * H :]
-        h_prev = self.states[:-1]
+        pr, pz, pnr = HH[..., :H], HH[..., H : 2 * H], HH[..., 2 * H :]  # pz holds h - n
         s = self.take(self.T, self.B, H)
-        torch.mul(z, -1.0, out=s).add_(1.0)  # 1 - z
-        pr, pz, pnr = HH[..., :H], HH[..., H : 2 * H], HH[..., 2 * H :]
-        torch.sub(h_prev, n, out=pz)
-        pz.mul_(z).mul_(s)  # (h - n) z (1 - z)
+        torch.addcmul(z, z, z, value=-1.0, out=s)  # z (1 - z)
+        pz.mul_(s)
+        torch.sub(self.one, z, out=s)  # 1 - z
         n.mul_(n)
-        torch.addcmul(s, s, n, value=-1.0, out=n)  # Pn = (1 - z)(1 - n^2)
-        torch.mul(n, pnr, out=pr)  # Pn * hn   (pnr still holds hn here)
-        torch.mul(r, r, out=s)
-        torch.sub(r, s, out=s)  # r (1 - r)
+        torch.addcmul(s, s, n, value=-1.0, out=n)  # Pn
+        torch.addcmul(r, r, r, value=-1.0, out=s)  # r (1 - r)
+        torch.mul(n, pnr, out=pr)  # Pn hn (pnr still holds hn)
         pr.mul_(s)
         torch.mul(n, r, out=pnr)
         self.pn = n
@@ -264,10 +327,11 @@ class GRUEngine(_Engine):
             rows[i].addcmul_(zs[i], rows[i + 1])
         return x
 
-    def exact_backward(self, g: Tensor, out: Tensor) -> Tensor:
+    def exact_backward(self, out: Tensor) -> Tensor:
         """Sequential BPTT on the stored gates; also leaves the hh-side adjoints in G."""
-        out[-1].copy_(g[-1])
-        ws, gs, zs = out.unbind(0), g.unbind(0), self.z.unbind(0)
+        gs = self._loss_rows()
+        out[-1].copy_(gs[-1])
+        ws, zs = out.unbind(0), self.z.unbind(0)
         g4, ph4, grows = self.g4.unbind(0), self.ph4.unbind(0), self.G.unbind(0)
         w_hh = self.w_hh
         for t in range(self.T, 0, -1):
@@ -279,21 +343,16 @@ class GRUEngine(_Engine):
 
     def param_grads(self, w: Tensor, need_x: bool):
         """(dx, dW_ih, dW_hh, db_ih, db_hh) from the adjoints w [T+1, B, H]."""
-        T, B, H = self.T, self.B, self.H
         if not self.g_filled:
             torch.mul(w[1:].unsqueeze(2), self.ph4, out=self.g4)
-        g2 = self.G.view(T * B, 3 * H)
-        tb = T * B
-        h_prev = self.states[:-1].reshape(tb, H)
-        d_w_hh = torch.mm(g2.t(), h_prev)
-        d_b_hh = None if self.b_hh is None else _sum_rows(g2)
-        # x side differs only in the n block: w * Pn instead of w * Pn * r.
-        torch.mul(w[1:], self.pn, out=self.g4[:, :, 2])
-        x2 = self.x.reshape(tb, self.In)
-        d_w_ih = torch.mm(g2.t(), x2)
-        d_b_ih = None if self.b_ih is None else _sum_rows(g2)
-        dx = torch.mm(g2, self.w_ih).view(T, B, self.In) if need_x else None
-        return dx, d_w_ih, d_w_hh, d_b_ih, d_b_hh
+        self._w = w
+        g2 = self.G.view(self.T * self.B, 3 * self.H)
+        return self._param_grads_from(g2, None, need_x)
+
+    def _to_x_side(self, g_h: Tensor) -> Tensor:
+        """The x side differs only in the n block: w Pn instead of w Pn r (in place)."""
+        torch.mul(self._w[1:], self.pn, out=self.g4[:, :, 2])
+        return g_h
 
 
 class LSTMEngine(_Engine):
@@ -410,12 +469,16 @@ class LSTMEngine(_Engine):
             rows[i].addcmul_(fs[i], rows[i + 1])
         return x
 
-    def exact_backward(self, g: Tensor, out: Tensor) -> Tensor:
-        """Sequential BPTT on the stored gates (g: [2, T+1, B, H]); fills G."""
+    def exact_backward(self, out: Tensor) -> Tensor:
+        """Sequential BPTT on the stored gates; fills G."""
         T, H = self.T, self.H
-        out[:, -1].copy_(g[:, -1])
+        ghs = self._loss_rows()
+        out[1, -1].copy_(ghs[-1])
+        if self.grad_c is None:
+            out[0, -1].zero_()
+        else:
+            out[0, -1].copy_(self.grad_c)
         wcs, whs = out[0].unbind(0), out[1].unbind(0)
-        gcs, ghs = g[0].unbind(0), g[1].unbind(0)
         qs, fs, ds = self.Q.unbind(0), self.f.unbind(0), self.D.unbind(0)
         p4s, g4s, grows = self.p4.unbind(0), self.g4.unbind(0), self.G.unbind(0)
         w_hh = self.w_hh
@@ -425,7 +488,7 @@ class LSTMEngine(_Engine):
             torch.mul(dc.unsqueeze(1), p4s[t - 1][:, :3], out=g4s[t - 1][:, :3])
             torch.mul(whs[t], p4s[t - 1][:, 3], out=g4s[t - 1][:, 3])
             torch.addmm(ghs[t - 1], grows[t - 1], w_hh, out=whs[t - 1])
-            torch.addcmul(gcs[t - 1], dc, fs[t - 1], out=wcs[t - 1])
+            torch.mul(dc, fs[t - 1], out=wcs[t - 1])  # no loss on c_{t-1} for t - 1 < T
         self.g_filled = True
         return out
 
@@ -434,8 +497,15 @@ class LSTMEngine(_Engine):
         if not self.g_filled:
             self._gate_adjoints(w)
         g2 = self.G.view(self.T * self.B, 4 * self.H)
-        dx, d_w_ih, d_w_hh, d_b_ih, _ = self._param_grads_from(g2, g2, need_x)
-        return dx, d_w_ih, d_w_hh, d_b_ih, d_b_ih  # both biases see the same adjoint
+        if self.b_ih is None or self.b_hh is None:
+            return self._param_grads_from(g2, g2, need_x)
+        # Both biases see the same adjoint: one sum serves both.
+        tb = self.T * self.B
+        h_prev = self.states[:-1].reshape(tb, self.H)
+        d_w_hh, d_b = self._weight_and_bias(h_prev, self.H, g2, self.b_hh)
+        d_w_ih, _ = self._weight_and_bias(self.x.reshape(tb, self.In), self.In, g2, None)
+        dx = torch.mm(g2, self.w_ih).view(self.T, self.B, self.In) if need_x else None
+        return dx, d_w_ih, d_w_hh, d_b, d_b.clone()
 
 
 def _lstm_bias(b_ih: Optional[Tensor], b_hh: Optional[Tensor]) -> Optional[Tensor]:

@@ -9,6 +9,7 @@ import importlib
 EXPERIMENTS: tuple[str, ...] = (
     "highwaybp.train.deep_experiment",
     "highwaybp.train.ddg_experiment",
+    "highwaybp.train.charlm",
 )
 
 

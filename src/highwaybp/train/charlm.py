@@ -1,0 +1,321 @@
+"""`highwaybp experiment charlm`: a char-level GRU/LSTM language model trained with Exact,
+Highway(k) and FixedPoint(k) backprop through time (the paper's char-level setting, CPU-sized).
+
+Every method starts from the same initialisation and sees the same batches (batches are a
+pure function of the step). The model is Embedding -> highwaybp.GRU/LSTM -> Linear with a
+per-step cross-entropy loss (per-step losses are per-layer losses of the iteration).
+Validation loss is measured every `--eval-every` steps on fixed validation batches; its
+time is excluded from the training wall-clock.
+
+Writes to `--out` (atomically, after every evaluation):
+- `charlm.csv`: method, step, train_loss, valid_loss, train_seconds;
+- `charlm.json`: the configuration and the same history per method, plus a summary;
+- `charlm.png`: validation loss against steps and against training wall-clock.
+Runs resume from `<out>/checkpoints/<method>.pt` (finished runs are skipped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from highwaybp.core.methods import Method, method_from_string
+from highwaybp.models.rnn import GRU, LSTM
+from highwaybp.train.data import CharCorpus, char_corpus
+from highwaybp.train.io import (
+    atomic_write_json,
+    atomic_write_text,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+DEFAULT_METHODS = (
+    "exact,highway:k=0,highway:k=1,highway:k=3,fixedpoint:k=0,fixedpoint:k=1,fixedpoint:k=3"
+)
+
+
+class CharRNN(nn.Module):
+    """Embedding [V, E] -> highwaybp GRU/LSTM (hidden H) -> Linear [H, V]; x [B, T] ids."""
+
+    def __init__(
+        self, vocab: int, embed: int, hidden: int, layers: int, cell: str, method: Method
+    ) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, embed)
+        cls = GRU if cell == "gru" else LSTM
+        self.rnn = cls(
+            embed, hidden, num_layers=layers, batch_first=True, method=method, residual=layers > 1
+        )
+        self.head = nn.Linear(hidden, vocab)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits [B, T, V]."""
+        return self.head(self.rnn(self.embed(x))[0])
+
+
+def _batch(corpus: CharCorpus, split: str, args: Any, seed: int) -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return corpus.batch(split, args.batch, args.seq_len, gen)
+
+
+def _loss(model: CharRNN, batch: tuple[Tensor, Tensor]) -> Tensor:
+    x, y = batch
+    logits = model(x)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+@torch.no_grad()
+def evaluate(model: CharRNN, batches: list[tuple[Tensor, Tensor]]) -> float:
+    model.eval()
+    total = sum(float(_loss(model, b)) for b in batches) / len(batches)
+    model.train()
+    return total
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name)
+
+
+def train_method(args: Any, name: str, corpus: CharCorpus, valid: list) -> dict:
+    """Train one method (resuming from its checkpoint); return its history."""
+    method = method_from_string(name)
+    ckpt_path = Path(args.out) / "checkpoints" / f"{_safe(name)}.pt"
+    torch.manual_seed(args.seed)  # same init for every method
+    model = CharRNN(corpus.vocab_size, args.embed, args.hidden, args.layers, args.cell, method)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    state = load_checkpoint(ckpt_path)
+    history: list[dict] = []
+    step, seconds = 0, 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        history, step, seconds = state["history"], state["step"], state["seconds"]
+        print(f"  {name}: resumed at step {step}", flush=True)
+    if step == 0:
+        history.append(
+            {
+                "method": name,
+                "step": 0,
+                "train_loss": None,
+                "valid_loss": evaluate(model, valid),
+                "train_seconds": 0.0,
+            }
+        )
+    running, count = 0.0, 0
+    while step < args.steps:
+        batch = _batch(corpus, "train", args, seed=args.seed * 1_000_003 + step)
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = _loss(model, batch)
+        loss.backward()
+        if args.clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        opt.step()
+        seconds += time.perf_counter() - t0
+        step += 1
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            print(f"  {name}: loss is {value} at step {step}; stopping this run", flush=True)
+            break
+        running, count = running + value, count + 1
+        if step % args.eval_every == 0 or step == args.steps:
+            history.append(
+                {
+                    "method": name,
+                    "step": step,
+                    "train_loss": running / count,
+                    "valid_loss": evaluate(model, valid),
+                    "train_seconds": seconds,
+                }
+            )
+            running, count = 0.0, 0
+            save_checkpoint(
+                ckpt_path,
+                {
+                    "model": model.state_dict(),
+                    "opt": opt.state_dict(),
+                    "history": history,
+                    "step": step,
+                    "seconds": seconds,
+                },
+            )
+            last = history[-1]
+            print(
+                f"  {name:16s} step {step:5d} train {last['train_loss']:.4f} valid "
+                f"{last['valid_loss']:.4f} ({seconds:.1f} s)",
+                flush=True,
+            )
+    return {
+        "method": name,
+        "history": history,
+        "steps_done": step,
+        "train_seconds": seconds,
+        "final_valid_loss": history[-1]["valid_loss"],
+    }
+
+
+def _per_step_ratio(run: dict, exact: dict | None) -> float | None:
+    """Training seconds per step of `run` over exact's (None without an exact run)."""
+    if not exact or not run["steps_done"] or not exact["steps_done"] or not exact["train_seconds"]:
+        return None
+    return (run["train_seconds"] / run["steps_done"]) / (
+        exact["train_seconds"] / exact["steps_done"]
+    )
+
+
+def write_results(args: Any, runs: list[dict], corpus: CharCorpus) -> None:
+    out = Path(args.out)
+    rows = ["method,step,train_loss,valid_loss,train_seconds"]
+    for run in runs:
+        for h in run["history"]:
+            tl = "" if h["train_loss"] is None else f"{h['train_loss']:.6f}"
+            rows.append(
+                f"{run['method']},{h['step']},{tl},{h['valid_loss']:.6f},{h['train_seconds']:.3f}"
+            )
+    atomic_write_text(out / "charlm.csv", "\n".join(rows) + "\n")
+    config = {k: v for k, v in vars(args).items() if k != "func"}
+    exact = next((r for r in runs if r["method"] == "exact"), None)
+    summary = []
+    for r in runs:
+        entry = {
+            "method": r["method"],
+            "final_valid_loss": r["final_valid_loss"],
+            "train_seconds": r["train_seconds"],
+            "steps": r["steps_done"],
+        }
+        if exact and r["steps_done"] and exact["steps_done"]:
+            entry["seconds_per_step_vs_exact"] = (r["train_seconds"] / r["steps_done"]) / (
+                exact["train_seconds"] / exact["steps_done"]
+            )
+        summary.append(entry)
+    atomic_write_json(
+        out / "charlm.json",
+        {
+            "config": config,
+            "vocab_size": corpus.vocab_size,
+            "train_chars": len(corpus.train),
+            "valid_chars": len(corpus.valid),
+            "command": "highwaybp " + " ".join(sys.argv[1:]),
+            "summary": summary,
+            "runs": runs,
+        },
+    )
+
+
+def plot(args: Any, runs: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in runs:
+        steps = [h["step"] for h in r["history"]]
+        secs = [h["train_seconds"] for h in r["history"]]
+        vals = [h["valid_loss"] for h in r["history"]]
+        style = "-" if r["method"].startswith(("exact", "highway")) else "--"
+        ax1.plot(steps, vals, style, label=r["method"])
+        ax2.plot(secs, vals, style, label=r["method"])
+    ax1.set_xlabel("training step")
+    ax2.set_xlabel("training wall-clock (s, excl. evaluation)")
+    for ax in (ax1, ax2):
+        ax.set_ylabel("validation loss (nats/char)")
+        ax.grid(alpha=0.3)
+    ax1.legend(fontsize=8)
+    fig.suptitle(
+        f"char-level {args.cell.upper()} LM: hidden {args.hidden}, T={args.seq_len}, "
+        f"batch {args.batch}"
+    )
+    fig.tight_layout()
+    path = Path(args.out) / "charlm.png"
+    tmp = path.with_name(".charlm.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "charlm",
+        help="char-level GRU/LSTM LM: Exact vs Highway(k) vs FixedPoint(k)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--text", default=None, help="a text file (default: the Python standard library's sources)"
+    )
+    p.add_argument("--max-chars", type=int, default=2_000_000)
+    p.add_argument("--cell", choices=("gru", "lstm"), default="gru")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--embed", type=int, default=64)
+    p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--eval-batches", type=int, default=4)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--clip", type=float, default=1.0, help="grad-norm clip (0: off)")
+    p.add_argument(
+        "--methods",
+        default=DEFAULT_METHODS,
+        help="comma-separated: exact, highway:k=K, fixedpoint:k=K",
+    )
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="results/charlm")
+    p.set_defaults(func=run)
+
+
+def _split_methods(text: str) -> list[str]:
+    """'exact,highway:k=0,fixedpoint:k=1' -> names (a ',' inside k=.. lists is not used)."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    for n in names:
+        method_from_string(n)  # fail early on a typo
+    return names
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        names = _split_methods(args.methods)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if min(args.steps, args.eval_every, args.eval_batches, args.batch, args.seq_len) < 1:
+        print(
+            "error: --steps, --eval-every, --eval-batches, --batch, --seq-len must be >= 1",
+            file=sys.stderr,
+        )
+        return 2
+    torch.set_num_threads(args.threads)
+    corpus = char_corpus(args.text, args.max_chars)
+    valid = [_batch(corpus, "valid", args, seed=10_000 + i) for i in range(args.eval_batches)]
+    print(
+        f"charlm: {len(corpus.train)} train chars, vocab {corpus.vocab_size}; methods {names}",
+        flush=True,
+    )
+    runs = []
+    for name in names:
+        runs.append(train_method(args, name, corpus, valid))
+        write_results(args, runs, corpus)
+        plot(args, runs)
+    print()
+    print(f"{'method':16s} {'final valid':>11} {'train s':>9} {'s/step vs exact':>16}")
+    for r in runs:
+        rel = "-"
+        ratio = _per_step_ratio(r, next((x for x in runs if x["method"] == "exact"), None))
+        if ratio is not None:
+            rel = f"{ratio:.2f}"
+        print(
+            f"{r['method']:16s} {r['final_valid_loss']:11.4f} {r['train_seconds']:9.1f} {rel:>16}"
+        )
+    print(f"\nwrote {Path(args.out) / 'charlm.csv'}, charlm.json, charlm.png")
+    return 0
