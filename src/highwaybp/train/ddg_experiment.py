@@ -106,7 +106,17 @@ def run(args: argparse.Namespace) -> int:
     jobs = [
         (name, [*base, *method, "--out", str(out / "runs" / name)]) for name, method in arms(args)
     ]
-    _run_arms(jobs, args.jobs)
+    todo = []
+    for name, cmd in jobs:  # an arm whose finished run used the same command is kept
+        folder = out / "runs" / name
+        marker = folder / "command.json"
+        done = (folder / "result.json").exists() and marker.exists()
+        if done and json.loads(marker.read_text()) == cmd[1:]:
+            print(f"[ddg experiment] {name}: finished run found in {folder}", flush=True)
+            continue
+        atomic_write_json(marker, cmd[1:])
+        todo.append((name, cmd))
+    _run_arms(todo, args.jobs)
     rows = []
     for name, cmd in jobs:
         res = json.loads((out / "runs" / name / "result.json").read_text())
