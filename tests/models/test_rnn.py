@@ -9,7 +9,7 @@ from torch import nn
 
 import highwaybp as hbp
 from highwaybp.models.rnn import GRU, LSTM, CellRNN
-from highwaybp.models.rnn_cells import GRUCellRef
+from highwaybp.models.rnn_cells import GRUCellRef, _Engine
 
 T, B, IN, H = 6, 3, 4, 5
 PAIRS = {"gru": (GRU, nn.GRU), "lstm": (LSTM, nn.LSTM)}
@@ -64,6 +64,23 @@ def test_highway_at_k_equal_T_is_torch_autograd(cell, layers, batch_first, per_s
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=0, atol=1e-9)
     assert m.last_diagnostics is not None
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+@pytest.mark.parametrize("chunk_bytes", [1, 1000])
+def test_chunked_sweeps_are_exact_at_k_equal_T(cell, chunk_bytes, monkeypatch):
+    """Backward sweeps over chunks of 1 and of a few time steps (not the whole sequence)."""
+    monkeypatch.setattr(_Engine, "chunk_bytes", chunk_bytes)
+    torch.manual_seed(11)
+    m, ref = _pair(cell, 2)
+    x, hx, extra = _inputs(cell, 2, False)
+    weights = torch.randn(T, B, H, dtype=torch.float64)
+    want = _grads(_loss(cell, ref, x, hx, weights, True), ref, extra)
+    for method in (hbp.Highway(k=T), hbp.Exact(), hbp.FixedPoint(k=T)):
+        m.method = method
+        got = _grads(_loss(cell, m, x, hx, weights, True), m, extra)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-9)
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])

@@ -21,7 +21,7 @@ T, B, IN, H = 6, 3, 4, 5
 DT = torch.float64
 
 
-def _setup(cell: str, seed: int = 0, bias: bool = True):
+def _setup(cell: str, seed: int = 0, bias: bool = True, chunk: int | None = None):
     torch.manual_seed(seed)
     ref_cls = GRUCellRef if cell == "gru" else LSTMCellRef
     ref = ref_cls(IN, H, bias=bias).double()
@@ -40,6 +40,8 @@ def _setup(cell: str, seed: int = 0, bias: bool = True):
     else:
         eng = LSTMEngine(BufferPool(), x, h0, c0, *p)
         s0 = torch.cat([c0, h0], -1)
+    if chunk is not None:  # several chunks of time steps (the default is one chunk at this size)
+        eng.chunk = chunk
     return ref, eng, x, s0
 
 
@@ -71,10 +73,14 @@ def test_engine_forward_matches_reference_cell(cell, bias):
         torch.testing.assert_close(out[1], want[-1, :, :H], rtol=0, atol=1e-12)
 
 
+CHUNKS = [None, 1, 4]
+
+
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
 @pytest.mark.parametrize("full", [False, True])
-def test_block_vjp_is_the_batched_cell_vjp_minus_k(cell, full):
-    ref, eng, x, s0 = _setup(cell)
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_block_vjp_is_the_batched_cell_vjp_minus_k(cell, full, chunk):
+    ref, eng, x, s0 = _setup(cell, chunk=chunk)
     eng.forward()
     eng.prepare()
     states = _ref_states(ref, x, s0).detach()
@@ -107,8 +113,9 @@ def test_inplace_scan_matches_core_scan(cell):
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
-def test_exact_backward_and_param_grads_match_autograd(cell):
-    ref, eng, x, s0 = _setup(cell)
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_exact_backward_and_param_grads_match_autograd(cell, chunk):
+    ref, eng, x, s0 = _setup(cell, chunk=chunk)
     x.requires_grad_(True)
     s0 = s0.clone().requires_grad_(True)
     states = _ref_states(ref, x, s0)
@@ -131,8 +138,8 @@ def test_exact_backward_and_param_grads_match_autograd(cell):
         torch.testing.assert_close(got, exp, rtol=0, atol=1e-10)
 
 
-def _iterate_both(cell: str, method):
-    _, eng, _, _ = _setup(cell, seed=3)
+def _iterate_both(cell: str, method, chunk=None):
+    _, eng, _, _ = _setup(cell, seed=3, chunk=chunk)
     eng.forward()
     eng.prepare()
     eng.set_loss(torch.randn(T, B, H, dtype=DT), torch.randn(B, H, dtype=DT))
@@ -156,8 +163,9 @@ METHODS = [
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
 @pytest.mark.parametrize("method", METHODS, ids=repr)
-def test_fast_loop_equals_core_highway_iterate(cell, method):
-    w_fast, d_fast, w_core, d_core = _iterate_both(cell, method)
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_fast_loop_equals_core_highway_iterate(cell, method, chunk):
+    w_fast, d_fast, w_core, d_core = _iterate_both(cell, method, chunk)
     torch.testing.assert_close(w_fast, w_core, rtol=0, atol=1e-12)
     assert d_fast.iterations == d_core.iterations
     assert d_fast.stop_reason == d_core.stop_reason

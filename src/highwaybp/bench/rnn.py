@@ -13,7 +13,8 @@ Methods (one JSON record each, per sequence length):
 - `highway(k)`, `fixedpoint(k)`: highwaybp's GRU/LSTM with Highway(k) / FixedPoint(k).
 
 Per record: forward, backward and total step time (median over `--repeats` runs after
-`--warmup`; a step is forward + backward of a per-step loss, no optimizer), peak memory of
+`--warmup`, methods interleaved round-robin so load changes on a shared machine hit all of
+them; a step is forward + backward of a per-step loss, no optimizer), peak memory of
 a step (a fresh subprocess, VmHWM above the RSS before the first step), the backward's
 achieved matmul throughput as a fraction of a large matmul's measured in the same run, and
 the cosine / relative error of the RNN parameter gradient against exact backprop, at init
@@ -160,7 +161,26 @@ def time_step(fn: Callable[[Tensor], Tensor], params: list[Tensor], x: Tensor, g
 def measure(fn, params, x, gy, repeats: int, warmup: int) -> dict[str, float]:
     for _ in range(warmup):
         time_step(fn, params, x, gy)
-    runs = [time_step(fn, params, x, gy) for _ in range(repeats)]
+    return _summary([time_step(fn, params, x, gy) for _ in range(repeats)])
+
+
+def measure_round_robin(
+    fns: dict, ref: nn.Module, x: Tensor, gy: Tensor, repeats: int, warmup: int
+) -> dict[str, dict[str, float]]:
+    """Time every method once per round, `repeats` rounds: a load change on a shared machine
+    then hits all methods alike instead of whichever happened to run at the time."""
+    params = {name: _params(fn, ref) for name, fn in fns.items()}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            time_step(fn, params[name], x, gy)
+    runs: dict[str, list] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            runs[name].append(time_step(fn, params[name], x, gy))
+    return {name: _summary(r) for name, r in runs.items()}
+
+
+def _summary(runs: list[tuple[float, float]]) -> dict[str, float]:
     fwd = [r[0] for r in runs]
     bwd = [r[1] for r in runs]
     tot = [a + b for a, b in runs]
@@ -329,9 +349,10 @@ def run_length(args: Any, seq_len: int, peak: float) -> tuple[list[dict], dict]:
     x = torch.randn(seq_len, args.batch, args.input_size)
     gy = torch.randn(seq_len, args.batch, args.hidden)
     records = []
+    fns = {name: build(args, name, ref) for name in names}
+    timings = measure_round_robin(fns, ref, x, gy, args.repeats, args.warmup)
     for name in names:
-        fn = build(args, name, ref)
-        timing = measure(fn, _params(fn, ref), x, gy, args.repeats, args.warmup)
+        timing = timings[name]
         flops = backward_matmul_flops(args, name, seq_len)
         gflops = flops / (timing["bwd_ms"] / 1e3) / 1e9
         record = {

@@ -44,9 +44,11 @@ ITERATE_MODES = ("fast", "core")
 def fast_iterate(eng: Engine, method: Highway | FixedPoint) -> tuple[Tensor, Diagnostics]:
     """`highway_iterate` specialised to an engine: same estimate and diagnostics, no allocations.
 
-    Uses w^{j+1} = w^0 + scan(v^j) = scan(g + v^j) (the scan is linear), two preallocated
-    state buffers swapped each iteration, an in-place scan and the gate-adjoint buffer as
-    scratch for the step norm. The per-layer losses g are the engine's (`set_loss`), added
+    Uses w^{j+1} = w^0 + scan(v^j) = scan(g + v^j) (the scan is linear) and two preallocated
+    state buffers swapped each iteration; each iteration is one chunked sweep (gate adjoints,
+    matmul, losses, scan and step norm per chunk of time steps while it is in cache).
+    The per-layer losses g are the engine's (`set_loss`), added in place. NaN/Inf: checked by
+    the step norms and once on the returned estimate.
     in place. NaN/Inf: checked by the step norms and once on the returned estimate.
     """
     diag = Diagnostics(method=repr(method))
@@ -63,11 +65,8 @@ def fast_iterate(eng: Engine, method: Highway | FixedPoint) -> tuple[Tensor, Dia
     stop = "fixed_k"
     finished = True
     for j in range(1, min(bound, eng.T) + 1):
-        eng.block_vjp(w, nxt, full)
-        eng.add_loss_(nxt)
-        if not full:
-            eng.scan_(nxt)
-        step, norm = _relative_step(eng, nxt, w)
+        diff, norm = eng.sweep(w, nxt, full, with_loss=True, scan=not full, norms=True)
+        step = 0.0 if diff == 0.0 else diff / max(norm, 1e-300)
         if not (math.isfinite(step) and math.isfinite(norm)):
             _check_finite(eng, nxt, j)
         diag.step_norms.append(step)
@@ -100,14 +99,6 @@ def fast_iterate(eng: Engine, method: Highway | FixedPoint) -> tuple[Tensor, Dia
                 w = best
     _check_finite(eng, w, diag.iterations)
     return w, diag
-
-
-def _relative_step(eng: Engine, new: Tensor, old: Tensor) -> tuple[float, float]:
-    scratch = eng.scratch_like_state()
-    torch.sub(new, old, out=scratch)
-    diff = float(torch.linalg.vector_norm(scratch))
-    norm = float(torch.linalg.vector_norm(new))
-    return (0.0 if diff == 0.0 else diff / max(norm, 1e-300)), norm
 
 
 def _check_finite(eng: Engine, w: Tensor, iteration: int) -> None:

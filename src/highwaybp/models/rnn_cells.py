@@ -80,10 +80,11 @@ def _addmm_or_mm(bias: Optional[Tensor], a: Tensor, b: Tensor, out: Tensor) -> N
 
 
 class _Engine:
-    """What the GRU and LSTM engines share: buffers, scan, parameter-gradient plumbing."""
+    """What the GRU and LSTM engines share: buffers, losses, chunking, parameter gradients."""
 
     num_gates: int
     state_parts: int  # 1 (h) or 2 (c, h)
+    chunk_bytes = 2 << 20  # target size of one chunk of gate adjoints (fits a CPU's L2/L3)
 
     def __init__(
         self,
@@ -102,8 +103,11 @@ class _Engine:
         self.H = h0.shape[-1]
         self.prepared = False
         self.one = x.new_ones(())
-        self.G: Optional[Tensor] = None  # [T, B, gates*H]: pre-activation adjoints
-        self.g_filled = False
+        # Backward sweeps run over chunks of `chunk` time steps, newest first: the gate
+        # adjoints of a chunk (G, [chunk, B, gates*H]) stay in cache between the elementwise
+        # multiply and the matmul, and the scan and the norms read rows still in cache.
+        row_bytes = self.B * self.num_gates * self.H * x.element_size()
+        self.chunk = max(1, min(self.T, -(-self.chunk_bytes // row_bytes)))
         self._owned: list[Tensor] = []
 
     # ---- buffers ------------------------------------------------------------------------
@@ -138,15 +142,38 @@ class _Engine:
             return w.contiguous()
         return w.transpose(0, 1).contiguous()
 
-    def scratch_like_state(self) -> Tensor:
-        """A scratch view of the gate-adjoint buffer, shaped like an adjoint state."""
-        n = 1
-        for s in self.state_shape():
-            n *= s
-        flat = self.G.view(-1)
-        if flat.numel() >= n:
-            return flat[:n].view(self.state_shape())
-        return self.new_state()
+    def chunks(self) -> list[tuple[int, int]]:
+        """[(s, e)]: time rows s..e-1 in chunks of `chunk`, newest first."""
+        return [(max(0, e - self.chunk), e) for e in range(self.T, 0, -self.chunk)]
+
+    def _chunk_buffers(self) -> None:
+        c, B, H = self.chunk, self.B, self.H
+        self.gc = self.take(c, B, self.num_gates * H)  # gate adjoints of one chunk
+        self.gc4 = self.gc.view(c, B, self.num_gates, H)
+        self.scr = self.take(c, B, H)  # per-chunk scratch
+        self.ones = self.x.new_ones(c * B)
+
+    def _add_loss_rows_(self, out_h: Tensor, s: int, e: int) -> None:
+        """out_h (rows s..e-1 of the h part) += g_s..g_{e-1} (g_0 = 0, g_i = grad_y[i-1])."""
+        if s == 0:
+            if e > 1:
+                out_h[1:].add_(self.grad_y[: e - 1])
+        else:
+            out_h.add_(self.grad_y[s - 1 : e - 1])
+
+    def _sq(self, new: Tensor, old: Tensor, acc: list[Tensor]) -> None:
+        """Append ||new - old||^2 and ||new||^2 (0-dim tensors) of one chunk to acc."""
+        n = new.shape[0]
+        d = self.scr[:n]
+        torch.sub(new, old, out=d)
+        flat_d, flat_n = d.reshape(-1), new.reshape(-1)
+        acc.append(torch.stack([torch.dot(flat_d, flat_d), torch.dot(flat_n, flat_n)]))
+
+    @staticmethod
+    def _norms(acc: list[Tensor]) -> tuple[float, float]:
+        total = torch.stack(acc).sum(0).sqrt()
+        diff, norm = total.tolist()
+        return diff, norm
 
     # ---- per-step losses ----------------------------------------------------------------
     def set_loss(self, grad_y: Tensor, grad_c: Optional[Tensor] = None) -> None:
@@ -193,45 +220,34 @@ class _Engine:
         return [self.zero_row, *self.grad_y.unbind(0)]
 
     # ---- parameter gradients ----------------------------------------------------------
-    def _with_ones(self, rows: Tensor, width: int) -> Tensor:
-        """[T*B, width + 1] pooled copy of rows [T*B, width] with a ones column appended.
+    def _param_accumulators(self, need_x: bool) -> dict:
+        gw = self.num_gates * self.H
+        new = lambda *shape: self.x.new_zeros(shape)
+        acc = {
+            "w_hh": new(gw, self.H),
+            "w_ih": new(gw, self.In),
+            "b_hh": new(gw) if self.b_hh is not None else None,
+            "b_ih": new(gw) if self.b_ih is not None else None,
+            "dx": self.x.new_empty((self.T, self.B, self.In)) if need_x else None,
+        }
+        return acc
 
-        (rows, 1)^T G gives the weight gradient and the bias gradient in one pass over G.
-        """
-        ext = self.take(self.T * self.B, width + 1)
-        ext[:, :width].copy_(rows)
-        ext[:, width].fill_(1.0)
-        return ext
+    def _accumulate(self, acc: dict, side: str, g2: Tensor, s: int, e: int) -> None:
+        """Add chunk s..e-1's contribution G^T rows (and G^T 1) to the `side` gradients."""
+        n = (e - s) * self.B
+        if side == "hh":
+            rows = self.states_h()[s:e].reshape(n, self.H)
+        else:
+            rows = self.x[s:e].reshape(n, self.In)
+        acc[f"w_{side}"].addmm_(g2.t(), rows)
+        if acc[f"b_{side}"] is not None:
+            acc[f"b_{side}"].addmv_(g2.t(), self.ones[:n])
+        if side == "ih" and acc["dx"] is not None:
+            torch.mm(g2, self.w_ih, out=acc["dx"][s:e].view(n, self.In))
 
-    def _weight_and_bias(
-        self, rows: Tensor, width: int, g2: Tensor, bias: Optional[Tensor]
-    ) -> tuple[Tensor, Optional[Tensor]]:
-        """(dW [G*H, width], db [G*H] or None) = (G^T rows, G^T 1) with G = g2 [T*B, G*H]."""
-        if bias is None:
-            return torch.mm(rows.t(), g2).t(), None
-        both = torch.mm(self._with_ones(rows, width).t(), g2)  # [width + 1, G*H]
-        return both[:width].t(), both[width]
-
-    def _param_grads_from(
-        self, g_h: Tensor, g_x: Optional[Tensor], need_x: bool
-    ) -> tuple[Optional[Tensor], Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
-        """(dx, dW_ih, dW_hh, db_ih, db_hh) from the pre-activation adjoints [T*B, G*H].
-
-        g_h feeds the h W_hh^T + b_hh side, g_x the x W_ih^T + b_ih side (None: same as g_h).
-        The GRU passes g_x = None and rewrites g_h into g_x in between (`_to_x_side`).
-        """
-        tb = self.T * self.B
-        h_prev = self.states_h()[:-1].reshape(tb, self.H)
-        d_w_hh, d_b_hh = self._weight_and_bias(h_prev, self.H, g_h, self.b_hh)
-        if g_x is None:
-            g_x = self._to_x_side(g_h)
-        x2 = self.x.reshape(tb, self.In)
-        d_w_ih, d_b_ih = self._weight_and_bias(x2, self.In, g_x, self.b_ih)
-        dx = torch.mm(g_x, self.w_ih).view(self.T, self.B, self.In) if need_x else None
-        return dx, d_w_ih, d_w_hh, d_b_ih, d_b_hh
-
-    def _to_x_side(self, g_h: Tensor) -> Tensor:
-        return g_h
+    @staticmethod
+    def _result(acc: dict):
+        return acc["dx"], acc["w_ih"], acc["w_hh"], acc["b_ih"], acc["b_hh"]
 
     def states_h(self) -> Tensor:
         raise NotImplementedError
@@ -289,34 +305,67 @@ class GRUEngine(_Engine):
         if self.prepared:
             return
         H = self.H
-        A, HH = self.A, self.HH
-        r, z, n = A[..., :H], A[..., H : 2 * H], A[..., 2 * H :]
-        pr, pz, pnr = HH[..., :H], HH[..., H : 2 * H], HH[..., 2 * H :]  # pz holds h - n
-        s = self.take(self.T, self.B, H)
-        torch.addcmul(z, z, z, value=-1.0, out=s)  # z (1 - z)
-        pz.mul_(s)
-        torch.sub(self.one, z, out=s)  # 1 - z
-        n.mul_(n)
-        torch.addcmul(s, s, n, value=-1.0, out=n)  # Pn
-        torch.addcmul(r, r, r, value=-1.0, out=s)  # r (1 - r)
-        torch.mul(n, pnr, out=pr)  # Pn hn (pnr still holds hn)
-        pr.mul_(s)
-        torch.mul(n, r, out=pnr)
-        self.pn = n
-        self.ph4 = HH.view(self.T, self.B, 3, H)
-        self.G = self.take(self.T, self.B, 3 * H)
-        self.g4 = self.G.view(self.T, self.B, 3, H)
-        self.give_back(s)
+        self._chunk_buffers()
+        for c0, c1 in self.chunks():  # by chunks of time steps: the 9 ops run in cache
+            A, HH = self.A[c0:c1], self.HH[c0:c1]
+            r, z, n = A[..., :H], A[..., H : 2 * H], A[..., 2 * H :]
+            pr, pz, pnr = HH[..., :H], HH[..., H : 2 * H], HH[..., 2 * H :]  # pz: h - n
+            s = self.scr[: c1 - c0]
+            torch.addcmul(z, z, z, value=-1.0, out=s)  # z (1 - z)
+            pz.mul_(s)
+            torch.sub(self.one, z, out=s)  # 1 - z
+            n.mul_(n)
+            torch.addcmul(s, s, n, value=-1.0, out=n)  # Pn
+            torch.addcmul(r, r, r, value=-1.0, out=s)  # r (1 - r)
+            torch.mul(n, pnr, out=pr)  # Pn hn (pnr still holds hn)
+            pr.mul_(s)
+            torch.mul(n, r, out=pnr)
+        self.pn = self.A[..., 2 * H :]
+        self.ph4 = self.HH.view(self.T, self.B, 3, H)
         self.prepared = True
+
+    def sweep(
+        self,
+        w: Tensor,
+        out: Tensor,
+        full: bool,
+        with_loss: bool = False,
+        scan: bool = False,
+        norms: bool = False,
+    ) -> Optional[tuple[float, float]]:
+        """out <- [scan](v + [g]) with v_i = w_{i+1} J_{i+1} (full: w_{i+1} df_{i+1}/dh_i)
+        for i < T and v_T = 0, chunk by chunk from the end. With norms, returns
+        (||out - w||, ||out||). One Highway iteration is sweep(w, out, False, True, True, True).
+        """
+        T, B, H = self.T, self.B, self.H
+        if with_loss:
+            out[T].copy_(self.grad_y[T - 1])
+        else:
+            out[T].zero_()
+        acc: list[Tensor] = []
+        if norms:
+            self._sq(out[T:], w[T:], acc)
+        rows, zs = out.unbind(0), self.z.unbind(0)
+        for s, e in self.chunks():
+            n = e - s
+            g4 = self.gc4[:n]
+            torch.mul(w[s + 1 : e + 1].unsqueeze(2), self.ph4[s:e], out=g4)
+            oc = out[s:e]
+            torch.mm(self.gc[:n].view(n * B, 3 * H), self.w_hh, out=oc.view(n * B, H))
+            if full:
+                oc.addcmul_(self.z[s:e], w[s + 1 : e + 1])
+            if with_loss:
+                self._add_loss_rows_(oc, s, e)
+            if scan:
+                for i in range(e - 1, s - 1, -1):
+                    rows[i].addcmul_(zs[i], rows[i + 1])
+            if norms:
+                self._sq(oc, w[s:e], acc)
+        return self._norms(acc) if norms else None
 
     def block_vjp(self, w: Tensor, out: Tensor, full: bool) -> Tensor:
         """out_i = w_{i+1} J_{i+1} (full: w_{i+1} df_{i+1}/dh_i) for i < T, out_T = 0."""
-        T, B, H = self.T, self.B, self.H
-        torch.mul(w[1:].unsqueeze(2), self.ph4, out=self.g4)
-        torch.mm(self.G.view(T * B, 3 * H), self.w_hh, out=out[:-1].view(T * B, H))
-        out[-1].zero_()
-        if full:
-            out[:-1].addcmul_(self.z, w[1:])
+        self.sweep(w, out, full)
         return out
 
     def scan_(self, x: Tensor) -> Tensor:
@@ -328,31 +377,32 @@ class GRUEngine(_Engine):
         return x
 
     def exact_backward(self, out: Tensor) -> Tensor:
-        """Sequential BPTT on the stored gates; also leaves the hh-side adjoints in G."""
+        """Sequential BPTT on the stored gates (one step's gate adjoints in a scratch row)."""
         gs = self._loss_rows()
         out[-1].copy_(gs[-1])
-        ws, zs = out.unbind(0), self.z.unbind(0)
-        g4, ph4, grows = self.g4.unbind(0), self.ph4.unbind(0), self.G.unbind(0)
+        ws, zs, ph4 = out.unbind(0), self.z.unbind(0), self.ph4.unbind(0)
+        g4, g2 = self.gc4[0], self.gc[0]
         w_hh = self.w_hh
         for t in range(self.T, 0, -1):
-            torch.mul(ws[t].unsqueeze(1), ph4[t - 1], out=g4[t - 1])
-            torch.addmm(gs[t - 1], grows[t - 1], w_hh, out=ws[t - 1])
+            torch.mul(ws[t].unsqueeze(1), ph4[t - 1], out=g4)
+            torch.addmm(gs[t - 1], g2, w_hh, out=ws[t - 1])
             ws[t - 1].addcmul_(zs[t - 1], ws[t])
-        self.g_filled = True
         return out
 
     def param_grads(self, w: Tensor, need_x: bool):
-        """(dx, dW_ih, dW_hh, db_ih, db_hh) from the adjoints w [T+1, B, H]."""
-        if not self.g_filled:
-            torch.mul(w[1:].unsqueeze(2), self.ph4, out=self.g4)
-        self._w = w
-        g2 = self.G.view(self.T * self.B, 3 * self.H)
-        return self._param_grads_from(g2, None, need_x)
-
-    def _to_x_side(self, g_h: Tensor) -> Tensor:
-        """The x side differs only in the n block: w Pn instead of w Pn r (in place)."""
-        torch.mul(self._w[1:], self.pn, out=self.g4[:, :, 2])
-        return g_h
+        """(dx, dW_ih, dW_hh, db_ih, db_hh) from the adjoints w [T+1, B, H], by chunks."""
+        B, H = self.B, self.H
+        acc = self._param_accumulators(need_x)
+        for s, e in self.chunks():
+            n = e - s
+            g4 = self.gc4[:n]
+            g2 = self.gc[:n].view(n * B, 3 * H)
+            torch.mul(w[s + 1 : e + 1].unsqueeze(2), self.ph4[s:e], out=g4)
+            self._accumulate(acc, "hh", g2, s, e)
+            # the x side differs only in the n block: w Pn instead of w Pn r
+            torch.mul(w[s + 1 : e + 1], self.pn[s:e], out=g4[:, :, 2])
+            self._accumulate(acc, "ih", g2, s, e)
+        return self._result(acc)
 
 
 class LSTMEngine(_Engine):
@@ -411,54 +461,85 @@ class LSTMEngine(_Engine):
         if self.prepared:
             return
         T, B, H = self.T, self.B, self.H
-        A = self.A
-        i, f, g, o = A[..., :H], A[..., H : 2 * H], A[..., 2 * H : 3 * H], A[..., 3 * H :]
         P = self.take(T, B, 4 * H)
-        pi, pf, pg, po = P[..., :H], P[..., H : 2 * H], P[..., 2 * H : 3 * H], P[..., 3 * H :]
-        torch.mul(i, i, out=pi)
-        torch.sub(i, pi, out=pi)
-        pi.mul_(g)
-        torch.mul(f, f, out=pf)
-        torch.sub(f, pf, out=pf)
-        pf.mul_(self.C[:-1])
-        torch.mul(g, g, out=pg)
-        torch.addcmul(i, i, pg, value=-1.0, out=pg)
-        torch.mul(o, o, out=po)
-        torch.sub(o, po, out=po)
-        po.mul_(self.TC)
-        q = self.TC
-        q.mul_(q)
-        torch.addcmul(o, o, q, value=-1.0, out=q)
-        self.P, self.Q = P, q
+        self._chunk_buffers()
+        for c0, c1 in self.chunks():  # by chunks of time steps: the ops run in cache
+            A, PC, tc = self.A[c0:c1], P[c0:c1], self.TC[c0:c1]
+            i, f, g, o = A[..., :H], A[..., H : 2 * H], A[..., 2 * H : 3 * H], A[..., 3 * H :]
+            pi, pf, pg, po = (PC[..., k * H : (k + 1) * H] for k in range(4))
+            torch.addcmul(i, i, i, value=-1.0, out=pi)  # i (1 - i)
+            pi.mul_(g)
+            torch.addcmul(f, f, f, value=-1.0, out=pf)
+            pf.mul_(self.C[c0:c1])  # c_{t-1}
+            torch.mul(g, g, out=pg)
+            torch.addcmul(i, i, pg, value=-1.0, out=pg)
+            torch.addcmul(o, o, o, value=-1.0, out=po)
+            po.mul_(tc)
+            tc.mul_(tc)
+            torch.addcmul(o, o, tc, value=-1.0, out=tc)  # Q
+        self.P, self.Q = P, self.TC
         self.p4 = P.view(T, B, 4, H)
-        self.qf = None
-        self.G = self.take(T, B, 4 * H)
-        self.g4 = self.G.view(T, B, 4, H)
-        self.D = self.take(T, B, H)
+        self.dcc = self.take(self.chunk, B, H)
         self.prepared = True
 
-    def _gate_adjoints(self, w: Tensor) -> Tensor:
-        """G <- pre-activation adjoints from w [2, T+1, B, H]; returns dc [T, B, H] (in D)."""
-        wc, wh = w[0, 1:], w[1, 1:]
-        dc = torch.addcmul(wc, wh, self.Q, out=self.D)
-        torch.mul(dc.unsqueeze(2), self.p4[:, :, :3], out=self.g4[:, :, :3])
-        torch.mul(wh, self.p4[:, :, 3], out=self.g4[:, :, 3])
+    def _gate_adjoints(self, w: Tensor, s: int, e: int) -> Tensor:
+        """gc[:e-s] <- pre-activation adjoints of steps s+1..e from w [2, T+1, B, H];
+        returns dc = dLoss/dc_t (before the forget gate) for those steps."""
+        n = e - s
+        wc, wh = w[0, s + 1 : e + 1], w[1, s + 1 : e + 1]
+        dc = torch.addcmul(wc, wh, self.Q[s:e], out=self.dcc[:n])
+        g4 = self.gc4[:n]
+        torch.mul(dc.unsqueeze(2), self.p4[s:e, :, :3], out=g4[:, :, :3])
+        torch.mul(wh, self.p4[s:e, :, 3], out=g4[:, :, 3])
         return dc
+
+    def sweep(
+        self,
+        w: Tensor,
+        out: Tensor,
+        full: bool,
+        with_loss: bool = False,
+        scan: bool = False,
+        norms: bool = False,
+    ) -> Optional[tuple[float, float]]:
+        """As GRUEngine.sweep on the (c, h) adjoints [2, T+1, B, H]."""
+        T, B, H = self.T, self.B, self.H
+        if with_loss:
+            out[1, T].copy_(self.grad_y[T - 1])
+            if self.grad_c is None:
+                out[0, T].zero_()
+            else:
+                out[0, T].copy_(self.grad_c)
+        else:
+            out[:, T].zero_()
+        acc: list[Tensor] = []
+        if norms:
+            self._sq(out[0, T:], w[0, T:], acc)
+            self._sq(out[1, T:], w[1, T:], acc)
+        rows, fs = out[0].unbind(0), self.f.unbind(0)
+        for s, e in self.chunks():
+            n = e - s
+            dc = self._gate_adjoints(w, s, e)
+            oh, oc = out[1, s:e], out[0, s:e]
+            torch.mm(self.gc[:n].view(n * B, 4 * H), self.w_hh, out=oh.view(n * B, H))
+            if full:
+                torch.mul(dc, self.f[s:e], out=oc)
+            else:  # c part of J: dc f - wc f = wh Q f
+                torch.mul(w[1, s + 1 : e + 1], self.Q[s:e], out=oc)
+                oc.mul_(self.f[s:e])
+            if with_loss:
+                self._add_loss_rows_(oh, s, e)
+            if scan:
+                for i in range(e - 1, s - 1, -1):
+                    rows[i].addcmul_(fs[i], rows[i + 1])
+            if norms:
+                self._sq(oc, w[0, s:e], acc)
+                self._sq(oh, w[1, s:e], acc)
+        return self._norms(acc) if norms else None
 
     def block_vjp(self, w: Tensor, out: Tensor, full: bool) -> Tensor:
         """out[:, i] = w_{i+1} J_{i+1} (full: the whole layer VJP) for i < T, 0 at i = T."""
-        T, B, H = self.T, self.B, self.H
-        dc = self._gate_adjoints(w)
-        torch.mm(self.G.view(T * B, 4 * H), self.w_hh, out=out[1, :-1].view(T * B, H))
-        if full:
-            torch.mul(dc, self.f, out=out[0, :-1])
-        else:
-            # c part of J: dc f - wc f = wh Q f.
-            if self.qf is None:
-                self.qf = self.take(T, B, H)
-                torch.mul(self.Q, self.f, out=self.qf)
-            torch.mul(w[1, 1:], self.qf, out=out[0, :-1])
-        out[:, -1].zero_()
+        self.sweep(w, out, full)
         return out
 
     def scan_(self, x: Tensor) -> Tensor:
@@ -470,8 +551,7 @@ class LSTMEngine(_Engine):
         return x
 
     def exact_backward(self, out: Tensor) -> Tensor:
-        """Sequential BPTT on the stored gates; fills G."""
-        T, H = self.T, self.H
+        """Sequential BPTT on the stored gates."""
         ghs = self._loss_rows()
         out[1, -1].copy_(ghs[-1])
         if self.grad_c is None:
@@ -479,33 +559,36 @@ class LSTMEngine(_Engine):
         else:
             out[0, -1].copy_(self.grad_c)
         wcs, whs = out[0].unbind(0), out[1].unbind(0)
-        qs, fs, ds = self.Q.unbind(0), self.f.unbind(0), self.D.unbind(0)
-        p4s, g4s, grows = self.p4.unbind(0), self.g4.unbind(0), self.G.unbind(0)
+        qs, fs, p4s = self.Q.unbind(0), self.f.unbind(0), self.p4.unbind(0)
+        dc, g4, g2 = self.dcc[0], self.gc4[0], self.gc[0]
         w_hh = self.w_hh
-        del H
-        for t in range(T, 0, -1):
-            dc = torch.addcmul(wcs[t], whs[t], qs[t - 1], out=ds[t - 1])
-            torch.mul(dc.unsqueeze(1), p4s[t - 1][:, :3], out=g4s[t - 1][:, :3])
-            torch.mul(whs[t], p4s[t - 1][:, 3], out=g4s[t - 1][:, 3])
-            torch.addmm(ghs[t - 1], grows[t - 1], w_hh, out=whs[t - 1])
+        for t in range(self.T, 0, -1):
+            torch.addcmul(wcs[t], whs[t], qs[t - 1], out=dc)
+            torch.mul(dc.unsqueeze(1), p4s[t - 1][:, :3], out=g4[:, :3])
+            torch.mul(whs[t], p4s[t - 1][:, 3], out=g4[:, 3])
+            torch.addmm(ghs[t - 1], g2, w_hh, out=whs[t - 1])
             torch.mul(dc, fs[t - 1], out=wcs[t - 1])  # no loss on c_{t-1} for t - 1 < T
-        self.g_filled = True
         return out
 
     def param_grads(self, w: Tensor, need_x: bool):
-        """(dx, dW_ih, dW_hh, db_ih, db_hh) from the adjoints w [2, T+1, B, H]."""
-        if not self.g_filled:
-            self._gate_adjoints(w)
-        g2 = self.G.view(self.T * self.B, 4 * self.H)
-        if self.b_ih is None or self.b_hh is None:
-            return self._param_grads_from(g2, g2, need_x)
-        # Both biases see the same adjoint: one sum serves both.
-        tb = self.T * self.B
-        h_prev = self.states[:-1].reshape(tb, self.H)
-        d_w_hh, d_b = self._weight_and_bias(h_prev, self.H, g2, self.b_hh)
-        d_w_ih, _ = self._weight_and_bias(self.x.reshape(tb, self.In), self.In, g2, None)
-        dx = torch.mm(g2, self.w_ih).view(self.T, self.B, self.In) if need_x else None
-        return dx, d_w_ih, d_w_hh, d_b, d_b.clone()
+        """(dx, dW_ih, dW_hh, db_ih, db_hh) from the adjoints w [2, T+1, B, H], by chunks.
+
+        Both biases see the same adjoint, so one sum serves both.
+        """
+        B, H = self.B, self.H
+        acc = self._param_accumulators(need_x)
+        shared_bias = acc["b_ih"] is not None and acc["b_hh"] is not None
+        if shared_bias:
+            acc["b_ih"] = None
+        for s, e in self.chunks():
+            n = e - s
+            self._gate_adjoints(w, s, e)
+            g2 = self.gc[:n].view(n * B, 4 * H)
+            self._accumulate(acc, "hh", g2, s, e)
+            self._accumulate(acc, "ih", g2, s, e)
+        if shared_bias:
+            acc["b_ih"] = acc["b_hh"].clone()
+        return self._result(acc)
 
 
 def _lstm_bias(b_ih: Optional[Tensor], b_hh: Optional[Tensor]) -> Optional[Tensor]:
