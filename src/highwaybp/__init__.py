@@ -24,8 +24,11 @@ from highwaybp.core.scan import (
     reverse_scan_hillis_steele,
     reverse_scan_sequential,
 )
+from highwaybp.models import GRU, LSTM, from_huggingface
 
 __all__ = [
+    "GRU",
+    "LSTM",
     "Diagnostics",
     "Exact",
     "FixedPoint",
@@ -41,6 +44,7 @@ __all__ = [
     "Scaled",
     "__version__",
     "compare_gradients",
+    "from_huggingface",
     "gradient_fidelity",
     "method_from_string",
     "reverse_scan",
