@@ -8,9 +8,10 @@ BatchNorm) of depth L and width W it measures, in one process and one run:
   median of `--repeats` runs after `--warmup` runs, ratios against Exact from the same run;
 - the cosine and relative error of each Highway(k) parameter gradient to the exact one
   (and k = L, which must be exact);
-- peak memory of one step (fresh subprocess per method, ru_maxrss growth during the step),
-  also expressed as state-sized tensors per layer: the paper's Appendix D says Highway-BP
-  needs about two more than backprop.
+- peak memory of one step (fresh subprocess per method; resident-set growth during the step
+  sampled every ~0.2 ms, with large allocations returned to the OS on free), also expressed
+  as state-sized tensors per layer: the paper's Appendix D says Highway-BP needs about two
+  more than backprop.
 
 Writes JSON (`--out`) and prints a table. The machine is shared: timings are noisy.
 """
@@ -151,8 +152,22 @@ def _method(k: int | None) -> Method:
     return Exact() if k is None else Highway(k=k)
 
 
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize()
+
+
 def memory_probe(spec: dict[str, Any]) -> dict[str, float]:
-    """Peak RSS growth (bytes) of one training step; run in a fresh process."""
+    """Peak memory growth (bytes) of one training step, measured by sampling RSS.
+
+    Run it in a fresh process started with MALLOC_MMAP_THRESHOLD_=65536 (as
+    `_probe_in_subprocess` does): every allocation of 64 KiB or more is then its own mmap,
+    returned to the OS when freed, so the resident set follows the live tensors. A thread
+    samples RSS every ~0.2 ms during the step (after one warm-up step); the result is the
+    peak minus the resident size just before the step.
+    """
+    import threading
+
     torch.set_num_threads(spec["threads"])
     stack = build_stack(
         spec["model"],
@@ -163,20 +178,37 @@ def memory_probe(spec: dict[str, Any]) -> dict[str, float]:
         spec["image"],
         getattr(torch, spec["dtype"]),
     )
-    with torch.no_grad():  # initialise thread pools and kernels without a big footprint
-        stack.chain.layers[0](stack.x)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     stack.chain.vjp = spec["vjp"]
-    stack.loss(_method(spec["k"])).backward()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"peak_rss_growth_bytes": float(after - before), "state_bytes": stack.state_bytes}
+    method = _method(spec["k"])
+    stack.loss(method).backward()  # warm-up: lazy initialisation is not the step's memory
+    for p in stack.chain.parameters():
+        p.grad = None
+    before = _rss_bytes()
+    peak = [before]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.0002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stack.loss(method).backward()
+    peak[0] = max(peak[0], _rss_bytes())
+    done.set()
+    sampler.join()
+    return {"peak_rss_growth_bytes": float(peak[0] - before), "state_bytes": stack.state_bytes}
 
 
 def _probe_in_subprocess(spec: dict[str, Any]) -> dict[str, float] | None:
+    import os
+
     code = (
         "import json, sys; from highwaybp.bench.deep import memory_probe; "
         "print(json.dumps(memory_probe(json.loads(sys.argv[1]))))"
     )
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     try:
         out = subprocess.run(
             [sys.executable, "-c", code, json.dumps(spec)],
@@ -184,6 +216,7 @@ def _probe_in_subprocess(spec: dict[str, Any]) -> dict[str, float] | None:
             text=True,
             timeout=600,
             check=True,
+            env=env,
         )
     except (subprocess.SubprocessError, OSError) as err:
         print(f"  memory probe failed for {spec}: {err}", file=sys.stderr)
@@ -232,7 +265,7 @@ def bench_model(args: argparse.Namespace, model: str, log: Callable[[str], None]
 
 
 def _add_memory(args: argparse.Namespace, model: str, rows: list[dict], log) -> None:
-    probe_k = min(args.ks) if args.ks else 1
+    probe_k = 1 if 1 in args.ks or not args.ks else min(args.ks)
     wanted = {(None, "autograd")} | {(probe_k, v) for v in args.vjps}
     base = None
     for row in rows:
@@ -312,8 +345,9 @@ def run(args: argparse.Namespace) -> int:
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
         },
-        "note": "median of repeats after warm-up; shared, noisy machine; memory = growth of "
-        "peak RSS during one step in a fresh process",
+        "note": "median of repeats after warm-up; shared, noisy machine; memory = peak growth "
+        "of the sampled resident set during one step in a fresh process "
+        "(MALLOC_MMAP_THRESHOLD_=65536)",
         "results": rows,
     }
     if args.out:
