@@ -6,8 +6,9 @@ same optimizer and schedule) in its own folder under --out/runs/<arm>/, so an in
 experiment resumes arm by arm. Arms run as subprocesses, `--jobs` at a time, one torch
 thread each. Then it writes:
 
-- summary.json / summary.csv: final and best test accuracy, final test loss and train
-  time of every arm, plus the exact command;
+- summary.json: per arm the mean and std over `--seeds` of the final and best test
+  accuracy, final test loss and train loss, plus every run and the exact command;
+  summary.csv: one line per run;
 - curves.png: test accuracy and train loss against the step for every arm;
 - table.md: the markdown table for the docs.
 
@@ -47,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--blocks", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per arm and seed")
     p.add_argument("--jobs", type=int, default=2, help="arms run at the same time")
     p.add_argument("--tiny", action="store_true", help="seconds-long CI setting")
     p.set_defaults(func=run)
@@ -65,14 +66,14 @@ def arms(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     return out
 
 
-def common_args(args: argparse.Namespace) -> list[str]:
+def common_args(args: argparse.Namespace, seed: int) -> list[str]:
     if args.tiny:
         return ["--num-samples", "400", "--channels", "8", "--blocks", "2", "--steps", "30",
-                "--batch-size", "16", "--eval-every", "10", "--seed", str(args.seed),
+                "--batch-size", "16", "--eval-every", "10", "--seed", str(seed),
                 "--lr", str(args.lr), "--threads", "1", "--quiet"]  # fmt: skip
     return ["--num-samples", str(args.num_samples), "--channels", str(args.channels),
             "--blocks", str(args.blocks), "--epochs", str(args.epochs),
-            "--batch-size", str(args.batch_size), "--seed", str(args.seed),
+            "--batch-size", str(args.batch_size), "--seed", str(seed),
             "--lr", str(args.lr), "--threads", "1", "--quiet"]  # fmt: skip
 
 
@@ -102,54 +103,63 @@ def run(args: argparse.Namespace) -> int:
     if bad:
         raise SystemExit(f"--semantics takes stash and/or recompute, got {bad}")
     out = Path(args.out)
-    base = [sys.executable, "-m", "highwaybp", "train", *common_args(args)]
-    jobs = [
-        (name, [*base, *method, "--out", str(out / "runs" / name)]) for name, method in arms(args)
-    ]
+    jobs = []  # (run name, arm, seed, command)
+    for seed in args.seeds:
+        base = [sys.executable, "-m", "highwaybp", "train", *common_args(args, seed)]
+        for name, method in arms(args):
+            folder = out / "runs" / f"seed{seed}" / name
+            jobs.append((f"{name}/seed{seed}", name, seed, [*base, *method, "--out", str(folder)]))
     todo = []
-    for name, cmd in jobs:  # an arm whose finished run used the same command is kept
-        folder = out / "runs" / name
+    for run_name, _, _, cmd in jobs:  # a finished run made by the same command is kept
+        folder = Path(cmd[-1])
         marker = folder / "command.json"
         done = (folder / "result.json").exists() and marker.exists()
         if done and json.loads(marker.read_text()) == cmd[1:]:
-            print(f"[ddg experiment] {name}: finished run found in {folder}", flush=True)
+            print(f"[ddg experiment] {run_name}: finished run found in {folder}", flush=True)
             continue
         atomic_write_json(marker, cmd[1:])
-        todo.append((name, cmd))
+        todo.append((run_name, cmd))
     _run_arms(todo, args.jobs)
-    rows = []
-    for name, cmd in jobs:
-        res = json.loads((out / "runs" / name / "result.json").read_text())
-        rows.append(
+    runs = []
+    for _, arm, seed, cmd in jobs:
+        res = json.loads((Path(cmd[-1]) / "result.json").read_text())
+        cfg = res["config"]
+        runs.append(
             {
-                "arm": name,
-                "method": res["config"]["method"],
-                "splits": res["config"]["splits"] if res["config"]["method"] == "ddg" else "",
-                "semantics": res["config"]["semantics"] if res["config"]["method"] == "ddg" else "",
-                "k": res["config"]["k"] if res["config"]["method"] == "highway" else "",
+                "arm": arm,
+                "seed": seed,
+                "method": cfg["method"],
+                "splits": cfg["splits"] if cfg["method"] == "ddg" else "",
+                "semantics": cfg["semantics"] if cfg["method"] == "ddg" else "",
+                "k": cfg["k"] if cfg["method"] == "highway" else "",
                 "final_test_acc": res["final_test_acc"],
                 "best_test_acc": res["best_test_acc"],
                 "final_test_loss": res["final_test_loss"],
+                "final_train_loss": res["history"][-1]["train_loss"],
                 "train_time_s": res["train_time_s"],
                 "command": "highwaybp train " + shlex.join(cmd[4:]),
                 "history": res["history"],
             }
         )
+    rows = aggregate(runs)
     command = "highwaybp experiment ddg " + shlex.join(sys.argv[3:] if len(sys.argv) > 3 else [])
     summary = {
         "experiment": "ddg",
         "command": command.strip(),
-        "setting": common_args(args),
-        "note": "one seed; single-process DDG oracle (same arithmetic as the multi-process "
-        "runtime); shared, noisy 2-core machine, so train_time_s is indicative only",
+        "seeds": args.seeds,
+        "setting": common_args(args, args.seeds[0]),
+        "note": "DDG arms run the single-process oracle (same arithmetic as the "
+        "multi-process runtime); shared, noisy 2-core machine, so train_time_s is "
+        "indicative only",
         "rows": rows,
+        "runs": runs,
     }
     atomic_write_json(out / "summary.json", summary)
     buf = io.StringIO()
-    fields = [k for k in rows[0] if k != "history"]
+    fields = [k for k in runs[0] if k != "history"]
     writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows(runs)
     atomic_write_text(out / "summary.csv", buf.getvalue())
     table = format_table(rows)
     atomic_write_text(out / "table.md", table + "\n")
@@ -159,16 +169,49 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)
+    return mean, var**0.5
+
+
+def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per arm: mean and sample std over seeds, mean curves."""
+    rows = []
+    for arm in dict.fromkeys(r["arm"] for r in runs):
+        mine = [r for r in runs if r["arm"] == arm]
+        row = {k: mine[0][k] for k in ("arm", "method", "splits", "semantics", "k")}
+        row["seeds"] = [r["seed"] for r in mine]
+        for key in ("final_test_acc", "best_test_acc", "final_test_loss", "final_train_loss"):
+            row[key], row[key + "_std"] = _mean_std([r[key] for r in mine])
+        row["final_test_acc_per_seed"] = [r["final_test_acc"] for r in mine]
+        times = [r["train_time_s"] for r in mine if r["train_time_s"] is not None]
+        row["train_time_s"] = sum(times) / len(times) if times else None
+        row["history"] = [
+            {
+                "step": h["step"],
+                "test_acc": sum(r["history"][i]["test_acc"] for r in mine) / len(mine),
+                "train_loss": sum(r["history"][i]["train_loss"] for r in mine) / len(mine),
+            }
+            for i, h in enumerate(mine[0]["history"])
+        ]
+        rows.append(row)
+    return rows
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| arm | final test acc | best test acc | final test loss | train time (s) |",
-        "|---|---|---|---|---|",
+        "| arm | final test acc (mean ± std) | per seed | best test acc | final test loss "
+        "| final train loss | train time (s) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         t = r["train_time_s"]
+        per_seed = " / ".join(f"{a:.4f}" for a in r["final_test_acc_per_seed"])
         lines.append(
-            f"| {r['arm']} | {r['final_test_acc']:.4f} | {r['best_test_acc']:.4f} "
-            f"| {r['final_test_loss']:.4f} | {'' if t is None else f'{t:.0f}'} |"
+            f"| {r['arm']} | {r['final_test_acc']:.4f} ± {r['final_test_acc_std']:.4f} "
+            f"| {per_seed} | {r['best_test_acc']:.4f} | {r['final_test_loss']:.4f} "
+            f"| {r['final_train_loss']:.4f} | {'' if t is None else f'{t:.0f}'} |"
         )
     return "\n".join(lines)
 
@@ -185,7 +228,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         style = "-" if r["method"] != "ddg" else ("--" if r["semantics"] == "stash" else ":")
         ax_acc.plot(steps, [h["test_acc"] for h in r["history"]], style, label=r["arm"])
         ax_loss.plot(steps, [h["train_loss"] for h in r["history"]], style, label=r["arm"])
-    ax_acc.set(xlabel="step", ylabel="test accuracy", title="MNIST-1D, 1-D ResNet")
+    ax_acc.set(xlabel="step", ylabel="test accuracy (mean over seeds)",
+               title="MNIST-1D, 1-D ResNet")  # fmt: skip
     ax_loss.set(xlabel="step", ylabel="train loss (mean since last eval)", yscale="log")
     ax_acc.legend(fontsize=7)
     ax_acc.grid(alpha=0.3)
