@@ -193,6 +193,7 @@ class _Link:
         self.sends: list[Any] = []
         self.in_shape: Optional[tuple[torch.Size, torch.dtype]] = None
         self.header_sent = False
+        self.out_shape: Optional[tuple[torch.Size, torch.dtype]] = None
 
     def _fail(self, what: str, peer: int, step: int, err: BaseException) -> DDGRuntimeError:
         return DDGRuntimeError(
@@ -238,6 +239,14 @@ class _Link:
             header[2 : 2 + y.dim()] = torch.tensor(y.shape, dtype=torch.int64)
             self._send(header, self.rank + 1, _TAG_HEADER, "the shape header", step)
             self.header_sent = True
+            self.out_shape = (y.shape, y.dtype)
+        elif (y.shape, y.dtype) != self.out_shape:
+            raise DDGRuntimeError(
+                f"DDG rank {self.rank}: the activation of step {step} is {tuple(y.shape)} "
+                f"{y.dtype}, but {tuple(self.out_shape[0])} {self.out_shape[1]} was "
+                "negotiated at the start; batches must keep one shape (drop the last "
+                "partial batch)"
+            )
         self._send(y.detach(), self.rank + 1, _TAG_ACT, "an activation", step)
 
     def recv_activation(self, step: int) -> torch.Tensor:
