@@ -34,11 +34,15 @@ def test_bench_rnn_tiny_writes_json(tmp_path, cell):
         "0,1",
         "--repeats",
         "5",
+        "--fidelity-k",
+        "0,2,11",
         "--train-steps",
         "3",
         "--scaling-factor",
         "2",
         "--no-memory",
+        "--peak-matmul",
+        "128,128,128",
         "--out",
         str(out),
     ]
@@ -70,6 +74,16 @@ def test_bench_rnn_tiny_writes_json(tmp_path, cell):
             by[(t, "highway(k=1)")]["fidelity_init"]["rel_error"]
             < by[(t, "highway(k=0)")]["fidelity_init"]["rel_error"]
         )
+    curve = data["meta"]["fidelity_curve"]["12"]
+    assert [p["method"] for p in curve["points"]] == [
+        "highway(k=0)",
+        "highway(k=2)",
+        "highway(k=11)",
+        "fixedpoint(k=0)",
+        "fixedpoint(k=2)",
+        "fixedpoint(k=11)",
+    ]
+    assert curve["points"][2]["init"]["rel_error"] < 1e-5  # k = T - 1 is exact
     scaling = data["meta"]["autograd_loop_scaling"]
     assert scaling["6"]["T_big"] == 12 and scaling["6"]["total_ms_T_big"] > 0
 

@@ -399,7 +399,7 @@ def run_length(args: Any, seq_len: int, peak: float) -> tuple[list[dict], dict]:
             flush=True,
         )
     _add_ratios(records)
-    _add_fidelity(args, ref, names, records, seq_len)
+    extra["fidelity_curve"] = _add_fidelity(args, ref, names, records, seq_len)
     if args.memory:
         for r in records:
             r["peak_mem_mb"] = peak_memory_mb(args, r["method"], seq_len)
@@ -419,23 +419,32 @@ def _add_ratios(records: list[dict]) -> None:
 
 def _add_fidelity(
     args: Any, ref: nn.Module, names: list[str], records: list[dict], seq_len: int
-) -> None:
+) -> dict:
+    """Fidelity of every timed method (into its record) and of the --fidelity-k curve
+    (Highway and FixedPoint at more k, returned), at init and after exact training."""
     task = CopyTask(args, seq_len, args.seed + 1)
-    at_init = fidelity(args, ref, names, task)
+    curve_names = [f"{kind}(k={k})" for kind in ("highway", "fixedpoint") for k in args.fidelity_k]
+    all_names = names + [n for n in curve_names if n not in names]
+    at_init = fidelity(args, ref, all_names, task)
     trained: dict[str, dict] = {}
-    losses: list[float] = []
+    state = "init"
     if args.train_steps > 0:
         losses = train_exact(ref, task, args.train_steps, args.lr)
-        trained = fidelity(args, ref, names, task)
+        trained = fidelity(args, ref, all_names, task)
+        state = (
+            f"after {args.train_steps} exact Adam steps (lr {args.lr}) on a delayed-copy task "
+            f"(lag {task.lag}); loss {losses[0]:.4f} -> {losses[-1]:.4f}"
+        )
     for r in records:
-        f0 = at_init[r["method"]]
-        r["fidelity_init"] = {"state": "init", **f0}
+        r["fidelity_init"] = {"state": "init", **at_init[r["method"]]}
         if trained:
-            r["fidelity_trained"] = {
-                "state": f"after {args.train_steps} exact Adam steps (lr {args.lr}) on a "
-                f"delayed-copy task (lag {task.lag}); loss {losses[0]:.4f} -> {losses[-1]:.4f}",
-                **trained[r["method"]],
-            }
+            r["fidelity_trained"] = {"state": state, **trained[r["method"]]}
+    return {
+        "trained_state": state if trained else None,
+        "points": [
+            {"method": n, "init": at_init[n], "trained": trained.get(n)} for n in curve_names
+        ],
+    }
 
 
 def _fmt(v: Optional[float], spec: str) -> str:
@@ -460,6 +469,21 @@ def print_table(records: list[dict]) -> None:
             f"{r['fidelity_init']['cosine']:9.6f} {r['fidelity_init']['rel_error']:9.2e} "
             f"{_fmt(ft.get('cosine'), '9.6f')} {_fmt(ft.get('rel_error'), '9.2e')}"
         )
+
+
+def print_curves(curves: dict) -> None:
+    for seq_len, curve in curves.items():
+        if not curve["points"]:
+            continue
+        print(f"\ngradient error vs k at T={seq_len} (rel. error of the RNN parameter gradient)")
+        if curve["trained_state"]:
+            print(f"  trained = {curve['trained_state']}")
+        for p in curve["points"]:
+            trained = p["trained"]["rel_error"] if p["trained"] else None
+            print(
+                f"  {p['method']:16s} init {p['init']['rel_error']:9.2e}  trained "
+                f"{_fmt(trained, '9.2e')}"
+            )
 
 
 def _int_list(text: str) -> list[int]:
@@ -499,6 +523,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=50,
         help="exact training steps before the 'trained' fidelity (0: skip)",
+    )
+    p.add_argument(
+        "--fidelity-k",
+        type=_int_list,
+        default=[0, 1, 2, 3, 5, 10, 20],
+        help="k values of the error-vs-k curve (Highway and FixedPoint, not timed)",
     )
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--lag", type=int, default=10, help="delay of the copy task")
@@ -547,13 +577,15 @@ def run(args: argparse.Namespace) -> int:
         f"{peak:.1f} GFLOP/s; load average {load_before[0]:.2f}",
         flush=True,
     )
-    records, scaling = [], {}
+    records, scaling, curves = [], {}, {}
     for seq_len in args.seq_len:
         recs, extra = run_length(args, seq_len, peak)
         records += recs
         scaling[str(seq_len)] = extra.get("autograd_loop_scaling")
+        curves[str(seq_len)] = extra["fidelity_curve"]
     print()
     print_table(records)
+    print_curves(curves)
     meta = {
         "command": "highwaybp bench rnn " + " ".join(sys.argv[3:]) if len(sys.argv) > 2 else "",
         "argv": sys.argv,
@@ -563,6 +595,7 @@ def run(args: argparse.Namespace) -> int:
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
         "autograd_loop_scaling": scaling,
+        "fidelity_curve": curves,
         "notes": "medians of --repeats runs after --warmup; a step is forward + backward of a "
         "per-step loss; the machine may be shared (see load averages)",
     }
