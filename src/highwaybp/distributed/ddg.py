@@ -51,7 +51,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from highwaybp.baselines.ddg import SEMANTICS, DDGStage, make_stages, split_model
+from highwaybp.baselines.ddg import SEMANTICS, DDGStage, split_model
 from highwaybp.train.io import load_checkpoint, save_checkpoint
 
 _DTYPES = [
@@ -308,14 +308,11 @@ def run_rank(
     device = torch.device(device)
     modules = split_model(cfg.build_model(), world, cfg.boundaries, cfg.balance)
     module = modules[rank].to(device)
-    # Build every stage's optimizer the same way as the oracle, keep ours.
-    stage: DDGStage = make_stages(
-        [module] if world == 1 else modules,
-        cfg.optimizer_factory,
-        cfg.scheduler_factory,
-        cfg.semantics,
-        cfg.rng_seed,
-    )[rank if world > 1 else 0]
+    optimizer = cfg.optimizer_factory(module.parameters())
+    scheduler = cfg.scheduler_factory(optimizer) if cfg.scheduler_factory else None
+    # Same RNG stream as stage `rank` of the single-process oracle (make_stages).
+    seed = None if cfg.rng_seed is None else cfg.rng_seed + rank
+    stage = DDGStage(module, rank, world, optimizer, scheduler, cfg.semantics, seed)
     del modules
     link = _Link(rank, world, cfg.timeout, device)
     last, first_rank = rank == world - 1, rank == 0
