@@ -9,7 +9,7 @@ from torch import nn
 
 import highwaybp as hbp
 from highwaybp.models.mlp import ResidualMLP
-from tests.core.helpers import grads_of, make_chain, max_rel_diff
+from tests.core.helpers import grads_of, make_block, make_chain, max_rel_diff
 
 
 def test_grad_accumulates_into_existing_grad_like_autograd():
@@ -197,3 +197,16 @@ def test_recompute_false_keeps_forward_graphs_and_allows_one_backward():
 def test_recompute_false_needs_the_loop_backend():
     with pytest.raises(ValueError, match=r"recompute=False.*vjp='loop'"):
         make_chain(["identity"], 3, recompute=False, vjp="batched")
+
+
+def test_pass_through_block_vjp_is_not_overwritten_in_place():
+    # For block = identity, autograd returns grad_output itself as the block VJP; the
+    # iteration's in-place scan must not write into the estimate through that alias.
+    torch.manual_seed(0)
+    layers = [hbp.ResidualLayer(nn.Identity()), hbp.ResidualLayer(make_block(4)),
+              hbp.ResidualLayer(nn.Identity(), hbp.Scaled(0.5)), hbp.ResidualLayer(make_block(4))]
+    chain = hbp.ResidualChain(layers).double()
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    exact = grads_of(chain, x, hbp.Exact(), per_layer_loss=True)
+    for method in (hbp.Highway(k=4), hbp.FixedPoint(k=4)):
+        assert max_rel_diff(grads_of(chain, x, method, per_layer_loss=True), exact) < 1e-10

@@ -98,3 +98,16 @@ def test_scan_rejects_bad_shapes():
         reverse_scan_sequential(torch.randn(0, 3))
     with pytest.raises(RuntimeError):
         reverse_scan_hillis_steele(torch.randn(4, 3), torch.randn(4, 2))
+
+
+def test_in_place_list_scan_equals_the_reference():
+    from highwaybp.core.scan import reverse_scan_list_
+
+    shapes = [(2, 6), (2, 6), (2, 3), (2, 3)]
+    xs = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    maps = [None, lambda v: v[:, :3].repeat(1, 2) * 0.5, lambda v: -v, None]
+    expected = reverse_scan_list([x.clone() for x in xs], maps)
+    result = reverse_scan_list_(xs, maps)
+    assert result is xs
+    for a, b in zip(result, expected):
+        torch.testing.assert_close(a, b)

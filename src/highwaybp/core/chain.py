@@ -18,11 +18,11 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from highwaybp.core.iteration import Diagnostics, States, highway_iterate, raise_if_nonfinite
+from highwaybp.core.iteration import Diagnostics, highway_iterate, raise_if_nonfinite
 from highwaybp.core.methods import Exact, FixedPoint, Highway, Method
 from highwaybp.core.replay import ForwardState, capture_forward_state
 from highwaybp.core.residual import ResidualLayer
-from highwaybp.core.scan import get_scan, reverse_scan_list
+from highwaybp.core.scan import DEFAULT_SCAN, get_scan, reverse_scan_list_
 from highwaybp.core.vjp import VJP_BACKENDS, LoopVJP
 
 
@@ -123,11 +123,8 @@ class ResidualChain(nn.Module):
                 h = layer(h)
         backend = VJP_BACKENDS[self.vjp](self.layers, inputs, run.forward_states)
         if isinstance(method, Exact):
-            uniform = _is_uniform(self, inputs, grad_out, return_states)
-            g = _upstream_grads(inputs, grad_out, return_states, stacked=uniform)
-            ops = _StackedOps(self, backend) if uniform else _ListOps(self, backend)
-            w = ops.exact_backward(g)
-            return list(w.unbind(0)) if isinstance(w, Tensor) else list(w)
+            g = _upstream_grads(inputs, grad_out, return_states)
+            return _ChainOps(self, backend, uniform=False).exact_backward(g)
         w0, rest, diag = _backward(self, run, backend, inputs, grad_out)
         self.last_diagnostics = diag
         return [w0, *rest]
@@ -270,57 +267,67 @@ def _backward(
     chain: ResidualChain, run: _Run, backend: Any, inputs: list[Tensor], grad_out: Tensor
 ) -> tuple[Tensor, list[Tensor], Diagnostics]:
     """Run the iteration; return (dLoss/dh_0, [w_1..w_L], diagnostics)."""
-    num_layers = len(chain.layers)
-    uniform = _is_uniform(chain, inputs, grad_out, run.return_states)
-    g = _upstream_grads(inputs, grad_out, run.return_states, stacked=uniform)
+    g = _upstream_grads(inputs, grad_out, run.return_states)
     raise_if_nonfinite(g, 0, "the gradient flowing into the chain")
-    ops = _StackedOps(chain, backend) if uniform else _ListOps(chain, backend)
+    ops = _ChainOps(chain, backend, _is_uniform(chain, inputs, grad_out, run.return_states))
     method = run.method
     if isinstance(method, FixedPoint):
-        w, diag = highway_iterate(g, ops.full_vjp, lambda s: s, method, num_layers)
+        w, diag = highway_iterate(g, ops.full_vjp, lambda s: s, method, len(chain.layers),
+                                  inplace=True)
     else:
         assert isinstance(method, Highway)
-        w, diag = highway_iterate(
-            g, ops.block_vjp, ops.scan, method, num_layers, exact_backward=ops.exact_backward
-        )
-    rows = list(w.unbind(0)) if isinstance(w, Tensor) else w
-    return rows[0], rows[1:], diag
+        w, diag = highway_iterate(g, ops.block_vjp, ops.scan, method, len(chain.layers),
+                                  exact_backward=ops.exact_backward, inplace=True)
+    return w[0], w[1:], diag
 
 
 def _is_uniform(
     chain: ResidualChain, inputs: list[Tensor], grad_out: Tensor, return_states: bool
 ) -> bool:
-    """All states share one shape and every K is diagonal: states stack into one tensor."""
+    """All states share one shape and every K is diagonal: states can stack into one tensor."""
     out_shape = grad_out.shape[1:] if return_states else grad_out.shape
     return all(h.shape == out_shape for h in inputs) and all(
         layer.residual.kind != "linear" for layer in chain.layers
     )
 
 
-def _upstream_grads(
-    inputs: list[Tensor], grad_out: Tensor, return_states: bool, stacked: bool
-) -> States:
-    """g_i = dLoss/dh_i for i = 0..L (g_0 = 0: the chain input has no loss of its own)."""
-    if stacked:
-        g = grad_out.new_zeros((len(inputs) + 1, *inputs[0].shape))
-        if return_states:
-            g[1:] = grad_out
-        else:
-            g[-1] = grad_out
-        return g
+def _upstream_grads(inputs: list[Tensor], grad_out: Tensor, return_states: bool) -> list[Tensor]:
+    """g_i = dLoss/dh_i for i = 0..L (g_0 = 0: the chain input has no loss of its own).
+
+    Fresh tensors (grad_out is copied): the iteration overwrites them in place.
+    """
     if return_states:
-        return [torch.zeros_like(inputs[0]), *grad_out.unbind(0)]
-    return [*(torch.zeros_like(h) for h in inputs), grad_out]
+        return [torch.zeros_like(inputs[0]), *grad_out.clone().unbind(0)]
+    return [*(torch.zeros_like(h) for h in inputs), grad_out.clone()]
 
 
-class _StackedOps:
-    """Iteration operators on states stacked as one tensor [L+1, *S] (diagonal/scalar K)."""
+class _ChainOps:
+    """The iteration's operators on a chain, on lists of L+1 per-state tensors.
 
-    def __init__(self, chain: ResidualChain, backend: Any) -> None:
+    scan: in place, sequential, applying each layer's K (reverse_scan_list_); with
+    scan="hillis_steele" and all-diagonal K, the states are stacked and the chosen stacked
+    scan runs on them. block_vjp/full_vjp return fresh tensors (the iteration owns them).
+    """
+
+    def __init__(self, chain: ResidualChain, backend: Any, uniform: bool) -> None:
         self.backend = backend
         self.layers = chain.layers
-        self.scan_fn = get_scan(chain.scan_name)
-        self.coeff = self._coefficients(backend.xs[0])
+        stacked = uniform and (chain.scan_name or DEFAULT_SCAN) != "sequential"
+        self.stacked_scan = get_scan(chain.scan_name) if stacked else None
+        self.coeff = self._coefficients(backend.xs[0]) if stacked else None
+
+    def _apply_k(self, j: int, w_j: Tensor) -> Tensor:
+        """w_j @ K_j (1-based layer j)."""
+        return self.layers[j - 1].residual.apply_kt(w_j, self.backend.contexts[j - 1])
+
+    def _k_map(self, j: int):
+        return lambda v: self._apply_k(j, v)
+
+    def scan(self, xs: list[Tensor]) -> list[Tensor]:
+        if self.stacked_scan is not None:
+            return list(self.stacked_scan(torch.stack(xs), self.coeff).unbind(0))
+        maps = [self._k_map(j) for j in range(1, len(self.layers) + 1)]
+        return reverse_scan_list_(xs, [*maps, None])
 
     def _coefficients(self, like: Tensor) -> Optional[Tensor]:
         """a_i = coefficient of K_{i+1} for i < L and a_L = 0, stacked to [L+1, ...]."""
@@ -335,56 +342,36 @@ class _StackedOps:
         full = [_as_tensor(c, like) for c in coeffs]
         return torch.stack([*full, torch.zeros_like(like)])
 
-    def scan(self, x: Tensor) -> Tensor:
-        return self.scan_fn(x, self.coeff)
-
-    def block_vjp(self, w: Tensor) -> Tensor:
-        v = self.backend.block_vjps(list(w[1:].unbind(0)))
-        return torch.stack([*v, torch.zeros_like(w[-1])])
-
-    def _apply_k(self, j: int, w_j: Tensor) -> Tensor:
-        return self.layers[j - 1].residual.apply_kt(w_j, self.backend.contexts[j - 1])
-
-    def full_vjp(self, w: Tensor) -> Tensor:
-        v = self.backend.block_vjps(list(w[1:].unbind(0)))
-        full = [vi + self._apply_k(j + 1, wj) for j, (vi, wj) in enumerate(zip(v, w[1:]))]
-        return torch.stack([*full, torch.zeros_like(w[-1])])
-
-    def exact_backward(self, g: Tensor) -> Tensor:
-        w = torch.empty_like(g)
-        w[-1] = g[-1]
-        for j in range(len(self.layers), 0, -1):
-            w[j - 1] = g[j - 1] + self.backend.layer_block_vjp(j, w[j]) + self._apply_k(j, w[j])
-        return w
-
-
-class _ListOps(_StackedOps):
-    """The same operators on a list of L+1 states of different shapes (general linear K)."""
-
-    def __init__(self, chain: ResidualChain, backend: Any) -> None:
-        self.backend = backend
-        self.layers = chain.layers
-
-    def scan(self, x: list[Tensor]) -> list[Tensor]:
-        maps = [self._k_map(j) for j in range(1, len(self.layers) + 1)]
-        return reverse_scan_list(x, [*maps, None])
-
-    def _k_map(self, j: int):
-        return lambda v: self._apply_k(j, v)
-
     def block_vjp(self, w: list[Tensor]) -> list[Tensor]:
-        return [*self.backend.block_vjps(w[1:]), torch.zeros_like(w[-1])]
+        v = _unaliased(self.backend.block_vjps(w[1:]), w)
+        return [*v, torch.zeros_like(w[-1])]
 
     def full_vjp(self, w: list[Tensor]) -> list[Tensor]:
-        v = self.backend.block_vjps(w[1:])
-        full = [vi + self._apply_k(j + 1, wj) for j, (vi, wj) in enumerate(zip(v, w[1:]))]
-        return [*full, torch.zeros_like(w[-1])]
+        v = self.block_vjp(w)
+        for j in range(1, len(self.layers) + 1):
+            v[j - 1].add_(self._apply_k(j, w[j]))
+        return v
 
     def exact_backward(self, g: list[Tensor]) -> list[Tensor]:
         w = list(g)
         for j in range(len(self.layers), 0, -1):
             w[j - 1] = g[j - 1] + self.backend.layer_block_vjp(j, w[j]) + self._apply_k(j, w[j])
         return w
+
+
+def _unaliased(vs: list[Tensor], ws: list[Tensor]) -> list[Tensor]:
+    """Copy any VJP that shares memory with an estimate or another VJP.
+
+    Autograd may hand back the grad_output tensor itself (e.g. a block that passes its
+    input through); the iteration overwrites VJPs in place, which must not touch w.
+    """
+    seen = {t.untyped_storage().data_ptr() for t in ws}
+    out = []
+    for v in vs:
+        ptr = v.untyped_storage().data_ptr()
+        out.append(v.clone() if ptr in seen else v)
+        seen.add(ptr)
+    return out
 
 
 def _as_tensor(c: Any, like: Tensor) -> Tensor:

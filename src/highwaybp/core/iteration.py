@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
@@ -52,16 +52,35 @@ def add_states(a: States, b: States) -> States:
     return [x + y for x, y in zip(a, b)]
 
 
+def add_states_(a: States, b: States) -> States:
+    """a += b in place (returns a)."""
+    if isinstance(a, Tensor):
+        return a.add_(b)
+    for x, y in zip(a, b):
+        x.add_(y)
+    return a
+
+
+def clone_states(a: States) -> States:
+    return a.clone() if isinstance(a, Tensor) else [x.clone() for x in a]
+
+
+def _norms(rows: Any) -> Tensor:
+    # Per-state norms stay on the device; one sync per call instead of one per state.
+    return torch.stack([torch.linalg.vector_norm(r).to(torch.float64) for r in rows])
+
+
 def states_norm(a: States) -> float:
     if isinstance(a, Tensor):
         return float(torch.linalg.vector_norm(a))
-    return math.sqrt(sum(float(torch.linalg.vector_norm(x)) ** 2 for x in a))
+    return float(torch.linalg.vector_norm(_norms(a)))
 
 
 def states_diff_norm(a: States, b: States) -> float:
     if isinstance(a, Tensor):
         return float(torch.linalg.vector_norm(a - b))
-    return math.sqrt(sum(float(torch.linalg.vector_norm(x - y)) ** 2 for x, y in zip(a, b)))
+    # One state's difference at a time: no full-size temporary.
+    return float(torch.linalg.vector_norm(_norms(x - y for x, y in zip(a, b))))
 
 
 def last_nonfinite(a: States) -> Optional[int]:
@@ -103,6 +122,7 @@ def highway_iterate(
     method: Highway | FixedPoint,
     num_layers: int,
     exact_backward: Callable[[States], States] | None = None,
+    inplace: bool = False,
 ) -> tuple[States, Diagnostics]:
     """Run the iteration for `method` and return (w, diagnostics).
 
@@ -113,23 +133,33 @@ def highway_iterate(
         scan: x -> y with y_L = x_L, y_i = x_i + y_{i+1} @ K_{i+1} (FixedPoint: identity).
         num_layers: L; the estimate is exact after L iterations, so at most L are run.
         exact_backward: g -> exact gradients (sequential), used by the adaptive fallback.
+        inplace: the caller hands over `g` and fresh outputs of `block_vjp` and `scan`,
+            which the iteration may then overwrite (w^0 is added into the scan's output),
+            so only w^0, the previous and the new estimate are alive at once.
     """
     diag = Diagnostics(method=repr(method))
+    adaptive = isinstance(method, Highway) and method.adaptive
+    keep_best = adaptive and method.fallback == "best"
+    g_for_fallback = None
+    if adaptive and method.fallback == "exact":
+        g_for_fallback = clone_states(g) if inplace else g
     w0 = scan(g)
+    del g  # with inplace, w0 may be g's storage; nothing else needs g
     raise_if_nonfinite(w0, 0)
     bound = method.iteration_bound
-    adaptive = isinstance(method, Highway) and method.adaptive
     w, best_w, best_step = w0, w0, math.inf
     stop = "fixed_k"
     for j in range(1, min(bound, num_layers) + 1):
-        w_new = add_states(w0, scan(block_vjp(w)))
+        u = scan(block_vjp(w))
+        w_new = add_states_(u, w0) if inplace else add_states(w0, u)
+        del u
         step, norm = _relative_step(w_new, w)
         if not (math.isfinite(step) and math.isfinite(norm)):
             raise_if_nonfinite(w_new, j)
         diag.step_norms.append(step)
         diag.iterations = j
         w = w_new
-        if step <= best_step:
+        if keep_best and step <= best_step:
             best_w, best_step = w, step
         if adaptive:
             if step < method.tol:
@@ -147,14 +177,14 @@ def highway_iterate(
     if adaptive:
         diag.converged = stop in ("tol", "exact_after_L")
         if not diag.converged:
-            w = _apply_fallback(method.fallback, g, w, best_w, exact_backward)
+            w = _apply_fallback(method.fallback, g_for_fallback, w, best_w, exact_backward)
             diag.fallback = method.fallback
     return w, diag
 
 
 def _apply_fallback(
     fallback: str,
-    g: States,
+    g: States | None,
     last: States,
     best: States,
     exact_backward: Callable[[States], States] | None,
@@ -163,6 +193,6 @@ def _apply_fallback(
         return best
     if fallback == "last":
         return last
-    if exact_backward is None:
+    if exact_backward is None or g is None:
         raise RuntimeError("fallback='exact' needs an exact backward for this model")
     return exact_backward(g)

@@ -114,3 +114,19 @@ def reverse_scan_list(
         carried = ys[i + 1] if fn is None else fn(ys[i + 1])
         ys[i] = xs[i] + carried
     return ys
+
+
+def reverse_scan_list_(
+    xs: list[Tensor], apply_kt: Sequence[Callable[[Tensor], Tensor] | None]
+) -> list[Tensor]:
+    """In-place `reverse_scan_list`: overwrites xs[i] with y_i and returns xs.
+
+    The fast path of the chain's sequential scan (no second buffer for the result);
+    tested equal to `reverse_scan_list`. xs[i] must not share memory with xs[j].
+    """
+    if len(xs) != len(apply_kt):
+        raise ValueError(f"{len(xs)} inputs but {len(apply_kt)} K maps")
+    for i in range(len(xs) - 2, -1, -1):
+        fn = apply_kt[i]
+        xs[i].add_(xs[i + 1] if fn is None else fn(xs[i + 1]))
+    return xs
