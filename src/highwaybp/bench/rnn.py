@@ -165,18 +165,18 @@ def measure(fn, params, x, gy, repeats: int, warmup: int) -> dict[str, float]:
 
 
 def measure_round_robin(
-    fns: dict, ref: nn.Module, x: Tensor, gy: Tensor, repeats: int, warmup: int
+    fns: dict, ref: nn.Module, inputs: dict, repeats: int, warmup: int
 ) -> dict[str, dict[str, float]]:
     """Time every method once per round, `repeats` rounds: a load change on a shared machine
     then hits all methods alike instead of whichever happened to run at the time."""
     params = {name: _params(fn, ref) for name, fn in fns.items()}
     for name, fn in fns.items():
         for _ in range(warmup):
-            time_step(fn, params[name], x, gy)
+            time_step(fn, params[name], *inputs[name])
     runs: dict[str, list] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            runs[name].append(time_step(fn, params[name], x, gy))
+            runs[name].append(time_step(fn, params[name], *inputs[name]))
     return {name: _summary(r) for name, r in runs.items()}
 
 
@@ -350,7 +350,15 @@ def run_length(args: Any, seq_len: int, peak: float) -> tuple[list[dict], dict]:
     gy = torch.randn(seq_len, args.batch, args.hidden)
     records = []
     fns = {name: build(args, name, ref) for name in names}
-    timings = measure_round_robin(fns, ref, x, gy, args.repeats, args.warmup)
+    inputs = {name: (x, gy) for name in names}
+    big = seq_len * args.scaling_factor
+    if args.scaling_factor > 1:  # the baseline at factor x T, timed in the same rounds
+        fns["autograd-loop@big"] = build(args, "autograd-loop", ref)
+        inputs["autograd-loop@big"] = (
+            torch.randn(big, args.batch, args.input_size),
+            torch.randn(big, args.batch, args.hidden),
+        )
+    timings = measure_round_robin(fns, ref, inputs, args.repeats, args.warmup)
     for name in names:
         timing = timings[name]
         flops = backward_matmul_flops(args, name, seq_len)
@@ -376,11 +384,7 @@ def run_length(args: Any, seq_len: int, peak: float) -> tuple[list[dict], dict]:
         )
     extra: dict[str, Any] = {}
     if args.scaling_factor > 1:
-        big = seq_len * args.scaling_factor
-        fn = build(args, "autograd-loop", ref)
-        xb = torch.randn(big, args.batch, args.input_size)
-        gb = torch.randn(big, args.batch, args.hidden)
-        t_big = measure(fn, _params(fn, ref), xb, gb, args.repeats, args.warmup)
+        t_big = timings["autograd-loop@big"]
         base = next(r for r in records if r["method"] == "autograd-loop")
         extra["autograd_loop_scaling"] = {
             "T": seq_len,
@@ -395,7 +399,7 @@ def run_length(args: Any, seq_len: int, peak: float) -> tuple[list[dict], dict]:
         print(
             f"  autograd-loop at T={seq_len}: {base['total_ms']:.1f} ms, at T={big}: "
             f"{t_big['total_ms']:.1f} ms (ratio {extra['autograd_loop_scaling']['ratio']:.2f},"
-            f" linear would be {args.scaling_factor})",
+            f" linear would be {args.scaling_factor}; same rounds)",
             flush=True,
         )
     _add_ratios(records)

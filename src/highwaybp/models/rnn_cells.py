@@ -71,6 +71,9 @@ class BufferPool:
     def __deepcopy__(self, memo: dict) -> BufferPool:
         return BufferPool()
 
+    def __getstate__(self) -> dict:  # pickling a module never saves scratch buffers
+        return {"_free": {}}
+
 
 def _addmm_or_mm(bias: Optional[Tensor], a: Tensor, b: Tensor, out: Tensor) -> None:
     if bias is None:

@@ -2,7 +2,9 @@
 Highway(k) and FixedPoint(k) backprop through time (the paper's char-level setting, CPU-sized).
 
 Every method starts from the same initialisation and sees the same batches (batches are a
-pure function of the step). The model is Embedding -> highwaybp.GRU/LSTM -> Linear with a
+pure function of the step). The methods are trained together, one step each in turn, so
+that load changes on a shared machine affect all of their wall-clock times alike.
+The model is Embedding -> highwaybp.GRU/LSTM -> Linear with a
 per-step cross-entropy loss (per-step losses are per-layer losses of the iteration).
 Validation loss is measured every `--eval-every` steps on fixed validation batches; its
 time is excluded from the training wall-clock.
@@ -84,82 +86,102 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name)
 
 
-def train_method(args: Any, name: str, corpus: CharCorpus, valid: list) -> dict:
-    """Train one method (resuming from its checkpoint); return its history."""
-    method = method_from_string(name)
-    ckpt_path = Path(args.out) / "checkpoints" / f"{_safe(name)}.pt"
-    torch.manual_seed(args.seed)  # same init for every method
-    model = CharRNN(corpus.vocab_size, args.embed, args.hidden, args.layers, args.cell, method)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    state = load_checkpoint(ckpt_path)
-    history: list[dict] = []
-    step, seconds = 0, 0.0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        history, step, seconds = state["history"], state["step"], state["seconds"]
-        print(f"  {name}: resumed at step {step}", flush=True)
-    if step == 0:
-        history.append(
-            {
-                "method": name,
-                "step": 0,
-                "train_loss": None,
-                "valid_loss": evaluate(model, valid),
-                "train_seconds": 0.0,
-            }
+class MethodRun:
+    """One method's model, optimizer and history; resumes from its checkpoint."""
+
+    def __init__(self, args: Any, name: str, corpus: CharCorpus, valid: list) -> None:
+        self.args, self.name, self.valid = args, name, valid
+        method = method_from_string(name)
+        self.ckpt_path = Path(args.out) / "checkpoints" / f"{_safe(name)}.pt"
+        torch.manual_seed(args.seed)  # same init for every method
+        self.model = CharRNN(
+            corpus.vocab_size, args.embed, args.hidden, args.layers, args.cell, method
         )
-    running, count = 0.0, 0
-    while step < args.steps:
-        batch = _batch(corpus, "train", args, seed=args.seed * 1_000_003 + step)
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss = _loss(model, batch)
-        loss.backward()
-        if args.clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        opt.step()
-        seconds += time.perf_counter() - t0
-        step += 1
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            print(f"  {name}: loss is {value} at step {step}; stopping this run", flush=True)
-            break
-        running, count = running + value, count + 1
-        if step % args.eval_every == 0 or step == args.steps:
-            history.append(
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=args.lr)
+        self.history: list[dict] = []
+        self.step, self.seconds, self.failed = 0, 0.0, False
+        self.running, self.count = 0.0, 0
+        state = load_checkpoint(self.ckpt_path)
+        if state is not None:
+            self.model.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["opt"])
+            self.history, self.step = state["history"], state["step"]
+            self.seconds, self.failed = state["seconds"], state.get("failed", False)
+            print(f"  {name}: resumed at step {self.step}", flush=True)
+        if self.step == 0 and not self.history:
+            self.history.append(
                 {
                     "method": name,
-                    "step": step,
-                    "train_loss": running / count,
-                    "valid_loss": evaluate(model, valid),
-                    "train_seconds": seconds,
+                    "step": 0,
+                    "train_loss": None,
+                    "valid_loss": evaluate(self.model, valid),
+                    "train_seconds": 0.0,
                 }
             )
-            running, count = 0.0, 0
-            save_checkpoint(
-                ckpt_path,
+
+    @property
+    def done(self) -> bool:
+        return self.failed or self.step >= self.args.steps
+
+    def train_step(self, corpus: CharCorpus) -> None:
+        args = self.args
+        batch = _batch(corpus, "train", args, seed=args.seed * 1_000_003 + self.step)
+        t0 = time.perf_counter()
+        self.opt.zero_grad(set_to_none=True)
+        loss = _loss(self.model, batch)
+        loss.backward()
+        if args.clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), args.clip)
+        self.opt.step()
+        self.seconds += time.perf_counter() - t0
+        self.step += 1
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            print(f"  {self.name}: loss is {value} at step {self.step}; stopping this run")
+            self.failed = True
+            self._checkpoint()
+            return
+        self.running, self.count = self.running + value, self.count + 1
+        if self.step % args.eval_every == 0 or self.step == args.steps:
+            self.history.append(
                 {
-                    "model": model.state_dict(),
-                    "opt": opt.state_dict(),
-                    "history": history,
-                    "step": step,
-                    "seconds": seconds,
-                },
+                    "method": self.name,
+                    "step": self.step,
+                    "train_loss": self.running / self.count,
+                    "valid_loss": evaluate(self.model, self.valid),
+                    "train_seconds": self.seconds,
+                }
             )
-            last = history[-1]
+            self.running, self.count = 0.0, 0
+            self._checkpoint()
+            last = self.history[-1]
             print(
-                f"  {name:16s} step {step:5d} train {last['train_loss']:.4f} valid "
-                f"{last['valid_loss']:.4f} ({seconds:.1f} s)",
+                f"  {self.name:16s} step {self.step:5d} train {last['train_loss']:.4f} valid "
+                f"{last['valid_loss']:.4f} ({self.seconds:.1f} s)",
                 flush=True,
             )
-    return {
-        "method": name,
-        "history": history,
-        "steps_done": step,
-        "train_seconds": seconds,
-        "final_valid_loss": history[-1]["valid_loss"],
-    }
+
+    def _checkpoint(self) -> None:
+        save_checkpoint(
+            self.ckpt_path,
+            {
+                "model": self.model.state_dict(),
+                "opt": self.opt.state_dict(),
+                "history": self.history,
+                "step": self.step,
+                "seconds": self.seconds,
+                "failed": self.failed,
+            },
+        )
+
+    def result(self) -> dict:
+        return {
+            "method": self.name,
+            "history": self.history,
+            "steps_done": self.step,
+            "train_seconds": self.seconds,
+            "final_valid_loss": self.history[-1]["valid_loss"],
+        }
 
 
 def _per_step_ratio(run: dict, exact: dict | None) -> float | None:
@@ -302,11 +324,19 @@ def run(args: argparse.Namespace) -> int:
         f"charlm: {len(corpus.train)} train chars, vocab {corpus.vocab_size}; methods {names}",
         flush=True,
     )
-    runs = []
-    for name in names:
-        runs.append(train_method(args, name, corpus, valid))
-        write_results(args, runs, corpus)
-        plot(args, runs)
+    # Methods take one step each in turn (round-robin): a load change on a shared machine
+    # then slows every method alike, so the wall-clock curves stay comparable.
+    runs = [MethodRun(args, name, corpus, valid) for name in names]
+    while not all(r.done for r in runs):
+        for r in runs:
+            if not r.done:
+                r.train_step(corpus)
+        if all(r.done or r.step % args.eval_every == 0 for r in runs):
+            results = [r.result() for r in runs]
+            write_results(args, results, corpus)
+    runs = [r.result() for r in runs]
+    write_results(args, runs, corpus)
+    plot(args, runs)
     print()
     print(f"{'method':16s} {'final valid':>11} {'train s':>9} {'s/step vs exact':>16}")
     for r in runs:
