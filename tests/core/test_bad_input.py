@@ -46,7 +46,7 @@ def test_k_and_tol_together_and_bad_fallback():
         hbp.Highway(k=2, tol=1e-3, max_k=4)
     with pytest.raises(ValueError, match="fallback"):
         hbp.Highway(tol=1e-3, max_k=4, fallback="hope")
-    with pytest.raises(ValueError, match="max_k is for the adaptive"):
+    with pytest.raises(ValueError, match="max_k and fallback are for the adaptive"):
         hbp.Highway(max_k=4)
 
 

@@ -51,14 +51,17 @@ def test_input_gradient_flows_to_the_stem():
     torch.testing.assert_close(stem.weight.grad, exact, rtol=1e-10, atol=1e-12)
 
 
-def test_no_input_grad_when_input_does_not_require_it():
+def test_input_that_needs_no_grad_still_gives_exact_parameter_grads():
     torch.manual_seed(0)
-    chain = make_chain(["identity"] * 2, 3).double()
-    x = torch.randn(2, 3, dtype=torch.float64)
-    out = chain(x, method=hbp.Highway(k=1))
-    out.sum().backward()
+    chain = make_chain(["identity", "relu"], 3).double()
+    x = torch.randn(2, 3, dtype=torch.float64)  # e.g. data: no gradient wanted
+    chain(x, method=hbp.Exact()).pow(2).sum().backward()
+    exact = [p.grad.clone() for p in chain.parameters()]
+    chain.zero_grad()
+    chain(x, method=hbp.Highway(k=2)).pow(2).sum().backward()
     assert x.grad is None
-    assert all(p.grad is not None for p in chain.parameters())
+    for p, g in zip(chain.parameters(), exact):
+        torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-12)
 
 
 def test_dropout_masks_are_replayed_in_the_backward():

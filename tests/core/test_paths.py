@@ -20,13 +20,15 @@ def layer_matrices(chain, x):
     for layer in chain.layers:
         shape = h.shape
         full = jacobian(lambda t, f=layer, s=shape: f(t.reshape(s)).reshape(-1), h.reshape(-1))
+        # K = dr/dx with the block's output held fixed, by autograd on r itself (not from
+        # the library's own apply_kt, so a wrong K would show here).
         with torch.no_grad():
             z = layer.block(h)
             y = layer.residual.combine(h, z)
-            ctx = layer.residual.k_context(h, z, y)
-            eye = torch.eye(h.numel(), dtype=h.dtype)
-            k_rows = [layer.residual.apply_kt(e.reshape(y.shape), ctx).reshape(-1) for e in eye]
-        k_mat = torch.stack(k_rows)
+        k_mat = jacobian(
+            lambda t, r=layer.residual, z=z, s=shape: r.combine(t.reshape(s), z).reshape(-1),
+            h.reshape(-1),
+        )
         mats.append((k_mat, full - k_mat))
         h = y
     return mats

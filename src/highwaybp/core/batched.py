@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from highwaybp.core.replay import ForwardState, buffers_restored, replayed
+from highwaybp.core.replay import ForwardState, modes_and_buffers_replayed, replayed
 
 _SIMPLE = (int, float, str, bool, type(None))
 
@@ -100,11 +100,25 @@ def _detach(tree: Any) -> Any:
     return tree
 
 
+def _buffers_before_forward(layer: nn.Module, state: ForwardState) -> dict[str, Tensor]:
+    """The block's buffers by name, as saved before the layer's forward (else current)."""
+    saved = {(id(sub), name): value for sub, name, value in state.buffers}
+    out = {}
+    for mod_name, mod in layer.block.named_modules():
+        for name, buf in mod._buffers.items():
+            if buf is not None:
+                full = f"{mod_name}.{name}" if mod_name else name
+                out[full] = saved.get((id(mod), name), buf).detach()
+    return out
+
+
 class _Group:
     """One set of identically structured layers run as one vmapped call."""
 
-    def __init__(self, layers: list[nn.Module], inputs: list[Tensor], state: ForwardState):
-        base = layers[0]
+    def __init__(
+        self, layers: list[nn.Module], inputs: list[Tensor], states: list[ForwardState]
+    ):
+        base, state = layers[0], states[0]
         self.param_names = [n for n, _ in base.block.named_parameters()]
         self.params = {
             n: torch.stack(
@@ -112,8 +126,11 @@ class _Group:
             ).requires_grad_(True)
             for n in self.param_names
         }
+        # The buffers each layer's forward saw (copied before it ran), not their current
+        # values: a forward may have updated them (BatchNorm statistics).
+        snapshots = [_buffers_before_forward(layer, st) for layer, st in zip(layers, states)]
         buffers = {
-            n: torch.stack([layer.block.get_buffer(n).detach() for layer in layers])
+            n: torch.stack([snap[n] for snap in snapshots])
             for n, _ in base.block.named_buffers()
         }
         self.x = torch.stack([h.detach() for h in inputs]).requires_grad_(True)
@@ -125,7 +142,7 @@ class _Group:
             return residual.combine(x_const, z), z
 
         try:
-            with torch.enable_grad(), replayed(state), buffers_restored(block):
+            with torch.enable_grad(), replayed(state), modes_and_buffers_replayed(base, state):
                 self.y, z = vmap(layer_fn, randomness="error")(
                     self.params, buffers, self.x, self.x.detach()
                 )
@@ -171,7 +188,9 @@ class BatchedVJP:
         self._loop: Optional[Any] = None
         self._runs = [
             _Group(
-                [self.layers[i] for i in idx], [self.inputs[i] for i in idx], self.states[idx[0]]
+                [self.layers[i] for i in idx],
+                [self.inputs[i] for i in idx],
+                [self.states[i] for i in idx],
             )
             for idx in self.groups
         ]

@@ -91,7 +91,8 @@ class ResidualChain(nn.Module):
         _check_input(x)
         method = self.method if method is None else _check_method(method)
         if isinstance(method, Exact) or not self._needs_backward(x):
-            self.last_diagnostics = Diagnostics(method=repr(method), stop_reason="exact")
+            if self._needs_backward(x):  # an evaluation under no_grad keeps the last report
+                self.last_diagnostics = Diagnostics(method=repr(method), stop_reason="exact")
             return self._forward_autograd(x, return_states)
         run = _Run(self, method, return_states)
         params = [p for p in self.parameters() if p.requires_grad]
@@ -117,10 +118,18 @@ class ResidualChain(nn.Module):
         run.forward_states = []
         with torch.no_grad():
             h = x
-            for layer in self.layers:
-                run.forward_states.append(capture_forward_state(h, self.preserve_rng_state))
+            for index, layer in enumerate(self.layers):
+                state = capture_forward_state(h, self.preserve_rng_state, layer)
+                run.forward_states.append(state)
                 inputs.append(h)
-                h = layer(h)
+                h = _apply_layer(index, layer, h)
+        expected = (len(self.layers), *h.shape) if return_states else tuple(h.shape)
+        if tuple(grad_out.shape) != expected:
+            what = "the stacked states" if return_states else "h_L"
+            raise ValueError(
+                f"grad_out must have shape {expected} (dLoss/d of {what}), "
+                f"got {tuple(grad_out.shape)}"
+            )
         backend = VJP_BACKENDS[self.vjp](self.layers, inputs, run.forward_states)
         if isinstance(method, Exact):
             g = _upstream_grads(inputs, grad_out, return_states)
@@ -157,15 +166,37 @@ class _Run:
 
 
 def _check_layer(index: int, layer: Any) -> None:
-    if isinstance(layer, ResidualLayer):
-        return
-    if isinstance(layer, nn.Module) and hasattr(layer, "block") and hasattr(layer, "residual"):
-        return
-    raise TypeError(
-        f"layer {index} ({type(layer).__name__}) has no residual decomposition: wrap it as "
-        f"highwaybp.ResidualLayer(block, residual=highwaybp.Identity()) (or Scaled(c), "
-        f"ReLUResidual(), Gated(), LinearShortcut(...)) so the chain knows its K"
-    )
+    if not isinstance(layer, ResidualLayer):
+        raise TypeError(
+            f"layer {index} ({type(layer).__name__}) has no residual decomposition: wrap it as "
+            f"highwaybp.ResidualLayer(block, residual=highwaybp.Identity()) (or Scaled(c), "
+            f"ReLUResidual(), Gated(), LinearShortcut(...)) so the chain knows its K"
+        )
+    if type(layer).forward is not ResidualLayer.forward:
+        raise TypeError(
+            f"layer {index} ({type(layer).__name__}) overrides forward(): the chain computes "
+            "each layer as residual.combine(x, block(x)) in both its forward and its backward, "
+            "so extra computation (a layer scale, a pre-norm) belongs inside the block"
+        )
+
+
+def _apply_layer(index: int, layer: ResidualLayer, h: Tensor) -> Tensor:
+    """residual.combine(h, block(h)): the function the backward re-runs, checked for
+    what would make the two differ (hooks on the layer, a block writing into its input)."""
+    if layer._forward_hooks or layer._forward_pre_hooks:
+        raise RuntimeError(
+            f"layer {index + 1} has forward hooks, which the Highway backward does not re-run; "
+            "register them on the block (layer.block) instead, or use method=Exact()"
+        )
+    version = h._version
+    out = layer.residual.combine(h, layer.block(h))
+    if h._version != version:
+        raise RuntimeError(
+            f"layer {index + 1} modified its input in place (e.g. ReLU(inplace=True) as the "
+            "block's first op); the Highway backward needs that input unchanged: use "
+            "inplace=False there"
+        )
+    return out
 
 
 def _check_method(method: Any) -> Method:
@@ -204,7 +235,10 @@ class _HighwayFunction(torch.autograd.Function):
         ctx.params = params
         if chain.recompute:
             inputs, states = _forward_saving_inputs(chain, x, run)
-            ctx.save_for_backward(*inputs)
+            # Parameters too: autograd's version counter then catches a parameter changed
+            # in place between this forward and the backward (as it does for Exact()).
+            ctx.save_for_backward(*inputs, *params)
+            ctx.num_inputs = len(inputs)
             ctx.backend = None
         else:
             ctx.backend, states = _forward_recording_graphs(chain, x)
@@ -237,10 +271,10 @@ def _forward_saving_inputs(chain: ResidualChain, x: Tensor, run: _Run):
     """No-tape forward: keep h_0..h_{L-1} and each layer's RNG/autocast state."""
     inputs, run.forward_states, states = [], [], []
     h = x
-    for layer in chain.layers:
-        run.forward_states.append(capture_forward_state(h, chain.preserve_rng_state))
+    for index, layer in enumerate(chain.layers):
+        run.forward_states.append(capture_forward_state(h, chain.preserve_rng_state, layer))
         inputs.append(h)
-        h = layer(h)
+        h = _apply_layer(index, layer, h)
         states.append(h)
     return inputs, states
 
@@ -249,17 +283,34 @@ def _forward_recording_graphs(chain: ResidualChain, x: Tensor):
     """Forward that records each layer's own autograd graph (recompute=False)."""
     backend = LoopVJP(chain.layers)
     states, h = [], x
-    for layer in chain.layers:
-        h = backend.record(layer, h).detach()
+    for index, layer in enumerate(chain.layers):
+        if layer._forward_hooks or layer._forward_pre_hooks:
+            _apply_layer(index, layer, h)  # raises the hook error
+        try:
+            h = backend.record(layer, h).detach()
+        except RuntimeError as err:
+            if "leaf Variable" not in str(err):
+                raise
+            raise RuntimeError(
+                f"layer {index + 1} modified its input in place (e.g. ReLU(inplace=True) as "
+                "the block's first op); use inplace=False there"
+            ) from err
         states.append(h)
     return backend, states
 
 
 def _rebuild_backend(ctx: Any, run: _Run) -> Any:
     try:
-        inputs = ctx.saved_tensors
+        saved = ctx.saved_tensors
     except RuntimeError as err:
+        if "inplace operation" in str(err):
+            raise RuntimeError(
+                "a parameter (or the chain input) of a ResidualChain was modified in place "
+                "between its forward and backward (e.g. optimizer.step() before backward()); "
+                "the gradient would be that of another model. Run backward first."
+            ) from err
         raise RuntimeError(_SECOND_BACKWARD) from err
+    inputs = saved[: ctx.num_inputs]
     return VJP_BACKENDS[run.chain.vjp](run.chain.layers, inputs, run.forward_states)
 
 
@@ -360,18 +411,42 @@ class _ChainOps:
 
 
 def _unaliased(vs: list[Tensor], ws: list[Tensor]) -> list[Tensor]:
-    """Copy any VJP that shares memory with an estimate or another VJP.
+    """Copy any VJP that the iteration could not safely overwrite in place.
 
-    Autograd may hand back the grad_output tensor itself (e.g. a block that passes its
-    input through); the iteration overwrites VJPs in place, which must not touch w.
+    Autograd may hand back the grad_output tensor itself (a block that passes its input
+    through), a view of another VJP, or an expanded tensor (the VJP of a sum): any VJP whose
+    memory overlaps an estimate or another VJP, or that is not dense, is copied.
     """
-    seen = {t.untyped_storage().data_ptr() for t in ws}
-    out = []
-    for v in vs:
-        ptr = v.untyped_storage().data_ptr()
-        out.append(v.clone() if ptr in seen else v)
-        seen.add(ptr)
+    out = [v if _is_dense(v) else v.clone() for v in vs]
+    ranges = sorted(
+        [(*_memory_range(t), "w", i) for i, t in enumerate(ws) if t.numel()]
+        + [(*_memory_range(t), "v", i) for i, t in enumerate(out) if t.numel()]
+    )
+    reach, reach_owner = -1, None
+    for start, end, kind, i in ranges:
+        if start < reach:
+            # Overlaps the range that reaches furthest so far: copy whichever is a VJP.
+            if kind == "v":
+                out[i] = out[i].clone()
+                continue
+            if reach_owner is not None and reach_owner[0] == "v":
+                out[reach_owner[1]] = out[reach_owner[1]].clone()
+        if end > reach:
+            reach, reach_owner = end, (kind, i)
     return out
+
+
+def _is_dense(t: Tensor) -> bool:
+    return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last) or (
+        t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d)
+    )
+
+
+def _memory_range(t: Tensor) -> tuple[int, int]:
+    """[first byte, one past the last byte] that `t` can touch."""
+    span = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    start = t.data_ptr()
+    return start, start + span * t.element_size()
 
 
 def _as_tensor(c: Any, like: Tensor) -> Tensor:

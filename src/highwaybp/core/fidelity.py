@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from highwaybp.core.chain import ResidualChain
 from highwaybp.core.methods import Exact, Method
+from highwaybp.core.replay import buffers_restored
 
 
 def chains_in(model: nn.Module) -> list[nn.Module]:
@@ -54,8 +55,8 @@ def _flat_grad(model: nn.Module, loss_fn: Callable[[nn.Module], Tensor]) -> list
 
 def compare_gradients(estimate: list[Tensor], exact: list[Tensor]) -> dict[str, float]:
     """Cosine similarity and relative L2 error ||est - exact|| / ||exact|| of two gradients."""
-    e = torch.cat([t.reshape(-1) for t in estimate]).double()
-    x = torch.cat([t.reshape(-1) for t in exact]).double()
+    e = torch.cat([t.detach().reshape(-1).to("cpu", torch.float64) for t in estimate])
+    x = torch.cat([t.detach().reshape(-1).to("cpu", torch.float64) for t in exact])
     x_norm = torch.linalg.vector_norm(x)
     cos = torch.nn.functional.cosine_similarity(e, x, dim=0, eps=1e-300)
     rel = torch.linalg.vector_norm(e - x) / x_norm.clamp_min(1e-300)
@@ -79,11 +80,26 @@ def gradient_fidelity(
     Returns {name: {"cosine", "rel_error", "iterations", "step_norms"}}; `.grad` is untouched.
     """
     named = dict(methods) if isinstance(methods, Mapping) else {repr(m): m for m in methods}
+    # The caller's RNG stream and the model's buffers (BatchNorm statistics) are left as
+    # they were: measuring must not perturb training.
+    with torch.random.fork_rng(devices=_cuda_devices(model)), buffers_restored(model):
+        return _fidelity_report(model, loss_fn, named, seed)
+
+
+def _cuda_devices(model: nn.Module) -> list[int]:
+    return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+
+
+def _fidelity_report(
+    model: nn.Module, loss_fn: Callable[[nn.Module], Tensor], named: dict, seed: int
+) -> dict[str, dict[str, Any]]:
     with use_method(model, Exact()):
         torch.manual_seed(seed)
         exact = _flat_grad(model, loss_fn)
     report: dict[str, dict[str, Any]] = {}
     for name, method in named.items():
+        for c in chains_in(model):
+            c.last_diagnostics = None  # report only what this evaluation ran
         with use_method(model, method):
             torch.manual_seed(seed)
             grad = _flat_grad(model, loss_fn)

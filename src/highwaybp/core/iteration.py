@@ -66,8 +66,10 @@ def clone_states(a: States) -> States:
 
 
 def _norms(rows: Any) -> Tensor:
-    # Per-state norms stay on the device; one sync per call instead of one per state.
-    return torch.stack([torch.linalg.vector_norm(r).to(torch.float64) for r in rows])
+    # Per-state norms stay on a device (one sync per call, not one per state), in the
+    # states' dtype (no float64 on some accelerators), gathered on the first state's device.
+    norms = [torch.linalg.vector_norm(r) for r in rows]
+    return torch.stack([n.to(norms[0].device) for n in norms]) if norms else torch.zeros(0)
 
 
 def states_norm(a: States) -> float:
@@ -161,6 +163,9 @@ def highway_iterate(
         w = w_new
         if keep_best and step <= best_step:
             best_w, best_step = w, step
+        if j >= num_layers and (adaptive or bound > num_layers):
+            stop = "exact_after_L"  # w^L is exact, whatever its step looked like
+            break
         if adaptive:
             if step < method.tol:
                 stop = "tol"
@@ -170,9 +175,7 @@ def highway_iterate(
                 break
     else:
         if adaptive:
-            stop = "exact_after_L" if bound >= num_layers else "max_k"
-        elif bound > num_layers:
-            stop = "exact_after_L"
+            stop = "max_k"
     diag.stop_reason = stop
     if adaptive:
         diag.converged = stop in ("tol", "exact_after_L")

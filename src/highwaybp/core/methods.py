@@ -59,7 +59,7 @@ class Highway(Method):
     k: Optional[int] = None
     tol: Optional[float] = None
     max_k: Optional[int] = None
-    fallback: str = "exact"
+    fallback: Optional[str] = None
 
     def __init__(
         self,
@@ -67,11 +67,13 @@ class Highway(Method):
         *,
         tol: Optional[float] = None,
         max_k: Optional[int] = None,
-        fallback: str = "exact",
+        fallback: Optional[str] = None,
     ) -> None:
         if tol is None:
-            if max_k is not None:
-                raise ValueError("Highway: max_k is for the adaptive form; pass tol=... too")
+            if max_k is not None or fallback is not None:
+                raise ValueError(
+                    "Highway: max_k and fallback are for the adaptive form; pass tol=... too"
+                )
             k = _check_k("Highway", 3 if k is None else k)
         else:
             if k is not None:
@@ -85,7 +87,8 @@ class Highway(Method):
                     "Highway: the adaptive form needs a bound, e.g. Highway(tol=1e-3, max_k=20)"
                 )
             max_k = _check_k("Highway(max_k)", max_k)
-        if fallback not in _FALLBACKS:
+            fallback = "exact" if fallback is None else fallback
+        if fallback is not None and fallback not in _FALLBACKS:
             raise ValueError(f"Highway: fallback must be one of {_FALLBACKS}, got {fallback!r}")
         object.__setattr__(self, "k", k)
         object.__setattr__(self, "tol", None if tol is None else float(tol))

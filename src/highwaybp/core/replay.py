@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -19,13 +19,19 @@ from torch.utils.checkpoint import get_device_states, set_device_states
 
 @dataclass
 class ForwardState:
-    """RNG and autocast state of one layer's forward (RNG only if preserved)."""
+    """What one layer's forward saw: RNG (if preserved), autocast, train/eval flags, buffers.
+
+    `buffers` are copies taken before the forward (a forward may update them: BatchNorm
+    statistics, spectral-norm power iterations), so the re-run sees what the forward saw.
+    """
 
     device_type: str
     cpu_rng: Optional[Tensor]
     device_ids: list
     device_rng: list
     autocast: dict[str, Any]
+    training: list = field(default_factory=list)
+    buffers: list = field(default_factory=list)
 
 
 def _autocast_state(device_type: str) -> dict[str, Any]:
@@ -40,14 +46,46 @@ def _autocast_state(device_type: str) -> dict[str, Any]:
     return state
 
 
-def capture_forward_state(x: Tensor, preserve_rng: bool) -> ForwardState:
-    """The state to replay later for a layer about to run on `x`."""
+def capture_forward_state(
+    x: Tensor, preserve_rng: bool, layer: Optional[nn.Module] = None
+) -> ForwardState:
+    """The state to replay later for `layer` about to run on `x`."""
     device_type = x.device.type
     cpu_rng, ids, states = None, [], []
     if preserve_rng:
         cpu_rng = torch.get_rng_state()
         ids, states = get_device_states(x)
-    return ForwardState(device_type, cpu_rng, ids, states, _autocast_state(device_type))
+    state = ForwardState(device_type, cpu_rng, ids, states, _autocast_state(device_type))
+    if layer is not None:
+        state.training = [m.training for m in layer.modules()]
+        state.buffers = [
+            (sub, name, buf.detach().clone())
+            for sub in layer.modules()
+            for name, buf in sub._buffers.items()
+            if buf is not None
+        ]
+    return state
+
+
+@contextmanager
+def modes_and_buffers_replayed(layer: nn.Module, state: ForwardState) -> Iterator[None]:
+    """Run the body with `layer` in the train/eval modes and with copies of the buffers
+    its forward saw; the module's own modes and buffers are put back afterwards."""
+    modules = list(layer.modules())
+    current_modes = [m.training for m in modules]
+    if state.training and len(state.training) == len(modules):
+        for m, mode in zip(modules, state.training):
+            m.training = mode
+    originals = [(sub, name, sub._buffers[name]) for sub, name, _ in state.buffers]
+    for sub, name, saved in state.buffers:
+        sub._buffers[name] = saved.clone()
+    try:
+        yield
+    finally:
+        for sub, name, buf in originals:
+            sub._buffers[name] = buf
+        for m, mode in zip(modules, current_modes):
+            m.training = mode
 
 
 @contextmanager

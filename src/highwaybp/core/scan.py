@@ -45,6 +45,12 @@ def reverse_scan_sequential(x: Tensor, a: Tensor | None = None) -> Tensor:
     _check(x, a)
     if a is None:
         return x.flip(0).cumsum(0).flip(0)
+    if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad):
+        # Differentiable form (out= does not support autograd).
+        ys = [x[-1]]
+        for i in range(x.shape[0] - 2, -1, -1):
+            ys.append(torch.addcmul(x[i], a[i], ys[-1]))
+        return torch.stack(ys[::-1])
     y = torch.empty_like(x)
     y[-1] = x[-1]
     for i in range(x.shape[0] - 2, -1, -1):

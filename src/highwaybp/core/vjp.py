@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from highwaybp.core.batched import BatchedVJP
-from highwaybp.core.replay import ForwardState, buffers_restored, replayed
+from highwaybp.core.replay import ForwardState, modes_and_buffers_replayed, replayed
 
 
 class LoopVJP:
@@ -97,9 +97,40 @@ class LoopVJP:
     def param_vjps(self, ws: Sequence[Tensor], params: Sequence[Tensor]) -> list[Optional[Tensor]]:
         """sum_j w_j @ df_j/dtheta for each parameter (None if unused); frees the graphs."""
         _, ys, live_ws = self._live(ws)
+        check_no_foreign_leaves(ys, [*params, *self.xs])
         if not params or not ys:
             return [None] * len(params)
         return list(torch.autograd.grad(ys, list(params), grad_outputs=live_ws, allow_unused=True))
+
+
+def check_no_foreign_leaves(outputs: Sequence[Tensor], allowed: Sequence[Tensor]) -> None:
+    """Raise if the layers' graphs reach a tensor requiring grad that the chain does not own.
+
+    Such a tensor (a parameter captured in a closure, e.g. a LinearShortcut's lambda over
+    an unregistered module, or an activation from outside the chain) would silently get
+    no gradient from the Highway backward.
+    """
+    allowed_ids = {id(t) for t in allowed}
+    stack = [y.grad_fn for y in outputs if y.grad_fn is not None]
+    seen: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            if id(variable) not in allowed_ids:
+                raise RuntimeError(
+                    f"a layer of this ResidualChain uses a tensor of shape "
+                    f"{tuple(variable.shape)} that requires grad but is not a parameter of "
+                    "the chain's layers (a module captured in a closure, or an activation "
+                    "from outside the chain): the Highway backward would leave it without a "
+                    "gradient. Register the module inside the layer (e.g. in the block), or "
+                    "use method=Exact()."
+                )
+            continue
+        stack.extend(fn for fn, _ in node.next_functions if fn is not None)
 
 
 @contextmanager
@@ -107,7 +138,7 @@ def _rerun_guard(layer: nn.Module, state: ForwardState | None) -> Iterator[None]
     if state is None:
         yield
         return
-    with replayed(state), buffers_restored(layer):
+    with replayed(state), modes_and_buffers_replayed(layer, state):
         yield
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from torch import Tensor, nn
 
@@ -28,7 +29,8 @@ class ResidualMLP(nn.Module):
     """Classifier x [B, in_dim] -> logits [B, num_classes] with `depth` residual blocks.
 
     The blocks live in `self.chain` (a ResidualChain), so `method=` picks how they are
-    differentiated; stem and head are ordinary autograd.
+    differentiated; stem and head are ordinary autograd. `residual` makes each layer's map
+    (a class or a factory: `lambda: hbp.Scaled(0.8)`).
     """
 
     def __init__(
@@ -40,7 +42,7 @@ class ResidualMLP(nn.Module):
         hidden: int | None = None,
         method: Method | None = None,
         dropout: float = 0.0,
-        residual: type[ResidualMap] = Identity,
+        residual: Callable[[], ResidualMap] = Identity,
     ) -> None:
         super().__init__()
         hidden = 2 * width if hidden is None else hidden
