@@ -27,7 +27,7 @@ DEFAULT_METHODS = ("exact", "highway:k=0", "highway:k=1", "highway:k=3")
 
 @dataclass
 class DemoConfig:
-    steps: int = 300
+    steps: int = 250
     batch_size: int = 128
     depth: int = 16
     width: int = 64
