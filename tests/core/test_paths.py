@@ -34,6 +34,15 @@ def layer_matrices(chain, x):
     return mats
 
 
+def upstream(num_layers, n, per_layer_loss):
+    """A random dLoss/d(output) and the per-state g_0..g_L it means (g_0 = 0)."""
+    grad_out = torch.randn((num_layers, 1, n) if per_layer_loss else (1, n), dtype=torch.float64)
+    zero = torch.zeros(n, dtype=torch.float64)
+    if per_layer_loss:
+        return grad_out, [zero, *(grad_out[i].reshape(-1) for i in range(num_layers))]
+    return grad_out, [zero] * num_layers + [grad_out.reshape(-1)]
+
+
 def path_sum(mats, g, i, k):
     """sum_{j>=i} g_j @ sum over paths layer j..i+1 crossing at most k blocks (J)."""
     total = torch.zeros_like(g[i])
@@ -62,12 +71,7 @@ def test_highway_estimate_is_the_short_path_sum(kinds, per_layer_loss):
     chain = make_chain(kinds, n).double()
     x = torch.randn(1, n, dtype=torch.float64)
     num_layers = len(kinds)
-    grad_out = torch.randn((num_layers, 1, n) if per_layer_loss else (1, n), dtype=torch.float64)
-    g = [torch.zeros(n, dtype=torch.float64)]
-    if per_layer_loss:
-        g += [grad_out[i].reshape(-1) for i in range(num_layers)]
-    else:
-        g += [torch.zeros(n, dtype=torch.float64)] * (num_layers - 1) + [grad_out.reshape(-1)]
+    grad_out, g = upstream(num_layers, n, per_layer_loss)
     mats = layer_matrices(chain, x)
     for k in range(num_layers + 1):
         ws = chain.state_gradients(x, grad_out, hbp.Highway(k=k), return_states=per_layer_loss)
@@ -83,12 +87,7 @@ def test_fixed_point_is_the_jacobi_iteration(per_layer_loss):
     chain = make_chain(kinds, n).double()
     x = torch.randn(1, n, dtype=torch.float64)
     num_layers = len(kinds)
-    grad_out = torch.randn((num_layers, 1, n) if per_layer_loss else (1, n), dtype=torch.float64)
-    g = [torch.zeros(n, dtype=torch.float64)]
-    if per_layer_loss:
-        g += [grad_out[i].reshape(-1) for i in range(num_layers)]
-    else:
-        g += [torch.zeros(n, dtype=torch.float64)] * (num_layers - 1) + [grad_out.reshape(-1)]
+    grad_out, g = upstream(num_layers, n, per_layer_loss)
     full = [k_mat + j_mat for k_mat, j_mat in layer_matrices(chain, x)]
     w = list(g)  # w^0 = g
     for k in range(num_layers + 2):

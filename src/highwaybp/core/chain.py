@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from highwaybp.core.iteration import Diagnostics, highway_iterate, raise_if_nonfinite
-from highwaybp.core.methods import Exact, FixedPoint, Highway, Method
+from highwaybp.core.methods import Exact, FixedPoint, Highway, Method, check_method
 from highwaybp.core.replay import ForwardState, capture_forward_state
 from highwaybp.core.residual import ResidualLayer
 from highwaybp.core.scan import DEFAULT_SCAN, get_scan, reverse_scan_list_
@@ -70,7 +70,7 @@ class ResidualChain(nn.Module):
         for index, layer in enumerate(layers):
             _check_layer(index, layer)
         self.layers = nn.ModuleList(layers)
-        self.method = _check_method(Exact() if method is None else method)
+        self.method = check_method(Exact() if method is None else method)
         self.scan_name = scan
         get_scan(scan)  # fail now on an unknown name
         if vjp not in VJP_BACKENDS:
@@ -89,7 +89,7 @@ class ResidualChain(nn.Module):
         self, x: Tensor, method: Method | None = None, return_states: bool = False
     ) -> Tensor:
         _check_input(x)
-        method = self.method if method is None else _check_method(method)
+        method = self.method if method is None else check_method(method)
         if isinstance(method, Exact) or not self._needs_backward(x):
             if self._needs_backward(x):  # an evaluation under no_grad keeps the last report
                 self.last_diagnostics = Diagnostics(method=repr(method), stop_reason="exact")
@@ -112,7 +112,7 @@ class ResidualChain(nn.Module):
         untouched. For studying the estimate layer by layer (e.g. against the path sum).
         """
         _check_input(x)
-        method = self.method if method is None else _check_method(method)
+        method = self.method if method is None else check_method(method)
         run = _Run(self, method, return_states)
         inputs: list[Tensor] = []
         run.forward_states = []
@@ -197,15 +197,6 @@ def _apply_layer(index: int, layer: ResidualLayer, h: Tensor) -> Tensor:
             "inplace=False there"
         )
     return out
-
-
-def _check_method(method: Any) -> Method:
-    if not isinstance(method, Method):
-        raise TypeError(
-            f"method must be highwaybp.Exact(), Highway(k), Highway(tol=, max_k=) or "
-            f"FixedPoint(k), got {method!r}"
-        )
-    return method
 
 
 def _check_input(x: Any) -> None:

@@ -133,6 +133,16 @@ class FixedPoint(Method):
 METHODS = {"exact": Exact, "highway": Highway, "fixedpoint": FixedPoint}
 
 
+def check_method(method: object) -> Method:
+    """`method` if it is a highwaybp method, else a TypeError that lists the choices."""
+    if not isinstance(method, Method):
+        raise TypeError(
+            f"method must be highwaybp.Exact(), Highway(k), Highway(tol=, max_k=) or "
+            f"FixedPoint(k), got {method!r}"
+        )
+    return method
+
+
 def method_from_string(text: str) -> Method:
     """Parse "exact", "highway:k=3", "highway:tol=1e-3,max_k=20", "fixedpoint:k=2".
 

@@ -76,14 +76,10 @@ def modes_and_buffers_replayed(layer: nn.Module, state: ForwardState) -> Iterato
     if state.training and len(state.training) == len(modules):
         for m, mode in zip(modules, state.training):
             m.training = mode
-    originals = [(sub, name, sub._buffers[name]) for sub, name, _ in state.buffers]
-    for sub, name, saved in state.buffers:
-        sub._buffers[name] = saved.clone()
     try:
-        yield
+        with _buffer_copies_swapped_in(state.buffers):
+            yield
     finally:
-        for sub, name, buf in originals:
-            sub._buffers[name] = buf
         for m, mode in zip(modules, current_modes):
             m.training = mode
 
@@ -123,14 +119,24 @@ def buffers_restored(module: nn.Module) -> Iterator[None]:
     swapped out rather than restored in place afterwards: autograd saves the running-stat
     tensors in BatchNorm's graph, and an in-place restore would invalidate that graph.
     """
-    swapped = []
-    for sub in module.modules():
-        for name, buf in sub._buffers.items():
-            if buf is not None:
-                swapped.append((sub, name, buf))
-                sub._buffers[name] = buf.clone()
+    current = [
+        (sub, name, buf)
+        for sub in module.modules()
+        for name, buf in sub._buffers.items()
+        if buf is not None
+    ]
+    with _buffer_copies_swapped_in(current):
+        yield
+
+
+@contextmanager
+def _buffer_copies_swapped_in(entries: list) -> Iterator[None]:
+    """For (module, name, value) entries: module.name = value.clone() during the body."""
+    originals = [(sub, name, sub._buffers[name]) for sub, name, _ in entries]
+    for sub, name, value in entries:
+        sub._buffers[name] = value.clone()
     try:
         yield
     finally:
-        for sub, name, buf in swapped:
+        for sub, name, buf in originals:
             sub._buffers[name] = buf

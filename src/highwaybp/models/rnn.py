@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from highwaybp.core.iteration import Diagnostics, highway_iterate, raise_if_nonfinite
-from highwaybp.core.methods import Exact, FixedPoint, Highway, Method
+from highwaybp.core.methods import Exact, FixedPoint, Highway, Method, check_method
 from highwaybp.core.scan import reverse_scan_sequential
 from highwaybp.models.rnn_cells import BufferPool, GRUEngine, LSTMEngine
 
@@ -231,15 +231,6 @@ def _layer_backward(
 # ---- the modules ------------------------------------------------------------------------
 
 
-def _check_method(method: Any) -> Method:
-    if not isinstance(method, Method):
-        raise TypeError(
-            f"method must be highwaybp.Exact(), Highway(k), Highway(tol=, max_k=) or "
-            f"FixedPoint(k), got {method!r}"
-        )
-    return method
-
-
 class _HighwayRNNBase(nn.Module):
     """Shared by GRU and LSTM: torch.nn's constructor, parameters and input conventions."""
 
@@ -283,7 +274,7 @@ class _HighwayRNNBase(nn.Module):
         self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
         self.bidirectional = False
         self.residual = residual
-        self.method = _check_method(Exact() if method is None else method)
+        self.method = check_method(Exact() if method is None else method)
         self.iterate = iterate
         self.last_diagnostics: Optional[Diagnostics] = None
         self.layer_diagnostics: list[Optional[Diagnostics]] = [None] * num_layers
@@ -465,7 +456,7 @@ class GRU(_HighwayRNNBase):
     def forward(
         self, x: Tensor, hx: Optional[Tensor] = None, method: Method | None = None
     ) -> tuple[Tensor, Tensor]:
-        method = self.method if method is None else _check_method(method)
+        method = self.method if method is None else check_method(method)
         xt, batched = self._prepare_input(x)
         if hx is None:
             h0 = xt.new_zeros((self.num_layers, xt.shape[1], self.hidden_size))
@@ -488,7 +479,7 @@ class LSTM(_HighwayRNNBase):
     def forward(
         self, x: Tensor, hx: Optional[tuple[Tensor, Tensor]] = None, method: Method | None = None
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        method = self.method if method is None else _check_method(method)
+        method = self.method if method is None else check_method(method)
         xt, batched = self._prepare_input(x)
         if hx is None:
             h0 = xt.new_zeros((self.num_layers, xt.shape[1], self.hidden_size))
@@ -523,12 +514,12 @@ class CellRNN(nn.Module):
     def __init__(self, cell: nn.Module, method: Method | None = None) -> None:
         super().__init__()
         self.cell = cell
-        self.method = _check_method(Exact() if method is None else method)
+        self.method = check_method(Exact() if method is None else method)
         self.last_diagnostics: Optional[Diagnostics] = None
         _check_cell(cell, self.method)
 
     def forward(self, x: Tensor, h0: Tensor, method: Method | None = None) -> Tensor:
-        method = self.method if method is None else _check_method(method)
+        method = self.method if method is None else check_method(method)
         _check_cell(self.cell, method)
         if x.dim() != 3 or h0.dim() != 2 or h0.shape[0] != x.shape[1]:
             raise ValueError(
