@@ -253,7 +253,8 @@ class _Engine:
         return acc["dx"], acc["w_ih"], acc["w_hh"], acc["b_ih"], acc["b_hh"]
 
     def states_h(self) -> Tensor:
-        raise NotImplementedError
+        """Hidden states h_0..h_T [T+1, B, H] stored by the forward."""
+        return self.states
 
 
 class GRUEngine(_Engine):
@@ -289,9 +290,6 @@ class GRUEngine(_Engine):
             torch.addcmul(n, a[:, H:h2], d, out=hs[t + 1])
         self.states, self.A, self.HH = states, A, HH
         return states
-
-    def states_h(self) -> Tensor:
-        return self.states
 
     @property
     def z(self) -> Tensor:
@@ -446,9 +444,6 @@ class LSTMEngine(_Engine):
             torch.mul(o, tcs[t], out=hs[t + 1])
         self.states, self.C, self.TC, self.A = states, C, TC, A
         return states, C[-1].clone()
-
-    def states_h(self) -> Tensor:
-        return self.states
 
     @property
     def f(self) -> Tensor:
