@@ -1,0 +1,48 @@
+"""docs/benchmarks.md is generated from results/*.json and must not drift from them."""
+
+import json
+from pathlib import Path
+
+from highwaybp.bench.report import render
+from highwaybp.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_committed_docs_match_committed_results(capsys):
+    """Editing a number in docs/benchmarks.md, or a results file without rerunning
+    `highwaybp report`, fails here."""
+    code = main(["report", "--results", str(ROOT / "results"),
+                 "--out", str(ROOT / "docs" / "benchmarks.md"), "--check"])
+    assert code == 0, capsys.readouterr().err
+
+
+def _scan_file(folder: Path, ms: float) -> None:
+    folder.mkdir(parents=True)
+    (folder / "scan.json").write_text(json.dumps({
+        "bench": "scan", "dtype": "float32", "repeats": 3,
+        "machine": {"torch": "x", "threads": 1},
+        "records": [{"length": 8, "width": 4, "sequential_ms": ms, "hillis_steele_ms": 2 * ms,
+                     "hillis_steele_over_sequential": 2.0}],
+    }))
+
+
+def test_numbers_come_from_the_file_and_unknown_files_are_listed(tmp_path):
+    _scan_file(tmp_path / "results" / "bench", 1.234)
+    (tmp_path / "results" / "other.json").write_text('{"something": 1}')
+    text = render(tmp_path / "results")
+    assert "| 8 | 4 | 1.23 | 2.47 | 2.0 |" in text
+    assert "`results/bench/scan.json`" in text
+    assert "- `results/other.json`" in text
+
+
+def test_check_fails_on_stale_docs_and_write_fixes_it(tmp_path, capsys):
+    _scan_file(tmp_path / "results" / "bench", 1.0)
+    out = tmp_path / "docs" / "benchmarks.md"
+    args = ["report", "--results", str(tmp_path / "results"), "--out", str(out)]
+    assert main([*args, "--check"]) == 1          # missing file is stale
+    assert main(args) == 0
+    assert main([*args, "--check"]) == 0
+    out.write_text(out.read_text().replace("1.00", "0.50"))   # a hand edit
+    assert main([*args, "--check"]) == 1
+    assert "stale" in capsys.readouterr().err
