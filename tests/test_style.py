@@ -13,6 +13,6 @@ def test_ruff_clean():
     ruff = shutil.which("ruff")
     if ruff is None:
         pytest.fail("ruff is not installed: pip install -e '.[test]'")
-    result = subprocess.run([ruff, "check", "src", "tests", "examples"], cwd=ROOT, capture_output=True,
-                            text=True)
+    result = subprocess.run([ruff, "check", "src", "tests", "examples"], cwd=ROOT,
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
