@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_committed_docs_match_committed_results(capsys):
     """Editing a number in docs/benchmarks.md, or a results file without rerunning
     `highwaybp report`, fails here."""
-    code = main(["report", "--results", str(ROOT / "results"),
+    code = main(["report", "--results", str(ROOT / "results"), "--readme", str(ROOT / "README.md"),
                  "--out", str(ROOT / "docs" / "benchmarks.md"), "--check"])
     assert code == 0, capsys.readouterr().err
 
@@ -39,10 +39,32 @@ def test_numbers_come_from_the_file_and_unknown_files_are_listed(tmp_path):
 def test_check_fails_on_stale_docs_and_write_fixes_it(tmp_path, capsys):
     _scan_file(tmp_path / "results" / "bench", 1.0)
     out = tmp_path / "docs" / "benchmarks.md"
-    args = ["report", "--results", str(tmp_path / "results"), "--out", str(out)]
+    args = ["report", "--results", str(tmp_path / "results"), "--out", str(out),
+            "--readme", str(tmp_path / "no-readme.md")]
     assert main([*args, "--check"]) == 1          # missing file is stale
     assert main(args) == 0
     assert main([*args, "--check"]) == 0
     out.write_text(out.read_text().replace("1.00", "0.50"))   # a hand edit
     assert main([*args, "--check"]) == 1
     assert "stale" in capsys.readouterr().err
+
+
+def test_readme_table_is_spliced_between_markers_and_checked(tmp_path, capsys):
+    from highwaybp.bench.report import README_BEGIN, README_END
+
+    results = tmp_path / "results"
+    (results / "ddg").mkdir(parents=True)
+    (results / "ddg" / "bench_ddg.json").write_text(json.dumps({"rows": [
+        {"method": "backprop", "processes": 1, "speedup_vs_best_backprop": 1.0},
+        {"method": "ddg-stash", "processes": 3, "speedup_vs_best_backprop": 0.777}]}))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{README_BEGIN}\nold table\n{README_END}\noutro\n")
+    args = ["report", "--results", str(results), "--out", str(tmp_path / "b.md"),
+            "--readme", str(readme)]
+    assert main(args) == 0
+    text = readme.read_text()
+    assert "old table" not in text and "0.78x vs 1-process backprop" in text
+    assert text.startswith("intro\n") and text.endswith("outro\n")
+    assert main([*args, "--check"]) == 0
+    readme.write_text(text.replace("0.78x", "1.50x"))
+    assert main([*args, "--check"]) == 1
