@@ -17,6 +17,7 @@ COMMANDS: tuple[str, ...] = (
     "highwaybp.bench.cli",
     "highwaybp.train.experiment_cli",
     "highwaybp.train.train_cli",
+    "highwaybp.selftest_cli",
 )
 
 
