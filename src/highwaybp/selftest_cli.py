@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
+
 from highwaybp import selftest
 
 
@@ -22,6 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", default="cpu",
                    help="cpu (default), cuda, cuda:N or mps")
+    p.add_argument("--dtype", choices=["float64", "float32"], default=None,
+                   help="default: float64 where the device has it (not on mps), else float32")
     p.add_argument("--quick", action="store_true",
                    help="a subset at small sizes: Highway(k=L) per residual kind and backend, "
                         "scans, RNG replay, RNN gradients, GPT-2 (no DDG processes)")
@@ -29,8 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    dtype = None if args.dtype is None else getattr(torch, args.dtype)
     try:
         selftest.resolve_device(args.device)
+        selftest.resolve_dtype(args.device, dtype)
     except ValueError as err:
         print(f"highwaybp selftest: {err}", file=sys.stderr)
         return 2
@@ -40,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     def show(result: selftest.CheckResult) -> None:
         print(selftest.format_row(result, width), flush=True)
 
-    results = selftest.run(args.device, quick=args.quick, progress=show)
+    results = selftest.run(args.device, quick=args.quick, progress=show, dtype=dtype)
     print(selftest.summary(results) + (" (--quick subset)" if args.quick else ""))
     failed = [r.name for r in results if r.status == "FAIL"]
     if failed:
