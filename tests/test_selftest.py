@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 import highwaybp.core.chain as chain_module
 import highwaybp.core.scan as scan_module
+import highwaybp.core.vjp as vjp_module
 import highwaybp.models.rnn as rnn_module
 from highwaybp import selftest
 from highwaybp.cli import main
@@ -148,6 +150,23 @@ def test_planted_bug_in_the_rnn_iteration_fails(monkeypatch):
     assert statuses["rnn/gru/highway-k=T-grad"] == "FAIL"
     assert statuses["rnn/lstm/highway-k=T-grad"] == "FAIL"
     assert statuses["chain/gated/highway-k=L/loop"] == "PASS"
+
+
+def test_planted_bug_rerun_without_rng_and_buffer_replay_fails(monkeypatch):
+    # The loop backend re-runs each layer for its VJPs inside _rerun_guard (core/vjp.py).
+    monkeypatch.setattr(vjp_module, "_rerun_guard", lambda layer, state: contextlib.nullcontext())
+    statuses = _statuses(selftest.run("cpu", quick=True))
+    assert statuses["rng-replay/dropout/highway-k=L/loop"] == "FAIL"  # other dropout masks
+    assert statuses["chain/batchnorm-train/highway-k=L/loop"] == "FAIL"  # statistics updated twice
+    assert statuses["chain/gated/highway-k=L/loop"] == "PASS"
+
+
+def test_a_chain_silently_running_autograd_fails(monkeypatch):
+    # Exact gradients, but not Highway-BP: the comparison alone would pass; the check must not.
+    monkeypatch.setattr(chain_module.ResidualChain, "_needs_backward", lambda self, x: False)
+    results = {r.name: r for r in selftest.run("cpu", quick=True)}
+    result = results["chain/scaled/highway-k=L/loop"]
+    assert result.status == "FAIL" and "did not report running Highway(k=4)" in result.reason
 
 
 # ---- how results are judged -------------------------------------------------------------

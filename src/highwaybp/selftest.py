@@ -202,6 +202,21 @@ def compare(measured: Measured) -> tuple[float, float]:
     return max_abs, worst
 
 
+def ran_method(diag: Any, method: Method, length: int, what: str) -> str:
+    """Raise CheckFailed unless the diagnostics say `method` ran (all `length` iterations
+    for Highway/FixedPoint at k = length): a module that silently fell back to autograd
+    would otherwise pass every comparison. Returns a short note."""
+    if diag is None or diag.method != repr(method):
+        got = None if diag is None else diag.method
+        raise CheckFailed(f"{what} did not report running {method!r} (diagnostics: {got})")
+    if isinstance(method, Exact):
+        return ""
+    if diag.iterations != length:
+        raise CheckFailed(f"{what} ran {diag.iterations} iterations of {method!r}, expected "
+                          f"{length}")
+    return f"{diag.iterations} iterations"
+
+
 def _grads(loss: Tensor, tensors: Sequence[Tensor]) -> list[Tensor]:
     grads = torch.autograd.grad(loss, list(tensors), allow_unused=True)
     return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, tensors)]
@@ -335,15 +350,16 @@ def chain_check(
     def check(setup: Setup) -> Measured:
         layers, x, weights = _chain_layers(case, setup)
         reference = _autograd_reference(layers, x, weights)
-        chain = ResidualChain(layers, method=method(len(layers)), **(chain_kwargs or {}))
+        chosen = method(len(layers))
+        chain = ResidualChain(layers, method=chosen, **(chain_kwargs or {}))
         estimate = _grads((chain(x) * weights).sum(), [x, *_params(layers)])
-        note = ""
         diag = chain.last_diagnostics
+        note = ran_method(diag, chosen, len(layers), "the chain")
         if expect_stop is not None:
-            if diag is None or diag.stop_reason != expect_stop:
-                got = None if diag is None else (diag.stop_reason, diag.iterations)
-                raise CheckFailed(f"expected stop reason {expect_stop!r}, got {got}")
-            note = f"{diag.iterations} iterations, stop: {diag.stop_reason}"
+            if diag.stop_reason != expect_stop:
+                raise CheckFailed(f"expected stop reason {expect_stop!r}, got "
+                                  f"{diag.stop_reason!r} after {diag.iterations} iterations")
+            note += f", stop: {diag.stop_reason}"
         names = ["dLoss/dx", *(n for n, _ in chain.named_parameters())]
         return Measured(estimate, reference, note, names)
 
@@ -395,6 +411,34 @@ def check_scans(setup: Setup) -> Measured:
     return Measured(est, ref, names=names)
 
 
+def batchnorm_check(backend: str) -> Callable[[Setup], Measured]:
+    """Blocks with BatchNorm in train mode: gradients as autograd's, and the running
+    statistics updated once per forward (the backward's re-run must not touch them)."""
+
+    def check(setup: Setup) -> Measured:
+        batch, width, depth = _sizes(setup)
+
+        def block() -> nn.Module:
+            return nn.Sequential(nn.Linear(width, width), nn.BatchNorm1d(width), nn.Tanh(),
+                                 nn.Linear(width, width))
+
+        layers = [ResidualLayer(setup.build(block, seed=700 + i)) for i in range(depth)]
+        copies = copy.deepcopy(layers)
+        x = setup.randn(batch, width, seed=1).requires_grad_(True)
+        weights = setup.randn(batch, width, seed=2)
+        reference = _autograd_reference(copies, x, weights)
+        reference += [b for layer in copies for b in layer.buffers()]
+        chain = ResidualChain(layers, method=Highway(k=depth), **BACKENDS[backend])
+        estimate = _grads((chain(x) * weights).sum(), [x, *_params(layers)])
+        estimate += [b for layer in layers for b in layer.buffers()]
+        note = ran_method(chain.last_diagnostics, chain.method, depth, "the chain")
+        names = ["dLoss/dx", *(n for n, _ in chain.named_parameters()),
+                 *(n for n, _ in chain.named_buffers())]
+        return Measured(estimate, reference, note, names)
+
+    return check
+
+
 # ---- RNG replay --------------------------------------------------------------------------
 
 
@@ -410,13 +454,14 @@ def check_dropout_replay(setup: Setup) -> Measured:
     out = chain(x)
     torch.manual_seed(seed + 1)  # the backward must not depend on the RNG at backward time
     estimate = _grads((out * weights).sum(), [x, *_params(layers)])
+    note = ran_method(chain.last_diagnostics, chain.method, len(layers), "the chain")
     # The masks must differ from a run without dropout, or this check proves nothing.
     torch.manual_seed(seed)
     undropped = _autograd_reference([_without_dropout(layer) for layer in layers], x, weights)
     if all(torch.equal(a, b) for a, b in zip(undropped, reference)):
         raise CheckFailed("dropout had no effect on the reference: the check is vacuous")
     names = ["dLoss/dx", *(n for n, _ in chain.named_parameters())]
-    return Measured(estimate, reference, names=names)
+    return Measured(estimate, reference, note, names)
 
 
 def _without_dropout(layer: ResidualLayer) -> ResidualLayer:
@@ -518,8 +563,12 @@ def rnn_grad_check(
         ref_out = _rnn_outputs(kind, ref, x, state, **ref_kwargs)
         reference = [*ref_out, *_grads(_rnn_loss(ref_out, setup), [*leaves, *ref.parameters()])]
         torch.manual_seed(seed)
-        out = _rnn_outputs(kind, ours, x, state, method=method(x.shape[1]))
+        steps, chosen = x.shape[1], method(x.shape[1])
+        out = _rnn_outputs(kind, ours, x, state, method=chosen)
         estimate = [*out, *_grads(_rnn_loss(out, setup), [*leaves, *ours.parameters()])]
+        for layer, diag in enumerate(ours.layer_diagnostics):
+            ran = ran_method(diag, chosen, steps, f"highwaybp.{kind.upper()} layer {layer}")
+        note = "; ".join(filter(None, (ran, note)))
         state_names = ["dL/dh0", "dL/dc0"] if kind == "lstm" else ["dL/dh0"]
         names = [*_output_names(kind), "dL/dx", *state_names,
                  *(f"dL/d{n}" for n, _ in ours.named_parameters())]
@@ -606,7 +655,7 @@ def _quiet(transformers: Any) -> Iterator[None]:
 
 
 def _hf_compare(kind: str, transformers: Any, setup: Setup) -> Measured:
-    from highwaybp.models.huggingface import from_huggingface
+    from highwaybp.models.huggingface import from_huggingface, highway_stack
 
     vocab, seq, layers = 40, 6, 2
     if kind == "gpt2":
@@ -624,7 +673,8 @@ def _hf_compare(kind: str, transformers: Any, setup: Setup) -> Measured:
         make = lambda: transformers.BertModel(config, add_pooling_layer=False)
     reference_model = setup.build(make, seed=600)
     adapted = copy.deepcopy(reference_model)
-    from_huggingface(adapted, method=Highway(k=2 * layers))
+    method = Highway(k=2 * layers)  # L = 2 sub-layers (attention, MLP) per block
+    from_huggingface(adapted, method=method)
     gen = torch.Generator().manual_seed(50)
     ids = torch.randint(0, vocab, (2, seq), generator=gen).to(setup.device)
     mask = torch.ones(2, seq, dtype=torch.long, device=setup.device)
@@ -638,9 +688,10 @@ def _hf_compare(kind: str, transformers: Any, setup: Setup) -> Measured:
 
     reference = _grads(loss_of(reference_model), list(reference_model.parameters()))
     estimate = _grads(loss_of(adapted), list(adapted.parameters()))
+    ran = ran_method(highway_stack(adapted).last_diagnostics, method, 2 * layers, "the adapter")
     names = [n for n, _ in adapted.named_parameters()]
     version = getattr(transformers, "__version__", "?")
-    return Measured(estimate, reference, f"transformers {version}", names)
+    return Measured(estimate, reference, f"{ran}; transformers {version}", names)
 
 
 # ---- DDG ---------------------------------------------------------------------------------
@@ -713,6 +764,8 @@ def all_checks() -> list[Check]:
     """Every check, in table order."""
     return [
         *_chain_checks(),
+        Check("chain/batchnorm-train/highway-k=L/loop", batchnorm_check("loop"), quick=True),
+        Check("chain/batchnorm-train/highway-k=L/batched", batchnorm_check("batched")),
         Check("scan/hillis_steele-vs-sequential", check_scans, quick=True),
         Check("rng-replay/dropout/highway-k=L/loop", check_dropout_replay, quick=True),
         Check("rng-replay/batched-refuses-dropout", check_batched_refuses_dropout, quick=True),
@@ -779,11 +832,17 @@ def _deterministic(device: torch.device) -> Iterator[None]:
     cudnn = torch.backends.cudnn
     saved = (cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32,
              torch.backends.cuda.matmul.allow_tf32)
-    devices = [device.index or 0] if device.type == "cuda" else []
+    # torch.manual_seed (used to build the models) seeds every GPU: restore all of them.
+    devices: list[Any] = []
+    if device.type == "cuda":
+        devices = list(range(torch.cuda.device_count()))
+    elif device.type == "mps":
+        devices = ["mps"]
+    device_type = None if device.type == "cpu" else device.type
     try:
         cudnn.deterministic, cudnn.benchmark = True, False
         cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices, device_type=device_type):
             yield
     finally:
         (cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32,
