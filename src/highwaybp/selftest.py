@@ -10,7 +10,8 @@ has it) and compares, gradient by gradient, each method against plain autograd:
   and FixedPoint(k=L) with each VJP backend (`BACKENDS`: loop, batched where the kind allows
   it, loop with recompute=False), Exact(), adaptive Highway(tol, max_k=L) reaching L, and
   the Hillis-Steele scan; the reference runs the same layers one after the other under
-  ordinary autograd. Compared: dLoss/dx and every parameter's gradient.
+  ordinary autograd. Compared: dLoss/dx and every parameter's gradient. Also blocks with
+  BatchNorm in train mode (gradients and running statistics after the backward).
 - scan/...: the log-depth Hillis-Steele scan against the sequential one.
 - rng-replay/...: blocks with dropout in train mode, Highway(k=L) against autograd with
   the same seed (the backward must replay each layer's masks), and the batched backend
@@ -28,12 +29,15 @@ Each check reports the largest per-tensor relative L2 error ||est - ref|| / ||re
 tensor whose reference is near zero is measured against `NORM_FLOOR` times the norm of
 all compared tensors) and passes if it is at most `TOLERANCES[dtype]`. A check whose
 reference is zero or non-finite fails: it could not have detected an error. An exception
-in a check is a FAIL with its message; a SKIP always says why.
+in a check is a FAIL with its message; a SKIP always says why. Each check also reads the
+module's diagnostics to confirm the method really ran (all L iterations): a module that
+fell back to plain autograd would match the reference and prove nothing.
 
-`quick=True` runs the subset marked quick (Highway(k=L) per residual kind with the loop
-and batched backends, the scans, RNG replay, the RNN gradients, GPT-2) and leaves out
-FixedPoint, Exact, adaptive and recompute=False chain checks, the RNN forward/dropout
-checks, BERT and the multi-process DDG run.
+`quick=True` runs the checks marked quick, at smaller sizes (L = 4, T = 5): Highway(k=L)
+per residual kind with the loop and batched backends, the Hillis-Steele chain on Gated,
+BatchNorm with the loop backend, the scans, RNG replay, the RNN Highway(k=T) gradients and
+GPT-2. It leaves out the FixedPoint, Exact, adaptive and recompute=False chain checks, the
+other RNN checks, BERT and the multi-process DDG run.
 """
 
 from __future__ import annotations
@@ -69,6 +73,8 @@ from highwaybp.core.scan import get_scan, reverse_scan_sequential
 # float32 (devices without float64, e.g. mps): ~2e-7 measured on CPU; 1e-4 leaves room for
 # other kernels' summation orders while a wrong gradient is off by 1e-2 or more.
 TOLERANCES: dict[torch.dtype, float] = {torch.float64: 1e-9, torch.float32: 1e-4}
+# A tensor's error is relative to max(its own norm, NORM_FLOOR * the norm of all compared
+# tensors): a gradient that is ~0 by symmetry is not judged by its rounding noise alone.
 NORM_FLOOR = 1e-3
 STATUSES = ("PASS", "FAIL", "SKIP")
 # The transformers major versions the Hugging Face adapter is tested with.
