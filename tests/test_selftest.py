@@ -55,6 +55,8 @@ def test_full_selftest_covers_what_matters(full_run):
     for kind in ("identity", "scaled", "relu", "gated"):  # LinearShortcut: batched refuses K
         assert f"chain/{kind}/highway-k=L/batched" in names
         assert f"chain/{kind}/highway-k=L/hillis_steele" in names
+        assert f"chain/{kind}/highway-k=L/per-layer-loss" in names
+    assert "chain/batchnorm-train/highway-k=L/loop" in names
     assert "scan/hillis_steele-vs-sequential" in names
     assert "rng-replay/dropout/highway-k=L/loop" in names
     for rnn in ("gru", "lstm"):

@@ -10,8 +10,9 @@ has it) and compares, gradient by gradient, each method against plain autograd:
   and FixedPoint(k=L) with each VJP backend (`BACKENDS`: loop, batched where the kind allows
   it, loop with recompute=False), Exact(), adaptive Highway(tol, max_k=L) reaching L, and
   the Hillis-Steele scan; the reference runs the same layers one after the other under
-  ordinary autograd. Compared: dLoss/dx and every parameter's gradient. Also blocks with
-  BatchNorm in train mode (gradients and running statistics after the backward).
+  ordinary autograd. Compared: dLoss/dx and every parameter's gradient. Also a loss on
+  every state (return_states=True, per-layer losses) and blocks with BatchNorm in train
+  mode (gradients and running statistics after the backward).
 - scan/...: the log-depth Hillis-Steele scan against the sequential one.
 - rng-replay/...: blocks with dropout in train mode, Highway(k=L) against autograd with
   the same seed (the backward must replay each layer's masks), and the batched backend
@@ -336,13 +337,19 @@ def _params(layers: Sequence[nn.Module]) -> list[Tensor]:
 
 
 def _autograd_reference(layers, x: Tensor, weights: Tensor, seed: int | None = None):
-    """dLoss/dx and parameter gradients, the layers run one by one under plain autograd."""
+    """dLoss/dx and parameter gradients, the layers run one by one under plain autograd.
+
+    weights: shaped like h_L (loss <weights, h_L>), or [L, *h.shape] for a loss on every
+    state h_1..h_L (per-layer losses, the chain's return_states=True).
+    """
     if seed is not None:
         torch.manual_seed(seed)
-    h = x
+    h, states = x, []
     for layer in layers:
         h = layer(h)
-    return _grads((h * weights).sum(), [x, *_params(layers)])
+        states.append(h)
+    out = torch.stack(states) if weights.dim() == h.dim() + 1 else h
+    return _grads((out * weights).sum(), [x, *_params(layers)])
 
 
 def chain_check(
@@ -350,15 +357,20 @@ def chain_check(
     method: Callable[[int], Method],
     chain_kwargs: dict[str, Any] | None = None,
     expect_stop: str | None = None,
+    per_layer_loss: bool = False,
 ) -> Callable[[Setup], Measured]:
-    """Check: the chain with method(L) against the same layers under plain autograd."""
+    """Check: the chain with method(L) against the same layers under plain autograd
+    (loss on h_L, or with `per_layer_loss` on every state through return_states=True)."""
 
     def check(setup: Setup) -> Measured:
         layers, x, weights = _chain_layers(case, setup)
+        if per_layer_loss:
+            weights = setup.randn(len(layers), *weights.shape, seed=3)
         reference = _autograd_reference(layers, x, weights)
         chosen = method(len(layers))
         chain = ResidualChain(layers, method=chosen, **(chain_kwargs or {}))
-        estimate = _grads((chain(x) * weights).sum(), [x, *_params(layers)])
+        out = chain(x, return_states=per_layer_loss)
+        estimate = _grads((out * weights).sum(), [x, *_params(layers)])
         diag = chain.last_diagnostics
         note = ran_method(diag, chosen, len(layers), "the chain")
         if expect_stop is not None:
@@ -392,11 +404,13 @@ def _chain_checks() -> list[Check]:
         checks.append(Check(f"{prefix}/exact", chain_check(case, lambda n: Exact())))
         checks.append(Check(f"{prefix}/adaptive-tol-reaches-L/loop",
                             chain_check(case, _adaptive, expect_stop="exact_after_L")))
-        if not case.shape_changing:  # the stacked scans need one state shape
+        if not case.shape_changing:  # stacked scans and stacked states need one shape
             checks.append(Check(f"{prefix}/highway-k=L/hillis_steele",
                                 chain_check(case, lambda n: Highway(k=n),
                                             {"scan": "hillis_steele"}),
                                 quick=case.name == "gated"))
+            checks.append(Check(f"{prefix}/highway-k=L/per-layer-loss",
+                                chain_check(case, lambda n: Highway(k=n), per_layer_loss=True)))
     return checks
 
 
