@@ -18,6 +18,7 @@ COMMANDS: tuple[str, ...] = (
     "highwaybp.train.experiment_cli",
     "highwaybp.train.train_cli",
     "highwaybp.bench.report",
+    "highwaybp.selftest_cli",
 )
 
 
