@@ -58,3 +58,40 @@ def test_torchrun_rank_refuses_another_configuration_before_writing(
         main(argv)
     assert _snapshot(out) == before
     assert not (out / "ranks").exists()
+
+
+class _Interrupted(Exception):
+    """Stands for a Ctrl-C while the arms run."""
+
+
+def test_experiment_rerun_with_other_run_settings_is_refused(tmp_path, monkeypatch):
+    """An interrupted `highwaybp experiment ddg` rerun with another --lr must be refused
+    with the diff before any run marker is rewritten or run started; more seeds are a
+    valid extension. Fails on eab6026 (before this fix): the rerun rewrote every run's
+    command.json and started the arms, each then failing on its own (or, for an arm with
+    no checkpoint yet, training with the new settings beside arms trained with the old)."""
+    from highwaybp.train import ddg_experiment
+
+    started: list[str] = []
+
+    def interrupted_arms(jobs, parallel):
+        started.extend(name for name, _ in jobs)
+        raise _Interrupted
+
+    monkeypatch.setattr(ddg_experiment, "_run_arms", interrupted_arms)
+    out = tmp_path / "exp"
+    argv = ["experiment", "ddg", "--tiny", "--splits", "2", "--semantics", "stash",
+            "--highway-k", "--out", str(out)]  # fmt: skip
+    with pytest.raises(_Interrupted):
+        main([*argv, "--lr", "0.05"])
+    assert started == ["bp/seed0", "ddg-k2-stash/seed0"]
+    markers = {p: p.read_bytes() for p in out.rglob("command.json")}
+    assert len(markers) == 2
+    started.clear()
+    with pytest.raises(ConfigMismatchError, match=r"lr: '0\.05' \(in config.json\) -> '0\.1'"):
+        main([*argv, "--lr", "0.1"])
+    assert started == []
+    assert {p: p.read_bytes() for p in out.rglob("command.json")} == markers
+    with pytest.raises(_Interrupted):  # another seed: same settings, more runs
+        main([*argv, "--lr", "0.05", "--seeds", "0", "1"])
+    assert started == ["bp/seed0", "ddg-k2-stash/seed0", "bp/seed1", "ddg-k2-stash/seed1"]
