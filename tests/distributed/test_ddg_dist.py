@@ -182,3 +182,28 @@ def test_a_stopped_rank_is_named_and_killed_once_its_neighbours_failed(monkeypat
                 os.kill(p.pid, signal.SIGCONT)
                 p.kill()
         launcher.join(60)
+
+
+def test_a_foreign_per_rank_checkpoint_is_refused_naming_the_file(tmp_path):
+    """A per-rank checkpoint of another rank count, of a longer run, or of another kind
+    must be refused with the file's name and what to do, not a KeyError or a
+    load_state_dict mismatch deep inside a rank."""
+    from highwaybp.distributed.ddg import _load_rank_checkpoint
+    from highwaybp.train.io import save_checkpoint
+
+    path = tmp_path / "ddg_rank0.ckpt"
+    assert _load_rank_checkpoint(path, 0, 2, steps=8) is None  # a fresh run
+    state = {"t": 4, "rank": 0, "world": 2, "module": {}, "stage": {}, "losses": [],
+             "correct": [], "pending_err": None, "out_like": None}  # fmt: skip
+    save_checkpoint(path, state)
+    assert _load_rank_checkpoint(path, 0, 2, steps=8)["t"] == 4
+    assert _load_rank_checkpoint(path, 0, 2, steps=4)["t"] == 4  # resumed at its end
+    cases = [
+        ({**state, "world": 3}, "was written by rank 0 of 3, and this is rank 0 of 2"),
+        ({**state, "t": 6}, "is at step 6, past the end of this 4-step run"),
+        ({"config": {}, "step": 4, "model": {}}, "is not a DDG per-rank checkpoint"),
+    ]
+    for bad, problem in cases:
+        save_checkpoint(path, bad)
+        with pytest.raises(DDGRuntimeError, match=re.escape(f"{path} {problem}; delete")):
+            _load_rank_checkpoint(path, 0, 2, steps=4)

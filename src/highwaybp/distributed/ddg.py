@@ -293,6 +293,34 @@ def _ckpt_path(cfg: DDGRunConfig, rank: int) -> Optional[Path]:
     return Path(cfg.checkpoint_dir) / f"ddg_rank{rank}.ckpt"
 
 
+_CKPT_KEYS = ("t", "module", "stage", "losses", "correct", "pending_err", "out_like")
+
+
+def _load_rank_checkpoint(path: Path, rank: int, world: int, steps: int) -> Optional[dict]:
+    """The per-rank checkpoint at `path` (None if there is none), refused with a
+    DDGRuntimeError naming the file when it is not one written by rank `rank` of `world`
+    of a run of at least its step. (Unreadable files are `load_checkpoint`'s to report.)"""
+    state = load_checkpoint(path)
+    if state is None:
+        return None
+    problem = None
+    if not isinstance(state, dict) or any(key not in state for key in _CKPT_KEYS):
+        problem = "is not a DDG per-rank checkpoint"
+    elif (state.get("rank", rank), state.get("world", world)) != (rank, world):
+        problem = (
+            f"was written by rank {state['rank']} of {state['world']}, and this is rank "
+            f"{rank} of {world}"
+        )
+    elif state["t"] > steps:
+        problem = f"is at step {state['t']}, past the end of this {steps}-step run"
+    if problem is not None:
+        raise DDGRuntimeError(
+            f"{path} {problem}; delete the ddg_rank*.ckpt files in {path.parent} to start "
+            "afresh, or use another checkpoint folder (--out)"
+        )
+    return state
+
+
 def run_rank(
     rank: int,
     world: int,
@@ -325,7 +353,7 @@ def run_rank(
     out_like: Optional[torch.Tensor] = None
     start = 0
     ckpt = _ckpt_path(cfg, rank)
-    if ckpt is not None and (state := load_checkpoint(ckpt)) is not None:
+    if ckpt is not None and (state := _load_rank_checkpoint(ckpt, rank, world, cfg.steps)):
         module.load_state_dict(state["module"])
         stage.load_state_dict(state["stage"])
         start, losses, correct = state["t"], state["losses"], state["correct"]
@@ -393,6 +421,8 @@ def run_rank(
                 ckpt,
                 {
                     "t": t + 1,
+                    "rank": rank,
+                    "world": world,
                     "module": module.state_dict(),
                     "stage": stage.state_dict(),
                     "losses": losses,
