@@ -361,7 +361,14 @@ def run_rank(
     if world > 1:  # every rank must resume from the same step
         steps_seen = torch.tensor([start], dtype=torch.int64, device=device)
         gathered = [torch.zeros_like(steps_seen) for _ in range(world)]
-        dist.all_gather(gathered, steps_seen)
+        try:
+            dist.all_gather(gathered, steps_seen)
+        except Exception as err:  # typically: a peer failed to build or load its part
+            raise DDGRuntimeError(
+                f"DDG rank {rank}/{world}: agreeing on the start step with the other ranks "
+                f"failed: {type(err).__name__}: {err}. A peer failed before its first "
+                "step (see its message); every rank stops."
+            ) from err
         if len({int(g) for g in gathered}) != 1:
             raise DDGRuntimeError(
                 f"DDG per-rank checkpoints are at different steps {[int(g) for g in gathered]}"
