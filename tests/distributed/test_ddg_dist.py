@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import signal
+import threading
 import time
 
 import pytest
@@ -14,6 +16,7 @@ from highwaybp.baselines.ddg import DDGTrainer
 from highwaybp.distributed.ddg import (
     DDGProcesses,
     DDGRunConfig,
+    DDGRuntimeError,
     EpochBatches,
     assemble_model,
     spawn_ddg,
@@ -125,3 +128,82 @@ def test_bad_config_is_a_clear_error_before_spawning():
         spawn_ddg(_config("nope", steps=2), 2, deadline=60)
     with pytest.raises(ValueError, match="timeout must be"):
         spawn_ddg(_config("stash", steps=2, timeout=0), 2, deadline=60)
+
+
+def test_a_stopped_rank_is_named_and_killed_once_its_neighbours_failed(monkeypatch):
+    """A SIGSTOPped rank cannot report and its watchdog is stopped with it; its neighbours
+    time out after `timeout`. The launcher must then report at once, naming the stopped
+    rank, and kill it. Fails on eab6026 (before this fix): the launcher waited for the
+    stopped rank until its deadline, 4 x timeout + 60 s (100 s here), and did not say
+    which rank was stopped."""
+    timeout = 10.0
+    cfg = _config("stash", steps=100_000, timeout=timeout)
+    started: list[DDGProcesses] = []
+    real_init = DDGProcesses.__init__
+
+    def init_and_keep(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        started.append(self)
+
+    monkeypatch.setattr(DDGProcesses, "__init__", init_and_keep)
+    outcome: dict[str, BaseException] = {}
+
+    def launch() -> None:
+        try:
+            spawn_ddg(cfg, 3)  # the default deadline, as the CLI uses it
+        except BaseException as err:  # handed to the test thread
+            outcome["error"] = err
+
+    launcher = threading.Thread(target=launch, daemon=True)
+    launcher.start()
+    try:
+        start = time.monotonic()
+        while not started or started[0].last_step[1] < 3:  # the run is well under way
+            time.sleep(0.2)
+            assert launcher.is_alive(), f"the run ended early: {outcome}"
+            assert time.monotonic() - start < 60, "the run did not start"
+        procs = started[0]
+        os.kill(procs.procs[1].pid, signal.SIGSTOP)
+        # Neighbours time out after 10 s, the launcher waits 10 s more for the stopped
+        # rank: about 20 s, here bounded by 65 s (the old code: 100 s from the start).
+        launcher.join(2 * timeout + 45)
+        assert not launcher.is_alive(), "the launcher still waits for the stopped rank"
+        err = outcome.get("error")
+        assert isinstance(err, DDGRuntimeError), repr(err)
+        message = str(err)
+        assert "rank 1: stopped or hung" in message and "killed" in message
+        for r in (0, 2):  # the neighbours say which peer they lost
+            lost_peer = rf"rank {r}: DDGRuntimeError: DDG rank {r}/3: [^;]* rank 1 failed"
+            assert re.search(lost_peer, message), message
+        assert procs.procs[1].exitcode == -signal.SIGKILL  # the launcher killed it
+    finally:
+        for p in started[0].procs if started else []:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGCONT)
+                p.kill()
+        launcher.join(60)
+
+
+def test_a_foreign_per_rank_checkpoint_is_refused_naming_the_file(tmp_path):
+    """A per-rank checkpoint of another rank count, of a longer run, or of another kind
+    must be refused with the file's name and what to do, not a KeyError or a
+    load_state_dict mismatch deep inside a rank."""
+    from highwaybp.distributed.ddg import _load_rank_checkpoint
+    from highwaybp.train.io import save_checkpoint
+
+    path = tmp_path / "ddg_rank0.ckpt"
+    assert _load_rank_checkpoint(path, 0, 2, steps=8) is None  # a fresh run
+    state = {"t": 4, "rank": 0, "world": 2, "module": {}, "stage": {}, "losses": [],
+             "correct": [], "pending_err": None, "out_like": None}  # fmt: skip
+    save_checkpoint(path, state)
+    assert _load_rank_checkpoint(path, 0, 2, steps=8)["t"] == 4
+    assert _load_rank_checkpoint(path, 0, 2, steps=4)["t"] == 4  # resumed at its end
+    cases = [
+        ({**state, "world": 3}, "was written by rank 0 of 3, and this is rank 0 of 2"),
+        ({**state, "t": 6}, "is at step 6, past the end of this 4-step run"),
+        ({"config": {}, "step": 4, "model": {}}, "is not a DDG per-rank checkpoint"),
+    ]
+    for bad, problem in cases:
+        save_checkpoint(path, bad)
+        with pytest.raises(DDGRuntimeError, match=re.escape(f"{path} {problem}; delete")):
+            _load_rank_checkpoint(path, 0, 2, steps=4)

@@ -22,7 +22,10 @@ Failure handling (never a hang): every receive waits at most `timeout` seconds
 (`Work.wait(timeout)`), a dead peer closes its sockets so its neighbours fail at once and
 then close theirs, and a watchdog thread ends the process if no step completes within
 `timeout` + a grace period (it covers hangs outside a receive, e.g. in teardown). Each
-failure is reported as `DDGRuntimeError` naming the rank, the peer and the step.
+failure is reported as `DDGRuntimeError` naming the rank, the peer and the step. A rank
+that is stopped (SIGSTOP, a debugger) cannot report, and its watchdog is stopped too: its
+neighbours time out after `timeout`, and the spawn launcher then names it and kills it
+(`DDGProcesses.join`), rather than waiting for its own deadline.
 
 Launch: `torchrun --nproc-per-node K -m highwaybp train --method ddg --splits K ...`
 (env:// rendezvous, gloo on CPU, NCCL on GPU with one GPU per rank), or `spawn_ddg(...)`
@@ -290,6 +293,34 @@ def _ckpt_path(cfg: DDGRunConfig, rank: int) -> Optional[Path]:
     return Path(cfg.checkpoint_dir) / f"ddg_rank{rank}.ckpt"
 
 
+_CKPT_KEYS = ("t", "module", "stage", "losses", "correct", "pending_err", "out_like")
+
+
+def _load_rank_checkpoint(path: Path, rank: int, world: int, steps: int) -> Optional[dict]:
+    """The per-rank checkpoint at `path` (None if there is none), refused with a
+    DDGRuntimeError naming the file when it is not one written by rank `rank` of `world`
+    of a run of at least its step. (Unreadable files are `load_checkpoint`'s to report.)"""
+    state = load_checkpoint(path)
+    if state is None:
+        return None
+    problem = None
+    if not isinstance(state, dict) or any(key not in state for key in _CKPT_KEYS):
+        problem = "is not a DDG per-rank checkpoint"
+    elif (state.get("rank", rank), state.get("world", world)) != (rank, world):
+        problem = (
+            f"was written by rank {state['rank']} of {state['world']}, and this is rank "
+            f"{rank} of {world}"
+        )
+    elif state["t"] > steps:
+        problem = f"is at step {state['t']}, past the end of this {steps}-step run"
+    if problem is not None:
+        raise DDGRuntimeError(
+            f"{path} {problem}; delete the ddg_rank*.ckpt files in {path.parent} to start "
+            "afresh, or use another checkpoint folder (--out)"
+        )
+    return state
+
+
 def run_rank(
     rank: int,
     world: int,
@@ -322,7 +353,7 @@ def run_rank(
     out_like: Optional[torch.Tensor] = None
     start = 0
     ckpt = _ckpt_path(cfg, rank)
-    if ckpt is not None and (state := load_checkpoint(ckpt)) is not None:
+    if ckpt is not None and (state := _load_rank_checkpoint(ckpt, rank, world, cfg.steps)):
         module.load_state_dict(state["module"])
         stage.load_state_dict(state["stage"])
         start, losses, correct = state["t"], state["losses"], state["correct"]
@@ -330,7 +361,14 @@ def run_rank(
     if world > 1:  # every rank must resume from the same step
         steps_seen = torch.tensor([start], dtype=torch.int64, device=device)
         gathered = [torch.zeros_like(steps_seen) for _ in range(world)]
-        dist.all_gather(gathered, steps_seen)
+        try:
+            dist.all_gather(gathered, steps_seen)
+        except Exception as err:  # typically: a peer failed to build or load its part
+            raise DDGRuntimeError(
+                f"DDG rank {rank}/{world}: agreeing on the start step with the other ranks "
+                f"failed: {type(err).__name__}: {err}. A peer failed before its first "
+                "step (see its message); every rank stops."
+            ) from err
         if len({int(g) for g in gathered}) != 1:
             raise DDGRuntimeError(
                 f"DDG per-rank checkpoints are at different steps {[int(g) for g in gathered]}"
@@ -390,6 +428,8 @@ def run_rank(
                 ckpt,
                 {
                     "t": t + 1,
+                    "rank": rank,
+                    "world": world,
                     "module": module.state_dict(),
                     "stage": stage.state_dict(),
                     "losses": losses,
@@ -560,6 +600,8 @@ class DDGProcesses:
             p.start()
         self.events: list[tuple[str, int, Any]] = []
         self.last_step = [-1] * world
+        self.stuck: list[int] = []  # see `join`
+        self.grace = 0.0
 
     def poll(self, wait: float = 0.1) -> None:
         """Move queued messages into .events (waits at most `wait` s for the first)."""
@@ -579,13 +621,46 @@ class DDGProcesses:
     def errors(self) -> dict[int, str]:
         return {r: msg for kind, r, msg in self.events if kind == "error"}
 
-    def join(self, deadline: float) -> list[Optional[int]]:
-        """Wait until every process exits or `deadline` seconds pass; exit codes."""
+    def join(self, deadline: float, grace: Optional[float] = None) -> list[Optional[int]]:
+        """Wait until every process exits, a failed run has settled, or `deadline` seconds
+        pass; the exit codes (None: still running).
+
+        Once the run has failed (a rank reported an error or exited non-zero), a rank that
+        can no longer progress (it reported an error, or both its neighbours r-1 and r+1
+        exited or reported one) gets `grace` seconds (default min(timeout, 10)) to exit;
+        the wait does not go on for it. A healthy rank fails at once when its neighbours
+        are gone, so one still running without a report is stopped (SIGSTOP, a debugger)
+        or hung: it is listed in `.stuck`, and `close()` kills it. Without this, a stopped
+        rank, whose own watchdog is stopped too, kept the launcher waiting until `deadline`.
+        """
+        grace = min(self.cfg.timeout, 10.0) if grace is None else grace
         end = time.monotonic() + deadline
-        while time.monotonic() < end and any(p.is_alive() for p in self.procs):
+        settled_at: dict[int, float] = {}  # rank -> when it could no longer progress
+        while True:
             self.poll(0.1)
+            codes = [p.exitcode for p in self.procs]
+            now = time.monotonic()
+            if all(c is not None for c in codes) or now >= end:
+                break
+            errors = self.errors()
+            if not errors and all(c in (None, 0) for c in codes):
+                continue  # no failure: a slow rank is just slow
+            gone = [c is not None or r in errors for r, c in enumerate(codes)]
+            for r in range(self.world):
+                neighbours = [n for n in (r - 1, r + 1) if 0 <= n < self.world]
+                if r not in settled_at and (r in errors or all(gone[n] for n in neighbours)):
+                    settled_at[r] = now
+            if all(
+                c is not None or (r in settled_at and now - settled_at[r] >= grace)
+                for r, c in enumerate(codes)
+            ):
+                break
         self.poll(0.0)
-        return [p.exitcode for p in self.procs]
+        codes = [p.exitcode for p in self.procs]
+        errors = self.errors()
+        self.stuck = [r for r in settled_at if codes[r] is None and r not in errors]
+        self.grace = grace
+        return codes
 
     def results(self) -> list[dict[str, Any]]:
         return [
@@ -609,7 +684,9 @@ def spawn_ddg(cfg: DDGRunConfig, world: int, deadline: Optional[float] = None) -
     """Run DDG on `world` local processes (gloo unless cfg.backend says otherwise).
 
     Returns the per-rank results of `run_rank`. Raises DDGRuntimeError (with every rank's
-    message) if a rank fails; never waits longer than `deadline` seconds
+    message) if a rank fails, as soon as the ranks that can still report have done so: a
+    rank stopped or hung is named and killed `min(timeout, 10)` s after its neighbours
+    failed (see `DDGProcesses.join`); never waits longer than `deadline` seconds
     (default: 4 * cfg.timeout + 60).
     """
     return spawn_ddg_many([(cfg, world)], deadline)[0]
@@ -633,11 +710,19 @@ def spawn_ddg_many(
             codes = procs.join(max(0.0, end - time.monotonic()))
             errors = procs.errors()
             if errors or any(c != 0 for c in codes):
-                alive = [r for r, c in enumerate(codes) if c is None]
-                detail = "; ".join(f"rank {r}: {m}" for r, m in sorted(errors.items()))
+                stuck = procs.stuck
+                late = [r for r, c in enumerate(codes) if c is None and r not in stuck]
+                messages = dict(errors)
+                for r in stuck:
+                    messages[r] = (
+                        f"stopped or hung: still running {procs.grace:.0f}s after its "
+                        "neighbours failed, without reporting an error (a SIGSTOP, a "
+                        "debugger, a deadlock?); killed"
+                    )
+                detail = "; ".join(f"rank {r}: {m}" for r, m in sorted(messages.items()))
                 raise DDGRuntimeError(
                     f"DDG run failed (exit codes {codes}"
-                    + (f", still running after {deadline:.0f}s: {alive}" if alive else "")
+                    + (f", still running after {deadline:.0f}s: {late}" if late else "")
                     + f"): {detail or 'a rank exited without a message'}"
                 )
             out.append(procs.results())

@@ -3,8 +3,11 @@ and Highway-BP on MNIST-1D with the 1-D ResNet, at CPU scale.
 
 Each arm is one `highwaybp train ...` run (same seed, same data order, same model init,
 same optimizer and schedule) in its own folder under --out/runs/<arm>/, so an interrupted
-experiment resumes arm by arm. Arms run as subprocesses, `--jobs` at a time, one torch
-thread each. Then it writes:
+experiment resumes arm by arm. --out/config.json holds the settings every run shares
+(sizes, length, --lr); a rerun with other ones is refused with the difference (use
+another --out), while --seeds, --splits, --semantics and --highway-k may change: new
+seeds or arms are added and the finished runs kept. Arms run as subprocesses, `--jobs`
+at a time, one torch thread each. Then it writes:
 
 - summary.json: per arm the mean and std over `--seeds` of the final and best test
   accuracy, final test loss and train loss, plus every run and the exact command;
@@ -28,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from highwaybp.train.io import atomic_write_json, atomic_write_text
+from highwaybp.train.io import atomic_write_json, atomic_write_text, check_resume_config
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -66,15 +69,31 @@ def arms(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     return out
 
 
-def common_args(args: argparse.Namespace, seed: int) -> list[str]:
+def run_settings(args: argparse.Namespace) -> dict[str, str]:
+    """The `highwaybp train` options shared by every run of the experiment (all but the
+    method and --seed): what the run folders under --out were made with, so a rerun must
+    give the same ones. --seeds, --splits, --semantics and --highway-k only choose which
+    runs exist, so they may change (added seeds or arms reuse the finished runs)."""
     if args.tiny:
-        return ["--num-samples", "400", "--channels", "8", "--blocks", "2", "--steps", "30",
-                "--batch-size", "16", "--eval-every", "10", "--seed", str(seed),
-                "--lr", str(args.lr), "--threads", "1", "--quiet"]  # fmt: skip
-    return ["--num-samples", str(args.num_samples), "--channels", str(args.channels),
-            "--blocks", str(args.blocks), "--epochs", str(args.epochs),
-            "--batch-size", str(args.batch_size), "--seed", str(seed),
-            "--lr", str(args.lr), "--threads", "1", "--quiet"]  # fmt: skip
+        sizes = {"num-samples": "400", "channels": "8", "blocks": "2", "steps": "30",
+                 "batch-size": "16", "eval-every": "10"}  # fmt: skip
+    else:
+        sizes = {"num-samples": str(args.num_samples), "channels": str(args.channels),
+                 "blocks": str(args.blocks), "epochs": _number(args.epochs),
+                 "batch-size": str(args.batch_size)}  # fmt: skip
+    return {**sizes, "lr": str(args.lr), "threads": "1"}
+
+
+def _number(value: float) -> str:
+    """20 and 20.0 spelled alike (the default is an int, --epochs parses a float)."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def common_args(args: argparse.Namespace, seed: int) -> list[str]:
+    settings = run_settings(args)
+    lr_threads = ["--lr", settings.pop("lr"), "--threads", settings.pop("threads")]
+    sizes = [item for key, value in settings.items() for item in (f"--{key}", value)]
+    return [*sizes, "--seed", str(seed), *lr_threads, "--quiet"]
 
 
 def _run_arms(jobs: list[tuple[str, list[str]]], parallel: int) -> dict[str, float]:
@@ -103,6 +122,9 @@ def run(args: argparse.Namespace) -> int:
     if bad:
         raise SystemExit(f"--semantics takes stash and/or recompute, got {bad}")
     out = Path(args.out)
+    # Before any marker is written or run started: the run folders under --out must have
+    # been made with these settings (else each arm would fail on its own, less clearly).
+    check_resume_config(out, run_settings(args))
     jobs = []  # (run name, arm, seed, command)
     for seed in args.seeds:
         base = [sys.executable, "-m", "highwaybp", "train", *common_args(args, seed)]

@@ -42,6 +42,7 @@ from highwaybp.train.data import TensorSplit, load_digits, load_mnist1d
 from highwaybp.train.io import (
     atomic_write_json,
     atomic_write_text,
+    check_resume_config,
     load_checkpoint,
     save_checkpoint,
 )
@@ -376,16 +377,18 @@ def _run_distributed(args, data: TensorSplit, steps: int, out: Optional[Path], c
         checkpoint_dir=None if out is None else str(out),
         checkpoint_every=args.eval_every or max(1, steps // 10),
     )
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # > 1: this process is a torchrun rank
+    if world > 1 and world != args.splits:
+        raise SystemExit(f"torchrun started {world} ranks but --splits is {args.splits}")
+    if world > 1 and out is None:
+        raise SystemExit("multi-process DDG under torchrun needs --out (per-rank results)")
     if out is not None:
-        atomic_write_json(out / "config.json", config)
+        # Before any rank starts or writes: per-rank checkpoints of another configuration
+        # must not be resumed. Under torchrun every rank checks (all read the same file).
+        check_resume_config(out, config)
     tic = time.perf_counter()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        world = int(os.environ["WORLD_SIZE"])
-        if world != args.splits:
-            raise SystemExit(f"torchrun started {world} ranks but --splits is {args.splits}")
-        result_dir = str(out / "ranks") if out is not None else None
-        if result_dir is None:
-            raise SystemExit("multi-process DDG under torchrun needs --out (per-rank results)")
+    if world > 1:
+        result_dir = str(out / "ranks")
         ddist.run_from_env(cfg, result_dir)
         if int(os.environ["RANK"]) != 0:
             return 0
