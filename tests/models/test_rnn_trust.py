@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 import highwaybp as hbp
-from highwaybp.models.rnn import GRU, LSTM
+from highwaybp.models.rnn import GRU, LSTM, CellRNN
+from highwaybp.models.rnn_cells import GRUCellRef
 
 T, B, IN, H = 6, 3, 4, 5
 PAIRS = {"gru": (GRU, nn.GRU), "lstm": (LSTM, nn.LSTM)}
@@ -261,3 +262,73 @@ def test_all_weights_has_torch_structure(cell, bias, layers):
         assert [tuple(p.shape) for p in ours_layer] == [tuple(p.shape) for p in theirs_layer]
         assert all(p is getattr(m, name) for p, name in zip(ours_layer, names, strict=True))
         assert all(isinstance(p, nn.Parameter) for p in ours_layer)
+
+
+# ---- CellRNN: the backward re-runs the cell ----------------------------------------------
+
+
+class _ScaledGRUCell(GRUCellRef):
+    """GRUCellRef with an input scale held as a buffer, a Python float and a dropout."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__(IN, H)
+        self.register_buffer("in_scale", torch.ones(IN))
+        self.py_scale = 1.0
+        self.drop = nn.Dropout(p)
+
+    def _gates(self, x, h):
+        return super()._gates(self.drop(x * self.in_scale * self.py_scale), h)
+
+
+def _cell_rnn_loss(cell, method=None):
+    torch.manual_seed(5)
+    rnn = CellRNN(cell, method or hbp.Highway(k=1))
+    x = torch.randn(T, B, IN, dtype=torch.float64)
+    h0 = torch.randn(B, H, dtype=torch.float64)
+    return rnn(x, h0).square().sum()
+
+
+@pytest.mark.parametrize("what", ["frozen_weight", "buffer"])
+def test_cell_rnn_refuses_backward_after_inplace_change_of_untracked_tensors(what):
+    """Frozen parameters and buffers are not saved tensors, so autograd did not see their
+    in-place change, and the backward's re-run of the cell used the new values. Fails on
+    eab6026 (before this fix): the gradient silently belonged to the changed cell."""
+    cell = _ScaledGRUCell().double()
+    name = {"frozen_weight": "weight_hh", "buffer": "in_scale"}[what]
+    tensor = getattr(cell, name)
+    tensor.requires_grad_(False)
+    loss = _cell_rnn_loss(cell)
+    with torch.no_grad():
+        tensor.mul_(1.0 + 1e-12)  # tiny: only the version counter tells
+    with pytest.raises(RuntimeError, match=rf"{INPLACE}: {name} of the CellRNN cell"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("what", ["dropout", "python_state"])
+def test_cell_rnn_refuses_a_cell_whose_rerun_differs(what):
+    """A cell with dropout inside (other masks in the backward's batched re-run) or with
+    Python state changed between forward and backward. Fails on eab6026 (before this fix):
+    a silently wrong gradient."""
+    cell = _ScaledGRUCell(p=0.5 if what == "dropout" else 0.0).double()
+    loss = _cell_rnn_loss(cell)
+    if what == "python_state":
+        cell.py_scale = 2.0
+    with pytest.raises(RuntimeError, match="deterministic function of"):
+        loss.backward()
+
+
+def test_cell_rnn_with_a_deterministic_cell_is_not_refused():
+    """The same cell in eval mode (dropout off) passes the re-run check, in float32 too
+    (batched vs per-step matmul rounding), and its Highway(k=T) gradient is the Exact one."""
+    cell = _ScaledGRUCell(p=0.5).double().eval()
+    grads = []
+    for method in (hbp.Highway(k=T), hbp.Exact()):
+        cell.zero_grad()
+        _cell_rnn_loss(cell, method).backward()
+        grads.append([p.grad.clone() for p in cell.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    torch.manual_seed(6)
+    cell32 = GRUCellRef(IN, 64)
+    x, h0 = torch.randn(50, 8, IN), torch.randn(8, 64)
+    CellRNN(cell32, hbp.Highway(k=2))(x, h0).square().sum().backward()

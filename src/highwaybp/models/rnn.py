@@ -665,6 +665,9 @@ class _CellFunction(torch.autograd.Function):
         stacked = torch.stack(states)
         ctx.owner, ctx.method = owner, method
         ctx.save_for_backward(x, stacked, *params)
+        # The backward re-runs the cell; frozen parameters and buffers are not saved tensors,
+        # so autograd would not notice an in-place change of them: keep their versions.
+        ctx.cell_versions = [(name, t, t._version) for name, t in _cell_tensors(owner.cell)]
         return stacked[1:]
 
     @staticmethod
@@ -672,12 +675,14 @@ class _CellFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_y: Tensor):
         x, stacked, *params = ctx.saved_tensors
         owner, method = ctx.owner, ctx.method
+        _check_cell_versions(owner.cell, ctx.cell_versions)
         T, B = x.shape[:2]
         S = stacked.shape[-1]
         with torch.enable_grad():
             hp = stacked[:-1].reshape(T * B, S).detach().requires_grad_(True)
             xs = x.reshape(T * B, -1).detach().requires_grad_(ctx.needs_input_grad[0])
             out = owner.cell(xs, hp)
+        _check_rerun(owner.cell, out.detach().reshape(T, B, S), stacked[1:])
         full = isinstance(method, FixedPoint)
         a = None
         if not full:
@@ -716,6 +721,46 @@ class _CellFunction(torch.autograd.Function):
         param_grads = list(grads[1 : 1 + len(params)])
         dx = grads[-1].reshape(x.shape) if ctx.needs_input_grad[0] else None
         return (dx, w[0], None, None, *param_grads)
+
+
+def _cell_tensors(cell: nn.Module) -> list[tuple[str, Tensor]]:
+    return [*cell.named_parameters(), *cell.named_buffers()]
+
+
+def _check_cell_versions(cell: nn.Module, versions: list[tuple[str, Tensor, int]]) -> None:
+    """Refuse a backward after an in-place change of the cell's parameters or buffers."""
+    for name, tensor, saved in versions:
+        if tensor._version != saved:
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an "
+                f"inplace operation: {name} of the CellRNN cell {type(cell).__name__} is at "
+                f"version {tensor._version}; expected version {saved} (its value at the "
+                "forward). The backward re-runs the cell, so the gradient would be that of "
+                "another model. Call backward before optimizer.step() (or any in-place change "
+                "of the cell), or run the forward again."
+            )
+
+
+def _check_rerun(cell: nn.Module, rerun: Tensor, states: Tensor) -> None:
+    """The backward's batched re-run of the cell must reproduce the forward's states.
+
+    Its VJPs are taken on that re-run: a cell that is not a deterministic function of
+    (x, h) and its parameters (dropout inside it, Python state that changed since the
+    forward) would give the gradient of outputs that were never computed. The tolerance
+    allows for the rounding of a batched matmul against the per-step ones.
+    """
+    tol = torch.finfo(states.dtype).eps ** 0.5
+    if not torch.allclose(rerun, states, rtol=tol, atol=tol):
+        worst = float((rerun - states).abs().max())
+        raise RuntimeError(
+            f"CellRNN: the cell {type(cell).__name__} gave other outputs when re-run in the "
+            f"backward than in the forward (max difference {worst:.3g}). The Highway-BP "
+            "backward re-runs the cell on all steps at once, so the cell must be a "
+            "deterministic function of (x, h) and its parameters: no dropout or other "
+            "randomness inside it (apply dropout to its inputs or outputs outside the "
+            "CellRNN), no state that changes between forward and backward; or use "
+            "method=Exact() (plain autograd)."
+        )
 
 
 def block_vjp_step(cell: nn.Module, x_t: Tensor, h: Tensor, w: Tensor) -> Tensor:
