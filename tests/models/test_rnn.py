@@ -222,6 +222,38 @@ def test_core_and_fast_iteration_modes_agree(cell):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+@pytest.mark.parametrize("iterate", ["fast", "core"])
+def test_adaptive_reaching_T_is_exact_even_if_the_last_step_grew(cell, iterate):
+    """Highway(tol, max_k >= T, fallback="best"): w^T is exact, so reaching j = T must stop
+    with "exact_after_L" and the exact gradient, even when the step grew at j = T (large
+    weights, T = 2: the step norms are not monotone). Fails on eab6026 (before this fix)
+    with iterate="fast" (GRU seed 2, LSTM seed 7 here): the growth test ran first and the
+    "best" fallback returned w^1, a truncated gradient (GRU error ~1), while the core
+    returned w^T.
+    Found by the property test test_rnn_properties.py."""
+    seq_len, hidden = 2, 2
+    ours, theirs = PAIRS[cell]
+    for seed in range(50):
+        torch.manual_seed(seed)
+        ref = theirs(1, hidden).double()
+        with torch.no_grad():
+            for p in ref.parameters():
+                p.mul_(4)
+        method = hbp.Highway(tol=1e-300, max_k=seq_len, fallback="best")
+        m = ours(1, hidden, method=method, iterate=iterate).double()
+        m.load_state_dict(ref.state_dict())
+        x = torch.randn(seq_len, 1, 1, dtype=torch.float64)
+        h0 = torch.randn(1, 1, hidden, dtype=torch.float64, requires_grad=True)
+        hx = h0 if cell == "gru" else (h0, torch.zeros_like(h0))
+        weights = torch.randn(seq_len, 1, hidden, dtype=torch.float64)
+        got = torch.autograd.grad((m(x, hx)[0] * weights).sum(), [h0, *m.parameters()])
+        want = torch.autograd.grad((ref(x, hx)[0] * weights).sum(), [h0, *ref.parameters()])
+        assert m.last_diagnostics.stop_reason == "exact_after_L", seed
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-9)
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.5])
 def test_residual_stack_matches_explicit_autograd_model(dropout):
     """residual=True against single-layer torch.nn.GRUs with the residual add and (training)

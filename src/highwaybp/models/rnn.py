@@ -49,7 +49,6 @@ def fast_iterate(eng: Engine, method: Highway | FixedPoint) -> tuple[Tensor, Dia
     matmul, losses, scan and step norm per chunk of time steps while it is in cache).
     The per-layer losses g are the engine's (`set_loss`), added in place. NaN/Inf: checked by
     the step norms and once on the returned estimate.
-    in place. NaN/Inf: checked by the step norms and once on the returned estimate.
     """
     diag = Diagnostics(method=repr(method))
     full = isinstance(method, FixedPoint)
@@ -63,7 +62,6 @@ def fast_iterate(eng: Engine, method: Highway | FixedPoint) -> tuple[Tensor, Dia
     best_step = math.inf
     nxt = eng.new_state()
     stop = "fixed_k"
-    finished = True
     for j in range(1, min(bound, eng.T) + 1):
         diff, norm = eng.sweep(w, nxt, full, with_loss=True, scan=not full, norms=True)
         step = 0.0 if diff == 0.0 else diff / max(norm, 1e-300)
@@ -76,18 +74,22 @@ def fast_iterate(eng: Engine, method: Highway | FixedPoint) -> tuple[Tensor, Dia
             best_step = step
             if best is not None:
                 best.copy_(w)
+        # Before the adaptive tests, as in the core: w^T is exact whatever its step looked
+        # like, so a step that grows at j = T must not make the "best" fallback return an
+        # earlier, truncated estimate.
+        if j >= eng.T and (adaptive or bound > eng.T):
+            stop = "exact_after_L"
+            break
         if adaptive:
             if step < method.tol:
-                stop, finished = "tol", False
+                stop = "tol"
                 break
             if j >= 2 and step > diag.step_norms[-2]:
-                stop, finished = "growth", False
+                stop = "growth"
                 break
-    if finished:
+    else:
         if adaptive:
-            stop = "exact_after_L" if bound >= eng.T else "max_k"
-        elif bound > eng.T:
-            stop = "exact_after_L"
+            stop = "max_k"
     diag.stop_reason = stop
     if adaptive:
         diag.converged = stop in ("tol", "exact_after_L")
