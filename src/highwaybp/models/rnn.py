@@ -550,6 +550,11 @@ class GRU(_HighwayRNNBase):
 
     Call: rnn(x, h0=None, method=None) with x [T, B, In] ([B, T, In] if batch_first, or
     [T, In] unbatched) and h0 [num_layers, B, H] -> (output [T, B, H], h_n [num_layers, B, H]).
+
+    As in torch.nn, a backward after an in-place change of a weight it reads (weight_hh_l{k};
+    weight_ih_l{k} when that layer's input needs a gradient), e.g. an optimizer.step()
+    between forward and backward, raises RuntimeError; flatten_parameters() (a no-op here)
+    and all_weights exist for code written for torch.nn.
     """
 
     mode = "GRU"
