@@ -9,7 +9,7 @@ from torch import nn
 
 import highwaybp as hbp
 from highwaybp.models.rnn import GRU, LSTM, CellRNN
-from highwaybp.models.rnn_cells import GRUCellRef, _Engine
+from highwaybp.models.rnn_cells import GRUCellRef, LSTMCellRef, _Engine
 
 T, B, IN, H = 6, 3, 4, 5
 PAIRS = {"gru": (GRU, nn.GRU), "lstm": (LSTM, nn.LSTM)}
@@ -58,12 +58,23 @@ def test_highway_at_k_equal_T_is_torch_autograd(cell, layers, batch_first, per_s
     x, hx, extra = _inputs(cell, layers, batch_first)
     weights = torch.randn((*x.shape[:-1], H), dtype=torch.float64)
     want = _grads(_loss(cell, ref, x, hx, weights, per_step), ref, extra)
-    for method in (hbp.Highway(k=T), hbp.Exact(), hbp.FixedPoint(k=T)):
+    for method, iterations, stop in (
+        (hbp.Highway(k=T), T, "fixed_k"),
+        (hbp.Exact(), 0, "exact"),
+        (hbp.FixedPoint(k=T), T, "fixed_k"),
+    ):
         m.method = method
         got = _grads(_loss(cell, m, x, hx, weights, per_step), m, extra)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=0, atol=1e-9)
-    assert m.last_diagnostics is not None
+        # every layer reports this backward's method (not a stale one), layer 0 last
+        for diag in m.layer_diagnostics:
+            assert (diag.method, diag.iterations, diag.stop_reason) == (
+                repr(method),
+                iterations,
+                stop,
+            )
+        assert m.last_diagnostics is m.layer_diagnostics[0]
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
@@ -135,27 +146,66 @@ def test_error_decreases_with_k_at_init_and_k_T_minus_1_is_exact(cell, seed):
     assert report[t_len - 1]["iterations"] == [t_len - 1]
 
 
-def test_cell_rnn_reference_equals_fast_gru():
-    """The generic autograd path (batched cell VJP + core scan + highway_iterate) and the fast
-    engine give the same truncated gradient at every k."""
+CELL_METHODS = [
+    hbp.Highway(k=0),
+    hbp.Highway(k=1),
+    hbp.Highway(k=2),
+    hbp.FixedPoint(k=2),
+    hbp.Highway(tol=1e-3, max_k=T),
+    hbp.Highway(tol=1e-12, max_k=2, fallback="best"),
+    hbp.Highway(tol=1e-12, max_k=2, fallback="last"),
+    hbp.Highway(tol=1e-12, max_k=2, fallback="exact"),
+]
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+@pytest.mark.parametrize("iterate", ["fast", "core"])
+@pytest.mark.parametrize("chunk_bytes", [None, 1, 200])
+def test_cell_rnn_reference_equals_fast_engine_at_every_k(cell, iterate, chunk_bytes, monkeypatch):
+    """The generic autograd path (batched cell VJP + core scan + highway_iterate on a
+    reference cell) and the GRU/LSTM engines give the same truncated gradient at every k < T,
+    with losses on every output, on h_n and (LSTM) on c_n; with the whole sequence in one
+    chunk, chunks of 1 step and of a few steps."""
+    if chunk_bytes is not None:
+        monkeypatch.setattr(_Engine, "chunk_bytes", chunk_bytes)
     torch.manual_seed(4)
-    cell = GRUCellRef(IN, H).double()
-    ref = CellRNN(cell)
-    fast = GRU(IN, H).double()
-    fast.load_state_dict({f"{k}_l0": v for k, v in cell.state_dict().items()})
+    lstm = cell == "lstm"
+    ref_cell = (LSTMCellRef if lstm else GRUCellRef)(IN, H).double()
+    ref = CellRNN(ref_cell)
+    fast = (LSTM if lstm else GRU)(IN, H, iterate=iterate).double()
+    fast.load_state_dict({f"{k}_l0": v for k, v in ref_cell.state_dict().items()})
     x = torch.randn(T, B, IN, dtype=torch.float64, requires_grad=True)
     h0 = torch.randn(B, H, dtype=torch.float64, requires_grad=True)
-    weights = torch.randn(T, B, H, dtype=torch.float64)
-    for method in (hbp.Highway(k=0), hbp.Highway(k=2), hbp.FixedPoint(k=2)):
-        got = torch.autograd.grad(
-            (fast(x, h0[None], method=method)[0] * weights).sum(), [x, h0, *fast.parameters()]
-        )
-        want = torch.autograd.grad(
-            (ref(x, h0, method=method) * weights).sum(), [x, h0, *cell.parameters()]
-        )
+    c0 = torch.randn(B, H, dtype=torch.float64, requires_grad=True)
+    w_y, w_h, w_c = torch.randn(T, B, H, dtype=torch.float64), *torch.randn(2, B, H).double()
+    leaves = [x, h0, *([c0] if lstm else [])]
+
+    def fast_loss(method):
+        hx = (h0[None], c0[None]) if lstm else h0[None]
+        y, state = fast(x, hx, method=method)
+        h_n, c_n = state if lstm else (state, None)
+        loss = (y * w_y).sum() + (h_n[0] * w_h).sum()
+        return loss + (c_n[0] * w_c).sum() if lstm else loss
+
+    def ref_loss(method):
+        states = ref(x, torch.cat([c0, h0], -1) if lstm else h0, method=method)
+        y = states[..., H:] if lstm else states
+        loss = (y * w_y).sum() + (y[-1] * w_h).sum()
+        return loss + (states[-1, :, :H] * w_c).sum() if lstm else loss
+
+    for method in CELL_METHODS:
+        got = torch.autograd.grad(fast_loss(method), [*leaves, *fast.parameters()])
+        want = torch.autograd.grad(ref_loss(method), [*leaves, *ref_cell.parameters()])
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
-        assert fast.last_diagnostics.iterations == ref.last_diagnostics.iterations
+        d_fast, d_ref = fast.last_diagnostics, ref.last_diagnostics
+        assert d_fast.iterations == d_ref.iterations
+        assert d_fast.stop_reason == d_ref.stop_reason
+        assert d_fast.fallback == d_ref.fallback
+        assert d_fast.step_norms == pytest.approx(d_ref.step_norms, rel=1e-9)
+    exact = torch.autograd.grad(fast_loss(hbp.Exact()), [*leaves, *fast.parameters()])
+    k1 = torch.autograd.grad(fast_loss(hbp.Highway(k=1)), [*leaves, *fast.parameters()])
+    assert not torch.allclose(k1[-3], exact[-3])  # k = 1 < T - 1 is truncated: not exact
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
@@ -172,19 +222,60 @@ def test_core_and_fast_iteration_modes_agree(cell):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
-def test_residual_stack_matches_explicit_autograd_model():
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+@pytest.mark.parametrize("iterate", ["fast", "core"])
+def test_adaptive_reaching_T_is_exact_even_if_the_last_step_grew(cell, iterate):
+    """Highway(tol, max_k >= T, fallback="best"): w^T is exact, so reaching j = T must stop
+    with "exact_after_L" and the exact gradient, even when the step grew at j = T (large
+    weights, T = 2: the step norms are not monotone). Fails on eab6026 (before this fix)
+    with iterate="fast" (GRU seed 2, LSTM seed 7 here): the growth test ran first and the
+    "best" fallback returned w^1, a truncated gradient (GRU error ~1), while the core
+    returned w^T.
+    Found by the property test test_rnn_properties.py."""
+    seq_len, hidden = 2, 2
+    ours, theirs = PAIRS[cell]
+    for seed in range(50):
+        torch.manual_seed(seed)
+        ref = theirs(1, hidden).double()
+        with torch.no_grad():
+            for p in ref.parameters():
+                p.mul_(4)
+        method = hbp.Highway(tol=1e-300, max_k=seq_len, fallback="best")
+        m = ours(1, hidden, method=method, iterate=iterate).double()
+        m.load_state_dict(ref.state_dict())
+        x = torch.randn(seq_len, 1, 1, dtype=torch.float64)
+        h0 = torch.randn(1, 1, hidden, dtype=torch.float64, requires_grad=True)
+        hx = h0 if cell == "gru" else (h0, torch.zeros_like(h0))
+        weights = torch.randn(seq_len, 1, hidden, dtype=torch.float64)
+        got = torch.autograd.grad((m(x, hx)[0] * weights).sum(), [h0, *m.parameters()])
+        want = torch.autograd.grad((ref(x, hx)[0] * weights).sum(), [h0, *ref.parameters()])
+        assert m.last_diagnostics.stop_reason == "exact_after_L", seed
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_residual_stack_matches_explicit_autograd_model(dropout):
+    """residual=True against single-layer torch.nn.GRUs with the residual add and (training)
+    F.dropout after it, under the same seed: the masks, drawn in the same order, are the
+    same."""
     torch.manual_seed(6)
-    m = GRU(IN, H, num_layers=3, residual=True, method=hbp.Highway(k=T)).double()
+    m = GRU(IN, H, num_layers=3, residual=True, dropout=dropout, method=hbp.Highway(k=T))
+    m = m.double()
     layers = [nn.GRU(IN if i == 0 else H, H).double() for i in range(3)]
     for i, layer in enumerate(layers):
         layer.load_state_dict(
             {k: getattr(m, f"{k[:-3]}_l{i}").detach() for k in layer.state_dict()}
         )
     x = torch.randn(T, B, IN, dtype=torch.float64)
+    torch.manual_seed(60)
     inp = x
     for i, layer in enumerate(layers):
         out = layer(inp)[0]
         inp = out + inp if i > 0 else out
+        if i < 2:
+            inp = nn.functional.dropout(inp, dropout, training=True)
+    torch.manual_seed(60)
     y, _ = m(x)
     torch.testing.assert_close(y, inp, rtol=0, atol=1e-12)
     want = torch.autograd.grad(
@@ -195,16 +286,51 @@ def test_residual_stack_matches_explicit_autograd_model():
         torch.testing.assert_close(g, w, rtol=0, atol=1e-9)
 
 
-def test_dropout_between_layers_only_in_training():
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_dropout_between_layers_is_torch_nn_dropout(cell, dtype):
+    """Training: under the same seed torch.nn.GRU/LSTM and ours draw the same dropout masks
+    (F.dropout on the output of every layer but the last, in layer order), so outputs, h_n/c_n
+    (taken before the dropout) and gradients equal torch.nn's; eval: no dropout, as torch.nn.
+    Checked by mutating rnn.py: removing the dropout, applying it to the last layer too or
+    to layer 0 only, keeping it in eval, or taking h_n after it each fail this test (the
+    test it replaces, eab6026, compared the model with itself in eval and only checked
+    finiteness in training: removing the dropout passed)."""
     torch.manual_seed(7)
-    m = GRU(IN, H, num_layers=2, dropout=0.5, method=hbp.Highway(k=1))
-    x = torch.randn(T, B, IN)
-    m.eval()
-    torch.testing.assert_close(m(x)[0], m(x)[0])
-    m.train()
-    y = m(x)[0]
-    y.sum().backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+    layers, p = 3, 0.5
+    m, ref = _pair(cell, layers, dtype=dtype, method=hbp.Highway(k=T))
+    m.dropout = ref.dropout = p
+    x, hx, extra = _inputs(cell, layers, False, dtype=dtype)
+    atol = 1e-9 if dtype == torch.float64 else 1e-6
+    outs = {}
+    for mode in ("train", "eval"):
+        m.train(mode == "train")
+        ref.train(mode == "train")
+        torch.manual_seed(70)
+        y_ref, s_ref = ref(x, hx)
+        torch.manual_seed(70)
+        y, s = m(x, hx)
+        outs[mode] = y.detach()
+        torch.testing.assert_close(y, y_ref, rtol=0, atol=atol)
+        leaves, leaves_ref = (
+            torch.utils._pytree.tree_leaves(s),
+            torch.utils._pytree.tree_leaves(s_ref),
+        )
+        for a, b in zip(leaves, leaves_ref):
+            torch.testing.assert_close(a, b, rtol=0, atol=atol)
+        if dtype != torch.float64:
+            continue
+        weights = torch.randn_like(y)
+        for method in (hbp.Highway(k=T), hbp.Exact(), hbp.FixedPoint(k=T)):
+            m.method = method
+            torch.manual_seed(71)
+            want = _grads(_loss(cell, ref, x, hx, weights, True), ref, extra)
+            torch.manual_seed(71)
+            got = _grads(_loss(cell, m, x, hx, weights, True), m, extra)
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, rtol=0, atol=1e-9)
+    # the masks did something: half the units of layers 0 and 1 are dropped in training
+    assert not torch.allclose(outs["train"], outs["eval"])
 
 
 def test_use_method_switches_the_rnn():

@@ -49,7 +49,6 @@ def fast_iterate(eng: Engine, method: Highway | FixedPoint) -> tuple[Tensor, Dia
     matmul, losses, scan and step norm per chunk of time steps while it is in cache).
     The per-layer losses g are the engine's (`set_loss`), added in place. NaN/Inf: checked by
     the step norms and once on the returned estimate.
-    in place. NaN/Inf: checked by the step norms and once on the returned estimate.
     """
     diag = Diagnostics(method=repr(method))
     full = isinstance(method, FixedPoint)
@@ -63,7 +62,6 @@ def fast_iterate(eng: Engine, method: Highway | FixedPoint) -> tuple[Tensor, Dia
     best_step = math.inf
     nxt = eng.new_state()
     stop = "fixed_k"
-    finished = True
     for j in range(1, min(bound, eng.T) + 1):
         diff, norm = eng.sweep(w, nxt, full, with_loss=True, scan=not full, norms=True)
         step = 0.0 if diff == 0.0 else diff / max(norm, 1e-300)
@@ -76,18 +74,22 @@ def fast_iterate(eng: Engine, method: Highway | FixedPoint) -> tuple[Tensor, Dia
             best_step = step
             if best is not None:
                 best.copy_(w)
+        # Before the adaptive tests, as in the core: w^T is exact whatever its step looked
+        # like, so a step that grows at j = T must not make the "best" fallback return an
+        # earlier, truncated estimate.
+        if j >= eng.T and (adaptive or bound > eng.T):
+            stop = "exact_after_L"
+            break
         if adaptive:
             if step < method.tol:
-                stop, finished = "tol", False
+                stop = "tol"
                 break
             if j >= 2 and step > diag.step_norms[-2]:
-                stop, finished = "growth", False
+                stop = "growth"
                 break
-    if finished:
+    else:
         if adaptive:
-            stop = "exact_after_L" if bound >= eng.T else "max_k"
-        elif bound > eng.T:
-            stop = "exact_after_L"
+            stop = "max_k"
     diag.stop_reason = stop
     if adaptive:
         diag.converged = stop in ("tol", "exact_after_L")
@@ -169,6 +171,9 @@ class _LayerFunction(torch.autograd.Function):
         eng = _make_engine(run, x, h0, c0, w_ih, w_hh, b_ih, b_hh)
         result = eng.forward()
         ctx.run, ctx.eng = run, eng
+        # The backward reads W_hh (block VJPs) and W_ih (dx) again; the gates it needs are
+        # stored, so the biases, h0 and c0 are not read. x and the output are saved below.
+        ctx.weight_versions = (w_ih._version, w_hh._version)
         if c0 is None:
             y = result[1:]
             ctx.save_for_backward(x, y)
@@ -187,14 +192,40 @@ class _LayerFunction(torch.autograd.Function):
                 "backward through a highwaybp RNN a second time: its stored gates were released "
                 "by the first backward. Run the forward again (retain_graph is not supported)."
             )
-        ctx.saved_tensors  # noqa: B018 -- raises if x or the output was modified in place
         run: _LayerRun = ctx.run
         try:
+            ctx.saved_tensors  # noqa: B018 -- raises if x or the output was modified in place
+            _check_weight_versions(run, eng, ctx.weight_versions, need_x=ctx.needs_input_grad[0])
             grads = _layer_backward(eng, run, grad_y, grad_c, ctx.needs_input_grad)
         finally:
             eng.release()
             ctx.eng = None
         return grads
+
+
+def _check_weight_versions(
+    run: _LayerRun, eng: Engine, versions: tuple[int, int], need_x: bool
+) -> None:
+    """Refuse a backward whose weights changed in place since the forward, as torch.nn does.
+
+    The backward multiplies by W_hh (and by W_ih for dx): after e.g. an optimizer.step()
+    between the forward and this backward it would silently mix the new weights with the old
+    gates, a gradient of no model. W_ih is read only when x needs a gradient (as in torch.nn).
+    """
+    checks = [("weight_hh", eng.w_hh, versions[1])]
+    if need_x:
+        checks.insert(0, ("weight_ih", eng.w_ih, versions[0]))
+    for name, weight, saved in checks:
+        if weight._version != saved:
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an "
+                f"inplace operation: parameter {name}_l{run.layer} of highwaybp."
+                f"{run.owner.mode} {list(weight.shape)} is at version {weight._version}; "
+                f"expected version {saved} (its value at the forward). The backward reads "
+                "this weight, so the gradient would mix the old and the new values. Call "
+                "backward before optimizer.step() (or any in-place change of the parameters), "
+                "or run the forward again."
+            )
 
 
 def _layer_backward(
@@ -246,6 +277,7 @@ class _HighwayRNNBase(nn.Module):
         batch_first: bool = False,
         dropout: float = 0.0,
         bidirectional: bool = False,
+        proj_size: int | None = None,
         *,
         method: Method | None = None,
         residual: bool = False,
@@ -268,11 +300,13 @@ class _HighwayRNNBase(nn.Module):
                 f"highwaybp.{self.mode}: bidirectional=True is not supported (Highway-BP runs "
                 "through time in one direction); use two modules, one on the flipped sequence"
             )
+        self._check_proj_size(proj_size, hidden_size)
         if iterate not in ITERATE_MODES:
             raise ValueError(f"iterate must be one of {ITERATE_MODES}, got {iterate!r}")
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
         self.bidirectional = False
+        self.proj_size = 0  # torch.nn.RNNBase's attribute: no projection
         self.residual = residual
         self.method = check_method(Exact() if method is None else method)
         self.iterate = iterate
@@ -296,11 +330,51 @@ class _HighwayRNNBase(nn.Module):
                 setattr(self, f"bias_hh_l{layer}", nn.Parameter(torch.empty(width, **factory)))
         self.reset_parameters()
 
+    def _check_proj_size(self, proj_size: int | None, hidden_size: int) -> None:
+        """torch.nn.LSTM's proj_size: 0 (no projection) works, > 0 is refused (GRU: see GRU)."""
+        if proj_size is None:
+            return
+        if isinstance(proj_size, bool) or not isinstance(proj_size, int) or proj_size < 0:
+            raise ValueError(
+                f"{self.mode}: proj_size should be a positive integer or zero to disable "
+                f"projections, got {proj_size!r}"
+            )
+        if proj_size >= hidden_size:
+            raise ValueError(
+                f"{self.mode}: proj_size has to be smaller than hidden_size, got proj_size="
+                f"{proj_size} and hidden_size={hidden_size}"
+            )
+        if proj_size > 0:
+            raise NotImplementedError(
+                f"highwaybp.{self.mode}: proj_size={proj_size} (an LSTM with projections, "
+                "h_t = W_hr (o * tanh(c_t))) is not supported: the Highway-BP engine runs the "
+                "plain LSTM cell. Use torch.nn.LSTM(..., proj_size=...) for it, or "
+                "highwaybp.LSTM without projections followed by an nn.Linear on the outputs "
+                "(a different model: the projection is then outside the recurrence)"
+            )
+
     def reset_parameters(self) -> None:
         """torch.nn's init: every parameter ~ U(-1/sqrt(hidden), 1/sqrt(hidden))."""
         bound = 1.0 / math.sqrt(self.hidden_size)
         for p in self.parameters():
             nn.init.uniform_(p, -bound, bound)
+
+    @property
+    def all_weights(self) -> list[list[nn.Parameter]]:
+        """torch.nn.RNNBase.all_weights: per layer [weight_ih, weight_hh, bias_ih, bias_hh]
+        (the biases only with bias=True)."""
+        return [
+            [p for p in self.layer_params(layer) if p is not None]
+            for layer in range(self.num_layers)
+        ]
+
+    def flatten_parameters(self) -> None:
+        """No-op, for code written for torch.nn.GRU/LSTM (DataParallel, after .to(), ...).
+
+        torch.nn's version packs the weights into one contiguous buffer for cuDNN; the
+        highwaybp engines use each parameter as it is (one matmul per weight), so there is
+        nothing to pack.
+        """
 
     def layer_params(self, layer: int) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
         get = lambda name: getattr(self, f"{name}_l{layer}", None)
@@ -346,13 +420,38 @@ class _HighwayRNNBase(nn.Module):
                 f"{self.mode} input has {x.shape[-1]} features in its last dim, expected "
                 f"input_size={self.input_size} (shape {tuple(x.shape)}, layout {layout})"
             )
-        if x.dim() == 2:
-            return x.unsqueeze(1), False
-        if self.batch_first:
-            x = x.transpose(0, 1)
-        if x.shape[0] == 0 or x.shape[1] == 0:
-            raise ValueError(f"{self.mode} input has an empty time or batch dim: {tuple(x.shape)}")
-        return x.contiguous(), True
+        self._check_dtype_and_device(x)
+        batched = x.dim() == 3
+        xt = x.unsqueeze(1) if not batched else x.transpose(0, 1) if self.batch_first else x
+        if xt.shape[0] == 0:  # torch.nn's RuntimeError, with the shape and the layout
+            raise RuntimeError(
+                f"Expected sequence length to be larger than 0 in RNN: highwaybp.{self.mode} "
+                f"got input of shape {tuple(x.shape)} (layout "
+                f"{layout if batched else '[T, features] unbatched'}); pass at least one time step"
+            )
+        if xt.shape[1] == 0:
+            raise ValueError(
+                f"highwaybp.{self.mode}: batch size 0 (input shape {tuple(x.shape)}, layout "
+                f"{layout}) is not supported (torch.nn returns an empty output here): skip "
+                "empty batches"
+            )
+        return xt.contiguous(), batched
+
+    def _check_dtype_and_device(self, x: Tensor) -> None:
+        """The input must have the weights' dtype and device (torch.nn's errors, same fix)."""
+        weight = self.weight_ih_l0
+        if x.dtype != weight.dtype:
+            raise ValueError(
+                f"{self.mode} input dtype ({x.dtype}) does not match weight dtype "
+                f"({weight.dtype}). Convert input: input.to({weight.dtype}), or convert model: "
+                f"model.to({x.dtype})"
+            )
+        if x.device != weight.device:
+            raise RuntimeError(
+                "Input and parameter tensors are not at the same device, found input tensor at "
+                f"{x.device} and parameter tensor at {weight.device}: move one of them "
+                f"(input.to({str(weight.device)!r}) or model.to({str(x.device)!r}))"
+            )
 
     def _check_state(self, h: Any, name: str, x: Tensor, batched: bool) -> Tensor:
         batch = x.shape[1]
@@ -378,7 +477,10 @@ class _HighwayRNNBase(nn.Module):
                 f"got {tuple(h.shape)}.{hint}"
             )
         if h.dtype != x.dtype:
-            raise TypeError(f"{self.mode}: {name} dtype {h.dtype} differs from input {x.dtype}")
+            raise TypeError(
+                f"{self.mode}: {name} dtype {h.dtype} differs from input {x.dtype}: convert it, "
+                f"{name}.to({x.dtype})"
+            )
         return h if batched else h.unsqueeze(1)
 
     # ---- forward ------------------------------------------------------------------------
@@ -448,10 +550,22 @@ class GRU(_HighwayRNNBase):
 
     Call: rnn(x, h0=None, method=None) with x [T, B, In] ([B, T, In] if batch_first, or
     [T, In] unbatched) and h0 [num_layers, B, H] -> (output [T, B, H], h_n [num_layers, B, H]).
+
+    As in torch.nn, a backward after an in-place change of a weight it reads (weight_hh_l{k};
+    weight_ih_l{k} when that layer's input needs a gradient), e.g. an optimizer.step()
+    between forward and backward, raises RuntimeError; flatten_parameters() (a no-op here)
+    and all_weights exist for code written for torch.nn.
     """
 
     mode = "GRU"
     gates = 3
+
+    def _check_proj_size(self, proj_size: int | None, hidden_size: int) -> None:
+        if proj_size is not None:  # as torch.nn.GRU, which refuses the argument, even 0
+            raise ValueError(
+                "proj_size argument is only supported for LSTM, not RNN or GRU (as in "
+                "torch.nn.GRU): remove it"
+            )
 
     def forward(
         self, x: Tensor, hx: Optional[Tensor] = None, method: Method | None = None
@@ -469,8 +583,9 @@ class GRU(_HighwayRNNBase):
 class LSTM(_HighwayRNNBase):
     """torch.nn.LSTM with Highway-BP through time (K_t = diag(f_t) on the cell state).
 
-    Args and parameters as `GRU` with 4H gate rows (order i, f, g, o); proj_size is not
-    supported. Call: rnn(x, (h0, c0)=None, method=None) -> (output, (h_n, c_n)).
+    Args and parameters as `GRU` with 4H gate rows (order i, f, g, o); proj_size=0 (the
+    default: no projection) is accepted as in torch.nn.LSTM, proj_size > 0 raises
+    NotImplementedError. Call: rnn(x, (h0, c0)=None, method=None) -> (output, (h_n, c_n)).
     """
 
     mode = "LSTM"
@@ -557,6 +672,9 @@ class _CellFunction(torch.autograd.Function):
         stacked = torch.stack(states)
         ctx.owner, ctx.method = owner, method
         ctx.save_for_backward(x, stacked, *params)
+        # The backward re-runs the cell; frozen parameters and buffers are not saved tensors,
+        # so autograd would not notice an in-place change of them: keep their versions.
+        ctx.cell_versions = [(name, t, t._version) for name, t in _cell_tensors(owner.cell)]
         return stacked[1:]
 
     @staticmethod
@@ -564,12 +682,14 @@ class _CellFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_y: Tensor):
         x, stacked, *params = ctx.saved_tensors
         owner, method = ctx.owner, ctx.method
+        _check_cell_versions(owner.cell, ctx.cell_versions)
         T, B = x.shape[:2]
         S = stacked.shape[-1]
         with torch.enable_grad():
             hp = stacked[:-1].reshape(T * B, S).detach().requires_grad_(True)
             xs = x.reshape(T * B, -1).detach().requires_grad_(ctx.needs_input_grad[0])
             out = owner.cell(xs, hp)
+        _check_rerun(owner.cell, out.detach().reshape(T, B, S), stacked[1:])
         full = isinstance(method, FixedPoint)
         a = None
         if not full:
@@ -608,6 +728,46 @@ class _CellFunction(torch.autograd.Function):
         param_grads = list(grads[1 : 1 + len(params)])
         dx = grads[-1].reshape(x.shape) if ctx.needs_input_grad[0] else None
         return (dx, w[0], None, None, *param_grads)
+
+
+def _cell_tensors(cell: nn.Module) -> list[tuple[str, Tensor]]:
+    return [*cell.named_parameters(), *cell.named_buffers()]
+
+
+def _check_cell_versions(cell: nn.Module, versions: list[tuple[str, Tensor, int]]) -> None:
+    """Refuse a backward after an in-place change of the cell's parameters or buffers."""
+    for name, tensor, saved in versions:
+        if tensor._version != saved:
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an "
+                f"inplace operation: {name} of the CellRNN cell {type(cell).__name__} is at "
+                f"version {tensor._version}; expected version {saved} (its value at the "
+                "forward). The backward re-runs the cell, so the gradient would be that of "
+                "another model. Call backward before optimizer.step() (or any in-place change "
+                "of the cell), or run the forward again."
+            )
+
+
+def _check_rerun(cell: nn.Module, rerun: Tensor, states: Tensor) -> None:
+    """The backward's batched re-run of the cell must reproduce the forward's states.
+
+    Its VJPs are taken on that re-run: a cell that is not a deterministic function of
+    (x, h) and its parameters (dropout inside it, Python state that changed since the
+    forward) would give the gradient of outputs that were never computed. The tolerance
+    allows for the rounding of a batched matmul against the per-step ones.
+    """
+    tol = torch.finfo(states.dtype).eps ** 0.5
+    if not torch.allclose(rerun, states, rtol=tol, atol=tol):
+        worst = float((rerun - states).abs().max())
+        raise RuntimeError(
+            f"CellRNN: the cell {type(cell).__name__} gave other outputs when re-run in the "
+            f"backward than in the forward (max difference {worst:.3g}). The Highway-BP "
+            "backward re-runs the cell on all steps at once, so the cell must be a "
+            "deterministic function of (x, h) and its parameters: no dropout or other "
+            "randomness inside it (apply dropout to its inputs or outputs outside the "
+            "CellRNN), no state that changes between forward and backward; or use "
+            "method=Exact() (plain autograd)."
+        )
 
 
 def block_vjp_step(cell: nn.Module, x_t: Tensor, h: Tensor, w: Tensor) -> Tensor:
