@@ -3,6 +3,17 @@
 As torch.utils.checkpoint does: keep the RNG state each layer saw (dropout masks) and the
 autocast state, and replay them. Re-running a layer must also not change module state, so
 buffers (BatchNorm running statistics, num_batches_tracked) are restored afterwards.
+
+Python state is the caller's to keep out of a block's forward. The re-run cannot see or
+replay what the forward did to plain Python objects, so a forward that changes them (a call
+counter used as a warm-up scale, a flag flipped on first call) would compute another
+function in the backward and change the state a second time. What can be checked is: the
+scalar attributes (int, float, bool, str, None, tuples of them) of every module of the layer
+are compared before and after each re-run, and a change is an error (the values are put
+back first). Not seen: containers changed in place (a list appended to), attributes of
+non-module objects, globals, closures of hooks. A block whose forward reads such state gets
+a gradient of the function the re-run computed; keep such state outside the block (pass it
+in as a buffer, or as part of the input) or use method=Exact() for that chain.
 """
 
 from __future__ import annotations
@@ -76,12 +87,77 @@ def modes_and_buffers_replayed(layer: nn.Module, state: ForwardState) -> Iterato
     if state.training and len(state.training) == len(modules):
         for m, mode in zip(modules, state.training):
             m.training = mode
+    scalars = python_scalars(layer)
     try:
         with _buffer_copies_swapped_in(state.buffers):
             yield
     finally:
         for m, mode in zip(modules, current_modes):
             m.training = mode
+    _raise_if_python_state_changed(layer, scalars)
+
+
+_MODULE_BOOKKEEPING = frozenset(vars(nn.Module())) - {"training"}
+_SCALARS = (int, float, complex, bool, str, type(None))
+
+
+def is_python_scalar(value: Any) -> bool:
+    """int, float, complex, bool, str, None, or a tuple of them (nested)."""
+    if isinstance(value, tuple):
+        return all(is_python_scalar(v) for v in value)
+    return isinstance(value, _SCALARS)
+
+
+def module_attributes(module: nn.Module) -> dict[str, Any]:
+    """The module's own attributes: its __dict__ without nn.Module's bookkeeping (parameter,
+    buffer, submodule and hook dicts) and without `training` (replayed separately)."""
+    return {
+        key: value
+        for key, value in vars(module).items()
+        if key not in _MODULE_BOOKKEEPING and key != "training"
+    }
+
+
+def python_scalars(layer: nn.Module) -> list[tuple[nn.Module, str, Any]]:
+    """(module, name, value) for each scalar attribute of each module of `layer`."""
+    return [
+        (m, key, value)
+        for m in layer.modules()
+        for key, value in module_attributes(m).items()
+        if is_python_scalar(value)
+    ]
+
+
+def _raise_if_python_state_changed(layer: nn.Module, before: list) -> None:
+    changed = []
+    for m, key, value in before:
+        now = vars(m).get(key, _MISSING)
+        if not _same_scalar(now, value):
+            changed.append((m, key, value, now))
+            vars(m)[key] = value  # the state the forward left, not the re-run's
+    if changed:
+        m, key, value, now = changed[0]
+        raise RuntimeError(
+            f"{type(m).__name__}.{key} changed from {value!r} to {now!r} when the backward "
+            "re-ran the layer: a forward that updates Python state computes another function "
+            "when re-run (and updates it twice). Keep that state outside the block (e.g. pass "
+            "a step count in as a buffer or input, update it in the training loop), or use "
+            "method=Exact() for this chain. The attribute was put back to its value after "
+            "the forward."
+        )
+
+
+_MISSING = object()
+
+
+def _same_scalar(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    if type(a) is not type(b):  # 1 -> 1.0 or True is a change
+        return False
+    if isinstance(a, tuple):
+        return len(a) == len(b) and all(_same_scalar(x, y) for x, y in zip(a, b))
+    return a == b or (a != a and b != b)  # NaN stays NaN
 
 
 @contextmanager
