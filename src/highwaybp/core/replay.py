@@ -132,7 +132,7 @@ def _raise_if_python_state_changed(layer: nn.Module, before: list) -> None:
     changed = []
     for m, key, value in before:
         now = vars(m).get(key, _MISSING)
-        if not _same_scalar(now, value):
+        if not same_scalar(now, value):
             changed.append((m, key, value, now))
             vars(m)[key] = value  # the state the forward left, not the re-run's
     if changed:
@@ -150,13 +150,13 @@ def _raise_if_python_state_changed(layer: nn.Module, before: list) -> None:
 _MISSING = object()
 
 
-def _same_scalar(a: Any, b: Any) -> bool:
+def same_scalar(a: Any, b: Any) -> bool:
     if a is b:
         return True
     if type(a) is not type(b):  # 1 -> 1.0 or True is a change
         return False
     if isinstance(a, tuple):
-        return len(a) == len(b) and all(_same_scalar(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(same_scalar(x, y) for x, y in zip(a, b))
     return a == b or (a != a and b != b)  # NaN stays NaN
 
 
