@@ -1,14 +1,14 @@
 """Batched VJP backend: the L per-layer VJPs of an iteration as one call (torch.func).
 
-For a stack of identically structured layers (same block class, same parameter and buffer
-names/shapes, same residual map, same input shape), the parameters are stacked along a
-new leading dim ([L, *p.shape], as `torch.func.stack_module_state` does) and the layer
-function is `torch.func.vmap`-ed over (stacked parameters, stacked buffers, stacked inputs)
-with `torch.func.functional_call` on the first layer's block. That batched forward is run
-once per backward under autograd; each Highway iteration is then ONE autograd VJP through
-the batched graph (w.r.t. the stacked inputs), and the final parameter sweep one more
-(w.r.t. the stacked parameters). `LoopVJP` (core/vjp.py) is the per-layer reference; this
-backend equals it to rounding (tested to 1e-12 in float64).
+For a stack of layers that compute the same function (see below), the parameters are
+stacked along a new leading dim ([L, *p.shape], as `torch.func.stack_module_state` does) and
+the layer function is `torch.func.vmap`-ed over (stacked parameters, stacked buffers, stacked
+inputs): the first layer's block runs with its parameter and buffer slots filled from the
+stacks. That batched forward is run once per backward under autograd; each Highway
+iteration is then ONE autograd VJP through the batched graph (w.r.t. the stacked inputs),
+and the final parameter sweep one more (w.r.t. the stacked parameters). `LoopVJP`
+(core/vjp.py) is the per-layer reference; this backend equals it to rounding (tested to
+1e-12 in float64).
 
 Why autograd over a vmapped forward, not `torch.func.vjp` inside vmap: vjp closures cannot
 leave a vmap, so a functional version re-runs the forward in every iteration; the retained
@@ -32,12 +32,13 @@ layer in the forward and a single vmapped call cannot replay L separate RNG stat
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
+from torch.func import vmap
 
 from highwaybp.core.replay import (
     ForwardState,
@@ -50,7 +51,7 @@ from highwaybp.core.replay import (
 
 
 def _has_hooks(layer: nn.Module) -> bool:
-    """Module hooks anywhere in the layer: functional_call on a group's first block would run
+    """Module hooks anywhere in the layer: running a group on its first block would run
     that block's hooks for every layer of the group (and inside vmap)."""
     return any(
         m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
@@ -92,7 +93,7 @@ def _tensor_layout(named: Any) -> list:
 
 
 def same_function(a: nn.Module, b: nn.Module) -> bool:
-    """Whether running module a's code with b's parameters and buffers (functional_call on a)
+    """Whether running module a's code with b's parameters and buffers in a's slots
     provably computes b: the same classes, module tree, attributes (see `_same_value`),
     parameter/buffer layout and tying. False when in doubt: the layer then runs apart."""
     mods_a = list(a.named_modules(remove_duplicate=False))
@@ -184,6 +185,39 @@ def _buffers_before_forward(layer: nn.Module, state: ForwardState) -> dict[str, 
     return out
 
 
+def _tensor_slots(block: nn.Module) -> list[tuple[nn.Module, str, str, str]]:
+    """(module, "_parameters" or "_buffers", key, name) for every tensor slot of `block`;
+    name is the tensor's first name in named_parameters/named_buffers, so tied slots (one
+    tensor under two names, or one submodule registered twice) share one name."""
+    first: dict[int, str] = {}
+    for name, t in [*block.named_parameters(), *block.named_buffers()]:
+        first.setdefault(id(t), name)
+    return [
+        (module, kind, key, first[id(t)])
+        for module in block.modules()
+        for kind in ("_parameters", "_buffers")
+        for key, t in getattr(module, kind).items()
+        if t is not None
+    ]
+
+
+@contextmanager
+def _slots_filled(slots: list, tensors: dict[str, Tensor]) -> Iterator[None]:
+    """Run the body with each slot holding tensors[name]; the originals put back after.
+
+    (torch.func.functional_call does this too, but does not put the originals back when a
+    submodule is registered under two names.)
+    """
+    originals = [(module, kind, key, getattr(module, kind)[key]) for module, kind, key, _ in slots]
+    for module, kind, key, name in slots:
+        getattr(module, kind)[key] = tensors[name]
+    try:
+        yield
+    finally:
+        for module, kind, key, t in originals:
+            getattr(module, kind)[key] = t
+
+
 class _Group:
     """One set of identically structured layers run as one vmapped call."""
 
@@ -207,9 +241,11 @@ class _Group:
         }
         self.x = torch.stack([h.detach() for h in inputs]).requires_grad_(True)
         block, residual = base.block, base.residual
+        slots = _tensor_slots(block)
 
         def layer_fn(params: dict, bufs: dict, x: Tensor, x_const: Tensor) -> Any:
-            z = functional_call(block, (params, bufs), (x,))
+            with _slots_filled(slots, {**params, **bufs}):
+                z = block(x)
             # K's part goes through the residual's first argument: feed it the constant.
             return residual.combine(x_const, z), z
 
