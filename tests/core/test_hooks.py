@@ -105,7 +105,9 @@ def _tied_model():
 @pytest.mark.parametrize("vjp", ["loop", "batched"])
 @pytest.mark.parametrize("method", [hbp.Highway(k=5), hbp.FixedPoint(k=5)], ids=repr)
 def test_tied_and_shared_weights_run_their_hooks_once_on_the_summed_gradient(vjp, method):
-    """Fails on eab6026 (before this fix): the hooks ran twice (0.25x the gradient)."""
+    """Fails on eab6026 (before this fix): with vjp="loop" the hooks ran twice (0.25x the
+    gradient); with vjp="batched" the block using one Linear twice crashed (functional_call
+    left that Linear's parameters swapped for the stacked ones)."""
     model = _tied_model()
     model["chain"].vjp = vjp
     x = torch.randn(3, 5, dtype=torch.float64)
@@ -173,6 +175,9 @@ class FlatWeights(nn.Module):
 
 
 def test_parameter_used_through_its_own_reference_gets_the_exact_gradient():
+    """The re-run cannot alias a parameter a module reaches through its own reference: the
+    gradient is still exact, and a hook on it (which would run twice) is refused.
+    Fails on eab6026 (before this fix): the hook ran twice, no error."""
     torch.manual_seed(0)
     chain = hbp.ResidualChain([hbp.ResidualLayer(FlatWeights()) for _ in range(3)]).double()
     x = torch.randn(2, 4, dtype=torch.float64)
