@@ -192,3 +192,31 @@ def test_parameter_used_through_its_own_reference_gets_the_exact_gradient():
     handle.remove()
     with pytest.raises(ValueError, match=r"outside _parameters.*vjp='loop'"):
         _param_grads(chain, hbp.Highway(k=3), x)
+
+
+def test_global_module_hooks():
+    """A global forward hook runs on each layer's own block under vjp="batched" (all layers
+    run unbatched); a global backward hook is refused. Fails on eab6026 (before this fix):
+    the batched backend ran layer 0's block, once, for the whole group."""
+    from torch.nn.modules.module import (
+        register_module_forward_hook,
+        register_module_full_backward_hook,
+    )
+
+    torch.manual_seed(0)
+    chain = make_chain(["identity"] * 3, 4, vjp="batched").double()
+    x = torch.randn(2, 4, dtype=torch.float64)
+    scales = {id(layer.block[0]): float(i + 1) for i, layer in enumerate(chain.layers)}
+    handle = register_module_forward_hook(lambda m, i, o: o * scales.get(id(m), 1.0))
+    try:
+        exact = _param_grads(chain, hbp.Exact(), x)
+        batched = _param_grads(chain, hbp.Highway(k=3), x)
+    finally:
+        handle.remove()
+    assert max_rel_diff(batched, exact) < 1e-10
+    handle = register_module_full_backward_hook(lambda *args: None)
+    try:
+        with pytest.raises(RuntimeError, match=r"global module backward hook.*Exact\(\)"):
+            _param_grads(chain, hbp.Highway(k=3), x)
+    finally:
+        handle.remove()

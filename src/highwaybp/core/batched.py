@@ -51,8 +51,15 @@ from highwaybp.core.replay import (
 
 
 def _has_hooks(layer: nn.Module) -> bool:
-    """Module hooks anywhere in the layer: running a group on its first block would run
-    that block's hooks for every layer of the group (and inside vmap)."""
+    """Module hooks anywhere in the layer, or global ones (register_module_forward_hook):
+    running a group on its first block would run that block's hooks for every layer of the
+    group (and inside vmap)."""
+    from torch.nn.modules import module as torch_module
+
+    if getattr(torch_module, "_global_forward_hooks", None) or getattr(
+        torch_module, "_global_forward_pre_hooks", None
+    ):
+        return True
     return any(
         m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
         for m in layer.modules()
@@ -255,6 +262,11 @@ class _Group:
                     self.params, buffers, self.x, self.x.detach()
                 )
         except RuntimeError as err:
+            if "Batching rule not implemented" in str(err):
+                raise RuntimeError(
+                    f"vjp='batched' cannot vmap {type(block).__name__} (an operation without a "
+                    "batching rule); use vjp='loop' for this chain"
+                ) from err
             if "random" not in str(err):
                 raise
             raise RuntimeError(

@@ -202,6 +202,17 @@ def _apply_layer(index: int, layer: ResidualLayer, h: Tensor) -> Tensor:
             f"layer {index + 1} has forward hooks, which the Highway backward does not re-run; "
             "register them on the block (layer.block) instead, or use method=Exact()"
         )
+    from torch.nn.modules import module as torch_module
+
+    if getattr(torch_module, "_global_backward_hooks", None) or getattr(
+        torch_module, "_global_backward_pre_hooks", None
+    ):
+        raise RuntimeError(
+            "a global module backward hook is registered (register_module_full_backward_"
+            "hook): under autograd it sees each module's exact gradient once, but the Highway "
+            "backward takes each block's VJP at every iteration with an estimate. Use "
+            "method=Exact(), or remove the global hook."
+        )
     for name, module in layer.named_modules():
         if module._backward_hooks or module._backward_pre_hooks:
             raise RuntimeError(
