@@ -39,6 +39,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 from torch.func import vmap
+from torch.nn.modules import module as torch_module  # its global hook registries
 
 from highwaybp.core.replay import (
     ForwardState,
@@ -54,8 +55,6 @@ def _has_hooks(layer: nn.Module) -> bool:
     """Module hooks anywhere in the layer, or global ones (register_module_forward_hook):
     running a group on its first block would run that block's hooks for every layer of the
     group (and inside vmap)."""
-    from torch.nn.modules import module as torch_module
-
     if getattr(torch_module, "_global_forward_hooks", None) or getattr(
         torch_module, "_global_forward_pre_hooks", None
     ):

@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as torch_module  # its global hook registries
 
 from highwaybp.core.iteration import Diagnostics, highway_iterate, raise_if_nonfinite
 from highwaybp.core.methods import Exact, FixedPoint, Highway, Method, check_method
@@ -50,6 +51,10 @@ class ResidualChain(nn.Module):
 
     All parameters the layers use must be registered in them (a tensor captured from
     outside the chain gets no gradient from the Highway backward).
+
+    Hooks: a parameter's hooks (register_hook, register_post_accumulate_grad_hook) run once
+    per backward on its total gradient, as under autograd. Module backward hooks inside the
+    layers are refused under Highway/FixedPoint; forward hooks belong on the block.
 
     Highway/FixedPoint backwards are first-order only: double backward (create_graph=True)
     and torch.func transforms (grad, vmap, jacrev...) over the chain are refused with an
@@ -202,8 +207,6 @@ def _apply_layer(index: int, layer: ResidualLayer, h: Tensor) -> Tensor:
             f"layer {index + 1} has forward hooks, which the Highway backward does not re-run; "
             "register them on the block (layer.block) instead, or use method=Exact()"
         )
-    from torch.nn.modules import module as torch_module
-
     if getattr(torch_module, "_global_backward_hooks", None) or getattr(
         torch_module, "_global_backward_pre_hooks", None
     ):
