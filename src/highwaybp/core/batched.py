@@ -121,6 +121,15 @@ def same_function(a: nn.Module, b: nn.Module) -> bool:
     )
 
 
+def _same_forward_state(a: ForwardState, b: ForwardState) -> bool:
+    """The train/eval modes and Python scalars each forward ran with (the group's first
+    layer's are replayed for all its layers)."""
+    return a.training == b.training and len(a.scalars) == len(b.scalars) and all(
+        key_a == key_b and same_scalar(value_a, value_b)
+        for (_, key_a, value_a), (_, key_b, value_b) in zip(a.scalars, b.scalars)
+    )
+
+
 def check_batchable(
     layers: Sequence[nn.Module],
     inputs: Sequence[Tensor],
@@ -147,13 +156,11 @@ def check_batchable(
             )
         if _has_hooks(layer):
             continue
-        # The train/eval modes the forward ran in (replayed for the group's first layer).
-        modes = states[i].training if states is not None else None
         for group in groups:
             j = group[0]
             if (
                 inputs[j].shape == h.shape and inputs[j].dtype == h.dtype
-                and (modes is None or states[j].training == modes)
+                and (states is None or _same_forward_state(states[j], states[i]))
                 and same_function(layers[j], layer)
             ):
                 group.append(i)
@@ -260,6 +267,12 @@ class _Group:
                 self.y, z = vmap(layer_fn, randomness="error")(
                     self.params, buffers, self.x, self.x.detach()
                 )
+                # Under the replayed state too (a Scaled map's c is the forward's).
+                y_const, z_const = self.y.detach(), _detach(z)
+                self.contexts = [
+                    residual.k_context(self.x[pos].detach(), _slice(z_const, pos), y_const[pos])
+                    for pos in range(len(layers))
+                ]
         except RuntimeError as err:
             if "Batching rule not implemented" in str(err):
                 raise RuntimeError(
@@ -273,7 +286,6 @@ class _Group:
                 "each layer drew its own mask in the forward. Use vjp='loop', set dropout "
                 "to 0, or call model.eval()"
             ) from err
-        self.z = _detach(z)
 
 
 class BatchedVJP:
@@ -331,13 +343,10 @@ class BatchedVJP:
             self.xs[i], self.contexts[i] = self._apart.xs[pos], self._apart.contexts[pos]
         self._owner: dict[int, list[tuple[int, str, int]]] = {}
         for g, (idx, run) in enumerate(zip(self.groups, self._runs)):
-            y_const = run.y.detach()
             for pos, i in enumerate(idx):
                 self.xs[i] = run.x[pos]
                 layer = self.layers[i]
-                self.contexts[i] = layer.residual.k_context(
-                    run.x[pos].detach(), _slice(run.z, pos), y_const[pos]
-                )
+                self.contexts[i] = run.contexts[pos]
                 for n in run.param_names:
                     self._owner.setdefault(id(layer.block.get_parameter(n)), []).append((g, n, pos))
 

@@ -71,7 +71,7 @@ class LoopVJP:
             z = layer.block(x)
             # K's part is the derivative through the residual's first argument: cut it.
             y = layer.residual.combine(x.detach(), z)
-        self.contexts.append(layer.residual.k_context(x.detach(), _detach(z), y.detach()))
+            self.contexts.append(layer.residual.k_context(x.detach(), _detach(z), y.detach()))
         self.xs.append(x)
         self.ys.append(y)
         return y
