@@ -158,3 +158,21 @@ def test_method_from_string():
     assert adaptive == hbp.Highway(tol=1e-3, max_k=9, fallback="best")
     with pytest.raises(ValueError, match="unknown method"):
         hbp.method_from_string("sgd")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("highway:k=2,k=3", "'k' given twice"),
+    ("highway:tol=1e-3,max_k=4,tol=1e-4", "'tol' given twice"),
+    ("exact:k=3", "'exact' takes no options"),
+    ("exact:3", "'exact' takes no options"),
+    ("fixedpoint:tol=1e-3", "'fixedpoint' takes k;"),
+    ("highway:depth=3", "'highway' takes k, tol, max_k, fallback"),
+    ("highway:k=two", "'k' .* must be an integer, got 'two'"),
+    ("highway:tol=small,max_k=3", "'tol' .* must be a number"),
+])
+def test_method_from_string_bad_options(text, message):
+    """Fails on eab6026 (before this fix): a repeated option silently kept the last value,
+    exact:k=3 and fixedpoint:tol= gave a TypeError about a keyword argument, and a bad
+    number gave int()'s message without the option's name."""
+    with pytest.raises(ValueError, match=message):
+        hbp.method_from_string(text)

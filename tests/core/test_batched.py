@@ -9,8 +9,11 @@ import torch
 from torch import nn
 
 import highwaybp as hbp
+from highwaybp.core.batched import BatchedVJP, check_batchable
+from highwaybp.core.replay import capture_forward_state
 from highwaybp.models.resnet import CifarResNet, PreActBlock
 from highwaybp.models.transformer import GPT, EncoderClassifier
+from tests.core.helpers import grads_of, max_rel_diff
 
 V, T, B = 11, 5, 3
 
@@ -115,8 +118,6 @@ def test_batched_batchnorm_stats_updated_once():
 
 def test_batched_groups_resnet_stages():
     """The paper-form ResNet batches per stage (3 groups of identical blocks)."""
-    from highwaybp.core.batched import check_batchable
-
     torch.manual_seed(0)
     resnet = CifarResNet(20, width=4, in_channels=1, downsample="updown").double()
     x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
@@ -145,3 +146,97 @@ def test_batched_rejects_unbatchable_chains():
     gpt.eval()  # no dropout in eval mode: batchable
     with hbp.use_method(gpt, hbp.Highway(k=1)):
         gpt.loss(ids, ids).backward()
+
+
+class Configurable(nn.Module):
+    """Layers of one class that differ in a non-parameter attribute."""
+
+    def __init__(self, act=torch.tanh, factor=None, config=None) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.act = act
+        self.factor = factor
+        self.config = {"scale": 1.0} if config is None else config
+
+    def forward(self, x):
+        y = self.act(self.lin(x)) * self.config["scale"]
+        return y if self.factor is None else y * self.factor
+
+
+def _f64(value):
+    return torch.tensor(value, dtype=torch.float64)
+
+
+DIFFERING = {
+    "function attribute": [Configurable(torch.tanh), Configurable(torch.sin),
+                           Configurable(torch.tanh)],
+    "plain tensor attribute": [Configurable(factor=_f64(1.0)), Configurable(factor=_f64(3.0)),
+                               Configurable(factor=_f64(1.0))],
+    "dict attribute": [Configurable(config={"scale": 1.0}), Configurable(config={"scale": 3.0}),
+                       Configurable(config={"scale": 1.0})],
+}
+
+
+def _loop_and_batched(layers, method):
+    torch.manual_seed(0)
+    chain = hbp.ResidualChain([hbp.ResidualLayer(b) for b in layers]).double()
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    out = {}
+    for vjp in ("loop", "batched"):
+        chain.vjp = vjp
+        out[vjp] = grads_of(chain, x, method, per_layer_loss=True)
+    return chain, out
+
+
+@pytest.mark.parametrize("kind", list(DIFFERING))
+@pytest.mark.parametrize("method", [hbp.Highway(k=3), hbp.Highway(k=1)], ids=repr)
+def test_layers_differing_in_an_attribute_are_not_batched_together(kind, method):
+    """Fails on eab6026 (before this fix): every layer ran layer 0's attribute (O(1) error)."""
+    layers = [copy.deepcopy(b) for b in DIFFERING[kind]]
+    chain, grads = _loop_and_batched(layers, method)
+    assert max_rel_diff(grads["batched"], grads["loop"]) < 1e-12
+    h = torch.randn(3, 4, dtype=torch.float64)
+    assert check_batchable(list(chain.layers), [h] * 3) == [[0, 2], [1]]
+
+
+def test_a_forward_hook_on_one_block_runs_on_that_block_only():
+    """Fails on eab6026 (before this fix): layer 0's block (without the hook) ran for all."""
+    layers = [Configurable() for _ in range(3)]
+    layers[1].register_forward_hook(lambda m, i, o: 2 * o)
+    chain, grads = _loop_and_batched(layers, hbp.Highway(k=3))
+    assert max_rel_diff(grads["batched"], grads["loop"]) < 1e-12
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    exact = grads_of(chain, x, hbp.Exact(), per_layer_loss=True)
+    assert max_rel_diff(grads_of(chain, x, hbp.Highway(k=3), per_layer_loss=True), exact) < 1e-10
+    h = [torch.randn(2, 4, dtype=torch.float64) for _ in range(3)]
+    states = [capture_forward_state(t, False, layer) for t, layer in zip(h, chain.layers)]
+    backend = BatchedVJP(list(chain.layers), h, states)
+    assert backend.groups == [[0, 2]] and backend.looped == [1]
+
+
+def test_identical_layers_still_share_one_group():
+    """The grouping rule keeps the speed-up where it is provably safe: equal attributes,
+    equal plain tensors (distinct objects), the same function object."""
+    layers = [hbp.ResidualLayer(Configurable(torch.sin, _f64(2.0), {"scale": 0.5}))
+              for _ in range(4)]
+    h = torch.randn(3, 4)
+    assert check_batchable(layers, [h] * 4) == [[0, 1, 2, 3]]
+
+
+def test_captured_tensor_is_an_error_as_with_the_loop_backend():
+    """Fails on eab6026 (before this fix): vjp="batched" left the captured tensor's source
+    without a gradient (None) instead of raising the loop backend's error."""
+    stem = nn.Linear(3, 3).double()
+    cond = stem(torch.randn(2, 3, dtype=torch.float64))
+
+    class Conditioned(nn.Module):
+        def forward(self, x):
+            return torch.tanh(x + cond)
+
+    for vjp in ("loop", "batched"):
+        chain = hbp.ResidualChain([hbp.ResidualLayer(Conditioned()) for _ in range(2)],
+                                  method=hbp.Highway(k=1), vjp=vjp)
+        with pytest.raises(RuntimeError, match="not a parameter of the chain"):
+            chain(torch.randn(2, 3, dtype=torch.float64, requires_grad=True)).sum().backward(
+                retain_graph=True)
+        assert stem.weight.grad is None

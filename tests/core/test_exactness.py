@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 import highwaybp as hbp
 from tests.core.helpers import RESIDUAL_KINDS, grads_of, make_chain, max_rel_diff
@@ -62,11 +64,37 @@ def test_hillis_steele_scan_in_chain_matches_sequential():
 
 def test_exact_method_on_chain_is_autograd_and_reports_exact():
     torch.manual_seed(0)
-    chain = make_chain(["identity"] * 3, 4).double()
+    chain = make_chain(["identity", "relu", "gated"], 4, dropout=0.3).double()
     x = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
-    chain(x).sum().backward()
+    torch.manual_seed(1)
+    (chain(x) ** 2).sum().backward()
     assert chain.last_diagnostics.stop_reason == "exact"
     assert chain.last_diagnostics.iterations == 0
+    # Bit-identical to the same layers run as an nn.Sequential under autograd.
+    chain_grads = [x.grad.clone(), *(p.grad.clone() for p in chain.parameters())]
+    chain.zero_grad()
+    x.grad = None
+    torch.manual_seed(1)
+    (nn.Sequential(*chain.layers)(x) ** 2).sum().backward()
+    for a, b in zip(chain_grads, [x.grad, *(p.grad for p in chain.parameters())]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", [hbp.Highway(k=4), hbp.FixedPoint(k=4)], ids=repr)
+def test_state_gradients_at_k_equal_L_match_autograd_for_every_state(method):
+    """Every w_i, not only w_0, equals dLoss/dh_i (compared with autograd per state)."""
+    torch.manual_seed(2)
+    chain = make_chain(["relu", "gated", "identity", "scaled"], 5).double()
+    x = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    h = [x]
+    for layer in chain.layers:  # each state a graph node we can differentiate w.r.t.
+        h.append(layer(h[-1]))
+    grad_out = torch.randn(len(chain), 2, 5, dtype=torch.float64)
+    auto = torch.autograd.grad(torch.stack(h[1:]), h, grad_out)
+    ws = chain.state_gradients(x.detach(), grad_out, method=method, return_states=True)
+    assert len(ws) == len(auto) == 5
+    for i, (w, a) in enumerate(zip(ws, auto)):
+        torch.testing.assert_close(w, a, rtol=1e-10, atol=1e-12, msg=f"state {i}")
 
 
 def test_exact_state_gradients_match_autograd_per_state():
@@ -77,5 +105,11 @@ def test_exact_state_gradients_match_autograd_per_state():
     grad_out = torch.randn_like(states)
     auto = torch.autograd.grad(states, x, grad_out)[0]
     ws = chain.state_gradients(x, grad_out, method=hbp.Exact(), return_states=True)
-    assert len(ws) == 4
-    torch.testing.assert_close(ws[0], auto, rtol=1e-12, atol=1e-12)
+    h = [x]
+    for layer in chain.layers:
+        h.append(layer(h[-1]))
+    per_state = torch.autograd.grad(torch.stack(h[1:]), h, grad_out)
+    torch.testing.assert_close(per_state[0], auto, rtol=1e-12, atol=1e-12)
+    assert len(ws) == len(per_state) == 4
+    for i, (w, a) in enumerate(zip(ws, per_state)):
+        torch.testing.assert_close(w, a, rtol=1e-12, atol=1e-12, msg=f"state {i}")

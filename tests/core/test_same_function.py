@@ -192,3 +192,77 @@ def test_public_scans_are_differentiable():
     a = torch.rand(5, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(hbp.reverse_scan_sequential, (x, a))
     assert torch.autograd.gradcheck(hbp.reverse_scan_hillis_steele, (x, a))
+
+
+class WarmUp(nn.Module):
+    """Scales its output by a warm-up factor counted in a Python attribute."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return torch.tanh(self.lin(x)) * min(1.0, self.calls / 4)
+
+
+@pytest.mark.parametrize("vjp", ["loop", "batched"])
+def test_python_state_changed_by_the_re_run_is_an_error_and_put_back(vjp):
+    """Fails on eab6026 (before this fix): the re-run counted again (calls ended at 2) and
+    the gradient at k = L was that of calls = 2, not of the forward's calls = 1."""
+    torch.manual_seed(0)
+    chain = hbp.ResidualChain([hbp.ResidualLayer(WarmUp(3)) for _ in range(2)], vjp=vjp)
+    x = torch.randn(2, 3)
+    out = chain(x, method=hbp.Highway(k=2)).sum()
+    assert [layer.block.calls for layer in chain.layers] == [1, 1]
+    with pytest.raises(RuntimeError, match=r"WarmUp.calls changed from 0 to 1.*outside the block"):
+        out.backward()
+    assert [layer.block.calls for layer in chain.layers] == [1, 1]
+
+
+def test_python_state_the_re_run_leaves_alone_is_accepted():
+    """A scalar the forward only reads is not an error; one the caller changes between
+    forward and backward is replayed as the forward saw it (as autograd differentiates the
+    forward's function) and keeps the caller's value afterwards."""
+    torch.manual_seed(0)
+    chain = make_chain(["scaled", "identity"], 3).double()
+    chain.layers[0].block.note = "read-only"
+    x = torch.randn(2, 3, dtype=torch.float64)
+    expected = torch.autograd.grad(chain(x, method=hbp.Exact()).pow(2).sum(),
+                                   list(chain.parameters()))
+    out = chain(x, method=hbp.Highway(k=2)).pow(2).sum()
+    chain.layers[1].block.note = "set after the forward"
+    chain.zero_grad()
+    out.backward()
+    assert max_rel_diff([p.grad for p in chain.parameters()], expected) < 1e-10
+    assert chain.layers[1].block.note == "set after the forward"
+
+
+@pytest.mark.parametrize("vjp", ["loop", "batched"])
+def test_hyper_parameter_changed_between_forward_and_backward_is_replayed(vjp):
+    """Fails on eab6026 (before this fix): the backward used the new Scaled(c) and block
+    scale, so the gradient was that of another function."""
+    torch.manual_seed(0)
+    layers = [hbp.ResidualLayer(ScaledTanh(3), hbp.Scaled(0.5)) for _ in range(3)]
+    chain = hbp.ResidualChain(layers, vjp=vjp).double()
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    exact = grads_of(chain, x, hbp.Exact(), per_layer_loss=True)
+    out = chain(x, method=hbp.Highway(k=3), return_states=True)
+    chain.layers[1].residual.c = 0.9
+    chain.layers[2].block.scale = 3.0
+    weights = torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype).reshape(out.shape)
+    loss = (weights * out).sum() + 0.5 * (out**2).sum()
+    highway = torch.autograd.grad(loss, [x, *chain.parameters()])
+    assert max_rel_diff(highway, exact) < 1e-10
+    assert chain.layers[1].residual.c == 0.9 and chain.layers[2].block.scale == 3.0
+
+
+class ScaledTanh(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+        self.scale = 1.0
+
+    def forward(self, x):
+        return self.scale * torch.tanh(self.lin(x))

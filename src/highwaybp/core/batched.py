@@ -1,22 +1,29 @@
 """Batched VJP backend: the L per-layer VJPs of an iteration as one call (torch.func).
 
-For a stack of identically structured layers (same block class, same parameter and buffer
-names/shapes, same residual map, same input shape), the parameters are stacked along a
-new leading dim ([L, *p.shape], as `torch.func.stack_module_state` does) and the layer
-function is `torch.func.vmap`-ed over (stacked parameters, stacked buffers, stacked inputs)
-with `torch.func.functional_call` on the first layer's block. That batched forward is run
-once per backward under autograd; each Highway iteration is then ONE autograd VJP through
-the batched graph (w.r.t. the stacked inputs), and the final parameter sweep one more
-(w.r.t. the stacked parameters). `LoopVJP` (core/vjp.py) is the per-layer reference; this
-backend equals it to rounding (tested to 1e-12 in float64).
+For a stack of layers that compute the same function (see below), the parameters are
+stacked along a new leading dim ([L, *p.shape], as `torch.func.stack_module_state` does) and
+the layer function is `torch.func.vmap`-ed over (stacked parameters, stacked buffers, stacked
+inputs): the first layer's block runs with its parameter and buffer slots filled from the
+stacks. That batched forward is run once per backward under autograd; each Highway
+iteration is then ONE autograd VJP through the batched graph (w.r.t. the stacked inputs),
+and the final parameter sweep one more (w.r.t. the stacked parameters). `LoopVJP`
+(core/vjp.py) is the per-layer reference; this backend equals it to rounding (tested to
+1e-12 in float64).
 
 Why autograd over a vmapped forward, not `torch.func.vjp` inside vmap: vjp closures cannot
 leave a vmap, so a functional version re-runs the forward in every iteration; the retained
 graph does that work once (the prototype in cpu-calibration.md measured the same).
 
-Layers are grouped by identical structure and each group is one vmapped call (a stack of
-identical blocks: 1 group; a transformer: 2, attention and MLP; the paper-form ResNet: 3,
-one per stage). Limits (a clear error says so): no general linear K (shape-changing
+Layers are grouped only when they provably compute the same function of (parameters,
+buffers, input): the same classes and module tree, equal attributes (hyper-parameters,
+activation functions by identity, plain tensors and dicts by value), the same parameter and
+buffer layout and tying, input shape and train/eval modes (`same_function`); each group is
+one vmapped call on its first layer's modules (a stack of identical blocks: 1 group; a
+transformer: 2, attention and MLP; the paper-form ResNet: 3, one per stage). A layer that
+differs runs in its own group; a layer with module hooks runs on its own, unbatched, so its
+hooks run on its own block as with vjp="loop".
+
+Limits (a clear error says so): no general linear K (shape-changing
 LinearShortcut layers: which function a closure computes cannot be compared, and their
 shapes differ); no random ops inside the blocks in training mode (dropout masks are drawn per
 layer in the forward and a single vmapped call cannot replay L separate RNG states: use
@@ -25,47 +32,115 @@ layer in the forward and a single vmapped call cannot replay L separate RNG stat
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
+from torch.func import vmap
+from torch.nn.modules import module as torch_module  # its global hook registries
 
-from highwaybp.core.replay import ForwardState, modes_and_buffers_replayed, replayed
-
-_SIMPLE = (int, float, str, bool, type(None))
-
-
-def _simple_attrs(module: nn.Module) -> tuple:
-    """Hyper-parameters a functional_call on layer 0 would silently share (gamma, eps, c...)."""
-    items = []
-    for key, value in sorted(vars(module).items()):
-        if key.startswith("_") or key == "training":
-            continue
-        if isinstance(value, _SIMPLE) or (
-            isinstance(value, tuple) and all(isinstance(v, _SIMPLE) for v in value)
-        ):
-            items.append((key, value))
-    return tuple(items)
+from highwaybp.core.replay import (
+    ForwardState,
+    is_python_scalar,
+    modes_and_buffers_replayed,
+    module_attributes,
+    replayed,
+    same_scalar,
+)
 
 
-def _signature(layer: nn.Module) -> list:
-    sig: list[Any] = []
-    for name, m in layer.named_modules():
-        sig.append(("module", name, type(m).__name__, _simple_attrs(m), m.training))
-    for name, p in layer.named_parameters():
-        sig.append(("param", name, tuple(p.shape), p.dtype, p.device))
-    for name, b in layer.named_buffers():
-        sig.append(("buffer", name, tuple(b.shape), b.dtype, b.device))
-    return sig
+def _has_hooks(layer: nn.Module) -> bool:
+    """Module hooks anywhere in the layer, or global ones (register_module_forward_hook):
+    running a group on its first block would run that block's hooks for every layer of the
+    group (and inside vmap)."""
+    if getattr(torch_module, "_global_forward_hooks", None) or getattr(
+        torch_module, "_global_forward_pre_hooks", None
+    ):
+        return True
+    return any(
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+        for m in layer.modules()
+    )
 
 
-def check_batchable(layers: Sequence[nn.Module], inputs: Sequence[Tensor]) -> list[list[int]]:
-    """Group the layers into sets of identical structure and input shape; each group runs as
-    one vmapped call. Raise ValueError for layers that cannot be batched at all."""
+def _same_value(a: Any, b: Any) -> bool:
+    """a and b provably interchangeable in a forward: the same object, equal Python scalars,
+    equal tensors, or containers of such. Anything else (functions, other objects) only by
+    identity: equal-looking lambdas may compute different things."""
+    if a is b:
+        return True
+    if type(a) is not type(b):
+        return False
+    if is_python_scalar(a):
+        return same_scalar(a, b)
+    if isinstance(a, Tensor):
+        return (
+            a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+            and a.requires_grad == b.requires_grad and bool(torch.equal(a, b))
+        )
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_same_value(a[k], b[k]) for k in a)
+    if isinstance(a, (set, frozenset)):
+        return a == b and all(is_python_scalar(v) for v in a)
+    return False
+
+
+def _tensor_layout(named: Any) -> list:
+    """Names, shapes, dtypes, devices and the tying pattern (which names share a tensor)."""
+    first: dict[int, int] = {}
+    out = []
+    for pos, (name, t) in enumerate(named):
+        out.append((name, tuple(t.shape), t.dtype, t.device, first.setdefault(id(t), pos)))
+    return out
+
+
+def same_function(a: nn.Module, b: nn.Module) -> bool:
+    """Whether running module a's code with b's parameters and buffers in a's slots
+    provably computes b: the same classes, module tree, attributes (see `_same_value`),
+    parameter/buffer layout and tying. False when in doubt: the layer then runs apart."""
+    mods_a = list(a.named_modules(remove_duplicate=False))
+    mods_b = list(b.named_modules(remove_duplicate=False))
+    if len(mods_a) != len(mods_b):
+        return False
+    for (name_a, ma), (name_b, mb) in zip(mods_a, mods_b):
+        if name_a != name_b or type(ma) is not type(mb) or ma.training != mb.training:
+            return False
+        attrs_a, attrs_b = module_attributes(ma), module_attributes(mb)
+        if list(attrs_a) != list(attrs_b):
+            return False
+        if not all(_same_value(attrs_a[k], attrs_b[k]) for k in attrs_a):
+            return False
+    return _tensor_layout(a.named_parameters(remove_duplicate=False)) == _tensor_layout(
+        b.named_parameters(remove_duplicate=False)
+    ) and _tensor_layout(a.named_buffers(remove_duplicate=False)) == _tensor_layout(
+        b.named_buffers(remove_duplicate=False)
+    )
+
+
+def _same_forward_state(a: ForwardState, b: ForwardState) -> bool:
+    """The train/eval modes and Python scalars each forward ran with (the group's first
+    layer's are replayed for all its layers)."""
+    return a.training == b.training and len(a.scalars) == len(b.scalars) and all(
+        key_a == key_b and same_scalar(value_a, value_b)
+        for (_, key_a, value_a), (_, key_b, value_b) in zip(a.scalars, b.scalars)
+    )
+
+
+def check_batchable(
+    layers: Sequence[nn.Module],
+    inputs: Sequence[Tensor],
+    states: Sequence[ForwardState] | None = None,
+) -> list[list[int]]:
+    """Group the layers that provably compute the same function of (parameters, buffers,
+    input) and share an input shape: each group runs as one vmapped call on its first
+    layer's modules. Layers with module hooks are in no group (the backend runs them one by
+    one, as the loop backend does). Raise ValueError for layers that cannot be batched."""
     advice = "use vjp='loop' (the per-layer backend) for this chain"
-    groups: dict[str, list[int]] = {}
+    groups: list[list[int]] = []
     for i, (layer, h) in enumerate(zip(layers, inputs)):
         residual = layer.residual
         if getattr(residual, "kind", "linear") == "linear":
@@ -79,9 +154,20 @@ def check_batchable(layers: Sequence[nn.Module], inputs: Sequence[Tensor]) -> li
                 f"vjp='batched' does not support residual maps with parameters (layer {i + 1}): "
                 f"{advice}"
             )
-        key = repr((type(layer).__qualname__, _signature(layer), tuple(h.shape), h.dtype))
-        groups.setdefault(key, []).append(i)
-    return list(groups.values())
+        if _has_hooks(layer):
+            continue
+        for group in groups:
+            j = group[0]
+            if (
+                inputs[j].shape == h.shape and inputs[j].dtype == h.dtype
+                and (states is None or _same_forward_state(states[j], states[i]))
+                and same_function(layers[j], layer)
+            ):
+                group.append(i)
+                break
+        else:
+            groups.append([i])
+    return groups
 
 
 def _slice(tree: Any, i: int) -> Any:
@@ -112,6 +198,39 @@ def _buffers_before_forward(layer: nn.Module, state: ForwardState) -> dict[str, 
     return out
 
 
+def _tensor_slots(block: nn.Module) -> list[tuple[nn.Module, str, str, str]]:
+    """(module, "_parameters" or "_buffers", key, name) for every tensor slot of `block`;
+    name is the tensor's first name in named_parameters/named_buffers, so tied slots (one
+    tensor under two names, or one submodule registered twice) share one name."""
+    first: dict[int, str] = {}
+    for name, t in [*block.named_parameters(), *block.named_buffers()]:
+        first.setdefault(id(t), name)
+    return [
+        (module, kind, key, first[id(t)])
+        for module in block.modules()
+        for kind in ("_parameters", "_buffers")
+        for key, t in getattr(module, kind).items()
+        if t is not None
+    ]
+
+
+@contextmanager
+def _slots_filled(slots: list, tensors: dict[str, Tensor]) -> Iterator[None]:
+    """Run the body with each slot holding tensors[name]; the originals put back after.
+
+    (torch.func.functional_call does this too, but does not put the originals back when a
+    submodule is registered under two names.)
+    """
+    originals = [(module, kind, key, getattr(module, kind)[key]) for module, kind, key, _ in slots]
+    for module, kind, key, name in slots:
+        getattr(module, kind)[key] = tensors[name]
+    try:
+        yield
+    finally:
+        for module, kind, key, t in originals:
+            getattr(module, kind)[key] = t
+
+
 class _Group:
     """One set of identically structured layers run as one vmapped call."""
 
@@ -135,9 +254,11 @@ class _Group:
         }
         self.x = torch.stack([h.detach() for h in inputs]).requires_grad_(True)
         block, residual = base.block, base.residual
+        slots = _tensor_slots(block)
 
         def layer_fn(params: dict, bufs: dict, x: Tensor, x_const: Tensor) -> Any:
-            z = functional_call(block, (params, bufs), (x,))
+            with _slots_filled(slots, {**params, **bufs}):
+                z = block(x)
             # K's part goes through the residual's first argument: feed it the constant.
             return residual.combine(x_const, z), z
 
@@ -146,7 +267,18 @@ class _Group:
                 self.y, z = vmap(layer_fn, randomness="error")(
                     self.params, buffers, self.x, self.x.detach()
                 )
+                # Under the replayed state too (a Scaled map's c is the forward's).
+                y_const, z_const = self.y.detach(), _detach(z)
+                self.contexts = [
+                    residual.k_context(self.x[pos].detach(), _slice(z_const, pos), y_const[pos])
+                    for pos in range(len(layers))
+                ]
         except RuntimeError as err:
+            if "Batching rule not implemented" in str(err):
+                raise RuntimeError(
+                    f"vjp='batched' cannot vmap {type(block).__name__} (an operation without a "
+                    "batching rule); use vjp='loop' for this chain"
+                ) from err
             if "random" not in str(err):
                 raise
             raise RuntimeError(
@@ -154,16 +286,18 @@ class _Group:
                 "each layer drew its own mask in the forward. Use vjp='loop', set dropout "
                 "to 0, or call model.eval()"
             ) from err
-        self.z = _detach(z)
 
 
 class BatchedVJP:
     """Batched backend with `LoopVJP`'s interface (see core/vjp.py).
 
-    Layers are grouped by identical structure (class, parameter/buffer names and shapes,
-    hyper-parameters such as gamma, input shape): a stack of identical blocks is one group;
-    a transformer has two (attention and MLP sub-layers); the paper-form ResNet one per
-    stage. Each iteration is one `torch.autograd.grad` call through the G vmapped graphs.
+    Layers are grouped when they provably compute the same function (`same_function`: same
+    classes and module tree, equal attributes such as gamma or an activation function,
+    same parameter/buffer layout, same input shape and train/eval modes): a stack of
+    identical blocks is one group; a transformer has two (attention and MLP sub-layers); the
+    paper-form ResNet one per stage. Each iteration is one `torch.autograd.grad` call
+    through the G vmapped graphs. Layers with module hooks run one by one (a `LoopVJP`
+    inside this backend), so their hooks run on their own block as in the loop backend.
 
     Args:
         layers: the chain's L `ResidualLayer`s.
@@ -172,7 +306,7 @@ class BatchedVJP:
             not replayable per layer inside one vmapped call, so random ops raise).
 
     Attributes: xs (L inputs, views of the stacked group inputs), contexts (L K-contexts),
-    groups (lists of layer indices).
+    groups (lists of layer indices run vmapped), looped (indices run one by one).
     """
 
     def __init__(
@@ -181,10 +315,14 @@ class BatchedVJP:
         inputs: Sequence[Tensor],
         states: Sequence[ForwardState],
     ) -> None:
+        from highwaybp.core.vjp import LoopVJP
+
         self.layers = list(layers)
         self.inputs = list(inputs)
         self.states = list(states)
-        self.groups = check_batchable(self.layers, self.inputs)
+        self.groups = check_batchable(self.layers, self.inputs, self.states)
+        grouped = {i for idx in self.groups for i in idx}
+        self.looped = [i for i in range(len(self.layers)) if i not in grouped]
         self._loop: Optional[Any] = None
         self._runs = [
             _Group(
@@ -194,22 +332,29 @@ class BatchedVJP:
             )
             for idx in self.groups
         ]
+        self._apart = LoopVJP(
+            [self.layers[i] for i in self.looped],
+            [self.inputs[i] for i in self.looped],
+            [self.states[i] for i in self.looped],
+        )
         self.xs: list[Any] = [None] * len(self.layers)
         self.contexts: list[Any] = [None] * len(self.layers)
+        for pos, i in enumerate(self.looped):
+            self.xs[i], self.contexts[i] = self._apart.xs[pos], self._apart.contexts[pos]
         self._owner: dict[int, list[tuple[int, str, int]]] = {}
         for g, (idx, run) in enumerate(zip(self.groups, self._runs)):
-            y_const = run.y.detach()
             for pos, i in enumerate(idx):
                 self.xs[i] = run.x[pos]
                 layer = self.layers[i]
-                self.contexts[i] = layer.residual.k_context(
-                    run.x[pos].detach(), _slice(run.z, pos), y_const[pos]
-                )
+                self.contexts[i] = run.contexts[pos]
                 for n in run.param_names:
                     self._owner.setdefault(id(layer.block.get_parameter(n)), []).append((g, n, pos))
 
     def _live(self) -> list[int]:
         return [g for g, run in enumerate(self._runs) if run.y.requires_grad]
+
+    def _live_apart(self) -> list[int]:
+        return [pos for pos, y in enumerate(self._apart.ys) if y.requires_grad]
 
     def _stacked_ws(self, g: int, ws: Sequence[Tensor]) -> Tensor:
         return torch.stack([ws[i] for i in self.groups[g]])
@@ -217,13 +362,14 @@ class BatchedVJP:
     def block_vjps(self, ws: Sequence[Tensor]) -> list[Tensor]:
         """[w_j @ J_j for j = 1..L] in one batched VJP call; ws = [w_1..w_L]."""
         out = [torch.zeros_like(ws[i]) for i in range(len(self.layers))]
-        live = self._live()
-        if not live:
+        live, apart = self._live(), self._live_apart()
+        if not live and not apart:
             return out
         grads = torch.autograd.grad(
-            [self._runs[g].y for g in live],
-            [self._runs[g].x for g in live],
-            grad_outputs=[self._stacked_ws(g, ws) for g in live],
+            [self._runs[g].y for g in live] + [self._apart.ys[pos] for pos in apart],
+            [self._runs[g].x for g in live] + [self._apart.xs[pos] for pos in apart],
+            grad_outputs=[self._stacked_ws(g, ws) for g in live]
+            + [ws[self.looped[pos]] for pos in apart],
             retain_graph=True,
             allow_unused=True,
         )
@@ -231,6 +377,9 @@ class BatchedVJP:
             if grad is not None:
                 for pos, i in enumerate(self.groups[g]):
                     out[i] = grad[pos]
+        for pos, grad in zip(apart, grads[len(live):]):
+            if grad is not None:
+                out[self.looped[pos]] = grad
         return out
 
     def layer_block_vjp(self, j: int, w: Tensor) -> Tensor:
@@ -243,9 +392,25 @@ class BatchedVJP:
 
     def param_vjps(self, ws: Sequence[Tensor], params: Sequence[Tensor]) -> list[Optional[Tensor]]:
         """sum_j w_j @ df_j/dtheta for each parameter (None if unused); frees the graphs."""
-        live = [g for g in self._live() if self._runs[g].param_names]
+        from highwaybp.core.vjp import check_no_foreign_leaves
+
+        out: list[Optional[Tensor]] = [None] * len(params)
+        if self.looped:
+            out = self._apart.param_vjps([ws[i] for i in self.looped], params)
+        live = self._live()
+        stacked = [t for g in live for t in self._runs[g].params.values()]
+        direct = check_no_foreign_leaves(
+            [self._runs[g].y for g in live], [*stacked, *(self._runs[g].x for g in live)], params
+        )
+        if direct:
+            raise ValueError(
+                "vjp='batched': a block uses a parameter through a reference its module keeps "
+                "outside _parameters (e.g. nn.LSTM's flat weights), which the vmapped call "
+                "cannot swap for the stacked parameters; use vjp='loop' for this chain"
+            )
+        live = [g for g in live if self._runs[g].param_names]
         if not params or not live:
-            return [None] * len(params)
+            return out
         keys = [(g, n) for g in live for n in self._runs[g].param_names]
         outputs = [self._runs[g].y for g in live]
         grads = torch.autograd.grad(
@@ -255,12 +420,11 @@ class BatchedVJP:
             allow_unused=True,
         )
         by_key = dict(zip(keys, grads))
-        out: list[Optional[Tensor]] = []
-        for p in params:
-            total: Optional[Tensor] = None
+        for index, p in enumerate(params):
+            total = out[index]
             for g, name, pos in self._owner.get(id(p), []):
                 grad = by_key.get((g, name))
                 if grad is not None:
                     total = grad[pos] if total is None else total + grad[pos]
-            out.append(total)
+            out[index] = total
         return out

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
+from torch.nn.modules import module as torch_module  # its global hook registries
 
 from highwaybp.core.iteration import Diagnostics, highway_iterate, raise_if_nonfinite
 from highwaybp.core.methods import Exact, FixedPoint, Highway, Method, check_method
@@ -51,6 +51,15 @@ class ResidualChain(nn.Module):
 
     All parameters the layers use must be registered in them (a tensor captured from
     outside the chain gets no gradient from the Highway backward).
+
+    Hooks: a parameter's hooks (register_hook, register_post_accumulate_grad_hook) run once
+    per backward on its total gradient, as under autograd. Module backward hooks inside the
+    layers are refused under Highway/FixedPoint; forward hooks belong on the block.
+
+    Highway/FixedPoint backwards are first-order only: double backward (create_graph=True)
+    and torch.func transforms (grad, vmap, jacrev...) over the chain are refused with an
+    error; use method=Exact() for them. The backward re-runs each layer: see
+    highwaybp.core.replay for what the re-run replays and what a block must not do.
     """
 
     def __init__(
@@ -96,7 +105,17 @@ class ResidualChain(nn.Module):
             return self._forward_autograd(x, return_states)
         run = _Run(self, method, return_states)
         params = [p for p in self.parameters() if p.requires_grad]
-        return _HighwayFunction.apply(x, run, *params)
+        try:
+            return _HighwayFunction.apply(x, run, *params)
+        except RuntimeError as err:
+            if "functorch transforms" not in str(err):
+                raise
+            raise RuntimeError(
+                f"torch.func transforms (grad, vmap, jacrev, ...) over a ResidualChain with "
+                f"method={method!r} are unsupported: its backward is the Highway iteration, "
+                "not a differentiable function. Use method=Exact() inside the transform "
+                "(e.g. with highwaybp.use_method(model, highwaybp.Exact()))."
+            ) from err
 
     def state_gradients(
         self,
@@ -188,6 +207,23 @@ def _apply_layer(index: int, layer: ResidualLayer, h: Tensor) -> Tensor:
             f"layer {index + 1} has forward hooks, which the Highway backward does not re-run; "
             "register them on the block (layer.block) instead, or use method=Exact()"
         )
+    if getattr(torch_module, "_global_backward_hooks", None) or getattr(
+        torch_module, "_global_backward_pre_hooks", None
+    ):
+        raise RuntimeError(
+            "a global module backward hook is registered (register_module_full_backward_"
+            "hook): under autograd it sees each module's exact gradient once, but the Highway "
+            "backward takes each block's VJP at every iteration with an estimate. Use "
+            "method=Exact(), or remove the global hook."
+        )
+    for name, module in layer.named_modules():
+        if module._backward_hooks or module._backward_pre_hooks:
+            raise RuntimeError(
+                f"layer {index + 1} has a module backward hook (on {name or 'the layer'}): "
+                "under autograd it sees the exact gradient once, but the Highway backward "
+                "takes each block's VJP at every iteration with an estimate. Use "
+                "method=Exact() for this chain, or hook the parameters or the chain's output."
+            )
     version = h._version
     out = layer.residual.combine(h, layer.block(h))
     if h._version != version:
@@ -236,8 +272,13 @@ class _HighwayFunction(torch.autograd.Function):
         return _stack_states(states) if run.return_states else states[-1]
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Optional[Tensor], ...]:
+        if torch.is_grad_enabled():  # the engine runs backward in grad mode iff create_graph
+            raise RuntimeError(
+                f"backward(create_graph=True) (double backward) through a ResidualChain with "
+                f"method={ctx.run.method!r} is unsupported: the Highway backward is not "
+                "differentiable. Use method=Exact() for higher-order gradients."
+            )
         run: _Run = ctx.run
         chain = run.chain
         backend = ctx.backend if not chain.recompute else _rebuild_backend(ctx, run)

@@ -143,10 +143,14 @@ def check_method(method: object) -> Method:
     return method
 
 
+_OPTIONS = {"exact": (), "highway": ("k", "tol", "max_k", "fallback"), "fixedpoint": ("k",)}
+
+
 def method_from_string(text: str) -> Method:
     """Parse "exact", "highway:k=3", "highway:tol=1e-3,max_k=20", "fixedpoint:k=2".
 
-    A bare number after the name is k: "highway:3".
+    A bare number after the name is k: "highway:3". An option given twice, an option the
+    method does not take, or a value of the wrong type is a ValueError.
     """
     name, _, arg_text = text.strip().lower().partition(":")
     if name not in METHODS:
@@ -156,13 +160,19 @@ def method_from_string(text: str) -> Method:
         key, eq, value = item.partition("=")
         if not eq:
             key, value = "k", key
-        key = key.strip()
-        if key in ("k", "max_k"):
-            kwargs[key] = int(value)
-        elif key == "tol":
-            kwargs[key] = float(value)
-        elif key == "fallback":
-            kwargs[key] = value.strip()
-        else:
-            raise ValueError(f"unknown option {key!r} in method {text!r}")
+        key, value = key.strip(), value.strip()
+        if key not in _OPTIONS[name]:
+            takes = ", ".join(_OPTIONS[name]) or "no options"
+            raise ValueError(f"method {name!r} takes {takes}; got option {key!r} in {text!r}")
+        if key in kwargs:
+            raise ValueError(f"option {key!r} given twice in method {text!r}")
+        try:
+            kwargs[key] = int(value) if key in ("k", "max_k") else (
+                float(value) if key == "tol" else value
+            )
+        except ValueError:
+            kind = "a number" if key == "tol" else "an integer"
+            raise ValueError(
+                f"option {key!r} in method {text!r} must be {kind}, got {value!r}"
+            ) from None
     return METHODS[name](**kwargs)

@@ -89,8 +89,11 @@ class Scaled(ResidualMap):
         self.check_shapes(x, z)
         return self.c * x + z
 
+    def k_context(self, x: Tensor, z: Tensor, y: Tensor) -> float:
+        return self.c  # the c of the forward (the backward's re-run replays it)
+
     def coefficient(self, ctx: Any) -> Coefficient:
-        return self.c
+        return ctx
 
     def extra_repr(self) -> str:
         return f"c={self.c}"

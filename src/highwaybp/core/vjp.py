@@ -8,6 +8,12 @@ pure VJPs (no re-forward). Each layer's graph is built on r(stop_grad(x), g(x)):
     autograd VJP w.r.t. x       = w @ J       (K's part is excluded, not subtracted)
     autograd VJP w.r.t. theta   = w @ df/dtheta
 
+The re-run sees hook-free aliases of the parameters (`p.detach()`, sharing storage and
+version counter), not the parameters themselves: autograd.grad on a parameter would run its
+tensor hooks, and the chain's autograd.Function hands the result on to the parameter's
+AccumulateGrad, which runs them again. With aliases, every parameter hook (register_hook,
+register_post_accumulate_grad_hook) runs once, on the total gradient, as under autograd.
+
 `LoopVJP` is the reference: one autograd graph per layer, all layers' VJPs requested in one
 `torch.autograd.grad` call per iteration. Other backends (a batched torch.func path) share
 its interface and are registered in `VJP_BACKENDS`.
@@ -43,6 +49,9 @@ class LoopVJP:
         states: Sequence[ForwardState] = (),
     ) -> None:
         self.layers = list(layers)
+        # id(parameter) -> (parameter, its alias); one alias per parameter, so a parameter
+        # shared by several layers gets one gradient summed over them.
+        self._aliases: dict[int, tuple[Tensor, Tensor]] = {}
         self.xs: list[Tensor] = []
         self.ys: list[Tensor] = []
         self.contexts: list[Any] = []
@@ -56,11 +65,13 @@ class LoopVJP:
         buffers are left as they were. Without it, this *is* the forward (recompute=False).
         """
         x = h.detach().requires_grad_(True)
-        with torch.enable_grad(), _rerun_guard(layer, state):
+        with torch.enable_grad(), _rerun_guard(layer, state), parameters_aliased(
+            layer, self._aliases
+        ):
             z = layer.block(x)
             # K's part is the derivative through the residual's first argument: cut it.
             y = layer.residual.combine(x.detach(), z)
-        self.contexts.append(layer.residual.k_context(x.detach(), _detach(z), y.detach()))
+            self.contexts.append(layer.residual.k_context(x.detach(), _detach(z), y.detach()))
         self.xs.append(x)
         self.ys.append(y)
         return y
@@ -95,22 +106,65 @@ class LoopVJP:
         return torch.zeros_like(self.xs[j - 1]) if g is None else g
 
     def param_vjps(self, ws: Sequence[Tensor], params: Sequence[Tensor]) -> list[Optional[Tensor]]:
-        """sum_j w_j @ df_j/dtheta for each parameter (None if unused); frees the graphs."""
+        """sum_j w_j @ df_j/dtheta for each parameter (None if unused); frees the graphs.
+
+        The gradients are taken w.r.t. the parameters' aliases (hooks not run: the caller
+        hands them to autograd, which runs each parameter's hooks once).
+        """
         _, ys, live_ws = self._live(ws)
-        check_no_foreign_leaves(ys, [*params, *self.xs])
+        aliases = [self._aliases[id(p)][1] if id(p) in self._aliases else p for p in params]
+        direct = check_no_foreign_leaves(ys, [*aliases, *self.xs], params)
         if not params or not ys:
             return [None] * len(params)
-        return list(torch.autograd.grad(ys, list(params), grad_outputs=live_ws, allow_unused=True))
+        targets = [*aliases, *(params[i] for i in direct)]
+        grads = torch.autograd.grad(ys, targets, grad_outputs=live_ws, allow_unused=True)
+        out = list(grads[: len(params)])
+        for i, g in zip(direct, grads[len(params):]):
+            if g is not None:
+                out[i] = g if out[i] is None else out[i] + g
+        return out
 
 
-def check_no_foreign_leaves(outputs: Sequence[Tensor], allowed: Sequence[Tensor]) -> None:
+@contextmanager
+def parameters_aliased(
+    layer: nn.Module, aliases: dict[int, tuple[Tensor, Tensor]]
+) -> Iterator[None]:
+    """Run the body with every parameter of `layer` replaced by its alias in `aliases`
+    (created on first use: `p.detach()`, requiring grad like p); put back afterwards."""
+    swapped = []
+    for module in layer.modules():
+        for name, p in module._parameters.items():
+            if p is None:
+                continue
+            entry = aliases.get(id(p))
+            if entry is None:
+                entry = aliases[id(p)] = (p, p.detach().requires_grad_(p.requires_grad))
+            swapped.append((module, name, p))
+            module._parameters[name] = entry[1]
+    try:
+        yield
+    finally:
+        for module, name, p in swapped:
+            module._parameters[name] = p
+
+
+def check_no_foreign_leaves(
+    outputs: Sequence[Tensor], allowed: Sequence[Tensor], params: Sequence[Tensor] = ()
+) -> list[int]:
     """Raise if the layers' graphs reach a tensor requiring grad that the chain does not own.
 
     Such a tensor (a parameter captured in a closure, e.g. a LinearShortcut's lambda over
     an unregistered module, or an activation from outside the chain) would silently get
     no gradient from the Highway backward.
+
+    Returns the indices in `params` of the chain's parameters that the graphs reach
+    directly rather than through their aliases (a module holding its own reference to a
+    parameter, as nn.LSTM's flat weights do): their gradient must be taken on the parameter
+    itself, which runs its tensor hooks, so a parameter with hooks is refused there.
     """
     allowed_ids = {id(t) for t in allowed}
+    param_index = {id(p): i for i, p in enumerate(params)}
+    direct: list[int] = []
     stack = [y.grad_fn for y in outputs if y.grad_fn is not None]
     seen: set[int] = set()
     while stack:
@@ -120,7 +174,17 @@ def check_no_foreign_leaves(outputs: Sequence[Tensor], allowed: Sequence[Tensor]
         seen.add(id(node))
         variable = getattr(node, "variable", None)
         if variable is not None:
-            if id(variable) not in allowed_ids:
+            if id(variable) in param_index and id(variable) not in allowed_ids:
+                if variable._backward_hooks:
+                    raise RuntimeError(
+                        f"a parameter of shape {tuple(variable.shape)} with a tensor hook is "
+                        "used through a reference its module keeps outside _parameters (e.g. "
+                        "nn.LSTM's flat weights): the Highway backward cannot keep its hook "
+                        "from running twice. Remove the hook (register_post_accumulate_grad_"
+                        "hook runs once) or use method=Exact() for this chain."
+                    )
+                direct.append(param_index[id(variable)])
+            elif id(variable) not in allowed_ids:
                 raise RuntimeError(
                     f"a layer of this ResidualChain uses a tensor of shape "
                     f"{tuple(variable.shape)} that requires grad but is not a parameter of "
@@ -131,6 +195,7 @@ def check_no_foreign_leaves(outputs: Sequence[Tensor], allowed: Sequence[Tensor]
                 )
             continue
         stack.extend(fn for fn, _ in node.next_functions if fn is not None)
+    return direct
 
 
 @contextmanager
