@@ -99,7 +99,9 @@ def test_multiprocess_resumes_from_checkpoints(tmp_path):
 
 
 def test_killing_one_rank_stops_every_rank_with_an_error():
-    timeout = 8.0
+    # Generous bounds: on a loaded 2-core machine (CI) the survivors' error reports can
+    # take tens of seconds; the check is that they come, bounded, not how fast.
+    timeout = 20.0
     cfg = _config("recompute", steps=100_000, timeout=timeout)
     procs = DDGProcesses(cfg, 3)
     try:
@@ -110,7 +112,7 @@ def test_killing_one_rank_stops_every_rank_with_an_error():
             assert all(p.is_alive() for p in procs.procs), procs.errors()
         os.kill(procs.procs[1].pid, signal.SIGKILL)
         killed_at = time.monotonic()
-        codes = procs.join(deadline=timeout + 15)
+        codes = procs.join(deadline=timeout + 60)
         elapsed = time.monotonic() - killed_at
         assert all(c is not None for c in codes), f"a rank still runs after {elapsed:.0f}s"
         assert codes[1] == -signal.SIGKILL
@@ -118,7 +120,7 @@ def test_killing_one_rank_stops_every_rank_with_an_error():
         errors = procs.errors()
         for r in (0, 2):  # the survivors say what happened
             assert r in errors and "DDG rank" in errors[r] and "every rank stops" in errors[r]
-        assert elapsed < timeout + 15
+        assert elapsed < timeout + 60
     finally:
         procs.close()
 
