@@ -41,6 +41,14 @@ from torch import Tensor, nn
 from highwaybp.core.fidelity import compare_gradients
 from highwaybp.core.methods import Exact, FixedPoint, Highway, Method
 from highwaybp.models.rnn import GRU, LSTM
+from highwaybp.train.cli_types import (
+    nonneg_int,
+    nonneg_int_list,
+    out_file,
+    positive_float,
+    positive_int,
+    positive_int_list,
+)
 
 EXACT_BASELINES = ("torch", "autograd-loop")
 
@@ -490,16 +498,6 @@ def print_curves(curves: dict) -> None:
             )
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from err
-    if not values or any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected non-negative ints, got {text!r}")
-    return values
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "rnn",
@@ -510,35 +508,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cell", choices=("gru", "lstm"), default="gru")
     p.add_argument(
         "--seq-len",
-        type=_int_list,
+        type=positive_int_list,
         default=[1024],
         help="sequence length, or a comma-separated sweep (e.g. 256,1024,4096)",
     )
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--input-size", type=int, default=None, help="default: hidden")
-    p.add_argument("--layers", type=int, default=1)
-    p.add_argument("--k", type=_int_list, default=[0, 1, 3], help="comma-separated k values")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs (median), >= 5")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--batch", type=positive_int, default=128)
+    p.add_argument("--hidden", type=positive_int, default=64)
+    p.add_argument("--input-size", type=positive_int, default=None, help="default: hidden")
+    p.add_argument("--layers", type=positive_int, default=1)
+    p.add_argument(
+        "--k", type=nonneg_int_list, default=[0, 1, 3], help="comma-separated k values"
+    )
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed runs (median), >= 5")
+    p.add_argument("--warmup", type=nonneg_int, default=1)
+    p.add_argument("--threads", type=positive_int, default=torch.get_num_threads())
     p.add_argument(
         "--train-steps",
-        type=int,
+        type=nonneg_int,
         default=50,
         help="exact training steps before the 'trained' fidelity (0: skip)",
     )
     p.add_argument(
         "--fidelity-k",
-        type=_int_list,
+        type=nonneg_int_list,
         default=[0, 1, 2, 3, 5, 10, 20],
         help="k values of the error-vs-k curve (Highway and FixedPoint, not timed)",
     )
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--lag", type=int, default=10, help="delay of the copy task")
+    p.add_argument("--lr", type=positive_float, default=3e-3)
+    p.add_argument("--lag", type=positive_int, default=10, help="delay of the copy task")
     p.add_argument(
         "--scaling-factor",
-        type=int,
+        type=positive_int,
         default=4,
         help="also time the autograd loop at this multiple of T (1: skip)",
     )
@@ -548,15 +548,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_false",
         help="skip the per-method peak-memory subprocesses",
     )
-    p.add_argument("--memory-timeout", type=float, default=1800.0)
+    p.add_argument("--memory-timeout", type=positive_float, default=1800.0)
     p.add_argument(
         "--peak-matmul",
-        type=_int_list,
+        type=positive_int_list,
         default=[2048, 1024, 4096],
         help="n,k,m of the reference matmul for the throughput fraction",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="results/bench_rnn.json")
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--out", type=out_file, default="results/bench_rnn.json")
     p.set_defaults(func=run)
 
 
@@ -566,9 +566,6 @@ def run(args: argparse.Namespace) -> int:
             "error: --repeats must be >= 5 (medians of fewer runs are too noisy here)",
             file=sys.stderr,
         )
-        return 2
-    if min(args.batch, args.hidden, args.layers) < 1:
-        print("error: --batch, --hidden and --layers must be >= 1", file=sys.stderr)
         return 2
     if args.input_size is None:
         args.input_size = args.hidden
