@@ -134,3 +134,24 @@ def test_charlm_signal_saves_and_a_rerun_continues_exactly(tmp_path, sig):
     ref = tmp_path / "ref"
     assert main([*CHARLM, "--steps", target, "--out", str(ref)]) == 0
     assert _histories(out) == _histories(ref)
+
+
+def test_demo_signal_exits_cleanly_and_keeps_finished_methods(tmp_path):
+    """A signal during the demo ended in a KeyboardInterrupt traceback (fails on eab6026)."""
+    out = tmp_path / "demo"
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    argv = ["demo", "--samples", "300", "--depth", "2", "--width", "8", "--steps", "1000000",
+            "--methods", "exact", "--out", str(out)]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "highwaybp", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    try:
+        for line in proc.stdout:  # printed once the guard is installed
+            if line.startswith("MNIST-1D"):
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert "rerun the same command to continue" in err and "Traceback" not in err

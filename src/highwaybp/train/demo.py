@@ -10,6 +10,7 @@ after the last finished method (another setting is refused: see `check_resume_co
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -33,6 +34,7 @@ from highwaybp.train.io import (
     load_checkpoint,
     save_checkpoint,
 )
+from highwaybp.train.loop import StopGuard
 
 DEFAULT_METHODS = ("exact", "highway:k=0", "highway:k=1", "highway:k=3")
 
@@ -69,14 +71,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def train_one(model: nn.Module, data: TensorSplit, cfg: DemoConfig) -> dict:
-    """Adam on shuffled minibatches; batches depend only on cfg.seed (same for every method)."""
+def train_one(model: nn.Module, data: TensorSplit, cfg: DemoConfig,
+              guard: StopGuard | None = None) -> dict | None:
+    """Adam on shuffled minibatches; batches depend only on cfg.seed (same for every method).
+
+    None when `guard` asks to stop (a method is short: it is not checkpointed mid-way)."""
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     n = len(data.y_train)
     losses = []
     start = time.perf_counter()
-    for _ in range(cfg.steps):
+    for step in range(cfg.steps):
+        if guard is not None and guard.should_stop(step):
+            return None
         idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)
         loss = nn.functional.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
         opt.zero_grad(set_to_none=True)
@@ -122,21 +129,28 @@ def run(args: argparse.Namespace) -> int:
     state = load_checkpoint(ckpt_path)
     if state is None:
         state = {"config": asdict(cfg), "results": {}}
-    print(f"MNIST-1D: {len(data.y_train)} train / {len(data.y_test)} test, residual MLP depth "
-          f"{cfg.depth} width {cfg.width}, {cfg.steps} Adam steps per method")
-    for method in methods:
-        key = repr(method)
-        if key in state["results"]:
-            print(f"  {key}: done in an earlier run (resumed)", flush=True)
-            continue
-        torch.manual_seed(cfg.seed)  # the same initial weights for every method
-        model = ResidualMLP(40, data.num_classes, cfg.width, cfg.depth, method=method)
-        result = train_one(model, data, cfg)
-        result["grad_cosine_to_exact"] = fidelity_on_trained(model, method, data)
-        state["results"][key] = result
-        save_checkpoint(ckpt_path, state)
-        print(f"  {key}: loss {result['train_loss']:.3f}, test acc {result['test_accuracy']:.3f}"
-              f", {result['seconds']:.1f}s", flush=True)
+    with StopGuard() as guard:
+        print(f"MNIST-1D: {len(data.y_train)} train / {len(data.y_test)} test, residual MLP "
+              f"depth {cfg.depth} width {cfg.width}, {cfg.steps} Adam steps per method",
+              flush=True)
+        for method in methods:
+            key = repr(method)
+            if key in state["results"]:
+                print(f"  {key}: done in an earlier run (resumed)", flush=True)
+                continue
+            torch.manual_seed(cfg.seed)  # the same initial weights for every method
+            model = ResidualMLP(40, data.num_classes, cfg.width, cfg.depth, method=method)
+            result = train_one(model, data, cfg, guard)
+            if result is None:
+                print(f"  {key}: stopped ({guard.reason()}); the methods finished before it "
+                      f"are saved in {ckpt_path}; rerun the same command to continue (this "
+                      "method starts again)", file=sys.stderr, flush=True)
+                return guard.exit_code()
+            result["grad_cosine_to_exact"] = fidelity_on_trained(model, method, data)
+            state["results"][key] = result
+            save_checkpoint(ckpt_path, state)
+            print(f"  {key}: loss {result['train_loss']:.3f}, test acc "
+                  f"{result['test_accuracy']:.3f}, {result['seconds']:.1f}s", flush=True)
     print_table(state["results"])
     atomic_write_json(f"{args.out}/results.json", state)
     print(f"wrote {args.out}/results.json")
