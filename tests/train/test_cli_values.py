@@ -51,6 +51,8 @@ def _usage_error(capsys, argv: list[str]) -> str:
         ([*TRAIN, "--threads", "-1"], "--threads"),
         ([*TRAIN[:-2], "--epochs", "0"], "--epochs"),
         ([*TRAIN, "--num-samples", "0"], "--num-samples"),
+        ([*TRAIN, "--num-samples", "5"], "--num-samples"),
+        ([*DEMO, "--samples", "9"], "--samples"),
         ([*TRAIN, "--stop-after", "0"], "--stop-after"),
         ([*CHARLM, "--methods", "exact,bogus"], "--methods"),
         ([*CHARLM, "--threads", "-1"], "--threads"),

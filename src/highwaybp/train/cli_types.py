@@ -47,6 +47,19 @@ def nonneg_int(text: str) -> int:
     return value
 
 
+MNIST1D_MIN_SAMPLES = 10  # mnist1d splits 80/20: fewer leave its test split empty (crash)
+
+
+def mnist1d_size(text: str) -> int:
+    """A number of MNIST-1D samples (train + test): at least `MNIST1D_MIN_SAMPLES`."""
+    value = _int(text)
+    if value < MNIST1D_MIN_SAMPLES:
+        raise argparse.ArgumentTypeError(
+            f"MNIST-1D needs at least {MNIST1D_MIN_SAMPLES} samples (80% train / 20% test), "
+            f"got {value}")
+    return value
+
+
 def positive_float(text: str) -> float:
     """A finite number > 0."""
     value = _float(text)

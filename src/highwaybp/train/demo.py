@@ -22,6 +22,7 @@ from highwaybp.core.methods import Exact, Method, method_from_string
 from highwaybp.models.mlp import ResidualMLP
 from highwaybp.train.cli_types import (
     method_spec,
+    mnist1d_size,
     nonneg_int,
     out_dir,
     positive_float,
@@ -59,7 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--width", type=positive_int, default=defaults.width)
     p.add_argument("--lr", type=positive_float, default=defaults.lr)
     p.add_argument("--seed", type=nonneg_int, default=defaults.seed)
-    p.add_argument("--samples", type=positive_int, default=defaults.samples, help="MNIST-1D size")
+    p.add_argument("--samples", type=mnist1d_size, default=defaults.samples, help="MNIST-1D size")
     p.add_argument("--methods", nargs="+", type=method_spec, default=list(DEFAULT_METHODS),
                    help="e.g. exact highway:k=2 fixedpoint:k=2 'highway:tol=1e-3,max_k=8'")
     p.add_argument("--out", type=out_dir, default="runs/demo",

@@ -39,6 +39,7 @@ import highwaybp as hbp
 from highwaybp.baselines.ddg import SEMANTICS, DDGTrainer
 from highwaybp.models.resnet1d import build_resnet1d
 from highwaybp.train.cli_types import (
+    mnist1d_size,
     nonneg_float,
     nonneg_int,
     out_dir,
@@ -79,7 +80,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", choices=("mnist1d", "digits"), default="mnist1d")
     g.add_argument(
-        "--num-samples", type=positive_int, default=4000, help="mnist1d: train+test size"
+        "--num-samples", type=mnist1d_size, default=4000, help="mnist1d: train+test size"
     )
     g.add_argument("--data-seed", type=nonneg_int, default=42, help="mnist1d generation seed")
     g = p.add_argument_group("method")
