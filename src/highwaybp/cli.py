@@ -40,7 +40,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    from highwaybp.train.io import CheckpointError, ConfigMismatchError
+
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigMismatchError, CheckpointError) as err:
+        # A user's situation, not a bug: say what is wrong and what to do, no traceback.
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from highwaybp.cli import main
 
 
@@ -49,4 +51,6 @@ def test_charlm_tiny_run_writes_results_and_resumes(tmp_path):
     csv = (tmp_path / "charlm.csv").read_text().splitlines()
     assert csv[0] == "method,step,train_loss,valid_loss,train_seconds" and len(csv) == 1 + 9
     assert (tmp_path / "charlm.png").stat().st_size > 0
-    assert main(["experiment", "charlm", "--methods", "highway:q=1", "--out", str(tmp_path)]) == 2
+    with pytest.raises(SystemExit) as info:  # a bad method name is an argparse error
+        main(["experiment", "charlm", "--methods", "highway:q=1", "--out", str(tmp_path)])
+    assert info.value.code == 2

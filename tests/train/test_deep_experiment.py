@@ -37,8 +37,15 @@ def test_experiment_deep_tiny_end_to_end(tmp_path):
                 "fixedpoint_k0",
                 "fixedpoint_k1",
             }
-            for v in c["cosines"].values():
-                assert -1.0 <= v["cosine"] <= 1.0 + 1e-9
+            # (replaces `-1 <= cos <= 1`, true of any cosine) near init in these tiny nets
+            # (margins >= 0.01): more iterations are closer to exact, Highway is closer than
+            # FixedPoint at the same k, and none of them is exact (L > k).
+            cos = {n: v["cosine"] for n, v in c["cosines"].items()}
+            assert cos["highway_k1"] > cos["highway_k0"] > 0.5
+            assert cos["fixedpoint_k1"] > cos["fixedpoint_k0"] > 0.5
+            assert cos["highway_k0"] > cos["fixedpoint_k0"]
+            assert cos["highway_k1"] > cos["fixedpoint_k1"]
+            assert max(cos.values()) < 1 - 1e-6
         for run in task["runs"].values():
             assert run["final"] == run["checkpoints"][-1][metric]
     # GPT in the tiny setting has L = 2 layers: Highway(k=1) keeps all but the 2-block path.

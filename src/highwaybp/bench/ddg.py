@@ -33,6 +33,7 @@ import torch
 from highwaybp.bench.timing import machine_info
 from highwaybp.distributed.ddg import DDGRunConfig, EpochBatches, spawn_ddg
 from highwaybp.models.resnet1d import build_resnet1d
+from highwaybp.train.cli_types import nonneg_int, out_file, positive_float, positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,17 +43,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--splits", type=int, nargs="+", default=[2, 3, 4])
+    p.add_argument("--splits", type=positive_int, nargs="+", default=[2, 3, 4])
     p.add_argument("--semantics", nargs="+", default=["stash", "recompute"])
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="total threads T")
-    p.add_argument("--channels", type=int, default=64)
-    p.add_argument("--blocks", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--warmup", type=int, default=5, help="steps not timed")
-    p.add_argument("--repeats", type=int, default=5, help="timed windows (median)")
-    p.add_argument("--window", type=int, default=8, help="steps per timed window")
-    p.add_argument("--timeout", type=float, default=300.0)
-    p.add_argument("--out", default="results/ddg/bench_ddg.json")
+    p.add_argument(
+        "--threads", type=positive_int, default=os.cpu_count() or 1, help="total threads T"
+    )
+    p.add_argument("--channels", type=positive_int, default=64)
+    p.add_argument("--blocks", type=positive_int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--warmup", type=nonneg_int, default=5, help="steps not timed")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed windows (median)")
+    p.add_argument("--window", type=positive_int, default=8, help="steps per timed window")
+    p.add_argument("--timeout", type=positive_float, default=300.0)
+    p.add_argument("--out", type=out_file, default="results/ddg/bench_ddg.json")
     p.set_defaults(func=run)
 
 

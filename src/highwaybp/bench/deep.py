@@ -36,6 +36,7 @@ from highwaybp.core.chain import ResidualChain
 from highwaybp.core.fidelity import compare_gradients
 from highwaybp.core.methods import Exact, Highway, Method
 from highwaybp.core.residual import Identity, ResidualLayer, Scaled
+from highwaybp.train.cli_types import nonneg_int, nonneg_int_list, out_file, positive_int
 
 MODELS = ("mlp", "transformer", "resnet")
 
@@ -359,26 +360,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _int_list(text: str) -> list[int]:
-    return [int(t) for t in text.split(",") if t.strip()]
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "deep", help="deep stacks: Exact vs Highway(k), loop vs batched VJPs, cosine, memory"
     )
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
-    p.add_argument("--depth", type=int, default=32, help="L, residual layers (default 32)")
-    p.add_argument("--width", type=int, default=128, help="features / d_model / channels")
-    p.add_argument("--batch", type=int, default=64, help="rows (mlp), sequences, images")
-    p.add_argument("--seq", type=int, default=64, help="transformer sequence length")
-    p.add_argument("--image", type=int, default=8, help="resnet image side")
-    p.add_argument("--ks", type=_int_list, default=[0, 1, 2, 3], help="comma list, e.g. 0,1,2,3")
+    p.add_argument("--depth", type=positive_int, default=32, help="L, residual layers (default 32)")
+    p.add_argument("--width", type=positive_int, default=128, help="features / d_model / channels")
+    p.add_argument("--batch", type=positive_int, default=64, help="rows (mlp), sequences, images")
+    p.add_argument("--seq", type=positive_int, default=64, help="transformer sequence length")
+    p.add_argument("--image", type=positive_int, default=8, help="resnet image side")
+    p.add_argument(
+        "--ks", type=nonneg_int_list, default=[0, 1, 2, 3], help="comma list, e.g. 0,1,2,3"
+    )
     p.add_argument("--vjps", nargs="+", choices=("loop", "batched"), default=["loop", "batched"])
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=positive_int, default=5)
+    p.add_argument("--warmup", type=nonneg_int, default=1)
+    p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument(
         "--no-memory",
         dest="memory",
@@ -387,5 +386,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--quick", action="store_true", help="tiny sizes (CI smoke run)")
     p.add_argument("--quiet", action="store_true")
-    p.add_argument("--out", default="results/deep/bench_deep.json", help="JSON path ('' = none)")
+    p.add_argument(
+        "--out", type=out_file, default="results/deep/bench_deep.json", help="JSON path ('' = none)"
+    )
     p.set_defaults(func=run)

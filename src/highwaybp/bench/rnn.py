@@ -41,6 +41,14 @@ from torch import Tensor, nn
 from highwaybp.core.fidelity import compare_gradients
 from highwaybp.core.methods import Exact, FixedPoint, Highway, Method
 from highwaybp.models.rnn import GRU, LSTM
+from highwaybp.train.cli_types import (
+    nonneg_int,
+    nonneg_int_list,
+    out_file,
+    positive_float,
+    positive_int,
+    positive_int_list,
+)
 
 EXACT_BASELINES = ("torch", "autograd-loop")
 
@@ -327,6 +335,149 @@ def peak_memory_mb(args: Any, name: str, seq_len: int) -> Optional[float]:
         return None
 
 
+# ---- profile of the engine (--profile) ------------------------------------------------
+
+# Role of each aten op in GRUEngine.sweep (one Highway iteration): the README's "where the
+# time goes" categories. View ops (unbind, slice, select, ...) cost little without the
+# profiler but each is a recorded event under it; they are reported separately.
+SWEEP_OP_ROLES: dict[str, str] = {
+    "aten::mm": "matmul",
+    "aten::addmm": "matmul",
+    "aten::addcmul_": "scan rows",
+    "aten::mul": "gate adjoints",
+    "aten::sub": "step-norm difference",
+    "aten::dot": "step-norm difference",
+    "aten::stack": "step-norm difference",
+    "aten::sum": "step-norm difference",
+    "aten::sqrt": "step-norm difference",
+    "aten::_local_scalar_dense": "step-norm difference",
+    "aten::item": "step-norm difference",
+    "aten::add_": "losses",
+    "aten::copy_": "losses",
+}
+VIEW_OPS = ("aten::unbind", "aten::slice", "aten::select", "aten::reshape", "aten::unsqueeze",
+            "aten::view", "aten::as_strided", "aten::resolve_conj", "aten::resolve_neg")
+
+
+def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def profile_gru_engine(args: Any, seq_len: int) -> dict:
+    """Where a GRU Highway step's time goes, on the engine the model uses.
+
+    Phase times (median of `--repeats`, no profiler): forward, prepare (gates ->
+    coefficients), one sweep (= one Highway iteration), parameter gradients, and the
+    sequential exact backward for comparison. Then torch.profiler over `--repeats` sweeps:
+    the inclusive CPU time of each top-level aten op, grouped by its role in the sweep
+    (`SWEEP_OP_ROLES`), as a share of all top-level op time and of the non-view op time.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    from highwaybp.models.rnn_cells import BufferPool, GRUEngine
+
+    torch.manual_seed(args.seed)
+    ref = nn.GRU(args.input_size, args.hidden)
+    weights = [t.detach() for t in (ref.weight_ih_l0, ref.weight_hh_l0, ref.bias_ih_l0,
+                                    ref.bias_hh_l0)]  # fmt: skip
+    x = torch.randn(seq_len, args.batch, args.input_size)
+    gy = torch.randn(seq_len, args.batch, args.hidden)
+    h0 = torch.zeros(args.batch, args.hidden)
+    pool = BufferPool()
+
+    def engine() -> GRUEngine:
+        eng = GRUEngine(pool, x, h0, *weights)
+        eng.forward()
+        eng.set_loss(gy)
+        return eng
+
+    def forward() -> None:
+        engine().release()
+
+    def prepare_ms() -> float:
+        times = []
+        for _ in range(args.repeats):
+            eng = engine()  # not timed: only prepare is
+            t0 = time.perf_counter()
+            eng.prepare()
+            times.append(time.perf_counter() - t0)
+            eng.release()
+        return 1e3 * statistics.median(times)
+
+    eng = engine()
+    eng.prepare()
+    w = eng.scan_(eng.init_loss_(eng.new_state()))
+    nxt = eng.new_state()
+    scratch = eng.new_state()
+
+    def sweep() -> None:
+        eng.sweep(w, nxt, False, with_loss=True, scan=True, norms=True)
+
+    phases = {}
+    for _ in range(args.warmup):
+        forward(), sweep(), eng.param_grads(w, True), eng.exact_backward(scratch)
+    phases["forward_ms"] = _median_ms(forward, args.repeats)
+    phases["prepare_ms"] = prepare_ms()
+    phases["sweep_ms"] = _median_ms(sweep, args.repeats)
+    phases["param_grads_ms"] = _median_ms(lambda: eng.param_grads(w, True), args.repeats)
+    phases["exact_backward_ms"] = _median_ms(lambda: eng.exact_backward(scratch), args.repeats)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(args.repeats):
+            sweep()
+    by_op: dict[str, float] = {}
+    calls: dict[str, int] = {}
+    for event in prof.events():
+        if event.cpu_parent is None:  # top level: its time includes its children's
+            by_op[event.name] = by_op.get(event.name, 0.0) + event.cpu_time_total
+            calls[event.name] = calls.get(event.name, 0) + 1
+    total = sum(by_op.values())
+    views = sum(t for name, t in by_op.items() if name in VIEW_OPS)
+    roles: dict[str, float] = {}
+    for name, t in by_op.items():
+        role = "views" if name in VIEW_OPS else SWEEP_OP_ROLES.get(name, "other")
+        roles[role] = roles.get(role, 0.0) + t
+    eng.release()
+    return {
+        "cell": "gru",
+        "seq_len": seq_len,
+        "batch": args.batch,
+        "hidden": args.hidden,
+        "input_size": args.input_size,
+        "threads": torch.get_num_threads(),
+        "chunk_steps": eng.chunk,
+        "chunks": len(eng.chunks()),
+        "phases": phases,
+        "sweep_profile": {
+            "repeats": args.repeats,
+            "share_of_op_time": {r: t / total for r, t in sorted(roles.items())},
+            "share_of_non_view_op_time": {
+                r: t / (total - views) for r, t in sorted(roles.items()) if r != "views"
+            },
+            "op_time_ms": {n: t / 1e3 for n, t in sorted(by_op.items())},
+            "op_calls": dict(sorted(calls.items())),
+            "roles": SWEEP_OP_ROLES,
+        },
+    }
+
+
+def print_profile(prof: dict) -> None:
+    ph = prof["phases"]
+    print(f"GRU engine T={prof['seq_len']} B={prof['batch']} H={prof['hidden']} "
+          f"threads={prof['threads']} ({prof['chunks']} chunks of {prof['chunk_steps']} steps)")
+    for key in ("forward_ms", "prepare_ms", "sweep_ms", "param_grads_ms", "exact_backward_ms"):
+        print(f"  {key[:-3]:16s} {ph[key]:9.2f} ms")
+    print("  one sweep (Highway iteration), share of the non-view op time:")
+    for role, share in prof["sweep_profile"]["share_of_non_view_op_time"].items():
+        print(f"    {role:22s} {100 * share:5.1f}%")
+    views = prof["sweep_profile"]["share_of_op_time"].get("views", 0.0)
+    print(f"    (view ops: {100 * views:.1f}% of all op time under the profiler)")
+
+
 # ---- the run --------------------------------------------------------------------------
 
 
@@ -490,16 +641,6 @@ def print_curves(curves: dict) -> None:
             )
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from err
-    if not values or any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected non-negative ints, got {text!r}")
-    return values
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "rnn",
@@ -510,35 +651,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cell", choices=("gru", "lstm"), default="gru")
     p.add_argument(
         "--seq-len",
-        type=_int_list,
+        type=positive_int_list,
         default=[1024],
         help="sequence length, or a comma-separated sweep (e.g. 256,1024,4096)",
     )
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--input-size", type=int, default=None, help="default: hidden")
-    p.add_argument("--layers", type=int, default=1)
-    p.add_argument("--k", type=_int_list, default=[0, 1, 3], help="comma-separated k values")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs (median), >= 5")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--batch", type=positive_int, default=128)
+    p.add_argument("--hidden", type=positive_int, default=64)
+    p.add_argument("--input-size", type=positive_int, default=None, help="default: hidden")
+    p.add_argument("--layers", type=positive_int, default=1)
+    p.add_argument(
+        "--k", type=nonneg_int_list, default=[0, 1, 3], help="comma-separated k values"
+    )
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed runs (median), >= 5")
+    p.add_argument("--warmup", type=nonneg_int, default=1)
+    p.add_argument("--threads", type=positive_int, default=torch.get_num_threads())
     p.add_argument(
         "--train-steps",
-        type=int,
+        type=nonneg_int,
         default=50,
         help="exact training steps before the 'trained' fidelity (0: skip)",
     )
     p.add_argument(
         "--fidelity-k",
-        type=_int_list,
+        type=nonneg_int_list,
         default=[0, 1, 2, 3, 5, 10, 20],
         help="k values of the error-vs-k curve (Highway and FixedPoint, not timed)",
     )
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--lag", type=int, default=10, help="delay of the copy task")
+    p.add_argument("--lr", type=positive_float, default=3e-3)
+    p.add_argument("--lag", type=positive_int, default=10, help="delay of the copy task")
     p.add_argument(
         "--scaling-factor",
-        type=int,
+        type=positive_int,
         default=4,
         help="also time the autograd loop at this multiple of T (1: skip)",
     )
@@ -548,15 +691,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_false",
         help="skip the per-method peak-memory subprocesses",
     )
-    p.add_argument("--memory-timeout", type=float, default=1800.0)
+    p.add_argument("--memory-timeout", type=positive_float, default=1800.0)
     p.add_argument(
         "--peak-matmul",
-        type=_int_list,
+        type=positive_int_list,
         default=[2048, 1024, 4096],
         help="n,k,m of the reference matmul for the throughput fraction",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="results/bench_rnn.json")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of the method comparison: time the GRU engine's phases (forward, "
+        "prepare, one sweep, parameter gradients, exact backward) and profile one sweep's "
+        "op mix (torch.profiler); use --threads 1 on a shared machine",
+    )
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--out", type=out_file, default="results/bench_rnn.json")
     p.set_defaults(func=run)
 
 
@@ -567,13 +717,12 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    if min(args.batch, args.hidden, args.layers) < 1:
-        print("error: --batch, --hidden and --layers must be >= 1", file=sys.stderr)
-        return 2
     if args.input_size is None:
         args.input_size = args.hidden
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
+    if args.profile:
+        return run_profile(args, load_before)
     peak = matmul_peak_gflops(tuple(args.peak_matmul))
     print(
         f"bench rnn: cell={args.cell} B={args.batch} H={args.hidden} In={args.input_size} "
@@ -606,5 +755,32 @@ def run(args: argparse.Namespace) -> int:
     from highwaybp.train.io import atomic_write_json
 
     atomic_write_json(args.out, {"meta": meta, "records": records})
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+def run_profile(args: argparse.Namespace, load_before: tuple[float, float, float]) -> int:
+    if args.cell != "gru":
+        print("error: --profile is implemented for --cell gru", file=sys.stderr)
+        return 2
+    profiles = []
+    for seq_len in args.seq_len:
+        profiles.append(profile_gru_engine(args, seq_len))
+        print_profile(profiles[-1])
+    meta = {
+        "command": "highwaybp bench rnn " + " ".join(sys.argv[3:]) if len(sys.argv) > 2 else "",
+        "argv": sys.argv,
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "notes": "phase times: medians of --repeats runs after --warmup, no profiler; op "
+        "shares: torch.profiler over --repeats sweeps (top-level aten ops, inclusive CPU "
+        "time). Shares are noisy on a loaded machine (see load averages); run with "
+        "--threads 1 there.",
+    }
+    from highwaybp.train.io import atomic_write_json
+
+    atomic_write_json(args.out, {"meta": meta, "profiles": profiles})
     print(f"\nwrote {args.out}")
     return 0

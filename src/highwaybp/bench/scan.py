@@ -12,16 +12,17 @@ import torch
 
 from highwaybp.bench.timing import machine_info, median_seconds
 from highwaybp.core.scan import SCANS
+from highwaybp.train.cli_types import out_file, positive_int
 from highwaybp.train.io import atomic_write_json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("scan", help="sequential vs log-depth scan timings")
-    p.add_argument("--lengths", type=int, nargs="+", default=[16, 64, 256, 1024])
-    p.add_argument("--width", type=int, default=16384, help="elements per state")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--lengths", type=positive_int, nargs="+", default=[16, 64, 256, 1024])
+    p.add_argument("--width", type=positive_int, default=16384, help="elements per state")
+    p.add_argument("--repeats", type=positive_int, default=5)
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    p.add_argument("--out", default="results/bench/scan.json")
+    p.add_argument("--out", type=out_file, default="results/bench/scan.json")
     p.set_defaults(func=run)
 
 

@@ -13,7 +13,9 @@ Writes to `--out` (atomically, after every evaluation):
 - `charlm.csv`: method, step, train_loss, valid_loss, train_seconds;
 - `charlm.json`: the configuration and the same history per method, plus a summary;
 - `charlm.png`: validation loss against steps and against training wall-clock.
-Runs resume from `<out>/checkpoints/<method>.pt` (finished runs are skipped).
+Runs resume from `<out>/checkpoints/<method>.pt` (finished runs are skipped); a rerun
+with another setting (other than --methods, --threads and a larger --steps) is refused.
+SIGINT/SIGTERM save every method's checkpoint at the current step before exiting.
 """
 
 from __future__ import annotations
@@ -31,13 +33,23 @@ from torch import Tensor, nn
 
 from highwaybp.core.methods import Method, method_from_string
 from highwaybp.models.rnn import GRU, LSTM
+from highwaybp.train.cli_types import (
+    method_list,
+    nonneg_float,
+    nonneg_int,
+    out_dir,
+    positive_float,
+    positive_int,
+)
 from highwaybp.train.data import CharCorpus, char_corpus
 from highwaybp.train.io import (
     atomic_write_json,
     atomic_write_text,
+    check_resume_config,
     load_checkpoint,
     save_checkpoint,
 )
+from highwaybp.train.loop import StopGuard, stopped_message
 
 DEFAULT_METHODS = (
     "exact,highway:k=0,highway:k=1,highway:k=3,fixedpoint:k=0,fixedpoint:k=1,fixedpoint:k=3"
@@ -107,6 +119,8 @@ class MethodRun:
             self.opt.load_state_dict(state["opt"])
             self.history, self.step = state["history"], state["step"]
             self.seconds, self.failed = state["seconds"], state.get("failed", False)
+            # the train-loss sum since the last evaluation (a stop between evaluations)
+            self.running, self.count = state.get("running", 0.0), state.get("count", 0)
             print(f"  {name}: resumed at step {self.step}", flush=True)
         if self.step == 0 and not self.history:
             self.history.append(
@@ -139,7 +153,7 @@ class MethodRun:
         if not math.isfinite(value):
             print(f"  {self.name}: loss is {value} at step {self.step}; stopping this run")
             self.failed = True
-            self._checkpoint()
+            self.checkpoint()
             return
         self.running, self.count = self.running + value, self.count + 1
         if self.step % args.eval_every == 0 or self.step == args.steps:
@@ -153,7 +167,7 @@ class MethodRun:
                 }
             )
             self.running, self.count = 0.0, 0
-            self._checkpoint()
+            self.checkpoint()
             last = self.history[-1]
             print(
                 f"  {self.name:16s} step {self.step:5d} train {last['train_loss']:.4f} valid "
@@ -161,7 +175,7 @@ class MethodRun:
                 flush=True,
             )
 
-    def _checkpoint(self) -> None:
+    def checkpoint(self) -> None:
         save_checkpoint(
             self.ckpt_path,
             {
@@ -171,6 +185,8 @@ class MethodRun:
                 "step": self.step,
                 "seconds": self.seconds,
                 "failed": self.failed,
+                "running": self.running,
+                "count": self.count,
             },
         )
 
@@ -274,49 +290,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--text", default=None, help="a text file (default: the Python standard library's sources)"
     )
-    p.add_argument("--max-chars", type=int, default=2_000_000)
+    p.add_argument("--max-chars", type=positive_int, default=2_000_000)
     p.add_argument("--cell", choices=("gru", "lstm"), default="gru")
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--embed", type=int, default=64)
-    p.add_argument("--layers", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--eval-every", type=int, default=25)
-    p.add_argument("--eval-batches", type=int, default=4)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--clip", type=float, default=1.0, help="grad-norm clip (0: off)")
+    p.add_argument("--hidden", type=positive_int, default=256)
+    p.add_argument("--embed", type=positive_int, default=64)
+    p.add_argument("--layers", type=positive_int, default=1)
+    p.add_argument("--seq-len", type=positive_int, default=128)
+    p.add_argument("--batch", type=positive_int, default=32)
+    p.add_argument("--steps", type=positive_int, default=300)
+    p.add_argument("--eval-every", type=positive_int, default=25)
+    p.add_argument("--eval-batches", type=positive_int, default=4)
+    p.add_argument("--lr", type=positive_float, default=3e-3)
+    p.add_argument("--clip", type=nonneg_float, default=1.0, help="grad-norm clip (0: off)")
     p.add_argument(
         "--methods",
+        type=method_list,
         default=DEFAULT_METHODS,
         help="comma-separated: exact, highway:k=K, fixedpoint:k=K",
     )
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="results/charlm")
+    p.add_argument("--threads", type=positive_int, default=torch.get_num_threads())
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--out", type=out_dir, default="results/charlm")
     p.set_defaults(func=run)
 
 
-def _split_methods(text: str) -> list[str]:
-    """'exact,highway:k=0,fixedpoint:k=1' -> names (a ',' inside k=.. lists is not used)."""
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    for n in names:
-        method_from_string(n)  # fail early on a typo
-    return names
+# Options that do not change a method's result: the rest must match to resume into --out.
+# Each method has its own checkpoint, so a rerun may add or drop methods; and a larger
+# --steps continues the runs (the learning rate is constant, so the first steps are the
+# same whatever --steps is).
+_NOT_CONFIG = ("func", "threads", "methods", "out", "steps")
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        names = _split_methods(args.methods)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if min(args.steps, args.eval_every, args.eval_batches, args.batch, args.seq_len) < 1:
-        print(
-            "error: --steps, --eval-every, --eval-batches, --batch, --seq-len must be >= 1",
-            file=sys.stderr,
-        )
-        return 2
+    names = args.methods
+    check_resume_config(args.out, {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG})
     torch.set_num_threads(args.threads)
     corpus = char_corpus(args.text, args.max_chars)
     valid = [_batch(corpus, "valid", args, seed=10_000 + i) for i in range(args.eval_batches)]
@@ -327,13 +334,21 @@ def run(args: argparse.Namespace) -> int:
     # Methods take one step each in turn (round-robin): a load change on a shared machine
     # then slows every method alike, so the wall-clock curves stay comparable.
     runs = [MethodRun(args, name, corpus, valid) for name in names]
-    while not all(r.done for r in runs):
-        for r in runs:
-            if not r.done:
-                r.train_step(corpus)
-        if all(r.done or r.step % args.eval_every == 0 for r in runs):
-            results = [r.result() for r in runs]
-            write_results(args, results, corpus)
+    with StopGuard() as guard:
+        while not all(r.done for r in runs):
+            if guard.should_stop(0):  # between two round-robin rounds
+                for r in runs:
+                    r.checkpoint()
+                write_results(args, [r.result() for r in runs], corpus)
+                step = min(r.step for r in runs if not r.done)
+                print(stopped_message(guard, step, args.steps), file=sys.stderr, flush=True)
+                return guard.exit_code()
+            for r in runs:
+                if not r.done:
+                    r.train_step(corpus)
+            if all(r.done or r.step % args.eval_every == 0 for r in runs):
+                results = [r.result() for r in runs]
+                write_results(args, results, corpus)
     runs = [r.result() for r in runs]
     write_results(args, runs, corpus)
     plot(args, runs)

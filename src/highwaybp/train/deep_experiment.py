@@ -15,7 +15,9 @@ its own gradient at those points.
 
 Writes `<out>/deep_results.json` (atomically, after every finished run), `<out>/table.md`,
 and PNG plots; runs resume from `<out>/checkpoints/` (a killed run restarts from its last
-checkpoint, finished runs are skipped).
+checkpoint, finished runs are skipped; SIGINT/SIGTERM save a checkpoint at the current step
+first). A rerun with other settings (other than --tasks, --threads, --checkpoint-every) is
+refused.
 """
 
 from __future__ import annotations
@@ -36,12 +38,21 @@ from torch import Tensor, nn
 from highwaybp.core.fidelity import compare_gradients, use_method
 from highwaybp.core.methods import Exact, FixedPoint, Highway, Method
 from highwaybp.core.replay import buffers_restored
+from highwaybp.train.cli_types import (
+    nonneg_int,
+    nonneg_int_list,
+    out_dir,
+    positive_float,
+    positive_int,
+)
 from highwaybp.train.io import (
     atomic_write_json,
     atomic_write_text,
+    check_resume_config,
     load_checkpoint,
     save_checkpoint,
 )
+from highwaybp.train.loop import StopGuard, stopped_message
 
 FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -252,8 +263,11 @@ def train_run(
     ckpt_path: Path,
     checkpoint_every: int,
     log: Callable[[str], None],
-) -> dict[str, Any]:
-    """Train one model with `method`; resume from `ckpt_path` if present."""
+    guard: StopGuard | None = None,
+) -> dict[str, Any] | None:
+    """Train one model with `method`; resume from `ckpt_path` if present.
+
+    Returns None when `guard` asked to stop: the checkpoint then holds the current step."""
     model = task.make_model()
     model.train()
     opt_cls = torch.optim.Adam if task.name == "resnet" else torch.optim.AdamW
@@ -274,7 +288,23 @@ def train_run(
     marks = _checkpoints(task.steps)
     is_exact = isinstance(method, Exact)
     t_last = time.perf_counter()
+
+    def save(step: int) -> None:
+        nonlocal t_last
+        now = time.perf_counter()
+        run["seconds"] += now - t_last
+        t_last = now
+        save_checkpoint(
+            ckpt_path,
+            {"model": model.state_dict(), "optimizer": opt.state_dict(), "run": run,
+             "step": step},
+        )
+
     for step in range(start, task.steps + 1):
+        if guard is not None and step < task.steps and guard.should_stop(step):
+            save(step)
+            log(stopped_message(guard, step, task.steps, f"{task.name}/{run['method']}"))
+            return None
         if step in marks and not any(c["step"] == step for c in run["checkpoints"]):
             entry: dict[str, Any] = {
                 "step": step,
@@ -301,18 +331,7 @@ def train_run(
         opt.step()
         run["history"].append([step, float(loss.detach())])
         if (step + 1) % checkpoint_every == 0:
-            now = time.perf_counter()
-            run["seconds"] += now - t_last
-            t_last = now
-            save_checkpoint(
-                ckpt_path,
-                {
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "run": run,
-                    "step": step + 1,
-                },
-            )
+            save(step + 1)
     run["seconds"] += time.perf_counter() - t_last
     run["final"] = run["checkpoints"][-1][task.metric]
     run["train_loss_last10pct"] = _tail_mean(run["history"])
@@ -498,12 +517,19 @@ def apply_tiny(args: argparse.Namespace) -> None:
     args.ks, args.fixedpoint_k = [0, 1], 1
 
 
+# Options that do not change a result: the rest must match to resume into --out (a rerun
+# may run other --tasks; each task's runs are kept on their own).
+_NOT_CONFIG = ("func", "threads", "tasks", "checkpoint_every", "quiet", "record_argv", "tiny",
+               "out")
+
+
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     if args.tiny:
         apply_tiny(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    check_resume_config(out, {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG})
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     results_path = out / "deep_results.json"
     results: dict[str, Any] = (
@@ -514,9 +540,6 @@ def run(args: argparse.Namespace) -> int:
     for name in args.tasks:
         task = TASKS[name](args)
         entry = results["tasks"].setdefault(name, {"runs": {}})
-        if entry.get("config") not in (None, task.config):
-            log(f"{name}: config changed, discarding previous results for it")
-            entry["runs"] = {}
         entry.update(metric=task.metric, config=task.config)
         for method in _methods(args):
             mname = method_name(method)
@@ -525,9 +548,13 @@ def run(args: argparse.Namespace) -> int:
                 continue
             log(f"{name}/{mname}: training {task.steps} steps")
             ckpt = out / "checkpoints" / f"{name}_{mname}.pt"
-            entry["runs"][mname] = train_run(
-                task, method, _diag_methods(args), ckpt, args.checkpoint_every, log
-            )
+            with StopGuard() as guard:
+                result = train_run(
+                    task, method, _diag_methods(args), ckpt, args.checkpoint_every, log, guard
+                )
+            if result is None:
+                return guard.exit_code()
+            entry["runs"][mname] = result
             atomic_write_json(results_path, results)
             ckpt.unlink(missing_ok=True)
     atomic_write_json(results_path, results)
@@ -541,41 +568,40 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _int_list(text: str) -> list[int]:
-    return [int(t) for t in text.split(",") if t.strip()]
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("deep", help="ResNet/GPT accuracy vs k (Exact, Highway, FixedPoint)")
     p.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=["resnet", "gpt"])
-    p.add_argument("--ks", type=_int_list, default=[0, 1, 2, 3, 4, 5])
-    p.add_argument("--fixedpoint-k", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ks", type=nonneg_int_list, default=[0, 1, 2, 3, 4, 5])
+    p.add_argument("--fixedpoint-k", type=nonneg_int, default=5)
+    p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument(
-        "--threads", type=int, default=1, help="torch threads (1 is kind to a shared box)"
+        "--threads", type=positive_int, default=1, help="torch threads (1 is kind to a shared box)"
     )
-    p.add_argument("--out", default="results/deep")
-    p.add_argument("--checkpoint-every", type=int, default=25, help="steps between checkpoints")
+    p.add_argument("--out", type=out_dir, default="results/deep")
+    p.add_argument("--checkpoint-every", type=positive_int, default=25,
+                   help="steps between checkpoints")
     g = p.add_argument_group("resnet (sklearn digits)")
-    g.add_argument("--depth", type=int, default=20, help="6n+2")
-    g.add_argument("--width", type=int, default=16)
-    g.add_argument("--image", type=int, default=16, help="upsampled side (divisible by 4)")
-    g.add_argument("--epochs", type=int, default=4)
-    g.add_argument("--batch", type=int, default=64)
-    g.add_argument("--lr", type=float, default=2e-3)
-    g.add_argument("--train-limit", type=int, default=0, help="use only the first N images")
+    g.add_argument("--depth", type=positive_int, default=20, help="6n+2")
+    g.add_argument("--width", type=positive_int, default=16)
+    g.add_argument("--image", type=positive_int, default=16,
+                   help="upsampled side (divisible by 4)")
+    g.add_argument("--epochs", type=positive_int, default=4)
+    g.add_argument("--batch", type=positive_int, default=64)
+    g.add_argument("--lr", type=positive_float, default=2e-3)
+    g.add_argument("--train-limit", type=nonneg_int, default=0,
+                   help="use only the first N images")
     g = p.add_argument_group("gpt (char LM)")
     g.add_argument("--corpus", default=None, help="text file (default: Python stdlib sources)")
-    g.add_argument("--corpus-chars", type=int, default=1_000_000)
-    g.add_argument("--d-model", type=int, default=64)
-    g.add_argument("--n-layer", type=int, default=4, help="blocks (L = 2 x blocks)")
-    g.add_argument("--n-head", type=int, default=4)
-    g.add_argument("--gamma", type=float, default=0.2)
-    g.add_argument("--seq", type=int, default=64)
-    g.add_argument("--gpt-batch", type=int, default=16)
-    g.add_argument("--steps", type=int, default=200)
-    g.add_argument("--gpt-lr", type=float, default=3e-3)
-    g.add_argument("--eval-batches", type=int, default=20)
+    g.add_argument("--corpus-chars", type=positive_int, default=1_000_000)
+    g.add_argument("--d-model", type=positive_int, default=64)
+    g.add_argument("--n-layer", type=positive_int, default=4, help="blocks (L = 2 x blocks)")
+    g.add_argument("--n-head", type=positive_int, default=4)
+    g.add_argument("--gamma", type=positive_float, default=0.2)
+    g.add_argument("--seq", type=positive_int, default=64)
+    g.add_argument("--gpt-batch", type=positive_int, default=16)
+    g.add_argument("--steps", type=positive_int, default=200)
+    g.add_argument("--gpt-lr", type=positive_float, default=3e-3)
+    g.add_argument("--eval-batches", type=positive_int, default=20)
     p.add_argument("--tiny", action="store_true", help="tiny CI setting (seconds)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--no-record-argv", dest="record_argv", action="store_false")

@@ -38,6 +38,14 @@ from torch import nn
 import highwaybp as hbp
 from highwaybp.baselines.ddg import SEMANTICS, DDGTrainer
 from highwaybp.models.resnet1d import build_resnet1d
+from highwaybp.train.cli_types import (
+    mnist1d_size,
+    nonneg_float,
+    nonneg_int,
+    out_dir,
+    positive_float,
+    positive_int,
+)
 from highwaybp.train.data import TensorSplit, load_digits, load_mnist1d
 from highwaybp.train.io import (
     atomic_write_json,
@@ -46,6 +54,7 @@ from highwaybp.train.io import (
     load_checkpoint,
     save_checkpoint,
 )
+from highwaybp.train.loop import StopGuard, stopped_message
 
 METHODS = ("exact", "highway", "fixedpoint", "ddg")
 # Settings that change the run: a resumed run must have the same ones.
@@ -70,12 +79,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", choices=("mnist1d", "digits"), default="mnist1d")
-    g.add_argument("--num-samples", type=int, default=4000, help="mnist1d: train+test size")
-    g.add_argument("--data-seed", type=int, default=42, help="mnist1d generation seed")
+    g.add_argument(
+        "--num-samples", type=mnist1d_size, default=4000, help="mnist1d: train+test size"
+    )
+    g.add_argument("--data-seed", type=nonneg_int, default=42, help="mnist1d generation seed")
     g = p.add_argument_group("method")
     g.add_argument("--method", choices=METHODS, default="exact")
-    g.add_argument("--k", type=int, default=3, help="highway/fixedpoint iterations")
-    g.add_argument("--splits", type=int, default=2, help="ddg: number of modules K")
+    g.add_argument("--k", type=nonneg_int, default=3, help="highway/fixedpoint iterations")
+    g.add_argument("--splits", type=positive_int, default=2, help="ddg: number of modules K")
     g.add_argument("--semantics", choices=SEMANTICS, default="stash", help="ddg stale grads")
     g.add_argument(
         "--launcher",
@@ -85,30 +96,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(gloo), 'auto' = one rank per module when run under torchrun, else none",
     )
     g.add_argument("--timeout", type=float, default=120.0, help="ddg multi-process: seconds")
-    g.add_argument("--threads", type=int, default=None, help="torch threads (per rank)")
+    g.add_argument("--threads", type=positive_int, default=None, help="torch threads (per rank)")
     g = p.add_argument_group("model")
-    g.add_argument("--channels", type=int, default=32)
-    g.add_argument("--blocks", type=int, default=4)
+    g.add_argument("--channels", type=positive_int, default=32)
+    g.add_argument("--blocks", type=positive_int, default=4)
     g.add_argument("--residual", choices=("relu", "identity"), default="relu")
     g = p.add_argument_group("optimisation")
     length = g.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, default=None, help="training steps")
-    length.add_argument("--epochs", type=float, default=None, help="epochs (default 10)")
-    g.add_argument("--batch-size", type=int, default=64)
+    length.add_argument("--steps", type=positive_int, default=None, help="training steps")
+    length.add_argument("--epochs", type=positive_float, default=None, help="epochs (default 10)")
+    g.add_argument("--batch-size", type=positive_int, default=64)
     g.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
-    g.add_argument("--lr", type=float, default=0.05)
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument("--lr", type=positive_float, default=0.05)
+    g.add_argument("--momentum", type=nonneg_float, default=0.9)
+    g.add_argument("--weight-decay", type=nonneg_float, default=5e-4)
     g.add_argument("--schedule", choices=("cosine", "constant"), default="cosine")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=nonneg_int, default=0)
     g = p.add_argument_group("output")
-    g.add_argument("--out", default=None, help="result folder (resumes from its checkpoint)")
-    g.add_argument("--eval-every", type=int, default=0, help="steps (0: ~10 evals per run)")
+    g.add_argument(
+        "--out", type=out_dir, default=None, help="result folder (resumes from its checkpoint)"
+    )
+    g.add_argument("--eval-every", type=nonneg_int, default=0, help="steps (0: ~10 evals per run)")
     g.add_argument(
         "--stop-after",
-        type=int,
+        type=positive_int,
         default=None,
-        help="stop this invocation after N more steps (checkpoint kept; rerun to continue)",
+        help="stop this invocation after N more steps and save a checkpoint there (rerun "
+        "the same command to continue; SIGINT/SIGTERM stop the same way)",
     )
     g.add_argument("--quiet", action="store_true")
 
@@ -252,16 +266,13 @@ def _run_single(args, data: TensorSplit, steps: int, out: Optional[Path], config
         make_sched = scheduler_factory(args, steps)
         sched = make_sched(opt) if make_sched is not None else None
     start, rows, elapsed = 0, [], 0.0
+    window: list[float] = []
+    if out is not None:
+        check_resume_config(out, config)
     ckpt = load_checkpoint(out / "checkpoint.pt") if out is not None else None
     if ckpt is not None:
-        if ckpt["config"] != config:
-            diff = {k: (ckpt["config"].get(k), v) for k, v in config.items()
-                    if ckpt["config"].get(k) != v}  # fmt: skip
-            raise SystemExit(
-                f"{out} holds a run with other settings {diff} (saved, now); "
-                "use another --out or delete its checkpoint.pt"
-            )
         start, rows, elapsed = ckpt["step"], ckpt["rows"], ckpt["elapsed_s"]
+        window = list(ckpt.get("window", []))
         if trainer is not None:
             trainer.load_state_dict(ckpt["trainer"])
         else:
@@ -270,65 +281,71 @@ def _run_single(args, data: TensorSplit, steps: int, out: Optional[Path], config
             if sched is not None:
                 sched.load_state_dict(ckpt["scheduler"])
         _log(args, f"resumed from {out / 'checkpoint.pt'} at step {start}/{steps}")
-    elif out is not None:
-        atomic_write_json(out / "config.json", config)
     torch.manual_seed(args.seed)  # global RNG of plain runs (DDG stages own theirs)
     if ckpt is not None:
         torch.set_rng_state(ckpt["rng"])
     every = args.eval_every or max(1, steps // 10)
-    end = steps if args.stop_after is None else min(steps, start + args.stop_after)
-    window: list[float] = []
     tic = time.perf_counter()
-    for t in range(start, end):
-        x, y = batches(t)
-        if trainer is not None:
-            loss = trainer.step(x, y).loss
-        else:
-            opt.zero_grad(set_to_none=True)
-            loss_t = F.cross_entropy(model(x), y)
-            loss_t.backward()
-            opt.step()
-            if sched is not None:
-                sched.step()
-            loss = float(loss_t.detach())
-        if not math.isfinite(loss):
-            raise SystemExit(f"training diverged at step {t} (loss {loss}); lower --lr")
-        window.append(loss)
-        if (t + 1) % every == 0 or t + 1 == steps:
-            now = elapsed + time.perf_counter() - tic
-            test_loss, test_acc = evaluate(model, data.x_test, data.y_test)
-            rows.append(
-                {
-                    "step": t + 1,
-                    "epoch": round((t + 1) / batches.steps_per_epoch, 3),
-                    "train_loss": sum(window) / len(window),
-                    "test_loss": test_loss,
-                    "test_acc": test_acc,
-                    "time_s": round(now, 3),
-                }
-            )
-            window = []
-            _log(args, f"step {t + 1}/{steps} train {rows[-1]['train_loss']:.4f} "
-                       f"test {test_loss:.4f} acc {test_acc:.4f} ({now:.1f}s)")  # fmt: skip
-            if out is not None:
-                _write_metrics(out, rows)
-                save_checkpoint(
-                    out / "checkpoint.pt",
+
+    def save(step: int) -> None:
+        if out is None:
+            return
+        save_checkpoint(
+            out / "checkpoint.pt",
+            {
+                "config": config,
+                "step": step,
+                "rows": rows,
+                "window": window,  # train losses since the last evaluation
+                "elapsed_s": elapsed + time.perf_counter() - tic,
+                "rng": torch.get_rng_state(),
+                "trainer": None if trainer is None else trainer.state_dict(),
+                "model": model.state_dict() if trainer is None else None,
+                "optimizer": None if opt is None else opt.state_dict(),
+                "scheduler": None if sched is None else sched.state_dict(),
+            },
+        )
+
+    stop_at = None if args.stop_after is None else start + args.stop_after
+    with StopGuard(stop_at) as guard:
+        for t in range(start, steps):
+            if guard.should_stop(t):
+                save(t)
+                _log(args, stopped_message(guard, t, steps)
+                     + ("" if out is not None else " (no --out: nothing was saved)"))
+                return guard.exit_code()
+            x, y = batches(t)
+            if trainer is not None:
+                loss = trainer.step(x, y).loss
+            else:
+                opt.zero_grad(set_to_none=True)
+                loss_t = F.cross_entropy(model(x), y)
+                loss_t.backward()
+                opt.step()
+                if sched is not None:
+                    sched.step()
+                loss = float(loss_t.detach())
+            if not math.isfinite(loss):
+                raise SystemExit(f"training diverged at step {t} (loss {loss}); lower --lr")
+            window.append(loss)
+            if (t + 1) % every == 0 or t + 1 == steps:
+                now = elapsed + time.perf_counter() - tic
+                test_loss, test_acc = evaluate(model, data.x_test, data.y_test)
+                rows.append(
                     {
-                        "config": config,
                         "step": t + 1,
-                        "rows": rows,
-                        "elapsed_s": now,
-                        "rng": torch.get_rng_state(),
-                        "trainer": None if trainer is None else trainer.state_dict(),
-                        "model": model.state_dict() if trainer is None else None,
-                        "optimizer": None if opt is None else opt.state_dict(),
-                        "scheduler": None if sched is None else sched.state_dict(),
-                    },
+                        "epoch": round((t + 1) / batches.steps_per_epoch, 3),
+                        "train_loss": sum(window) / len(window),
+                        "test_loss": test_loss,
+                        "test_acc": test_acc,
+                        "time_s": round(now, 3),
+                    }
                 )
-    if end < steps:
-        _log(args, f"stopped at step {end}/{steps} (--stop-after); rerun to continue")
-        return 0
+                window = []
+                _log(args, f"step {t + 1}/{steps} train {rows[-1]['train_loss']:.4f} "
+                           f"test {test_loss:.4f} acc {test_acc:.4f} ({now:.1f}s)")  # fmt: skip
+                _write_metrics(out, rows)
+                save(t + 1)
     result = _final(args, config, rows, model, data, launcher="single-process")
     if out is not None:
         atomic_write_json(out / "result.json", result)
