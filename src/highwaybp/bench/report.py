@@ -138,6 +138,27 @@ def _rnn(path: Path, d: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _rnn_profile(path: Path, d: dict[str, Any]) -> list[str]:
+    meta = d["meta"]
+    lines = [f"### Where the time goes: `{path}`", "", meta.get("notes", ""),
+             *_command_line(meta.get("command"))]
+    for p in d["profiles"]:
+        ph = p["phases"]
+        lines += [
+            f"{p['cell'].upper()}, T={p['seq_len']}, batch {p['batch']}, hidden {p['hidden']}, "
+            f"{p['threads']} thread(s); one sweep = {p['chunks']} chunks of {p['chunk_steps']} "
+            "steps. Phase times (ms):",
+            "",
+            *_table(list(ph), [[f"{v:.1f}" for v in ph.values()]]),
+            "",
+            "Share of one sweep's op time (views excluded):",
+            "",
+        ]
+        shares = p["sweep_profile"]["share_of_non_view_op_time"]
+        lines += [*_table(list(shares), [[f"{100 * v:.0f}%" for v in shares.values()]]), ""]
+    return lines
+
+
 def _deep_bench(path: Path, d: dict[str, Any]) -> list[str]:
     cfg = d["config"]
     lines = [
@@ -245,6 +266,8 @@ class Section:
 SECTIONS: tuple[Section, ...] = (
     Section("Scans", lambda d: d.get("bench") == "scan", _scan),
     Section("RNNs (`highwaybp bench rnn`)", lambda d: "meta" in d and "records" in d, _rnn),
+    Section("RNN profile (`highwaybp bench rnn --profile`)",
+            lambda d: "meta" in d and "profiles" in d, _rnn_profile),
     Section("Deep stacks (`highwaybp bench deep`)", lambda d: d.get("bench") == "deep",
             _deep_bench),
     Section("Deep experiment (`highwaybp experiment deep`)",
