@@ -120,3 +120,42 @@ def resnet18(**kwargs) -> ResNet:
 
 def resnet50(**kwargs) -> ResNet:
     return ResNet(Bottleneck, [3, 4, 6, 3], **kwargs)
+
+
+def timm_style_resnet18(**kwargs) -> ResNet:
+    """A resnet18 whose blocks use timm's layout and names (act1/act2, drop_block, aa,
+    se, drop_path; documented in timm.models.resnet.BasicBlock), inside the replica above."""
+
+    class BasicBlock(nn.Module):
+        expansion = 1
+
+        def __init__(self, inplanes: int, planes: int, stride: int = 1,
+                     downsample: nn.Module | None = None) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(inplanes, planes, 3, stride=stride, padding=1, bias=False)
+            self.bn1 = nn.BatchNorm2d(planes)
+            self.drop_block = nn.Identity()
+            self.act1 = nn.ReLU(inplace=True)
+            self.aa = nn.Identity()
+            self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+            self.bn2 = nn.BatchNorm2d(planes)
+            self.se = None
+            self.act2 = nn.ReLU(inplace=True)
+            self.downsample = downsample
+            self.stride = stride
+            self.drop_path = None
+
+        def forward(self, x: Tensor) -> Tensor:
+            shortcut = x
+            x = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
+            x = self.bn2(self.conv2(x))
+            if self.se is not None:
+                x = self.se(x)
+            if self.drop_path is not None:
+                x = self.drop_path(x)
+            if self.downsample is not None:
+                shortcut = self.downsample(shortcut)
+            x += shortcut
+            return self.act2(x)
+
+    return ResNet(BasicBlock, [2, 2, 2, 2], **kwargs)

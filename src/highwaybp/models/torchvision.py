@@ -95,7 +95,9 @@ def cast_block(block: nn.Module, name: str = "block") -> ResidualLayer:
 
 def _layout(block: nn.Module, name: str) -> tuple[tuple[str, ...], str]:
     forward = getattr(type(block), "forward", None)
-    owner = getattr(forward, "__qualname__", "").split(".")[0]
+    # The class that defines forward (a subclass overriding it is not recognised).
+    parts = getattr(forward, "__qualname__", "").split(".")
+    owner = parts[-2] if len(parts) >= 2 else ""
     naming = "timm" if hasattr(block, "act1") else "torchvision"
     layout = _LAYOUTS.get((owner, naming))
     if layout is None:
