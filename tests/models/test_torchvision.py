@@ -183,6 +183,13 @@ def test_deepcopy_of_adapted_model_is_independent():
     assert resnet_stages(model).last_diagnostics is None
 
 
+def test_stage_indexing_and_slicing():
+    model = from_torchvision(_model("resnet18"), method=hbp.Highway(k=2))
+    part = model.layer2[0:1]
+    assert type(part) is nn.Sequential and part[0] is model.layer2[0]
+    assert len(model.layer3) == 2
+
+
 def test_zero_init_residual():
     x, w = _data()
     reference = _model("", zero_init_residual=True, widths=(4, 6, 8, 10))

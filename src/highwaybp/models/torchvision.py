@@ -155,6 +155,11 @@ class ResNetStage(nn.Sequential):
             self.vjp = "loop"
             self.scan: Optional[str] = None
 
+    def __getitem__(self, idx: int | slice) -> nn.Module:
+        if isinstance(idx, slice):  # a plain Sequential of those blocks (not a stage)
+            return nn.Sequential(OrderedDict(list(self._modules.items())[idx]))
+        return super().__getitem__(idx)
+
     # -- configuration (first stage) ----------------------------------------------------
 
     @property
