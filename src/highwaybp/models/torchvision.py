@@ -117,7 +117,7 @@ def _layout(block: nn.Module, name: str) -> tuple[tuple[str, ...], str]:
             f"from_torchvision: {name} ({type(block).__name__}) lacks the submodule(s) "
             f"{', '.join(missing)} of a {naming} {owner}"
         )
-    for s in (*_OPTIONAL,):
+    for s in _OPTIONAL:
         value = getattr(block, s, None)
         if value is not None and not isinstance(value, nn.Module):
             raise TypeError(
