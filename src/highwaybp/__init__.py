@@ -14,6 +14,7 @@ from highwaybp.core.residual import (
     Gated,
     Identity,
     LinearShortcut,
+    ModuleShortcut,
     ReLUResidual,
     ResidualLayer,
     ResidualMap,
@@ -24,7 +25,7 @@ from highwaybp.core.scan import (
     reverse_scan_hillis_steele,
     reverse_scan_sequential,
 )
-from highwaybp.models import GRU, LSTM, from_huggingface
+from highwaybp.models import GRU, LSTM, from_huggingface, from_torchvision
 
 __all__ = [
     "GRU",
@@ -37,6 +38,7 @@ __all__ = [
     "Identity",
     "LinearShortcut",
     "Method",
+    "ModuleShortcut",
     "ReLUResidual",
     "ResidualChain",
     "ResidualLayer",
@@ -45,6 +47,7 @@ __all__ = [
     "__version__",
     "compare_gradients",
     "from_huggingface",
+    "from_torchvision",
     "gradient_fidelity",
     "method_from_string",
     "reverse_scan",

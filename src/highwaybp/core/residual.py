@@ -5,6 +5,9 @@ A residual map says three things about r:
 - `combine(x, z)`: the value r(x, z), where z = block(x);
 - `k_context(x, z, y)`: whatever K = dr/dx at this point needs later (a mask, a gate), kept
   by the backward instead of re-deriving it;
+- `combine_for_backward(x, z)`: the backward's re-run of r, returning the value (without
+  K's part of its derivative) and the K-context; the default calls `combine` on a detached
+  x and `k_context`;
 - `apply_kt(v, ctx)`: the row-vector product v @ K (v has the layer's output shape, the result
   its input shape). For diagonal or scalar K, `coefficient(ctx)` gives a tensor (or float) `a`
   with v @ K = a * v, which lets the backward run one stacked scan over all layers.
@@ -23,6 +26,14 @@ from torch import Tensor, nn
 Coefficient = Union[Tensor, float, None]
 
 
+def _detached(z: Any) -> Any:
+    if isinstance(z, Tensor):
+        return z.detach()
+    if isinstance(z, (tuple, list)):
+        return type(z)(_detached(t) for t in z)
+    return z
+
+
 class ResidualMap(nn.Module):
     """Base class of residual maps r(x, z) with a cheap Jacobian K = dr/dx.
 
@@ -37,6 +48,17 @@ class ResidualMap(nn.Module):
     def k_context(self, x: Tensor, z: Any, y: Tensor) -> Any:
         """What `apply_kt` needs, computed from the forward values (default: nothing)."""
         return None
+
+    def combine_for_backward(self, x: Tensor, z: Any) -> tuple[Tensor, Any]:
+        """The backward's re-run of r: (r(stop_grad(x), z), K's context).
+
+        Called under the forward's replayed state with x the layer input (requiring grad)
+        and z the block's output (with its graph). The value must carry no derivative
+        w.r.t. x through K's part: autograd w.r.t. x of it is the block VJP, w @ J.
+        """
+        x_const = x.detach()
+        y = self.combine(x_const, z)
+        return y, self.k_context(x_const, _detached(z), y.detach())
 
     def apply_kt(self, v: Tensor, ctx: Any) -> Tensor:
         """v @ K for a row vector v of the output's shape; returns the input's shape."""
@@ -203,7 +225,8 @@ class ResidualLayer(nn.Module):
         block: the expensive part g (any nn.Module); its VJPs come from autograd.
         residual: a `ResidualMap` saying how the block's output joins the residual stream.
 
-    Shapes: x [*S_in] -> f(x) [*S_out], with S_out = S_in unless the map is a LinearShortcut.
+    Shapes: x [*S_in] -> f(x) [*S_out], with S_out = S_in unless the map is a LinearShortcut
+    or a ModuleShortcut.
     """
 
     def __init__(self, block: nn.Module, residual: ResidualMap | None = None) -> None:
@@ -215,10 +238,102 @@ class ResidualLayer(nn.Module):
         if not isinstance(residual, ResidualMap):
             raise TypeError(
                 f"residual must be a highwaybp residual map (Identity(), Scaled(c), "
-                f"ReLUResidual(), Gated(), LinearShortcut(...)), got {type(residual).__name__}"
+                f"ReLUResidual(), Gated(), LinearShortcut(...), ModuleShortcut(m)), "
+                f"got {type(residual).__name__}"
             )
         self.block = block
         self.residual = residual
 
     def forward(self, x: Tensor) -> Tensor:
         return self.residual.combine(x, self.block(x))
+
+
+class _CutGradient(torch.autograd.Function):
+    """Identity whose backward passes nothing on: marks where K's part of the graph starts.
+
+    The backward's re-run asks autograd for the gradient *at* this node's output (K's VJP)
+    and for the gradient w.r.t. the layer input through the block only (J's VJP); cutting
+    here keeps K out of the latter without evaluating the shortcut a second time.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> None:
+        return None
+
+
+class ModuleShortcut(ResidualMap):
+    """r(x, z) = S(x) + z, or ReLU(S(x) + z) with `relu=True`, for a shortcut module S.
+
+    For projection shortcuts (torchvision's `downsample`: 1x1 conv + BatchNorm, stride 2):
+    S may change the shape and may have parameters and buffers. K = dr/dx is applied in the
+    backward's scans as the VJP of S (autograd through it, once per scan step; BatchNorm in
+    training mode included, whose batch statistics make K couple the whole batch), masked by
+    ReLU'(S(x) + z) in the post-activation form. S is re-run with the block in the backward
+    under the same replay rules (RNG, autocast, train/eval modes, buffers restored), so its
+    BatchNorm running statistics are updated once per step, as with exact backprop.
+
+    Args:
+        shortcut: the module S ([*S_in] -> [*S_out]); its parameters get gradients.
+        relu: apply ReLU after the sum (post-activation ResNet block).
+    """
+
+    kind = "linear"
+
+    def __init__(self, shortcut: nn.Module, relu: bool = False) -> None:
+        super().__init__()
+        if not isinstance(shortcut, nn.Module):
+            raise TypeError(
+                f"ModuleShortcut needs an nn.Module shortcut, got {type(shortcut).__name__}; "
+                "for a plain linear function with a known adjoint use LinearShortcut"
+            )
+        self.shortcut = shortcut
+        self.relu = bool(relu)
+
+    def check_shapes(self, x: Tensor, z: Any) -> None:
+        if not isinstance(z, Tensor):
+            raise TypeError(
+                f"ModuleShortcut expects the block to return one tensor, got {type(z).__name__}"
+            )
+
+    def _sum(self, s: Tensor, z: Tensor) -> Tensor:
+        if s.shape != z.shape:
+            raise ValueError(
+                f"ModuleShortcut: shortcut output shape {tuple(s.shape)} does not match the "
+                f"block output shape {tuple(z.shape)}; they must match to be added"
+            )
+        # z + s, the order torchvision's blocks use (`out += identity`).
+        y = z + s
+        return torch.relu(y) if self.relu else y
+
+    def combine(self, x: Tensor, z: Tensor) -> Tensor:
+        self.check_shapes(x, z)
+        return self._sum(self.shortcut(x), z)
+
+    def combine_for_backward(self, x: Tensor, z: Any) -> tuple[Tensor, Any]:
+        self.check_shapes(x, z)
+        x_k = _CutGradient.apply(x)
+        s = self.shortcut(x_k)
+        y = self._sum(s, z)
+        mask = (y.detach() > 0).to(y.dtype) if self.relu else None
+        return y, (x_k, s, mask)
+
+    def k_context(self, x: Tensor, z: Any, y: Tensor) -> Any:
+        raise TypeError(
+            "ModuleShortcut's K is the VJP of its shortcut module: its context comes from "
+            "combine_for_backward (the per-layer 'loop' VJP backend), not k_context"
+        )
+
+    def apply_kt(self, v: Tensor, ctx: Any) -> Tensor:
+        x_k, s, mask = ctx
+        grad_s = v if mask is None else v * mask
+        if not s.requires_grad:
+            return torch.zeros_like(x_k)
+        (g,) = torch.autograd.grad(s, x_k, grad_s, retain_graph=True, allow_unused=True)
+        return torch.zeros_like(x_k) if g is None else g
+
+    def extra_repr(self) -> str:
+        return f"relu={self.relu}"

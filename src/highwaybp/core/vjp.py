@@ -69,9 +69,10 @@ class LoopVJP:
             layer, self._aliases
         ):
             z = layer.block(x)
-            # K's part is the derivative through the residual's first argument: cut it.
-            y = layer.residual.combine(x.detach(), z)
-            self.contexts.append(layer.residual.k_context(x.detach(), _detach(z), y.detach()))
+            # K's part is the derivative through the residual's first argument: the map
+            # cuts it (and builds K's context under the same replayed state).
+            y, context = layer.residual.combine_for_backward(x, z)
+        self.contexts.append(context)
         self.xs.append(x)
         self.ys.append(y)
         return y
@@ -205,14 +206,6 @@ def _rerun_guard(layer: nn.Module, state: ForwardState | None) -> Iterator[None]
         return
     with replayed(state), modes_and_buffers_replayed(layer, state):
         yield
-
-
-def _detach(z: Any) -> Any:
-    if isinstance(z, Tensor):
-        return z.detach()
-    if isinstance(z, (tuple, list)):
-        return type(z)(_detach(t) for t in z)
-    return z
 
 
 VJP_BACKENDS: dict[str, type] = {"loop": LoopVJP, "batched": BatchedVJP}

@@ -12,6 +12,7 @@ from highwaybp.models.resnet import (
 )
 from highwaybp.models.resnet1d import ResNet1d, build_resnet1d
 from highwaybp.models.rnn import GRU, LSTM, CellRNN
+from highwaybp.models.torchvision import from_torchvision
 from highwaybp.models.transformer import GPT, EncoderClassifier
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "ResidualMLP",
     "build_resnet1d",
     "from_huggingface",
+    "from_torchvision",
     "resnet20",
     "resnet32",
     "resnet56",
