@@ -6,7 +6,8 @@ that silently. `run(device)` rebuilds small models on `device` (in float64 where
 has it) and compares, gradient by gradient, each method against plain autograd:
 
 - chain/<residual>/...: a `ResidualChain` of small MLP blocks for each residual kind
-  (`RESIDUAL_CASES`: Identity, Scaled, ReLUResidual, Gated, LinearShortcut), Highway(k=L)
+  (`RESIDUAL_CASES`: Identity, Scaled, ReLUResidual, Gated, LinearShortcut,
+  ModuleShortcut), Highway(k=L)
   and FixedPoint(k=L) with each VJP backend (`BACKENDS`: loop, batched where the kind allows
   it, loop with recompute=False), Exact(), adaptive Highway(tol, max_k=L) reaching L, and
   the Hillis-Steele scan; the reference runs the same layers one after the other under
@@ -63,6 +64,7 @@ from highwaybp.core.residual import (
     Gated,
     Identity,
     LinearShortcut,
+    ModuleShortcut,
     ReLUResidual,
     ResidualLayer,
     Scaled,
@@ -294,6 +296,16 @@ def _shortcut_layer(i: int, widths: Sequence[int], setup: Setup, dropout: float)
     return ResidualLayer(block, _matrix_shortcut(matrix))
 
 
+def _module_shortcut_layer(i: int, widths: Sequence[int], setup: Setup, dropout: float):
+    """torchvision's projection shortcut in 1-D: Linear + BatchNorm, post-activation ReLU."""
+    block = setup.build(lambda: MLPBlock(widths[i], widths[i + 1], dropout), seed=500 + i)
+    shortcut = setup.build(
+        lambda: nn.Sequential(nn.Linear(widths[i], widths[i + 1]), nn.BatchNorm1d(widths[i + 1])),
+        seed=600 + i,
+    )
+    return ResidualLayer(block, ModuleShortcut(shortcut, relu=True))
+
+
 # One entry per residual kind; a new kind is one more entry.
 RESIDUAL_CASES: tuple[ResidualCase, ...] = (
     ResidualCase("identity", _mlp_layer(Identity)),
@@ -302,6 +314,8 @@ RESIDUAL_CASES: tuple[ResidualCase, ...] = (
     ResidualCase("gated", _gated_layer),
     # General linear K: the batched backend refuses it (shapes may differ per layer).
     ResidualCase("linear_shortcut", _shortcut_layer, batched=False, shape_changing=True),
+    # K is a module's VJP (BatchNorm in train mode: K couples the batch); loop backend only.
+    ResidualCase("module_shortcut", _module_shortcut_layer, batched=False, shape_changing=True),
 )
 
 # VJP backends (and the recorded-graph path): name -> ResidualChain keyword arguments.
