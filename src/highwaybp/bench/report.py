@@ -196,7 +196,7 @@ def _deep_bench(path: Path, d: dict[str, Any]) -> list[str]:
 def _deep_experiment(path: Path, d: dict[str, Any]) -> list[str]:
     from highwaybp.train.deep_experiment import make_table
 
-    return [f"### Accuracy vs k at CPU scale: `{path}`", *_command_line(d.get("command")),
+    return [f"### Accuracy and gradient cosine vs k: `{path}`", *_command_line(d.get("command")),
             make_table(d), ""]
 
 
@@ -273,6 +273,9 @@ SECTIONS: tuple[Section, ...] = (
     Section("Deep experiment (`highwaybp experiment deep`)",
             lambda d: "tasks" in d and d.get("config", {}).get("experiment") == "deep",
             _deep_experiment),
+    Section("Vision experiment (`highwaybp experiment vision`)",
+            lambda d: "tasks" in d and "experiment vision" in d.get("command", ""),
+            _deep_experiment),
     Section("Char-level LM (`highwaybp experiment charlm`)",
             lambda d: d.get("config", {}).get("experiment") == "charlm", _charlm),
     Section("DDG throughput (`highwaybp bench ddg`)", lambda d: d.get("bench") == "ddg",
@@ -283,8 +286,10 @@ SECTIONS: tuple[Section, ...] = (
 
 
 def result_files(results: Path) -> list[Path]:
-    """Every JSON file under `results` except per-run files of an experiment (runs/)."""
+    """Every JSON file under `results` except per-run files of an experiment (runs/) and
+    the configuration files that resumable commands keep beside their results."""
     return sorted(p for p in results.rglob("*.json") if "runs" not in p.relative_to(results).parts
+                  and p.name != "config.json"
                   and not any(part.endswith("_seed1") or part == "checkpoints"
                               for part in p.relative_to(results).parts))
 
