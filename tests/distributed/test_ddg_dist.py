@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import re
@@ -209,3 +210,16 @@ def test_a_foreign_per_rank_checkpoint_is_refused_naming_the_file(tmp_path):
         save_checkpoint(path, bad)
         with pytest.raises(DDGRuntimeError, match=re.escape(f"{path} {problem}; delete")):
             _load_rank_checkpoint(path, 0, 2, steps=4)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage"])
+def test_a_damaged_per_rank_checkpoint_stops_the_run_naming_the_file(tmp_path, damage):
+    """A rank resuming from a damaged checkpoint reports the file and what to do; fails on
+    eab6026 (before the fix): torch's unpickling error named no file."""
+    cfg = _config("stash", steps=5, checkpoint_dir=str(tmp_path), checkpoint_every=2)
+    spawn_ddg(cfg, 2, deadline=180)
+    path = tmp_path / "ddg_rank1.ckpt"
+    data = {"truncated": path.read_bytes()[:100], "empty": b"", "garbage": b"\x00junk" * 50}
+    path.write_bytes(data[damage])
+    with pytest.raises(DDGRuntimeError, match=re.escape(str(path))):
+        spawn_ddg(dataclasses.replace(cfg, steps=8), 2, deadline=180)
