@@ -141,12 +141,12 @@ def test_demo_signal_exits_cleanly_and_keeps_finished_methods(tmp_path):
     out = tmp_path / "demo"
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
     argv = ["demo", "--samples", "300", "--depth", "2", "--width", "8", "--steps", "1000000",
-            "--methods", "exact", "--out", str(out)]  # fmt: skip
+            "--methods", "exact", "--rnn-steps", "0", "--out", str(out)]  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-m", "highwaybp", *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
     try:
         for line in proc.stdout:  # printed once the guard is installed
-            if line.startswith("MNIST-1D"):
+            if line.startswith("1. MNIST-1D"):
                 break
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=600)

@@ -99,17 +99,40 @@ def test_demo_command_runs_writes_json_and_resumes(tmp_path, capsys):
         "exact",
         "highway:k=0",
         "highway:k=3",
+        "--rnn-steps",
+        "3",
+        "--rnn-side",
+        "6",
         "--out",
         str(tmp_path),
     ]
     assert main(args) == 0
-    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    state = json.loads((tmp_path / "results.json").read_text())
+    results = state["results"]
     assert set(results) == {"Exact()", "Highway(k=0)", "Highway(k=3)"}
     assert results["Exact()"]["grad_cosine_to_exact"] == 1.0
     assert results["Highway(k=3)"]["grad_cosine_to_exact"] > 1 - 1e-5
     assert results["Highway(k=0)"]["grad_cosine_to_exact"] < 0.99
     assert results["Exact()"]["train_loss"] < math.log(10) - 0.2
     assert results["Exact()"]["test_accuracy"] > 0.15
+    # The cosine-vs-k curve on the exactly-trained model: exact at k = L = 3 for Highway
+    # and FixedPoint, visibly not at k = 0.
+    curve = state["fidelity_curve"]
+    assert curve["k"] == [0, 1, 2, 3]
+    assert curve["highway"][-1] > 1 - 1e-5 and curve["fixedpoint"][-1] > 1 - 1e-5
+    assert curve["highway"][0] < 0.99 and curve["fixedpoint"][0] < curve["highway"][0]
+    # Part 2: the four GRUs start from the same weights and see the same batches, so their
+    # first losses agree (same forward); each variant's time is measured.
+    rnn = state["rnn"]["variants"]
+    assert list(rnn) == ["torch.nn.GRU", "hbp Exact()", "hbp Highway(k=0)", "hbp Highway(k=1)"]
+    first = [r["losses"][0] for r in rnn.values()]
+    assert max(first) - min(first) < 1e-5
+    assert rnn["hbp Exact()"]["losses"][1] == pytest.approx(rnn["torch.nn.GRU"]["losses"][1],
+                                                            abs=1e-5)
+    assert rnn["hbp Highway(k=0)"]["losses"][2] != rnn["hbp Exact()"]["losses"][2]
+    assert all(len(r["losses"]) == 3 and r["ms_per_step"] > 0 for r in rnn.values())
+    assert (tmp_path / "table.md").read_text().count("|") > 20
+    assert (tmp_path / "demo.png").stat().st_size > 1000
     capsys.readouterr()
     assert main(args) == 0
     assert "done in an earlier run (resumed)" in capsys.readouterr().out
