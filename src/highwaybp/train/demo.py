@@ -360,9 +360,12 @@ def make_plot(state: dict[str, Any], path: Path) -> Path | None:
         left.grid(alpha=0.3)
     rnn = state.get("rnn")
     if rnn:
+        window = max(1, len(next(iter(rnn["variants"].values()))["losses"]) // 12)
         for name, r in rnn["variants"].items():
-            right.plot(r["losses"], label=f"{name} ({r['ms_per_step']:.0f} ms/step)")
-        right.set(xlabel="step", ylabel="train loss",
+            smooth = torch.tensor(r["losses"]).unfold(0, window, 1).mean(1).tolist()
+            right.plot(range(window - 1, window - 1 + len(smooth)), smooth,
+                       label=f"{name} ({r['ms_per_step']:.0f} ms/step)")
+        right.set(xlabel="step", ylabel=f"train loss (mean of {window} steps)",
                   title=f"GRU, T = {rnn['sequence_length']}, same batches")
         right.legend(fontsize=8)
         right.grid(alpha=0.3)
