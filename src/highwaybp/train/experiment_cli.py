@@ -10,6 +10,7 @@ EXPERIMENTS: tuple[str, ...] = (
     "highwaybp.train.deep_experiment",
     "highwaybp.train.ddg_experiment",
     "highwaybp.train.charlm",
+    "highwaybp.train.kschedule",
 )
 
 
