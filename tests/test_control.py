@@ -291,3 +291,94 @@ def test_load_state_dict_refuses_another_schedule():
     state = KController(model, "linear:0,4,100").state_dict()
     with pytest.raises(ValueError, match="saved schedule"):
         KController(model, "linear:0,4,200").load_state_dict(state)
+
+
+# ---- the CLI: `highwaybp train --k-schedule` and `highwaybp experiment kschedule` ----------
+
+TRAIN_TINY = [
+    "train", "--num-samples", "300", "--channels", "4", "--blocks", "3", "--batch-size", "16",
+    "--threads", "1", "--quiet", "--steps", "12", "--eval-every", "4",
+]  # fmt: skip
+
+
+def _csv(path) -> list[dict]:
+    import csv
+
+    with open(path) as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_train_cli_follows_the_schedule_and_writes_it(tmp_path):
+    from highwaybp.cli import main
+
+    out = tmp_path / "run"
+    spec = "steps:0=highway:k=2,6=exact"
+    assert main([*TRAIN_TINY, "--k-schedule", spec, "--out", str(out)]) == 0
+    rows = _csv(out / "k_schedule.csv")
+    assert [r["method"] for r in rows] == ["Highway(k=2)"] * 6 + ["Exact()"] * 6
+    assert [float(r["sweeps"]) for r in rows] == [3.0] * 6 + [EXACT_SWEEPS] * 6
+    metrics = _csv(out / "metrics.csv")
+    assert [r["method"] for r in metrics] == ["Highway(k=2)", "Exact()", "Exact()"]
+    assert [float(r["sweeps"]) for r in metrics] == [4 * 3.0, 6 * 3.0 + 2 * 2.0, 6 * 3.0 + 6 * 2.0]
+    import json
+
+    result = json.loads((out / "result.json").read_text())
+    assert result["config"]["k_schedule"] == spec
+    assert result["k_schedule_sweeps"] == 6 * 3 + 6 * EXACT_SWEEPS
+
+
+def test_train_cli_adaptive_resumes_to_the_same_run(tmp_path):
+    from highwaybp.cli import main
+
+    args = [*TRAIN_TINY, "--k-schedule", "adaptive:target=0.999,every=3,k_max=3"]
+    assert main([*args, "--out", str(tmp_path / "full")]) == 0
+    assert main([*args, "--out", str(tmp_path / "part"), "--stop-after", "5"]) == 0
+    assert main([*args, "--out", str(tmp_path / "part")]) == 0
+    full, part = (
+        _csv(tmp_path / "full" / "k_schedule.csv"),
+        _csv(tmp_path / "part" / "k_schedule.csv"),
+    )
+    assert len(full) == 12 and full == part
+    assert sum(float(r["probe_sweeps"]) > 0 for r in full) == 4  # steps 0, 3, 6, 9
+    keys = ("train_loss", "test_loss", "sweeps")
+    assert [[r[k] for k in keys] for r in _csv(tmp_path / "full" / "metrics.csv")] == [
+        [r[k] for k in keys] for r in _csv(tmp_path / "part" / "metrics.csv")
+    ]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--k-schedule", "linear:0,4"], "K_START,K_END,STEPS"),
+        (["--k-schedule", "exact", "--method", "ddg"], "not with ddg"),
+    ],
+)
+def test_train_cli_refuses_a_bad_schedule(tmp_path, extra, message):
+    from highwaybp.cli import main
+
+    with pytest.raises(SystemExit, match=message):
+        main([*TRAIN_TINY, *extra, "--out", str(tmp_path)])
+
+
+def test_kschedule_experiment_tiny_runs_reports_and_refuses_another_config(tmp_path):
+    import json
+
+    from highwaybp.cli import main
+    from highwaybp.train.io import ConfigMismatchError
+
+    base = ["experiment", "kschedule", "--tiny", "--tasks", "gru", "--seeds", "0", "--quiet"]
+    assert main([*base, "--out", str(tmp_path)]) == 0
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert runs == sorted(
+        f"gru_s0_{a}.json" for a in ("exact", "k0", "k1", "linear", "steps", "adaptive")
+    )
+    adaptive = json.loads((tmp_path / "runs" / "gru_s0_adaptive.json").read_text())
+    assert adaptive["probe_sweeps"] > 0 and len(adaptive["probes"]) == 2
+    assert adaptive["total_sweeps"] == adaptive["train_sweeps"] + adaptive["probe_sweeps"]
+    k1 = json.loads((tmp_path / "runs" / "gru_s0_k1.json").read_text())
+    assert k1["total_sweeps"] == 2.0 * 6  # 6 steps of Highway(k=1)
+    summary = json.loads((tmp_path / "summary.json").read_text())["summary"]["gru"]
+    assert set(summary["arms"]) == {"exact", "k0", "k1", "linear", "steps", "adaptive"}
+    assert "Verdict" in (tmp_path / "table.md").read_text()
+    with pytest.raises(ConfigMismatchError, match="target"):
+        main([*base, "--out", str(tmp_path), "--target", "0.5"])

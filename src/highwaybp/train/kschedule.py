@@ -365,14 +365,14 @@ def make_plot(results: dict, metrics: dict[str, str], out: Path) -> Path | None:
             n = min(len(r["evals"]) for r in runs)
             xs = [statistics.fmean(r["evals"][j]["sweeps"] for r in runs) for j in range(n)]
             ys = [statistics.fmean(r["evals"][j][metrics[task]] for r in runs) for j in range(n)]
-            style = "k--" if arm == "exact" else ("-" if arm.startswith("k") else "o-")
+            style = "--" if arm == "exact" else ("-" if arm.startswith("k") else "o-")
             ax.plot(
                 xs,
                 ys,
                 style,
                 lw=2 if not arm.startswith("k") else 1,
                 label=arm,
-                color=None if arm == "exact" else f"C{i % 10}",
+                color="k" if arm == "exact" else f"C{i % 10}",
                 markersize=3,
             )
         ax.set_xlabel("cumulative VJP sweeps (train + probes)")
