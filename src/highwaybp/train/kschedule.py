@@ -45,6 +45,7 @@ from highwaybp.train.io import (
 )
 
 TASK_NAMES = ("resnet", "gpt", "gru")
+SCHEDULE_ARMS = ("linear", "steps", "adaptive", "finish")
 
 
 # ---------------------------------------------------------------------------------------
@@ -134,6 +135,9 @@ def arms(args: argparse.Namespace, steps: int) -> dict[str, str]:
     out["steps"] = f"steps:0=highway:k=1,{steps // 2}=highway:k=3,{4 * steps // 5}=exact"
     every = max(1, steps // args.probes)
     out["adaptive"] = f"adaptive:target={args.target},every={every},k_max={args.k_max}"
+    # the cheapest estimate, then backprop for the last quarter ("learns as fast early,
+    # needs more k late"; the reviewers' "finish with backprop")
+    out["finish"] = f"finish:{steps // 4}:highway:k=0"
     return out
 
 
@@ -288,7 +292,7 @@ def _verdict(rows: dict[str, dict[str, Any]]) -> str:
         (int(a[1:]), r) for a, r in rows.items() if a.startswith("k") and a[1:].isdigit()
     )
     best_const = next(((k, r) for k, r in consts if r["matches_exact"]), None)
-    schedules = {a: r for a, r in rows.items() if a in ("linear", "steps", "adaptive")}
+    schedules = {a: r for a, r in rows.items() if a in SCHEDULE_ARMS}
     matching = {a: r for a, r in schedules.items() if r["matches_exact"]}
     if best_const is None:
         head = "no constant k in the study matches exact"
