@@ -11,7 +11,7 @@ from torch import Tensor, nn
 import highwaybp as hbp
 from highwaybp import Exact, Highway, KController
 from highwaybp.control import EXACT_SWEEPS
-from highwaybp.schedules import Adaptive, Constant, Linear, Steps
+from highwaybp.schedules import Adaptive, Constant, Finish, Linear, Steps
 
 D = 6
 
@@ -382,3 +382,13 @@ def test_kschedule_experiment_tiny_runs_reports_and_refuses_another_config(tmp_p
     assert "Verdict" in (tmp_path / "table.md").read_text()
     with pytest.raises(ConfigMismatchError, match="target"):
         main([*base, "--out", str(tmp_path), "--target", "0.5"])
+
+
+def test_finish_through_the_controller_needs_and_uses_total_steps():
+    model = Nested()
+    schedule = Finish(Constant(Highway(k=1)), exact_last=2)
+    ctl = KController(model, schedule, total_steps=5)
+    assert [ctl.step(t) for t in range(5)] == [Highway(k=1)] * 3 + [Exact()] * 2
+    assert model.rnn.method == Exact()
+    with pytest.raises(ValueError, match="total_steps"):
+        KController(model, schedule).step(0)
