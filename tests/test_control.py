@@ -366,11 +366,12 @@ def test_kschedule_experiment_tiny_runs_reports_and_refuses_another_config(tmp_p
     from highwaybp.cli import main
     from highwaybp.train.io import ConfigMismatchError
 
+    expected_arms = ("exact", "k0", "k1", "linear", "steps", "adaptive", "finish", "adaptive99")
     base = ["experiment", "kschedule", "--tiny", "--tasks", "gru", "--seeds", "0", "--quiet"]
     assert main([*base, "--out", str(tmp_path)]) == 0
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
     assert runs == sorted(
-        f"gru_s0_{a}.json" for a in ("exact", "k0", "k1", "linear", "steps", "adaptive", "finish")
+        f"gru_s0_{a}.json" for a in expected_arms
     )
     adaptive = json.loads((tmp_path / "runs" / "gru_s0_adaptive.json").read_text())
     assert adaptive["probe_sweeps"] > 0 and len(adaptive["probes"]) == 2
@@ -378,7 +379,7 @@ def test_kschedule_experiment_tiny_runs_reports_and_refuses_another_config(tmp_p
     k1 = json.loads((tmp_path / "runs" / "gru_s0_k1.json").read_text())
     assert k1["total_sweeps"] == 2.0 * 6  # 6 steps of Highway(k=1)
     summary = json.loads((tmp_path / "summary.json").read_text())["summary"]["gru"]
-    assert set(summary["arms"]) == {"exact", "k0", "k1", "linear", "steps", "adaptive", "finish"}
+    assert set(summary["arms"]) == set(expected_arms)
     assert "Verdict" in (tmp_path / "table.md").read_text()
     with pytest.raises(ConfigMismatchError, match="target"):
         main([*base, "--out", str(tmp_path), "--target", "0.5"])
