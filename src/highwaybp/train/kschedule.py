@@ -386,7 +386,7 @@ def make_plot(results: dict, metrics: dict[str, str], out: Path) -> Path | None:
                 style,
                 lw=2 if not arm.startswith("k") else 1,
                 label=arm,
-                color="k" if arm == "exact" else f"C{i % 10}",
+                color="k" if arm == "exact" else plt.cm.tab20(i % 20),
                 markersize=3,
             )
         ax.set_xlabel("cumulative VJP sweeps (train + probes)")
@@ -427,7 +427,8 @@ def run(args: argparse.Namespace) -> int:
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     config = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG}
     check_resume_config(out, config)
-    command = "highwaybp " + " ".join(sys.argv[1:])
+    # the command that trains (a --report-only rerun records the same one)
+    command = "highwaybp " + " ".join(a for a in sys.argv[1:] if a not in ("--report-only",))
     results: dict[str, dict[str, dict[int, Any]]] = {}
     metrics: dict[str, str] = {}
     configs: dict[str, dict] = {}
