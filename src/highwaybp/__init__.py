@@ -5,7 +5,9 @@
     loss_fn(head(chain(x)), t).backward()
 """
 
+from highwaybp import schedules
 from highwaybp._version import __version__
+from highwaybp.control import KController
 from highwaybp.core.chain import ResidualChain
 from highwaybp.core.fidelity import compare_gradients, gradient_fidelity, use_method
 from highwaybp.core.iteration import Diagnostics
@@ -36,6 +38,7 @@ __all__ = [
     "Gated",
     "Highway",
     "Identity",
+    "KController",
     "LinearShortcut",
     "Method",
     "ModuleShortcut",
@@ -53,5 +56,6 @@ __all__ = [
     "reverse_scan",
     "reverse_scan_hillis_steele",
     "reverse_scan_sequential",
+    "schedules",
     "use_method",
 ]

@@ -11,6 +11,7 @@ EXPERIMENTS: tuple[str, ...] = (
     "highwaybp.train.ddg_experiment",
     "highwaybp.train.charlm",
     "highwaybp.train.vision_experiment",
+    "highwaybp.train.kschedule",
 )
 
 

@@ -86,6 +86,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("method")
     g.add_argument("--method", choices=METHODS, default="exact")
     g.add_argument("--k", type=nonneg_int, default=3, help="highway/fixedpoint iterations")
+    g.add_argument(
+        "--k-schedule",
+        default=None,
+        metavar="SPEC",
+        help="choose the method per step (overrides --method/--k): 'linear:0,4,2000', "
+        "'steps:0=highway:k=1,1000=exact', 'finish:N:<spec>', 'adaptive:target=0.99,every=100'"
+        " (see highwaybp.schedules); per-step method and VJP sweeps go to k_schedule.csv",
+    )
     g.add_argument("--splits", type=positive_int, default=2, help="ddg: number of modules K")
     g.add_argument("--semantics", choices=SEMANTICS, default="stash", help="ddg stale grads")
     g.add_argument(
@@ -199,6 +207,8 @@ def _validate(args: argparse.Namespace, n_train: int) -> None:
 def _config(args: argparse.Namespace, steps: int) -> dict[str, Any]:
     cfg = {k: getattr(args, k) for k in _RUN_KEYS}
     cfg["steps"] = steps
+    if getattr(args, "k_schedule", None):
+        cfg["k_schedule"] = args.k_schedule
     return cfg
 
 
@@ -225,6 +235,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     data = load_data(args)
     _validate(args, len(data.x_train))
+    _check_k_schedule(args)
     steps = total_steps(args, len(data.x_train))
     out = Path(args.out) if args.out else None
     config = _config(args, steps)
@@ -249,6 +260,7 @@ def _run_single(args, data: TensorSplit, steps: int, out: Optional[Path], config
         args.seed, args.channels, args.blocks, data.num_classes, args.residual, sequential=False
     )
     model.chain.method = chain_method(args)
+    ctl = _k_controller(args, model, steps)
     batches = EpochBatches(data.x_train, data.y_train, args.batch_size, seed=args.seed)
     if args.method == "ddg":
         trainer = DDGTrainer(
@@ -280,6 +292,8 @@ def _run_single(args, data: TensorSplit, steps: int, out: Optional[Path], config
             opt.load_state_dict(ckpt["optimizer"])
             if sched is not None:
                 sched.load_state_dict(ckpt["scheduler"])
+            if ctl is not None:
+                ctl.load_state_dict(ckpt["k_controller"])
         _log(args, f"resumed from {out / 'checkpoint.pt'} at step {start}/{steps}")
     torch.manual_seed(args.seed)  # global RNG of plain runs (DDG stages own theirs)
     if ckpt is not None:
@@ -303,6 +317,7 @@ def _run_single(args, data: TensorSplit, steps: int, out: Optional[Path], config
                 "model": model.state_dict() if trainer is None else None,
                 "optimizer": None if opt is None else opt.state_dict(),
                 "scheduler": None if sched is None else sched.state_dict(),
+                "k_controller": None if ctl is None else ctl.state_dict(),
             },
         )
 
@@ -311,6 +326,8 @@ def _run_single(args, data: TensorSplit, steps: int, out: Optional[Path], config
         for t in range(start, steps):
             if guard.should_stop(t):
                 save(t)
+                if out is not None:
+                    _write_k_history(out, ctl)
                 _log(args, stopped_message(guard, t, steps)
                      + ("" if out is not None else " (no --out: nothing was saved)"))
                 return guard.exit_code()
@@ -318,6 +335,8 @@ def _run_single(args, data: TensorSplit, steps: int, out: Optional[Path], config
             if trainer is not None:
                 loss = trainer.step(x, y).loss
             else:
+                if ctl is not None:  # the schedule's method for this step (probes call the loss)
+                    ctl.step(t, loss_fn=lambda x=x, y=y: F.cross_entropy(model(x), y))
                 opt.zero_grad(set_to_none=True)
                 loss_t = F.cross_entropy(model(x), y)
                 loss_t.backward()
@@ -342,14 +361,58 @@ def _run_single(args, data: TensorSplit, steps: int, out: Optional[Path], config
                     }
                 )
                 window = []
+                if ctl is not None:
+                    rows[-1].update(method=repr(ctl.method), sweeps=ctl.total_sweeps())
                 _log(args, f"step {t + 1}/{steps} train {rows[-1]['train_loss']:.4f} "
-                           f"test {test_loss:.4f} acc {test_acc:.4f} ({now:.1f}s)")  # fmt: skip
+                           f"test {test_loss:.4f} acc {test_acc:.4f} ({now:.1f}s)"
+                           + _k_progress(ctl))  # fmt: skip
                 _write_metrics(out, rows)
+                if out is not None:
+                    _write_k_history(out, ctl)
                 save(t + 1)
-    result = _final(args, config, rows, model, data, launcher="single-process")
+    extra = None if ctl is None else {"k_schedule_sweeps": ctl.total_sweeps()}
+    result = _final(args, config, rows, model, data, launcher="single-process", extra=extra)
     if out is not None:
         atomic_write_json(out / "result.json", result)
     return 0
+
+
+def _check_k_schedule(args: argparse.Namespace) -> None:
+    """Refuse a bad --k-schedule before any work (and with ddg, which it cannot drive)."""
+    if not getattr(args, "k_schedule", None):
+        return
+    if args.method == "ddg":
+        raise SystemExit("--k-schedule chooses Exact/Highway/FixedPoint per step: not with ddg")
+    try:
+        hbp.schedules.schedule_from_string(args.k_schedule)
+    except (ValueError, TypeError) as err:
+        raise SystemExit(f"--k-schedule: {err}") from err
+
+
+def _k_controller(args: argparse.Namespace, model: nn.Module, steps: int):
+    """The KController for --k-schedule (None without one)."""
+    if not getattr(args, "k_schedule", None):
+        return None
+    return hbp.KController(model, args.k_schedule, total_steps=steps)
+
+
+def _k_progress(ctl) -> str:
+    if ctl is None:
+        return ""
+    return f" | {ctl.method!r}, {ctl.total_sweeps():.0f} VJP sweeps"
+
+
+def _write_k_history(out: Path, ctl) -> None:
+    """k_schedule.csv: per step the method, the backward's VJP sweeps, probe sweeps and
+    probed cosine (see highwaybp.control for the sweep count)."""
+    if ctl is None:
+        return
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["step", "method", "sweeps", "probe_sweeps", "cosine"])
+    for h in ctl.history:
+        writer.writerow([h["step"], h["method"], h["sweeps"], h["probe_sweeps"], h["cosine"]])
+    atomic_write_text(out / "k_schedule.csv", buf.getvalue())
 
 
 def _final(args, config, rows, model, data, launcher: str, extra=None) -> dict[str, Any]:

@@ -1,0 +1,310 @@
+"""`KController`: apply a k schedule to every chain and RNN of a model during training.
+
+    ctl = hbp.KController(model, hbp.schedules.Linear(0, 4, steps=2000), total_steps=2000)
+    for step, (x, y) in enumerate(loader):
+        ctl.step(step, loss_fn=lambda: F.cross_entropy(model(x), y))  # sets the method
+        loss = F.cross_entropy(model(x), y); loss.backward(); opt.step(); opt.zero_grad()
+    ctl.history  # one entry per step (see `KController.history`)
+
+Cost unit, "VJP sweeps" (forward-equivalents of work): one sweep is one vector-Jacobian
+product through every layer of the model's chains, either with respect to the layers'
+inputs (an "input sweep") or to their parameters (a "parameter sweep"); each costs about
+one forward of those layers. Per training step (the forward, the same for every method, is
+not counted):
+
+- Highway(k), FixedPoint(k): i + 1 sweeps, i the iterations the backward ran (k, or fewer
+  when k exceeds the chain length; adaptive Highway(tol=): what it used) plus the one
+  parameter sweep; + 1 when an adaptive Highway fell back to exact (its exact input sweep).
+- Exact(): 2 sweeps (one sequential backward = an input sweep and a parameter sweep). This
+  is work, not latency: Highway's sweeps run all layers at once, exact backprop's run them
+  one after the other (the paper's Eq. 13), so on one device exact is the cheapest in work
+  beyond k = 1, and the case for small k is latency on a layer-parallel machine.
+- A model with several chains/RNN layers: the mean over them, weighted by their number of
+  layers (an RNN layer counts as one unit; a model mixing RNNs and ResidualChains weights
+  each RNN layer like one ResidualChain layer).
+- Probes (Adaptive): each gradient a probe computes costs 1 forward sweep + its backward
+  sweeps as above; these are reported separately (`probe_sweeps`) and in `total_sweeps`.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from highwaybp.core.chain import ResidualChain
+from highwaybp.core.fidelity import chains_in, compare_gradients, use_method
+from highwaybp.core.iteration import Diagnostics
+from highwaybp.core.methods import Exact, Highway, Method
+from highwaybp.core.replay import buffers_restored
+from highwaybp.schedules import Adaptive, AdaptiveState, Schedule, schedule_from_string
+
+EXACT_SWEEPS = 2.0
+
+
+def sweeps_of(diag: Diagnostics) -> float:
+    """VJP sweeps (see the module docstring) of the backward that `diag` describes."""
+    if diag.stop_reason == "exact":
+        return EXACT_SWEEPS
+    extra = 1.0 if diag.fallback == "exact" else 0.0
+    return diag.iterations + 1.0 + extra
+
+
+class KController:
+    """Sets the gradient method of every chain/RNN in `model` at each step from `schedule`.
+
+    Args:
+        model: a module holding `ResidualChain`s and/or highwaybp GRU/LSTM (anything with
+            a `method` attribute that `highwaybp.use_method` switches).
+        schedule: a `highwaybp.schedules` schedule, or its text ("linear:0,4,2000").
+        total_steps: the run's length (needed by `Finish`).
+        probe_seed: the RNG seed of a probe's gradient evaluations (same dropout masks for
+            the exact and the Highway gradient); the caller's RNG stream is left untouched.
+
+    Call `step(step, loss_fn)` before each training step's forward. `loss_fn()` -> scalar
+    loss on that step's batch; it is called only when the schedule probes (Adaptive), with
+    the model's buffers (BatchNorm statistics) restored afterwards.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        schedule: Schedule | str,
+        *,
+        total_steps: int | None = None,
+        probe_seed: int = 0,
+    ) -> None:
+        if isinstance(schedule, str):
+            schedule = schedule_from_string(schedule)
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"KController needs a highwaybp.schedules schedule, got {schedule!r}")
+        self.model = model
+        self.schedule = schedule
+        self.total_steps = total_steps
+        self.probe_seed = probe_seed
+        if not chains_in(model):
+            raise ValueError(
+                "KController: the model holds no ResidualChain or highwaybp GRU/LSTM (nothing "
+                "to control); build it with highwaybp modules"
+            )
+        self.state: AdaptiveState | None = (
+            schedule.initial_state() if isinstance(schedule, Adaptive) else None
+        )
+        self._history: list[dict[str, Any]] = []
+        self._pending: dict[str, Any] | None = None
+        self.method: Method | None = None
+
+    # ---- the per-step call ----------------------------------------------------------
+    def step(self, step: int, loss_fn: Callable[[], Tensor] | None = None) -> Method:
+        """Choose and set the method for training step `step`; returns it.
+
+        Closes the previous step's history entry from the chains' diagnostics, probes when
+        the schedule asks (calls `loss_fn`), then sets every chain's `method`.
+        """
+        self._close_pending()
+        if self._history and step <= self._history[-1]["step"]:
+            raise ValueError(
+                f"KController.step({step}) after step {self._history[-1]['step']}: steps must "
+                "increase (to restart, build a new controller or load_state_dict)"
+            )
+        entry: dict[str, Any] = {"step": step, "probe_sweeps": 0.0, "cosine": None}
+        if isinstance(self.schedule, Adaptive):
+            method = self._adaptive_step(step, loss_fn, entry)
+        else:
+            method = self.schedule.method_at(step, self.total_steps)
+        for chain in chains_in(self.model):
+            chain.method = method
+            _clear_diagnostics(chain)
+        self.method = method
+        entry["method"] = repr(method)
+        self._pending = entry
+        return method
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """Per step: {"step", "method" (repr), "iterations" (per chain/RNN layer, what the
+        backward ran), "sweeps" (the training backward's), "probe_sweeps", "cosine" (the
+        probed cosine of the chosen method to exact, or None), "probed" ({k: cosine} of
+        every k a probe measured, on probe steps)}. The current step's entry appears once
+        its backward has run."""
+        self._close_pending(only_if_ran=True)
+        return list(self._history)
+
+    def total_sweeps(self) -> float:
+        """Training-backward plus probe sweeps over the history so far."""
+        return sum((h["sweeps"] or 0.0) + h["probe_sweeps"] for h in self.history)
+
+    # ---- resume ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Schedule text, history and Adaptive's state: `load_state_dict` resumes the same
+        sequence of methods (with the same model, data and steps)."""
+        self._close_pending(only_if_ran=True)
+        state = None
+        if self.state is not None:
+            state = {"k": self.state.k, "exact": self.state.exact,
+                     "reference_step": self.state.reference_step,
+                     "recent_steps": list(self.state.recent_steps)}  # fmt: skip
+        return {
+            "schedule": self.schedule.to_string(),
+            "total_steps": self.total_steps,
+            "history": [dict(h) for h in self._history],
+            "pending": None if self._pending is None else dict(self._pending),
+            "adaptive": state,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["schedule"] != self.schedule.to_string():
+            raise ValueError(
+                f"KController.load_state_dict: saved schedule {state['schedule']!r} differs "
+                f"from this controller's {self.schedule.to_string()!r}; build the controller "
+                "with the saved schedule to resume"
+            )
+        if state.get("total_steps") != self.total_steps:
+            raise ValueError(
+                f"KController.load_state_dict: saved total_steps {state.get('total_steps')} "
+                f"differs from {self.total_steps}"
+            )
+        self._history = [dict(h) for h in state["history"]]
+        self._pending = None if state["pending"] is None else dict(state["pending"])
+        if self._pending is not None and self._pending.get("iterations") is None:
+            # saved between a step() and its backward: the step is replayed after resume
+            self._pending = None
+        if self._pending is not None:
+            self._history.append(self._pending)
+            self._pending = None
+        if state["adaptive"] is not None:
+            self.state = AdaptiveState(**state["adaptive"])
+
+    # ---- history bookkeeping --------------------------------------------------------
+    def _close_pending(self, only_if_ran: bool = False) -> None:
+        entry = self._pending
+        if entry is None or "iterations" in entry:
+            return
+        units = _units(self.model)
+        diags = [d for d, _ in units]
+        ran = [d for d in diags if d is not None]
+        if only_if_ran and (not ran or len(ran) < len(diags)):
+            return
+        entry["iterations"] = [None if d is None else d.iterations for d in diags]
+        weight = sum(w for d, w in units if d is not None)
+        entry["sweeps"] = (
+            sum(sweeps_of(d) * w for d, w in units if d is not None) / weight if weight else 0.0
+        )
+        self._history.append(entry)
+        self._pending = None
+        if self.state is not None:
+            self._watch(ran)
+
+    # ---- Adaptive -------------------------------------------------------------------
+    def _watch(self, diags: list[Diagnostics]) -> None:
+        """Between probes: raise k when the last iteration's step stops shrinking."""
+        sched, st = self.schedule, self.state
+        assert isinstance(sched, Adaptive) and st is not None
+        last = [d.step_norms[-1] for d in diags if d.step_norms]
+        if st.exact or not last:
+            return
+        st.recent_steps = ([*st.recent_steps, max(last)])[-sched.window :]
+        if len(st.recent_steps) < sched.window:
+            return
+        median = statistics.median(st.recent_steps)
+        if st.reference_step is None:
+            st.reference_step = median
+        elif median > sched.rise * st.reference_step and st.k < sched.k_max:
+            st.k += 1
+            st.reference_step, st.recent_steps = None, []
+            self._history[-1]["raised_to"] = st.k
+
+    def _adaptive_step(
+        self, step: int, loss_fn: Callable[[], Tensor] | None, entry: dict[str, Any]
+    ) -> Method:
+        sched, st = self.schedule, self.state
+        assert isinstance(sched, Adaptive) and st is not None
+        if step % sched.probe_every != 0:
+            return st.method()
+        if loss_fn is None:
+            raise ValueError(
+                f"Adaptive probes at step {step} (every {sched.probe_every}): pass "
+                "ctl.step(step, loss_fn=lambda: <the loss on this step's batch>)"
+            )
+        probe = _Probe(self.model, loss_fn, self.probe_seed)
+        target = sched.target_cosine
+        start = sched.k_max if st.exact else st.k
+        chosen: int | None = None
+        if probe.cosine(start) >= target:
+            chosen = start
+            for k in range(start - 1, sched.k_min - 1, -1):
+                if probe.cosine(k) < target:
+                    break
+                chosen = k
+        else:
+            for k in range(start + 1, sched.k_max + 1):
+                if probe.cosine(k) >= target:
+                    chosen = k
+                    break
+        st.exact = chosen is None
+        if chosen is not None:
+            st.k = chosen
+        st.reference_step, st.recent_steps = None, []
+        entry["probe_sweeps"] = probe.sweeps
+        entry["probed"] = dict(sorted(probe.cosines.items()))
+        entry["cosine"] = 1.0 if st.exact else probe.cosines[st.k]
+        return st.method()
+
+
+class _Probe:
+    """One exact gradient on the step's batch, and Highway(k) gradients compared with it."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[], Tensor], seed: int) -> None:
+        self.model, self.loss_fn, self.seed = model, loss_fn, seed
+        self.cosines: dict[int, float] = {}
+        self.sweeps = 0.0
+        self.exact = self._grad(Exact())
+
+    def cosine(self, k: int) -> float:
+        if k not in self.cosines:
+            grad = self._grad(Highway(k=k))
+            self.cosines[k] = compare_gradients(grad, self.exact)["cosine"]
+        return self.cosines[k]
+
+    def _grad(self, method: Method) -> list[Tensor]:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+        with torch.random.fork_rng(devices=devices), buffers_restored(self.model):
+            torch.manual_seed(self.seed)
+            with use_method(self.model, method):
+                for chain in chains_in(self.model):
+                    _clear_diagnostics(chain)
+                loss = self.loss_fn()
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                units = _units(self.model)
+        weight = sum(w for d, w in units if d is not None)
+        backward = sum(sweeps_of(d) * w for d, w in units if d is not None) / max(weight, 1)
+        self.sweeps += 1.0 + backward  # the probe's own forward + its backward
+        for chain in chains_in(self.model):
+            _clear_diagnostics(chain)
+        return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+
+
+def _units(model: nn.Module) -> list[tuple[Diagnostics | None, int]]:
+    """(diagnostics, weight) of every chain and RNN layer: weight = layers of the unit."""
+    units: list[tuple[Diagnostics | None, int]] = []
+    for chain in chains_in(model):
+        layer_diags = getattr(chain, "layer_diagnostics", None)
+        if isinstance(chain, ResidualChain):
+            units.append((chain.last_diagnostics, len(chain)))
+        elif isinstance(layer_diags, list):
+            units.extend((d, 1) for d in layer_diags)
+        else:
+            units.append((getattr(chain, "last_diagnostics", None), 1))
+    return units
+
+
+def _clear_diagnostics(chain: nn.Module) -> None:
+    if hasattr(chain, "last_diagnostics"):
+        chain.last_diagnostics = None
+    layer_diags = getattr(chain, "layer_diagnostics", None)
+    if isinstance(layer_diags, list):
+        chain.layer_diagnostics = [None] * len(layer_diags)
