@@ -17,8 +17,9 @@ import pytest
 from highwaybp.cli import main
 from highwaybp.train import cli_types
 
+# --methods comes last: the tests below replace its value.
 DEMO = ["demo", "--samples", "300", "--steps", "2", "--depth", "2", "--width", "8",
-        "--methods", "exact", "--rnn-steps", "0"]  # fmt: skip
+        "--rnn-steps", "0", "--methods", "exact"]  # fmt: skip
 TRAIN = ["train", "--num-samples", "400", "--channels", "4", "--blocks", "1", "--batch-size",
          "16", "--threads", "1", "--quiet", "--steps", "2"]  # fmt: skip
 CHARLM = ["experiment", "charlm", "--steps", "2", "--eval-every", "2", "--hidden", "8",

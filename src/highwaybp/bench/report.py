@@ -200,6 +200,13 @@ def _deep_experiment(path: Path, d: dict[str, Any]) -> list[str]:
             make_table(d), ""]
 
 
+def _kschedule(path: Path, d: dict[str, Any]) -> list[str]:
+    from highwaybp.train.kschedule import make_table
+
+    return [f"### Choosing k during training: `{path}`", "",
+            make_table(d["summary"], d["configs"], d["command"]), ""]
+
+
 def _charlm(path: Path, d: dict[str, Any]) -> list[str]:
     cfg = d["config"]
     lines = [
@@ -276,6 +283,9 @@ SECTIONS: tuple[Section, ...] = (
     Section("Vision experiment (`highwaybp experiment vision`)",
             lambda d: "tasks" in d and "experiment vision" in d.get("command", ""),
             _deep_experiment),
+    Section("k schedules (`highwaybp experiment kschedule`)",
+            lambda d: "experiment kschedule" in d.get("command", "") and "summary" in d,
+            _kschedule),
     Section("Char-level LM (`highwaybp experiment charlm`)",
             lambda d: d.get("config", {}).get("experiment") == "charlm", _charlm),
     Section("DDG throughput (`highwaybp bench ddg`)", lambda d: d.get("bench") == "ddg",
@@ -373,6 +383,20 @@ def headline(results: Path) -> str:
         rows.append([f"DDG (baseline), {best['processes']} processes on 2 cores",
                      f"best: {_x(best['speedup_vs_best_backprop'])} vs 1-process backprop",
                      "", "`results/ddg/bench_ddg.json`"])
+    path = results / "kschedule" / "summary.json"
+    if path.exists():
+        tasks = json.loads(path.read_text())["summary"]
+        smallest = []
+        for task, t in tasks.items():
+            ks = [int(a[1:]) for a, r in t["arms"].items()
+                  if a[0] == "k" and a[1:].isdigit() and r.get("matches_exact")]
+            smallest.append(f"{task} k={min(ks)}" if ks else f"{task}: none")
+        met = [task for task, t in tasks.items() if "goal not met" not in t["verdict"]]
+        rows.append(["Choosing k during training (schedules, Adaptive), 3 tasks x 3 seeds",
+                     "smallest constant k matching exact: " + ", ".join(smallest),
+                     "a schedule at half its VJP sweeps: "
+                     + (", ".join(met) if met else "none (goal not met)"),
+                     "`results/kschedule/summary.json`"])
     head = ["setting (2-core CPU)", "Highway k = 0: vs torch.nn / vs our exact BPTT",
             "k = 1", "file"]
     return "\n".join(_table(head, rows))
