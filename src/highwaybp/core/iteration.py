@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import torch
 from torch import Tensor
@@ -22,6 +22,9 @@ from torch import Tensor
 from highwaybp.core.methods import FixedPoint, Highway
 
 States = Union[Tensor, list]
+
+StopReason = Literal["", "fixed_k", "exact_after_L", "tol", "growth", "max_k", "exact"]
+FallbackName = Literal["exact", "best", "last"]
 
 
 @dataclass
@@ -40,10 +43,79 @@ class Diagnostics:
 
     method: str
     iterations: int = 0
-    step_norms: list = field(default_factory=list)
-    stop_reason: str = ""
+    step_norms: list[float] = field(default_factory=list)
+    stop_reason: StopReason = ""
     converged: Optional[bool] = None
-    fallback: Optional[str] = None
+    fallback: Optional[FallbackName] = None
+
+
+class StopRule:
+    """The one owner of when the iteration stops and what it returns (fixed k, tol, growth,
+    exact after L, fallback), used by `highway_iterate` and by the RNN engines' fast loop.
+
+        rule = StopRule(method, num_layers)
+        for j in rule.iterations():
+            ... w_new = next estimate, step = ||w_new - w|| / ||w_new||
+            if rule.record(j, step):     # True: keep w_new as the best estimate so far
+                best = w_new
+            if rule.should_stop(j, step):
+                break
+        diag = rule.finish()             # stop reason, converged, fallback (or None)
+
+    Rules: at most min(bound, L) iterations (w^L is exact, more would not change it); an
+    adaptive method stops when the step falls under `tol` or grows; reaching L counts as
+    exact before those tests (a step that grows at j = L must not make "best" return an
+    earlier, truncated estimate); an adaptive method that did not converge applies its
+    `fallback` (`diag.fallback`: the caller computes it: exact backward, best or last).
+    """
+
+    def __init__(self, method: Highway | FixedPoint, num_layers: int) -> None:
+        self.method = method
+        self.num_layers = num_layers
+        self.adaptive = isinstance(method, Highway) and method.adaptive
+        self.keep_best = self.adaptive and method.fallback == "best"
+        self.bound = method.iteration_bound
+        self.diag = Diagnostics(method=repr(method))
+        self._best_step = math.inf
+        self._stop: StopReason = "fixed_k"
+
+    def iterations(self) -> range:
+        return range(1, min(self.bound, self.num_layers) + 1)
+
+    def record(self, j: int, step: float) -> bool:
+        """Note iteration j's relative step; True if its estimate is the best so far (only
+        tracked when the "best" fallback may need it)."""
+        self.diag.step_norms.append(step)
+        self.diag.iterations = j
+        if self.keep_best and step <= self._best_step:
+            self._best_step = step
+            return True
+        return False
+
+    def should_stop(self, j: int, step: float) -> bool:
+        if j >= self.num_layers and (self.adaptive or self.bound > self.num_layers):
+            self._stop = "exact_after_L"  # w^L is exact, whatever its step looked like
+            return True
+        if self.adaptive:
+            if step < self.method.tol:
+                self._stop = "tol"
+                return True
+            if j >= 2 and step > self.diag.step_norms[-2]:
+                self._stop = "growth"
+                return True
+        return False
+
+    def finish(self) -> Diagnostics:
+        """The diagnostics; `diag.fallback` is the fallback the caller must apply, or None."""
+        diag = self.diag
+        if self.adaptive and self._stop == "fixed_k":
+            self._stop = "max_k"  # every allowed iteration ran without meeting tol
+        diag.stop_reason = self._stop
+        if self.adaptive:
+            diag.converged = self._stop in ("tol", "exact_after_L")
+            if not diag.converged:
+                diag.fallback = self.method.fallback
+        return diag
 
 
 def add_states(a: States, b: States) -> States:
@@ -139,49 +211,29 @@ def highway_iterate(
             which the iteration may then overwrite (w^0 is added into the scan's output),
             so only w^0, the previous and the new estimate are alive at once.
     """
-    diag = Diagnostics(method=repr(method))
-    adaptive = isinstance(method, Highway) and method.adaptive
-    keep_best = adaptive and method.fallback == "best"
+    rule = StopRule(method, num_layers)
     g_for_fallback = None
-    if adaptive and method.fallback == "exact":
+    if rule.adaptive and method.fallback == "exact":
         g_for_fallback = clone_states(g) if inplace else g
     w0 = scan(g)
     del g  # with inplace, w0 may be g's storage; nothing else needs g
     raise_if_nonfinite(w0, 0)
-    bound = method.iteration_bound
-    w, best_w, best_step = w0, w0, math.inf
-    stop = "fixed_k"
-    for j in range(1, min(bound, num_layers) + 1):
+    w = best_w = w0
+    for j in rule.iterations():
         u = scan(block_vjp(w))
         w_new = add_states_(u, w0) if inplace else add_states(w0, u)
         del u
         step, norm = _relative_step(w_new, w)
         if not (math.isfinite(step) and math.isfinite(norm)):
             raise_if_nonfinite(w_new, j)
-        diag.step_norms.append(step)
-        diag.iterations = j
         w = w_new
-        if keep_best and step <= best_step:
-            best_w, best_step = w, step
-        if j >= num_layers and (adaptive or bound > num_layers):
-            stop = "exact_after_L"  # w^L is exact, whatever its step looked like
+        if rule.record(j, step):
+            best_w = w
+        if rule.should_stop(j, step):
             break
-        if adaptive:
-            if step < method.tol:
-                stop = "tol"
-                break
-            if j >= 2 and step > diag.step_norms[-2]:
-                stop = "growth"
-                break
-    else:
-        if adaptive:
-            stop = "max_k"
-    diag.stop_reason = stop
-    if adaptive:
-        diag.converged = stop in ("tol", "exact_after_L")
-        if not diag.converged:
-            w = _apply_fallback(method.fallback, g_for_fallback, w, best_w, exact_backward)
-            diag.fallback = method.fallback
+    diag = rule.finish()
+    if diag.fallback is not None:
+        w = _apply_fallback(diag.fallback, g_for_fallback, w, best_w, exact_backward)
     return w, diag
 
 

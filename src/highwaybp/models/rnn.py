@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from highwaybp.core.iteration import Diagnostics, highway_iterate, raise_if_nonfinite
+from highwaybp.core.iteration import Diagnostics, StopRule, highway_iterate, raise_if_nonfinite
 from highwaybp.core.methods import Exact, FixedPoint, Highway, Method, check_method
 from highwaybp.core.scan import reverse_scan_sequential
 from highwaybp.models.rnn_cells import BufferPool, GRUEngine, LSTMEngine
@@ -50,55 +50,28 @@ def fast_iterate(eng: Engine, method: Highway | FixedPoint) -> tuple[Tensor, Dia
     The per-layer losses g are the engine's (`set_loss`), added in place. NaN/Inf: checked by
     the step norms and once on the returned estimate.
     """
-    diag = Diagnostics(method=repr(method))
+    rule = StopRule(method, eng.T)
     full = isinstance(method, FixedPoint)
     w = eng.init_loss_(eng.new_state())
     if not full:
         eng.scan_(w)
-    bound = method.iteration_bound
-    adaptive = isinstance(method, Highway) and method.adaptive
-    keep_best = adaptive and method.fallback == "best"
-    best = eng.new_state().copy_(w) if keep_best else None
-    best_step = math.inf
+    best = eng.new_state().copy_(w) if rule.keep_best else None
     nxt = eng.new_state()
-    stop = "fixed_k"
-    for j in range(1, min(bound, eng.T) + 1):
+    for j in rule.iterations():
         diff, norm = eng.sweep(w, nxt, full, with_loss=True, scan=not full, norms=True)
         step = 0.0 if diff == 0.0 else diff / max(norm, 1e-300)
         if not (math.isfinite(step) and math.isfinite(norm)):
             _check_finite(eng, nxt, j)
-        diag.step_norms.append(step)
-        diag.iterations = j
         w, nxt = nxt, w
-        if step <= best_step:
-            best_step = step
-            if best is not None:
-                best.copy_(w)
-        # Before the adaptive tests, as in the core: w^T is exact whatever its step looked
-        # like, so a step that grows at j = T must not make the "best" fallback return an
-        # earlier, truncated estimate.
-        if j >= eng.T and (adaptive or bound > eng.T):
-            stop = "exact_after_L"
+        if rule.record(j, step):
+            best.copy_(w)
+        if rule.should_stop(j, step):
             break
-        if adaptive:
-            if step < method.tol:
-                stop = "tol"
-                break
-            if j >= 2 and step > diag.step_norms[-2]:
-                stop = "growth"
-                break
-    else:
-        if adaptive:
-            stop = "max_k"
-    diag.stop_reason = stop
-    if adaptive:
-        diag.converged = stop in ("tol", "exact_after_L")
-        if not diag.converged:
-            diag.fallback = method.fallback
-            if method.fallback == "exact":
-                w = eng.exact_backward(nxt)
-            elif method.fallback == "best":
-                w = best
+    diag = rule.finish()
+    if diag.fallback == "exact":
+        w = eng.exact_backward(nxt)
+    elif diag.fallback == "best":
+        w = best
     _check_finite(eng, w, diag.iterations)
     return w, diag
 
