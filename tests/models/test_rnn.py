@@ -159,7 +159,7 @@ CELL_METHODS = [
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
-@pytest.mark.parametrize("iterate", ["fast", "core"])
+@pytest.mark.parametrize("iterate", ["fast", "reference"])
 @pytest.mark.parametrize("chunk_bytes", [None, 1, 200])
 def test_cell_rnn_reference_equals_fast_engine_at_every_k(cell, iterate, chunk_bytes, monkeypatch):
     """The generic autograd path (batched cell VJP + core scan + highway_iterate on a
@@ -214,7 +214,7 @@ def test_core_and_fast_iteration_modes_agree(cell):
     m, _ = _pair(cell, 2, method=hbp.Highway(tol=1e-4, max_k=T, fallback="best"))
     x = torch.randn(T, B, IN, dtype=torch.float64)
     results = []
-    for mode in ("fast", "core"):
+    for mode in ("fast", "reference"):
         m.iterate = mode
         results.append(torch.autograd.grad(m(x)[0].square().sum(), list(m.parameters())))
         assert m.layer_diagnostics[0].method.startswith("Highway(tol")
@@ -223,7 +223,7 @@ def test_core_and_fast_iteration_modes_agree(cell):
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
-@pytest.mark.parametrize("iterate", ["fast", "core"])
+@pytest.mark.parametrize("iterate", ["fast", "reference"])
 def test_adaptive_reaching_T_is_exact_even_if_the_last_step_grew(cell, iterate):
     """Highway(tol, max_k >= T, fallback="best"): w^T is exact, so reaching j = T must stop
     with "exact_after_L" and the exact gradient, even when the step grew at j = T (large
@@ -430,3 +430,11 @@ def test_nan_gradient_is_reported():
     y = m(torch.randn(T, B, IN))[0]
     with pytest.raises(FloatingPointError, match=r"not finite|NaN"):
         (y * float("nan")).sum().backward()
+
+
+def test_iterate_core_is_a_deprecated_alias_of_reference():
+    with pytest.warns(FutureWarning, match="iterate='reference'"):
+        rnn = GRU(3, 4, iterate="core")
+    assert rnn.iterate == "reference"
+    with pytest.raises(ValueError, match="iterate must be one of"):
+        GRU(3, 4, iterate="bogus")

@@ -8,7 +8,7 @@ import torch
 
 import highwaybp as hbp
 from highwaybp.core.scan import reverse_scan_sequential
-from highwaybp.models.rnn import core_iterate, fast_iterate
+from highwaybp.models.rnn import fast_iterate, reference_iterate
 from highwaybp.models.rnn_cells import (
     BufferPool,
     GRUCellRef,
@@ -145,7 +145,7 @@ def _iterate_both(cell: str, method, chunk=None):
     eng.set_loss(torch.randn(T, B, H, dtype=DT), torch.randn(B, H, dtype=DT))
     w_fast, d_fast = fast_iterate(eng, method)
     w_fast = w_fast.clone()
-    w_core, d_core = core_iterate(eng, method)
+    w_core, d_core = reference_iterate(eng, method)
     return w_fast, d_fast, w_core, d_core
 
 

@@ -95,7 +95,7 @@ def test_exact_methods_equal_torch_nn(
     chunk_steps=st.integers(1, 4),
     k=st.integers(0, 12),
     kind=st.sampled_from(["highway", "fixed_point", "adaptive"]),
-    iterate=st.sampled_from(["fast", "core"]),
+    iterate=st.sampled_from(["fast", "reference"]),
     dropout=st.sampled_from([0.0, 0.4]),
     seed=st.integers(0, 2**16),
 )

@@ -44,7 +44,7 @@ METHODS = [
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
 @pytest.mark.parametrize("method", METHODS, ids=repr)
-@pytest.mark.parametrize("iterate", ["fast", "core"])
+@pytest.mark.parametrize("iterate", ["fast", "reference"])
 def test_second_backward_after_optimizer_step_raises_like_torch(cell, method, iterate):
     """Two forwards, backward, opt.step(), then the second backward: torch.nn raises, and so
     must we (the gradient read the stepped W_hh with the old gates: a gradient of no model).

@@ -22,6 +22,7 @@ autograd VJPs (the reference the fast GRU/LSTM engines are tested against).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -35,7 +36,9 @@ from highwaybp.core.scan import reverse_scan_sequential
 from highwaybp.models.rnn_cells import BufferPool, GRUEngine, LSTMEngine
 
 Engine = Union[GRUEngine, LSTMEngine]
-ITERATE_MODES = ("fast", "core")
+ITERATE_MODES = ("fast", "reference")
+# Old name of "reference" (it clashed with the `core` package's name): accepted, warned.
+_DEPRECATED_ITERATE = {"core": "reference"}
 
 
 # ---- the iteration on an engine ------------------------------------------------------------
@@ -83,7 +86,7 @@ def _check_finite(eng: Engine, w: Tensor, iteration: int) -> None:
         raise_if_nonfinite(eng.layer_major(w), iteration)
 
 
-def core_iterate(eng: Engine, method: Highway | FixedPoint) -> tuple[Tensor, Diagnostics]:
+def reference_iterate(eng: Engine, method: Highway | FixedPoint) -> tuple[Tensor, Diagnostics]:
     """The same estimate through the core's generic `highway_iterate` (fresh tensors per step)."""
     full = isinstance(method, FixedPoint)
 
@@ -212,8 +215,8 @@ def _layer_backward(
         w = eng.exact_backward(eng.new_state())
         _check_finite(eng, w, 0)
         diag = Diagnostics(method=repr(method), stop_reason="exact")
-    elif run.iterate == "core":
-        w, diag = core_iterate(eng, method)
+    elif run.iterate == "reference":
+        w, diag = reference_iterate(eng, method)
     else:
         w, diag = fast_iterate(eng, method)
     dx, d_w_ih, d_w_hh, d_b_ih, d_b_hh = eng.param_grads(w, need_x=needs[0])
@@ -274,6 +277,11 @@ class _HighwayRNNBase(nn.Module):
                 "through time in one direction); use two modules, one on the flipped sequence"
             )
         self._check_proj_size(proj_size, hidden_size)
+        if iterate in _DEPRECATED_ITERATE:
+            warnings.warn(f"iterate={iterate!r} is deprecated: use "
+                          f"iterate={_DEPRECATED_ITERATE[iterate]!r}", FutureWarning,
+                          stacklevel=3)
+            iterate = _DEPRECATED_ITERATE[iterate]
         if iterate not in ITERATE_MODES:
             raise ValueError(f"iterate must be one of {ITERATE_MODES}, got {iterate!r}")
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
@@ -464,8 +472,6 @@ class _HighwayRNNBase(nn.Module):
             or (c0 is not None and c0.requires_grad)
             or any(p.requires_grad for p in self.parameters())
         )
-        if needs_grad and not isinstance(method, Exact):
-            self._check_highway_method(method)
         inp = x
         h_last, c_last = [], []
         for layer in range(self.num_layers):
@@ -485,9 +491,6 @@ class _HighwayRNNBase(nn.Module):
                 y = nn.functional.dropout(y, self.dropout, training=True)
             inp = y
         return inp, torch.stack(h_last), (None if c0 is None else torch.stack(c_last))
-
-    def _check_highway_method(self, method: Method) -> None:
-        pass
 
     @staticmethod
     def _forward_no_grad(run: _LayerRun, x, h0, c0, params):
@@ -516,7 +519,9 @@ class GRU(_HighwayRNNBase):
             Highway(tol=, max_k=) or FixedPoint(k).
         residual: add each layer's input to its output for layers 2..num_layers (the paper's
             stacked GRU); False gives torch.nn.GRU's function.
-        iterate: "fast" (default, preallocated loop) or "core" (core.highway_iterate).
+        iterate: "fast" (default, preallocated loop) or "reference" (the generic
+            core.highway_iterate, the readable reference the fast loop is tested against;
+            "core" is its deprecated old name).
 
     Parameters: weight_ih_l{k} [3H, In], weight_hh_l{k} [3H, H], bias_ih_l{k}, bias_hh_l{k}
     [3H] (gate order r, z, n), so torch.nn.GRU's state_dict loads as is.
