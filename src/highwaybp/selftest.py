@@ -20,7 +20,7 @@ has it) and compares, gradient by gradient, each method against plain autograd:
   refusing dropout.
 - rnn/...: highwaybp.GRU/LSTM (2 layers, batch_first) against torch.nn.GRU/LSTM with the
   same state_dict: the forward, and the gradients (input, initial state, parameters) at
-  Exact() and Highway(k=T) (fast and core iteration); dropout in train mode (CPU only: the
+  Exact() and Highway(k=T) (fast and reference iteration); dropout in train mode (CPU only: the
   GPU kernels of torch.nn draw their own masks; elsewhere Highway against Exact).
 - hf/...: `from_huggingface` on a tiny GPT-2 and BERT built from a config (no download),
   Highway(k=L) against the unadapted model's autograd; SKIP if transformers is missing.
@@ -619,7 +619,7 @@ def _rnn_checks() -> list[Check]:
             Check(f"rnn/{kind}/exact-grad", rnn_grad_check(kind, lambda t: Exact())),
             Check(f"rnn/{kind}/highway-k=T-grad",
                   rnn_grad_check(kind, lambda t: Highway(k=t)), quick=True),
-            Check(f"rnn/{kind}/highway-k=T-grad/core-iterate",
+            Check(f"rnn/{kind}/highway-k=T-grad/reference-iterate",
                   rnn_grad_check(kind, lambda t: Highway(k=t), iterate="reference")),
             Check(f"rnn/{kind}/fixedpoint-k=T-grad",
                   rnn_grad_check(kind, lambda t: FixedPoint(k=t))),
