@@ -8,9 +8,9 @@ import importlib.util
 import pytest
 import torch
 
+import highwaybp.core.backends.loop as vjp_module
 import highwaybp.core.chain as chain_module
 import highwaybp.core.scan as scan_module
-import highwaybp.core.vjp as vjp_module
 import highwaybp.models.rnn as rnn_module
 from highwaybp import selftest
 from highwaybp.cli import main
@@ -156,7 +156,7 @@ def test_planted_bug_in_the_rnn_iteration_fails(monkeypatch):
 
 
 def test_planted_bug_rerun_without_rng_and_buffer_replay_fails(monkeypatch):
-    # The loop backend re-runs each layer for its VJPs inside _rerun_guard (core/vjp.py).
+    # The loop backend re-runs each layer for its VJPs inside _rerun_guard (core/backends/loop.py).
     monkeypatch.setattr(vjp_module, "_rerun_guard", lambda layer, state: contextlib.nullcontext())
     statuses = _statuses(selftest.run("cpu", quick=True))
     assert statuses["rng-replay/dropout/highway-k=L/loop"] == "FAIL"  # other dropout masks

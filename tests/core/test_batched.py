@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import highwaybp as hbp
-from highwaybp.core.batched import BatchedVJP, check_batchable
+from highwaybp.core.backends.batched import BatchedVJP, check_batchable
 from highwaybp.core.replay import capture_forward_state
 from highwaybp.models.resnet import CifarResNet, PreActBlock
 from highwaybp.models.transformer import GPT, EncoderClassifier

@@ -18,12 +18,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as torch_module  # its global hook registries
 
+from highwaybp.core.backends import VJP_BACKENDS, LoopVJP
 from highwaybp.core.iteration import Diagnostics, highway_iterate, raise_if_nonfinite
 from highwaybp.core.methods import Exact, FixedPoint, Highway, Method, check_method
 from highwaybp.core.replay import ForwardState, capture_forward_state
 from highwaybp.core.residual import ResidualLayer
 from highwaybp.core.scan import DEFAULT_SCAN, get_scan, reverse_scan_list_
-from highwaybp.core.vjp import VJP_BACKENDS, LoopVJP
 
 
 class ResidualChain(nn.Module):

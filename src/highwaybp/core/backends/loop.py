@@ -15,8 +15,9 @@ AccumulateGrad, which runs them again. With aliases, every parameter hook (regis
 register_post_accumulate_grad_hook) runs once, on the total gradient, as under autograd.
 
 `LoopVJP` is the reference: one autograd graph per layer, all layers' VJPs requested in one
-`torch.autograd.grad` call per iteration. Other backends (a batched torch.func path) share
-its interface and are registered in `VJP_BACKENDS`.
+`torch.autograd.grad` call per iteration. Other backends (the batched torch.func path in
+`backends/batched.py`) implement the same `VJPBackend` protocol and are registered in
+`highwaybp.core.backends.VJP_BACKENDS`.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from highwaybp.core.batched import BatchedVJP
 from highwaybp.core.replay import ForwardState, modes_and_buffers_replayed, replayed
 
 
@@ -207,5 +207,3 @@ def _rerun_guard(layer: nn.Module, state: ForwardState | None) -> Iterator[None]
     with replayed(state), modes_and_buffers_replayed(layer, state):
         yield
 
-
-VJP_BACKENDS: dict[str, type] = {"loop": LoopVJP, "batched": BatchedVJP}

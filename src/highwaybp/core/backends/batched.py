@@ -7,7 +7,7 @@ inputs): the first layer's block runs with its parameter and buffer slots filled
 stacks. That batched forward is run once per backward under autograd; each Highway
 iteration is then ONE autograd VJP through the batched graph (w.r.t. the stacked inputs),
 and the final parameter sweep one more (w.r.t. the stacked parameters). `LoopVJP`
-(core/vjp.py) is the per-layer reference; this backend equals it to rounding (tested to
+(backends/loop.py) is the per-layer reference; this backend equals it to rounding (tested to
 1e-12 in float64).
 
 Why autograd over a vmapped forward, not `torch.func.vjp` inside vmap: vjp closures cannot
@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 from torch.nn.modules import module as torch_module  # its global hook registries
 
+from highwaybp.core.backends.loop import LoopVJP, check_no_foreign_leaves
 from highwaybp.core.replay import (
     ForwardState,
     is_python_scalar,
@@ -289,7 +290,7 @@ class _Group:
 
 
 class BatchedVJP:
-    """Batched backend with `LoopVJP`'s interface (see core/vjp.py).
+    """Batched backend with `LoopVJP`'s interface (see backends/loop.py).
 
     Layers are grouped when they provably compute the same function (`same_function`: same
     classes and module tree, equal attributes such as gamma or an activation function,
@@ -315,7 +316,6 @@ class BatchedVJP:
         inputs: Sequence[Tensor],
         states: Sequence[ForwardState],
     ) -> None:
-        from highwaybp.core.vjp import LoopVJP
 
         self.layers = list(layers)
         self.inputs = list(inputs)
@@ -385,14 +385,12 @@ class BatchedVJP:
     def layer_block_vjp(self, j: int, w: Tensor) -> Tensor:
         """w @ J_j for one layer (the sequential exact fallback): the per-layer backend's."""
         if self._loop is None:
-            from highwaybp.core.vjp import LoopVJP
 
             self._loop = LoopVJP(self.layers, self.inputs, self.states)
         return self._loop.layer_block_vjp(j, w)
 
     def param_vjps(self, ws: Sequence[Tensor], params: Sequence[Tensor]) -> list[Optional[Tensor]]:
         """sum_j w_j @ df_j/dtheta for each parameter (None if unused); frees the graphs."""
-        from highwaybp.core.vjp import check_no_foreign_leaves
 
         out: list[Optional[Tensor]] = [None] * len(params)
         if self.looped:
