@@ -192,7 +192,7 @@ def test_a_foreign_per_rank_checkpoint_is_refused_naming_the_file(tmp_path):
     must be refused with the file's name and what to do, not a KeyError or a
     load_state_dict mismatch deep inside a rank."""
     from highwaybp.distributed.ddg import _load_rank_checkpoint
-    from highwaybp.train.io import save_checkpoint
+    from highwaybp.files import save_checkpoint
 
     path = tmp_path / "ddg_rank0.ckpt"
     assert _load_rank_checkpoint(path, 0, 2, steps=8) is None  # a fresh run

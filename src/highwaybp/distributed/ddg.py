@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from highwaybp.baselines.ddg import SEMANTICS, DDGStage, split_model
-from highwaybp.train.io import load_checkpoint, save_checkpoint
+from highwaybp.files import load_checkpoint, save_checkpoint
 
 _DTYPES = [
     torch.float32,

@@ -19,7 +19,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-import highwaybp as hbp
+from highwaybp.core.chain import ResidualChain
+from highwaybp.core.methods import Method
+from highwaybp.core.residual import Identity, ReLUResidual, ResidualLayer
 
 
 class Unsqueeze1d(nn.Module):
@@ -41,7 +43,7 @@ def residual_block(channels: int, kernel: int = 3) -> nn.Sequential:
     )
 
 
-_RESIDUALS = {"relu": hbp.ReLUResidual, "identity": hbp.Identity}
+_RESIDUALS = {"relu": ReLUResidual, "identity": Identity}
 
 
 class ResNet1d(nn.Module):
@@ -63,7 +65,7 @@ class ResNet1d(nn.Module):
         blocks: int = 4,
         num_classes: int = 10,
         residual: str = "relu",
-        method: Optional[hbp.Method] = None,
+        method: Optional[Method] = None,
         zero_init: bool = False,
     ) -> None:
         super().__init__()
@@ -82,8 +84,8 @@ class ResNet1d(nn.Module):
             block = residual_block(channels)
             if zero_init:
                 nn.init.zeros_(block[-1].weight)
-            layers.append(hbp.ResidualLayer(block, residual=_RESIDUALS[residual]()))
-        self.chain = hbp.ResidualChain(layers, method=method)
+            layers.append(ResidualLayer(block, residual=_RESIDUALS[residual]()))
+        self.chain = ResidualChain(layers, method=method)
         self.head = nn.Sequential(
             nn.AdaptiveAvgPool1d(1),
             nn.Flatten(),

@@ -8,7 +8,7 @@ import stat
 import pytest
 import torch
 
-from highwaybp.train.io import (
+from highwaybp.files import (
     CheckpointError,
     atomic_write_json,
     current_umask,
