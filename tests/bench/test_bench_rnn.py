@@ -8,8 +8,9 @@ import json
 import pytest
 import torch
 
-from highwaybp.bench.rnn import AutogradLoopRNN, backward_matmul_flops, peak_memory_mb
+from highwaybp.bench.rnn import backward_matmul_flops, peak_memory_mb
 from highwaybp.cli import main
+from highwaybp.models.rnn import AutogradLoopRNN
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])

@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 import highwaybp as hbp
-from highwaybp.models.rnn import GRU, LSTM, CellRNN
-from highwaybp.models.rnn_cells import GRUCellRef, LSTMCellRef, _Engine
+from highwaybp.models.rnn import GRU, LSTM, CellRNN, Engine, GRUCellRef, LSTMCellRef
 
 T, B, IN, H = 6, 3, 4, 5
 PAIRS = {"gru": (GRU, nn.GRU), "lstm": (LSTM, nn.LSTM)}
@@ -81,7 +80,7 @@ def test_highway_at_k_equal_T_is_torch_autograd(cell, layers, batch_first, per_s
 @pytest.mark.parametrize("chunk_bytes", [1, 1000])
 def test_chunked_sweeps_are_exact_at_k_equal_T(cell, chunk_bytes, monkeypatch):
     """Backward sweeps over chunks of 1 and of a few time steps (not the whole sequence)."""
-    monkeypatch.setattr(_Engine, "chunk_bytes", chunk_bytes)
+    monkeypatch.setattr(Engine, "chunk_bytes", chunk_bytes)
     torch.manual_seed(11)
     m, ref = _pair(cell, 2)
     x, hx, extra = _inputs(cell, 2, False)
@@ -167,7 +166,7 @@ def test_cell_rnn_reference_equals_fast_engine_at_every_k(cell, iterate, chunk_b
     with losses on every output, on h_n and (LSTM) on c_n; with the whole sequence in one
     chunk, chunks of 1 step and of a few steps."""
     if chunk_bytes is not None:
-        monkeypatch.setattr(_Engine, "chunk_bytes", chunk_bytes)
+        monkeypatch.setattr(Engine, "chunk_bytes", chunk_bytes)
     torch.manual_seed(4)
     lstm = cell == "lstm"
     ref_cell = (LSTMCellRef if lstm else GRUCellRef)(IN, H).double()

@@ -8,13 +8,14 @@ import torch
 
 import highwaybp as hbp
 from highwaybp.core.scan import reverse_scan_sequential
-from highwaybp.models.rnn import fast_iterate, reference_iterate
-from highwaybp.models.rnn_cells import (
+from highwaybp.models.rnn import (
     BufferPool,
     GRUCellRef,
     GRUEngine,
     LSTMCellRef,
     LSTMEngine,
+    fast_iterate,
+    reference_iterate,
 )
 
 T, B, IN, H = 6, 3, 4, 5

@@ -15,15 +15,14 @@ from hypothesis import strategies as st
 from torch import nn
 
 import highwaybp as hbp
-from highwaybp.models.rnn import GRU, LSTM, CellRNN
-from highwaybp.models.rnn_cells import GRUCellRef, LSTMCellRef, _Engine
+from highwaybp.models.rnn import GRU, LSTM, CellRNN, Engine, GRUCellRef, LSTMCellRef
 
 DT = torch.float64
 PAIRS = {"gru": (GRU, nn.GRU, GRUCellRef, 3), "lstm": (LSTM, nn.LSTM, LSTMCellRef, 4)}
 
 
 def _chunk_bytes(cell: str, batch: int, hidden: int, steps: int) -> int:
-    """chunk_bytes giving chunks of `steps` time steps (see _Engine.__init__)."""
+    """chunk_bytes giving chunks of `steps` time steps (see Engine.__init__)."""
     return steps * batch * PAIRS[cell][3] * hidden * torch.finfo(DT).bits // 8
 
 
@@ -74,7 +73,7 @@ def test_exact_methods_equal_torch_nn(
     loss_ref, y_ref = loss(ref)
     want = torch.autograd.grad(loss_ref, [*ref.parameters(), *extra])
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_Engine, "chunk_bytes", _chunk_bytes(cell, batch, hidden, chunk_steps))
+        mp.setattr(Engine, "chunk_bytes", _chunk_bytes(cell, batch, hidden, chunk_steps))
         for method in (hbp.Exact(), hbp.Highway(k=seq_len), hbp.FixedPoint(k=seq_len)):
             m.method = method
             loss_ours, y = loss(m)
@@ -147,7 +146,7 @@ def test_truncated_gradient_equals_stacked_cell_rnn(
     torch.manual_seed(seed + 1)
     want = torch.autograd.grad(ref_loss(), [*leaves, *(p for c in cells for p in c.parameters())])
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_Engine, "chunk_bytes", _chunk_bytes(cell, batch, hidden, chunk_steps))
+        mp.setattr(Engine, "chunk_bytes", _chunk_bytes(cell, batch, hidden, chunk_steps))
         torch.manual_seed(seed + 1)
         got = torch.autograd.grad(our_loss(), [*leaves, *m.parameters()])
     for g, w in zip(got, want):

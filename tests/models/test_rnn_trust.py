@@ -14,8 +14,7 @@ import torch
 from torch import nn
 
 import highwaybp as hbp
-from highwaybp.models.rnn import GRU, LSTM, CellRNN
-from highwaybp.models.rnn_cells import GRUCellRef
+from highwaybp.models.rnn import GRU, LSTM, CellRNN, GRUCellRef
 
 T, B, IN, H = 6, 3, 4, 5
 PAIRS = {"gru": (GRU, nn.GRU), "lstm": (LSTM, nn.LSTM)}

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from highwaybp.core.fidelity import compare_gradients
 from highwaybp.core.methods import Exact, FixedPoint, Highway, Method
-from highwaybp.models.rnn import GRU, LSTM
+from highwaybp.models.rnn import GRU, LSTM, AutogradLoopRNN
 from highwaybp.train.cli_types import (
     nonneg_int,
     nonneg_int_list,
@@ -51,64 +51,6 @@ from highwaybp.train.cli_types import (
 )
 
 EXACT_BASELINES = ("torch", "autograd-loop")
-
-
-# ---- the autograd baseline --------------------------------------------------------------
-
-
-class AutogradLoopRNN(nn.Module):
-    """torch.nn.GRU/LSTM's math in autograd ops looped over time (the paper's BPTT baseline).
-
-    Same parameters as torch.nn.GRU/LSTM (load its state_dict). Written for speed: one input
-    projection matmul for all steps, `unbind` over time, fused sigmoids.
-    """
-
-    def __init__(self, cell: str, ref: nn.Module) -> None:
-        super().__init__()
-        self.cell, self.num_layers, self.hidden = cell, ref.num_layers, ref.hidden_size
-        for name, p in ref.named_parameters():
-            self.register_parameter(name, nn.Parameter(p.detach().clone()))
-
-    def forward(self, x: Tensor) -> Tensor:
-        for layer in range(self.num_layers):
-            w_ih, w_hh, b_ih, b_hh = (
-                getattr(self, f"{n}_l{layer}")
-                for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
-            )
-            T, B, _ = x.shape
-            gi = torch.addmm(b_ih, x.reshape(T * B, -1), w_ih.t()).view(T, B, -1)
-            step = self._gru if self.cell == "gru" else self._lstm
-            x = step(gi, w_hh, b_hh, B)
-        return x
-
-    def _gru(self, gi: Tensor, w_hh: Tensor, b_hh: Tensor, batch: int) -> Tensor:
-        H = self.hidden
-        h = gi.new_zeros(batch, H)
-        w_t, outs = w_hh.t(), []
-        for gi_t in gi.unbind(0):
-            gh = torch.addmm(b_hh, h, w_t)
-            rz = torch.sigmoid(gi_t[:, : 2 * H] + gh[:, : 2 * H])
-            r, z = rz[:, :H], rz[:, H:]
-            n = torch.tanh(torch.addcmul(gi_t[:, 2 * H :], r, gh[:, 2 * H :]))
-            h = torch.addcmul(n, z, h - n)
-            outs.append(h)
-        return torch.stack(outs)
-
-    def _lstm(self, gi: Tensor, w_hh: Tensor, b_hh: Tensor, batch: int) -> Tensor:
-        H = self.hidden
-        h = gi.new_zeros(batch, H)
-        c = gi.new_zeros(batch, H)
-        gi = gi + b_hh
-        w_t, outs = w_hh.t(), []
-        for gi_t in gi.unbind(0):
-            a = torch.addmm(gi_t, h, w_t)
-            ifo = torch.sigmoid(a[:, : 2 * H])
-            g = torch.tanh(a[:, 2 * H : 3 * H])
-            o = torch.sigmoid(a[:, 3 * H :])
-            c = torch.addcmul(ifo[:, H:] * c, ifo[:, :H], g)
-            h = o * torch.tanh(c)
-            outs.append(h)
-        return torch.stack(outs)
 
 
 # ---- models and steps ---------------------------------------------------------------------
@@ -379,7 +321,7 @@ def profile_gru_engine(args: Any, seq_len: int) -> dict:
     """
     from torch.profiler import ProfilerActivity, profile
 
-    from highwaybp.models.rnn_cells import BufferPool, GRUEngine
+    from highwaybp.models.rnn import BufferPool, GRUEngine
 
     torch.manual_seed(args.seed)
     ref = nn.GRU(args.input_size, args.hidden)

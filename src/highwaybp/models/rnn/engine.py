@@ -1,0 +1,231 @@
+"""The engine base class shared by the GRU and LSTM engines, and the buffer pool.
+
+An engine runs one recurrent layer's forward without an autograd tape (storing the gates),
+prepares the coefficients of its block VJPs once per backward, and then answers the
+iteration's sweeps, the in-place scan, the exact sequential backward and the parameter VJPs
+(see gru.py and lstm.py for the cell math, loop.py for the iteration that drives them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+class BufferPool:
+    """Reusable scratch tensors keyed by (shape, dtype, device).
+
+    Fresh multi-MB allocations cost 2-3x on this kind of machine (page faults on every new
+    mapping), so buffers that do not escape to the caller are returned here after a backward
+    and reused by the next forward.
+    """
+
+    def __init__(self) -> None:
+        self._free: dict[tuple, list[Tensor]] = {}
+
+    def take(self, shape: Sequence[int], like: Tensor) -> Tensor:
+        key = (tuple(shape), like.dtype, like.device)
+        free = self._free.get(key)
+        if free:
+            return free.pop()
+        return torch.empty(tuple(shape), dtype=like.dtype, device=like.device)
+
+    def give(self, *tensors: Optional[Tensor]) -> None:
+        for t in tensors:
+            if t is not None:
+                key = (tuple(t.shape), t.dtype, t.device)
+                self._free.setdefault(key, []).append(t)
+
+    def clear(self) -> None:
+        self._free.clear()
+
+    def __deepcopy__(self, memo: dict) -> BufferPool:
+        return BufferPool()
+
+    def __getstate__(self) -> dict:  # pickling a module never saves scratch buffers
+        return {"_free": {}}
+
+
+def _addmm_or_mm(bias: Optional[Tensor], a: Tensor, b: Tensor, out: Tensor) -> None:
+    if bias is None:
+        torch.mm(a, b, out=out)
+    else:
+        torch.addmm(bias, a, b, out=out)
+
+
+class Engine:
+    """What the GRU and LSTM engines share: buffers, losses, chunking, parameter gradients."""
+
+    num_gates: int
+    state_parts: int  # 1 (h) or 2 (c, h)
+    chunk_bytes = 2 << 20  # target size of one chunk of gate adjoints (fits a CPU's L2/L3)
+
+    def __init__(
+        self,
+        pool: BufferPool,
+        x: Tensor,
+        h0: Tensor,
+        w_ih: Tensor,
+        w_hh: Tensor,
+        b_ih: Optional[Tensor],
+        b_hh: Optional[Tensor],
+    ) -> None:
+        self.pool = pool
+        self.x, self.h0 = x, h0
+        self.w_ih, self.w_hh, self.b_ih, self.b_hh = w_ih, w_hh, b_ih, b_hh
+        self.T, self.B, self.In = x.shape
+        self.H = h0.shape[-1]
+        self.prepared = False
+        self.one = x.new_ones(())
+        # Backward sweeps run over chunks of `chunk` time steps, newest first: the gate
+        # adjoints of a chunk (G, [chunk, B, gates*H]) stay in cache between the elementwise
+        # multiply and the matmul, and the scan and the norms read rows still in cache.
+        row_bytes = self.B * self.num_gates * self.H * x.element_size()
+        self.chunk = max(1, min(self.T, -(-self.chunk_bytes // row_bytes)))
+        self._owned: list[Tensor] = []
+
+    # ---- buffers ------------------------------------------------------------------------
+    def take(self, *shape: int) -> Tensor:
+        t = self.pool.take(shape, self.x)
+        self._owned.append(t)
+        return t
+
+    def give_back(self, t: Tensor) -> None:
+        """Return one buffer taken with `take` to the pool early."""
+        self._owned = [o for o in self._owned if o is not t]
+        self.pool.give(t)
+
+    def release(self) -> None:
+        """Return every pooled buffer (the engine must not be used afterwards)."""
+        self.pool.give(*self._owned)
+        self._owned = []
+
+    def state_shape(self) -> tuple[int, ...]:
+        base = (self.T + 1, self.B, self.H)
+        return base if self.state_parts == 1 else (2, *base)
+
+    def new_state(self) -> Tensor:
+        return self.take(*self.state_shape())
+
+    def layer_major(self, w: Tensor) -> Tensor:
+        """[T+1, ...] view of an adjoint state (what highway_iterate works on)."""
+        return w if self.state_parts == 1 else w.transpose(0, 1)
+
+    def from_layer_major(self, w: Tensor) -> Tensor:
+        if self.state_parts == 1:
+            return w.contiguous()
+        return w.transpose(0, 1).contiguous()
+
+    def chunks(self) -> list[tuple[int, int]]:
+        """[(s, e)]: time rows s..e-1 in chunks of `chunk`, newest first."""
+        return [(max(0, e - self.chunk), e) for e in range(self.T, 0, -self.chunk)]
+
+    def _chunk_buffers(self) -> None:
+        c, B, H = self.chunk, self.B, self.H
+        self.gc = self.take(c, B, self.num_gates * H)  # gate adjoints of one chunk
+        self.gc4 = self.gc.view(c, B, self.num_gates, H)
+        self.scr = self.take(c, B, H)  # per-chunk scratch
+        self.ones = self.x.new_ones(c * B)
+
+    def _add_loss_rows_(self, out_h: Tensor, s: int, e: int) -> None:
+        """out_h (rows s..e-1 of the h part) += g_s..g_{e-1} (g_0 = 0, g_i = grad_y[i-1])."""
+        if s == 0:
+            if e > 1:
+                out_h[1:].add_(self.grad_y[: e - 1])
+        else:
+            out_h.add_(self.grad_y[s - 1 : e - 1])
+
+    def _sq(self, new: Tensor, old: Tensor, acc: list[Tensor]) -> None:
+        """Append ||new - old||^2 and ||new||^2 (0-dim tensors) of one chunk to acc."""
+        n = new.shape[0]
+        d = self.scr[:n]
+        torch.sub(new, old, out=d)
+        flat_d, flat_n = d.reshape(-1), new.reshape(-1)
+        acc.append(torch.stack([torch.dot(flat_d, flat_d), torch.dot(flat_n, flat_n)]))
+
+    @staticmethod
+    def _norms(acc: list[Tensor]) -> tuple[float, float]:
+        total = torch.stack(acc).sum(0).sqrt()
+        diff, norm = total.tolist()
+        return diff, norm
+
+    # ---- per-step losses ----------------------------------------------------------------
+    def set_loss(self, grad_y: Tensor, grad_c: Optional[Tensor] = None) -> None:
+        """dLoss/dh_t for t = 1..T ([T, B, H]) and, LSTM only, dLoss/dc_T ([B, H] or None).
+
+        These are the per-layer losses g_i of the iteration (g_0 = 0: h_0 has no loss of its
+        own). They are read in place, never copied into a [T+1] stack on the fast path.
+        """
+        self.grad_y = grad_y
+        self.grad_c = grad_c
+        self.zero_row = grad_y.new_zeros((self.B, self.H))
+
+    def loss_state(self) -> Tensor:
+        """The per-layer losses g stacked in the engine layout (a fresh tensor)."""
+        g = torch.zeros(self.state_shape(), dtype=self.grad_y.dtype, device=self.grad_y.device)
+        self.add_loss_(g)
+        return g
+
+    def init_loss_(self, buf: Tensor) -> Tensor:
+        """buf <- g (one pass)."""
+        if self.state_parts == 1:
+            buf[0].zero_()
+            buf[1:].copy_(self.grad_y)
+        else:
+            buf[0].zero_()
+            if self.grad_c is not None:
+                buf[0, -1].copy_(self.grad_c)
+            buf[1, 0].zero_()
+            buf[1, 1:].copy_(self.grad_y)
+        return buf
+
+    def add_loss_(self, buf: Tensor) -> Tensor:
+        """buf += g."""
+        if self.state_parts == 1:
+            buf[1:].add_(self.grad_y)
+        else:
+            buf[1, 1:].add_(self.grad_y)
+            if self.grad_c is not None:
+                buf[0, -1].add_(self.grad_c)
+        return buf
+
+    def _loss_rows(self) -> list[Tensor]:
+        """g_0..g_T of the h part as a list of [B, H] views (g_0 = 0)."""
+        return [self.zero_row, *self.grad_y.unbind(0)]
+
+    # ---- parameter gradients ----------------------------------------------------------
+    def _param_accumulators(self, need_x: bool) -> dict:
+        gw = self.num_gates * self.H
+        new = lambda *shape: self.x.new_zeros(shape)
+        acc = {
+            "w_hh": new(gw, self.H),
+            "w_ih": new(gw, self.In),
+            "b_hh": new(gw) if self.b_hh is not None else None,
+            "b_ih": new(gw) if self.b_ih is not None else None,
+            "dx": self.x.new_empty((self.T, self.B, self.In)) if need_x else None,
+        }
+        return acc
+
+    def _accumulate(self, acc: dict, side: str, g2: Tensor, s: int, e: int) -> None:
+        """Add chunk s..e-1's contribution G^T rows (and G^T 1) to the `side` gradients."""
+        n = (e - s) * self.B
+        if side == "hh":
+            rows = self.states_h()[s:e].reshape(n, self.H)
+        else:
+            rows = self.x[s:e].reshape(n, self.In)
+        acc[f"w_{side}"].addmm_(g2.t(), rows)
+        if acc[f"b_{side}"] is not None:
+            acc[f"b_{side}"].addmv_(g2.t(), self.ones[:n])
+        if side == "ih" and acc["dx"] is not None:
+            torch.mm(g2, self.w_ih, out=acc["dx"][s:e].view(n, self.In))
+
+    @staticmethod
+    def _result(acc: dict):
+        return acc["dx"], acc["w_ih"], acc["w_hh"], acc["b_ih"], acc["b_hh"]
+
+    def states_h(self) -> Tensor:
+        """Hidden states h_0..h_T [T+1, B, H] stored by the forward."""
+        return self.states

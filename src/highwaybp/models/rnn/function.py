@@ -1,0 +1,143 @@
+"""The autograd Function of one recurrent layer: a tape-free forward on the engine, and a
+backward that runs the chosen method (exact BPTT, Highway-BP, FixedPoint) on it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from highwaybp.core.iteration import Diagnostics
+from highwaybp.core.methods import Exact, Method
+from highwaybp.models.rnn.engine import BufferPool, Engine
+from highwaybp.models.rnn.gru import GRUEngine
+from highwaybp.models.rnn.loop import _check_finite, fast_iterate, reference_iterate
+from highwaybp.models.rnn.lstm import LSTMEngine
+
+
+@dataclass
+class _LayerRun:
+    """Non-tensor arguments of one layer's forward, handed to the autograd Function."""
+
+    owner: Any
+    layer: int
+    method: Method
+    pool: BufferPool
+    iterate: str = "fast"
+    engine: Optional[Engine] = field(default=None, repr=False)
+
+
+def _make_engine(run: _LayerRun, x, h0, c0, w_ih, w_hh, b_ih, b_hh) -> Engine:
+    if c0 is None:
+        return GRUEngine(run.pool, x, h0, w_ih, w_hh, b_ih, b_hh)
+    return LSTMEngine(run.pool, x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+
+
+class _LayerFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        h0: Tensor,
+        c0: Optional[Tensor],
+        run: _LayerRun,
+        w_ih: Tensor,
+        w_hh: Tensor,
+        b_ih: Optional[Tensor],
+        b_hh: Optional[Tensor],
+    ):
+        eng = _make_engine(run, x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+        result = eng.forward()
+        ctx.run, ctx.eng = run, eng
+        # The backward reads W_hh (block VJPs) and W_ih (dx) again; the gates it needs are
+        # stored, so the biases, h0 and c0 are not read. x and the output are saved below.
+        ctx.weight_versions = (w_ih._version, w_hh._version)
+        if c0 is None:
+            y = result[1:]
+            ctx.save_for_backward(x, y)
+            return y
+        states, c_last = result
+        y = states[1:]
+        ctx.save_for_backward(x, y)
+        return y, c_last
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_y: Tensor, grad_c: Optional[Tensor] = None):
+        eng: Optional[Engine] = ctx.eng
+        if eng is None:
+            raise RuntimeError(
+                "backward through a highwaybp RNN a second time: its stored gates were released "
+                "by the first backward. Run the forward again (retain_graph is not supported)."
+            )
+        run: _LayerRun = ctx.run
+        try:
+            ctx.saved_tensors  # noqa: B018 -- raises if x or the output was modified in place
+            _check_weight_versions(run, eng, ctx.weight_versions, need_x=ctx.needs_input_grad[0])
+            grads = _layer_backward(eng, run, grad_y, grad_c, ctx.needs_input_grad)
+        finally:
+            eng.release()
+            ctx.eng = None
+        return grads
+
+
+def _check_weight_versions(
+    run: _LayerRun, eng: Engine, versions: tuple[int, int], need_x: bool
+) -> None:
+    """Refuse a backward whose weights changed in place since the forward, as torch.nn does.
+
+    The backward multiplies by W_hh (and by W_ih for dx): after e.g. an optimizer.step()
+    between the forward and this backward it would silently mix the new weights with the old
+    gates, a gradient of no model. W_ih is read only when x needs a gradient (as in torch.nn).
+    """
+    checks = [("weight_hh", eng.w_hh, versions[1])]
+    if need_x:
+        checks.insert(0, ("weight_ih", eng.w_ih, versions[0]))
+    for name, weight, saved in checks:
+        if weight._version != saved:
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an "
+                f"inplace operation: parameter {name}_l{run.layer} of highwaybp."
+                f"{run.owner.mode} {list(weight.shape)} is at version {weight._version}; "
+                f"expected version {saved} (its value at the forward). The backward reads "
+                "this weight, so the gradient would mix the old and the new values. Call "
+                "backward before optimizer.step() (or any in-place change of the parameters), "
+                "or run the forward again."
+            )
+
+
+def _layer_backward(
+    eng: Engine, run: _LayerRun, grad_y: Tensor, grad_c: Optional[Tensor], needs: tuple[bool, ...]
+):
+    lstm = isinstance(eng, LSTMEngine)
+    eng.set_loss(grad_y, grad_c if lstm else None)
+    eng.prepare()
+    method = run.method
+    if isinstance(method, Exact):
+        w = eng.exact_backward(eng.new_state())
+        _check_finite(eng, w, 0)
+        diag = Diagnostics(method=repr(method), stop_reason="exact")
+    elif run.iterate == "reference":
+        w, diag = reference_iterate(eng, method)
+    else:
+        w, diag = fast_iterate(eng, method)
+    dx, d_w_ih, d_w_hh, d_b_ih, d_b_hh = eng.param_grads(w, need_x=needs[0])
+    dh0 = (w[1, 0] if lstm else w[0]).clone() if needs[1] else None
+    dc0 = w[0, 0].clone() if lstm and needs[2] else None
+    run.owner._record_diagnostics(run.layer, diag)
+    return (
+        dx,
+        dh0,
+        dc0,
+        None,
+        d_w_ih,
+        d_w_hh,
+        d_b_ih if needs[6] else None,
+        d_b_hh if needs[7] else None,
+    )
+
+
+# ---- the modules ------------------------------------------------------------------------

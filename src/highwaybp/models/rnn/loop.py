@@ -1,0 +1,83 @@
+"""The Highway-BP iteration on an RNN engine: the fast preallocated loop and the reference.
+
+`fast_iterate` is `core.highway_iterate` specialised to an engine's buffers (same estimate,
+same `StopRule`, same diagnostics); `reference_iterate` runs the generic core loop on the
+same engine and is what the fast loop is tested against (`iterate="reference"`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from highwaybp.core.iteration import Diagnostics, StopRule, highway_iterate, raise_if_nonfinite
+from highwaybp.core.methods import FixedPoint, Highway
+from highwaybp.models.rnn.engine import Engine
+
+
+def fast_iterate(eng: Engine, method: Highway | FixedPoint) -> tuple[Tensor, Diagnostics]:
+    """`highway_iterate` specialised to an engine: same estimate and diagnostics, no allocations.
+
+    Uses w^{j+1} = w^0 + scan(v^j) = scan(g + v^j) (the scan is linear) and two preallocated
+    state buffers swapped each iteration; each iteration is one chunked sweep (gate adjoints,
+    matmul, losses, scan and step norm per chunk of time steps while it is in cache).
+    The per-layer losses g are the engine's (`set_loss`), added in place. NaN/Inf: checked by
+    the step norms and once on the returned estimate.
+    """
+    rule = StopRule(method, eng.T)
+    full = isinstance(method, FixedPoint)
+    w = eng.init_loss_(eng.new_state())
+    if not full:
+        eng.scan_(w)
+    best = eng.new_state().copy_(w) if rule.keep_best else None
+    nxt = eng.new_state()
+    for j in rule.iterations():
+        diff, norm = eng.sweep(w, nxt, full, with_loss=True, scan=not full, norms=True)
+        step = 0.0 if diff == 0.0 else diff / max(norm, 1e-300)
+        if not (math.isfinite(step) and math.isfinite(norm)):
+            _check_finite(eng, nxt, j)
+        w, nxt = nxt, w
+        if rule.record(j, step):
+            best.copy_(w)
+        if rule.should_stop(j, step):
+            break
+    diag = rule.finish()
+    if diag.fallback == "exact":
+        w = eng.exact_backward(nxt)
+    elif diag.fallback == "best":
+        w = best
+    _check_finite(eng, w, diag.iterations)
+    return w, diag
+
+
+def _check_finite(eng: Engine, w: Tensor, iteration: int) -> None:
+    # One reduction instead of isfinite (several passes and temporaries); a non-finite sum
+    # (NaN/Inf somewhere, or an overflow) triggers the detailed check, which names the state.
+    if not math.isfinite(float(w.sum())):
+        raise_if_nonfinite(eng.layer_major(w), iteration)
+
+
+def reference_iterate(eng: Engine, method: Highway | FixedPoint) -> tuple[Tensor, Diagnostics]:
+    """The same estimate through the core's generic `highway_iterate` (fresh tensors per step)."""
+    full = isinstance(method, FixedPoint)
+
+    def fresh() -> Tensor:
+        return torch.empty(eng.state_shape(), dtype=eng.x.dtype, device=eng.x.device)
+
+    def block_vjp(w_lm: Tensor) -> Tensor:
+        return eng.layer_major(eng.block_vjp(eng.from_layer_major(w_lm), fresh(), full))
+
+    def scan(x_lm: Tensor) -> Tensor:
+        return eng.layer_major(eng.scan_(eng.from_layer_major(x_lm).clone()))
+
+    def exact(g_lm: Tensor) -> Tensor:  # g_lm is always the engine's own loss here
+        return eng.layer_major(eng.exact_backward(fresh()))
+
+    g_lm = eng.layer_major(eng.loss_state())
+    if full:
+        w, diag = highway_iterate(g_lm, block_vjp, lambda s: s, method, eng.T)
+    else:
+        w, diag = highway_iterate(g_lm, block_vjp, scan, method, eng.T, exact_backward=exact)
+    return eng.from_layer_major(w), diag
