@@ -5,6 +5,9 @@
     loss_fn(head(chain(x)), t).backward()
 """
 
+import torch as _torch
+
+from highwaybp._compat import require_tested as _require_tested
 from highwaybp._version import __version__
 from highwaybp.core.chain import ResidualChain
 from highwaybp.core.fidelity import compare_gradients, gradient_fidelity, use_method
@@ -25,6 +28,9 @@ from highwaybp.core.scan import (
     reverse_scan_sequential,
 )
 from highwaybp.models import GRU, LSTM, from_huggingface
+
+# Only torch 2.13 is tested: another release is refused (HIGHWAYBP_ALLOW_UNTESTED=1 warns).
+_require_tested("torch", _torch.__version__, "highway-bp")
 
 __all__ = [
     "GRU",
