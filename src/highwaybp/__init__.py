@@ -5,8 +5,6 @@
     loss_fn(head(chain(x)), t).backward()
 """
 
-import torch as _torch
-
 from highwaybp._compat import require_tested as _require_tested
 from highwaybp._version import __version__
 from highwaybp.core.chain import ResidualChain
@@ -30,7 +28,7 @@ from highwaybp.core.scan import (
 from highwaybp.models import GRU, LSTM, from_huggingface
 
 # Only torch 2.13 is tested: another release is refused (HIGHWAYBP_ALLOW_UNTESTED=1 warns).
-_require_tested("torch", _torch.__version__, "highway-bp")
+_require_tested("torch", "highway-bp")
 
 __all__ = [
     "GRU",

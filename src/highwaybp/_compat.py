@@ -27,6 +27,8 @@ test suite with it set).
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import os
 import re
 import warnings
@@ -43,7 +45,7 @@ TESTED_RANGES: dict[str, tuple[str, str | None]] = {
     "scikit-learn": ("1.2", None),
     "pytest": ("7.2", None),
     "hypothesis": ("6.0", None),
-    "ruff": ("0.5", "0.18"),
+    "ruff": ("0.9", "0.18"),
 }
 
 _warned: set[str] = set()
@@ -86,18 +88,30 @@ def in_range(name: str, version: str) -> bool:
     return high is None or v < _padded(release(high), width)
 
 
-def require_tested(name: str, version: str, what: str) -> None:
-    """Refuse `version` of dependency `name` if it is outside the tested range.
+def installed_version(name: str) -> str:
+    """The installed version of distribution `name` (its metadata; else `module.__version__`).
+
+    The metadata, not `transformers.__version__`: transformers swaps its module object in
+    `sys.modules` when a model is first built.
+    """
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:  # e.g. a source tree on sys.path
+        return str(importlib.import_module(name).__version__)
+
+
+def require_tested(name: str, what: str) -> None:
+    """Refuse the installed version of dependency `name` if it is outside the tested range.
 
     Args:
         name: the distribution name, a key of `TESTED_RANGES`.
-        version: the installed version (`module.__version__`).
         what: the highway-bp feature that needs it, for the message.
 
     Raises `UntestedVersionError` naming the installed version, the tested range and what to
     do; with `HIGHWAYBP_ALLOW_UNTESTED=1` in the environment it warns (once per dependency)
     instead.
     """
+    version = installed_version(name)
     if in_range(name, version):
         return
     message = (

@@ -39,7 +39,7 @@ from typing import Any, Optional
 
 from torch import Tensor, nn
 
-from highwaybp._compat import require_tested
+from highwaybp import _compat
 from highwaybp.core.chain import ResidualChain
 from highwaybp.core.iteration import Diagnostics
 from highwaybp.core.methods import Exact, Method
@@ -260,16 +260,6 @@ def _block_returns_tuple(block: nn.Module, width: int) -> bool:
     return isinstance(out, tuple)
 
 
-def _check_transformers_version(model: nn.Module) -> None:
-    """Refuse a transformers release outside the tested range (see highwaybp._compat)."""
-    import sys
-
-    transformers = sys.modules.get("transformers")
-    if transformers is None:  # not a transformers model: _find_stack says what is supported
-        return
-    require_tested("transformers", transformers.__version__, "highwaybp.from_huggingface")
-
-
 def _is_gpt2_block(m: nn.Module) -> bool:
     return all(hasattr(m, a) for a in ("ln_1", "attn", "ln_2", "mlp"))
 
@@ -336,7 +326,8 @@ def from_huggingface(
         existing.gamma, existing.method, existing.vjp, existing.scan = g, method, vjp, scan
         return model
     parent, attr, kind = _find_stack(model)
-    _check_transformers_version(model)
+    # Refuse a transformers release outside the tested range (see highwaybp._compat).
+    _compat.require_tested("transformers", "highwaybp.from_huggingface")
     g = DEFAULT_GAMMA[kind] if gamma is None else _check_gamma(gamma)
     ResidualChain([ResidualLayer(nn.Identity())], vjp=vjp, scan=scan)  # validate names now
     blocks = getattr(parent, attr)
