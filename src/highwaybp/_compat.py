@@ -16,7 +16,8 @@ release is known to change what the code relies on:
   model calls its blocks (argument names, the KV cache, tuple or tensor returns), which
   changes between minor releases (5.24 renamed the cache argument `past_key_values` to
   `cache`). Tested: the lowest (4.40.0) and the newest (5.24.0); a newer minor is refused.
-- ruff: a newer minor release adds lint rules, which makes the style test fail.
+- ruff: a newer minor release adds lint rules, which makes the style test fail; releases
+  before 0.9 do not know the rule UP045 that pyproject.toml ignores (ruff refuses the file).
 - numpy, mnist1d, matplotlib, scikit-learn, hypothesis, pytest: only their stable public API
   is used; the newest release on the day passes the suite, so no upper bound.
 
