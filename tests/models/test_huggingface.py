@@ -204,7 +204,8 @@ def test_filled_cache_is_refused_under_highway_and_exact_elsewhere(kind, chunk):
     new = torch.randint(0, V, (2, chunk), generator=g)
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)  # no deprecated argument name of ours
-        expected = _logits_with_cache(reference, prompt, new)
+        with torch.no_grad():
+            expected = _logits_with_cache(reference, prompt, new)
         # Training through a filled cache: refused, whatever the argument is called.
         with pytest.raises(ValueError, match="filled KV cache"):
             _logits_with_cache(model, prompt, new)
@@ -219,9 +220,10 @@ def test_filled_cache_is_refused_under_highway_and_exact_elsewhere(kind, chunk):
             )
     # The cached logits are those of the whole sequence: the test can tell a cache that was
     # dropped (as eab6026 did under 5.24) from one that was used.
-    full = reference(torch.cat([prompt, new], dim=1), use_cache=False).logits[:, -chunk:]
+    with torch.no_grad():
+        full = reference(torch.cat([prompt, new], dim=1), use_cache=False).logits[:, -chunk:]
+        no_cache = reference(new, use_cache=False).logits
     torch.testing.assert_close(expected, full)
-    no_cache = reference(new, use_cache=False).logits
     assert float((no_cache - expected).abs().max()) > 1e-3
 
 
