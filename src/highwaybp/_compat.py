@@ -18,6 +18,8 @@ release is known to change what the code relies on:
   `cache`). Tested: the lowest (4.40.0) and the newest (5.24.0); a newer minor is refused.
 - ruff: a newer minor release adds lint rules, which makes the style test fail; releases
   before 0.9 do not know the rule UP045 that pyproject.toml ignores (ruff refuses the file).
+- scikit-learn >= 1.6: `highwaybp.train.data.load_digits` reaches `sklearn.datasets` as an
+  attribute of `sklearn`, which only 1.6+ loads on first use (1.2-1.5: AttributeError).
 - numpy, mnist1d, matplotlib, scikit-learn, hypothesis, pytest: only their stable public API
   is used; the newest release on the day passes the suite, so no upper bound.
 
@@ -43,7 +45,7 @@ TESTED_RANGES: dict[str, tuple[str, str | None]] = {
     "transformers": ("4.40", "5.25"),
     "mnist1d": ("0.0.2", None),
     "matplotlib": ("3.6.2", None),
-    "scikit-learn": ("1.2", None),
+    "scikit-learn": ("1.6", None),
     "pytest": ("7.2", None),
     "hypothesis": ("6.0", None),
     "ruff": ("0.9", "0.18"),
