@@ -6,6 +6,7 @@
 """
 
 from highwaybp import schedules
+from highwaybp._compat import require_tested as _require_tested
 from highwaybp._version import __version__
 from highwaybp.control import KController
 from highwaybp.core.chain import ResidualChain
@@ -28,6 +29,9 @@ from highwaybp.core.scan import (
     reverse_scan_sequential,
 )
 from highwaybp.models import GRU, LSTM, from_huggingface, from_torchvision
+
+# Only torch 2.13 is tested: another release is refused (HIGHWAYBP_ALLOW_UNTESTED=1 warns).
+_require_tested("torch", "highway-bp")
 
 __all__ = [
     "GRU",

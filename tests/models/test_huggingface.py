@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import copy
+import inspect
+import warnings
 
 import pytest
 import torch
 
 import highwaybp as hbp
+from highwaybp import _compat
 from highwaybp.models.huggingface import from_huggingface, highway_stack
 
 transformers = pytest.importorskip("transformers")
@@ -137,11 +140,163 @@ def test_defaults_and_errors():
         from_huggingface(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="gamma"):
         from_huggingface(_gpt2(), gamma=2.0)
-    # A filled KV cache cannot be trained through.
-    ids = torch.randint(0, V, (1, 4))
-    with torch.no_grad():
-        past = gpt(ids, use_cache=True).past_key_values
-    with pytest.raises(ValueError, match="use_cache=False"):
-        gpt(ids[:, -1:], past_key_values=past, use_cache=True)
+    # A cache requested but not filled: a warning, once.
     with pytest.warns(UserWarning, match="use_cache=False"):
-        gpt(ids, use_cache=True).logits.sum().backward()
+        gpt(torch.randint(0, V, (1, 4)), use_cache=True).logits.sum().backward()
+
+
+# ---------------------------------------------------------------------------------------
+# The KV cache, whatever this transformers release calls it (layer_past, past_key_value,
+# past_key_values, cache), and the tuple/tensor block returns of 4.x and 5.x.
+# Run against both ends of the tested range: constraints/lowest.txt and newest.txt.
+# ---------------------------------------------------------------------------------------
+
+
+def _decoder(kind):
+    """A tiny causal LM that fills a KV cache: GPT-2, or BERT as a decoder."""
+    if kind == "gpt2":
+        return _gpt2()
+    cfg = transformers.BertConfig(
+        vocab_size=V,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        is_decoder=True,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    torch.manual_seed(0)
+    return transformers.BertLMHeadModel(cfg).double()
+
+
+def _cache_name(model):
+    """The model's keyword for the KV cache in this release (5.24 renamed it to `cache`)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _prefill(model, ids):
+    """A KV cache filled with `ids` (a fresh one per call: a Cache object is grown in place)."""
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+    return next(v for k, v in out.items() if k in ("cache", "past_key_values"))
+
+
+def _logits_with_cache(model, prompt, new, **kw):
+    name = _cache_name(model)
+    return model(new, **{name: _prefill(model, prompt)}, use_cache=True, **kw).logits
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_filled_cache_is_refused_under_highway_and_exact_elsewhere(kind, chunk):
+    """Fails on eab6026 (before this fix): with transformers 5.24 the block takes the cache as
+    `cache`, the stack looked for `past_key_values` only and computed logits without the cached
+    tokens (a 3-token chunk crashed inside sdpa); with 4.40 it crashed (GPT-2: unexpected
+    keyword `past_key_values`) or took row 0 of the batch (BERT, tuple returns)."""
+    model = _decoder(kind)
+    reference = copy.deepcopy(model)  # never converted
+    from_huggingface(model, method=hbp.Highway(k=1))
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, V, (2, 5), generator=g)
+    new = torch.randint(0, V, (2, chunk), generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # no deprecated argument name of ours
+        with torch.no_grad():
+            expected = _logits_with_cache(reference, prompt, new)
+        # Training through a filled cache: refused, whatever the argument is called.
+        with pytest.raises(ValueError, match="filled KV cache"):
+            _logits_with_cache(model, prompt, new)
+        # Generation (no gradients): the original blocks run, the cache is used.
+        with torch.no_grad():
+            torch.testing.assert_close(
+                _logits_with_cache(model, prompt, new), expected, atol=0, rtol=0
+            )
+        with hbp.use_method(model, hbp.Exact()):
+            torch.testing.assert_close(
+                _logits_with_cache(model, prompt, new), expected, atol=0, rtol=0
+            )
+    # The cached logits are those of the whole sequence: the test can tell a cache that was
+    # dropped (as eab6026 did under 5.24) from one that was used.
+    with torch.no_grad():
+        full = reference(torch.cat([prompt, new], dim=1), use_cache=False).logits[:, -chunk:]
+        no_cache = reference(new, use_cache=False).logits
+    torch.testing.assert_close(expected, full)
+    assert float((no_cache - expected).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert", "roberta"])
+def test_highway_forward_matches_and_warns_nothing(kind):
+    """Fails on eab6026 (before this fix): under 5.24 every GPT-2 forward passed the deprecated
+    `past_key_values` and emitted a FutureWarning; under 4.40 it crashed (GPT-2) or returned
+    row 0 of the batch (BERT/RoBERTa blocks return tuples there)."""
+    model = _decoder(kind) if kind != "roberta" else _encoder(kind, dropout=0.0)
+    reference = copy.deepcopy(model)
+    from_huggingface(model, method=hbp.Highway(k=1))
+    ids = torch.randint(3, V, (B, T), generator=torch.Generator().manual_seed(4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        out = model(ids, use_cache=False) if kind != "roberta" else model(ids)
+        out.logits.sum().backward()
+    expected = reference(ids, use_cache=False) if kind != "roberta" else reference(ids)
+    # The forward of the chain is the model's forward (only the backward is approximate).
+    torch.testing.assert_close(out.logits, expected.logits, atol=1e-12, rtol=1e-12)
+    assert highway_stack(model).last_diagnostics is not None
+
+
+def test_conversion_leaves_the_rng_alone():
+    """from_huggingface calls one block on a dummy input to learn its return convention: the
+    random stream (dropout) the user sees must not move."""
+    model = _gpt2(dropout=0.5)
+    model.train()
+    torch.manual_seed(7)
+    from_huggingface(model, method=hbp.Highway(k=1))
+    after = torch.rand(3)
+    torch.manual_seed(7)
+    torch.testing.assert_close(after, torch.rand(3), atol=0, rtol=0)
+
+
+def _pretend_installed(monkeypatch, name, version):
+    real = _compat.installed_version
+    monkeypatch.setattr(
+        _compat, "installed_version", lambda n: version if n == name else real(n)
+    )
+
+
+@pytest.mark.parametrize("installed", ["5.25.0", "6.0.0", "4.39.3", "5.25.0.dev0"])
+def test_untested_transformers_is_refused(installed, monkeypatch):
+    """Fails on eab6026 (before this fix): any transformers release was run, and 5.24 gave
+    wrong logits with a cache. Outside the tested range: an error that says what to do."""
+    _pretend_installed(monkeypatch, "transformers", installed)
+    monkeypatch.delenv(_compat.ALLOW_UNTESTED_ENV, raising=False)
+    with pytest.raises(_compat.UntestedVersionError) as error:
+        from_huggingface(_gpt2())
+    message = str(error.value)
+    assert f"transformers {installed} is installed" in message
+    assert _compat.specifier("transformers") in message
+    assert _compat.ALLOW_UNTESTED_ENV in message
+    # The explicit opt-in turns the refusal into a warning; the model is converted.
+    monkeypatch.setenv(_compat.ALLOW_UNTESTED_ENV, "1")
+    monkeypatch.setattr(_compat, "_warned", set())
+    with pytest.warns(RuntimeWarning, match=f"transformers {installed} is installed"):
+        model = from_huggingface(_gpt2())
+    assert highway_stack(model).kind == "gpt2"
+
+
+@pytest.mark.parametrize("installed", ["4.40.0", "5.24.0"])
+def test_tested_ends_are_accepted(installed, monkeypatch):
+    _pretend_installed(monkeypatch, "transformers", installed)
+    monkeypatch.delenv(_compat.ALLOW_UNTESTED_ENV, raising=False)
+    assert highway_stack(from_huggingface(_gpt2())).kind == "gpt2"
+
+
+def test_head_mask_is_refused_under_highway():
+    """transformers 4.x passes one head mask per layer, which one chain cannot honour."""
+    model = from_huggingface(_gpt2(), method=hbp.Highway(k=1))
+    if "head_mask" not in inspect.signature(model.forward).parameters:
+        pytest.skip(f"transformers {transformers.__version__} has no head_mask")
+    head_mask = torch.ones(2, 2, dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match="head_mask"):
+        model(torch.randint(0, V, (1, 4)), head_mask=head_mask, use_cache=False)

@@ -20,8 +20,14 @@ Everything else (embeddings, final LN, heads, the loss) stays with autograd. Wit
 `Exact()` or under `torch.no_grad()` the original blocks run unchanged (bit-identical).
 
 Limits: no KV cache contents (training only; a non-empty cache raises, an empty one is
-left unfilled), no cross-attention, and `output_hidden_states`/`output_attentions` are not
-recorded for the stack under Highway/FixedPoint. Tested with transformers 5.x.
+left unfilled), no cross-attention, no `head_mask`, and `output_hidden_states`/
+`output_attentions` are not recorded for the stack under Highway/FixedPoint. The cache is
+recognised by what it is (a `Cache` object or a legacy tuple of tensors), whatever the
+release calls the argument (`layer_past`, `past_key_value`, `past_key_values`, `cache`).
+
+Versions: tested with transformers 4.40.0 and 5.24.0; a release outside the tested range
+(`highwaybp._compat.TESTED_RANGES`) is refused with an error, unless
+HIGHWAYBP_ALLOW_UNTESTED=1 (then a warning).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from typing import Any, Optional
 
 from torch import Tensor, nn
 
+from highwaybp import _compat
 from highwaybp.core.chain import ResidualChain
 from highwaybp.core.iteration import Diagnostics
 from highwaybp.core.methods import Exact, Method
@@ -56,13 +63,9 @@ class _GPT2Attention(nn.Module):
         self.gamma, self.mask, self.kwargs = gamma, mask, kwargs
 
     def forward(self, x: Tensor) -> Tensor:
-        z = self.attn(
-            self.ln(x),
-            past_key_values=None,
-            attention_mask=self.mask,
-            use_cache=False,
-            **self.kwargs,
-        )[0]
+        # No cache argument: its name differs between transformers releases (layer_past,
+        # past_key_value, past_key_values, cache), and every one defaults to "no cache".
+        z = self.attn(self.ln(x), attention_mask=self.mask, **self.kwargs)[0]
         return z + self.gamma * x if self.gamma else z
 
 
@@ -125,6 +128,7 @@ class HighwayStack(nn.ModuleList):
         method: Method,
         vjp: str = "loop",
         scan: Optional[str] = None,
+        returns_tuple: bool = False,
     ) -> None:
         super().__init__(list(blocks))
         self.kind = kind
@@ -132,6 +136,7 @@ class HighwayStack(nn.ModuleList):
         self.method = method
         self.vjp = vjp
         self.scan = scan
+        self.returns_tuple = returns_tuple  # how this transformers release's blocks return
         self._signature = inspect.signature(blocks[0].forward)
         self._last_chain: list[ResidualChain] = []  # a list: not registered as a submodule
         self._warned_cache = False
@@ -147,36 +152,51 @@ class HighwayStack(nn.ModuleList):
             return super().__iter__()
         return iter([self._run_chain])
 
-    def _run_chain(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    def _run_chain(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Any:
         bound = self._signature.bind(hidden_states, *args, **kwargs).arguments
         extra = dict(bound.pop("kwargs", {}))
-        self._check_unsupported(bound)
-        mask = bound.get("attention_mask")
-        chain = self.build_chain(mask, extra)
+        named = dict(list(bound.items())[1:])  # every argument but the hidden states
+        self._check_unsupported(named, extra)
+        chain = self.build_chain(named.get("attention_mask"), extra)
         self._last_chain[:] = [chain]
-        return chain(hidden_states)
+        out = chain(hidden_states)
+        # transformers 4.x blocks (and some 5.x ones) return (hidden, present, attentions,
+        # cross-attentions) and the model reads outputs[0], outputs[1], ...: a bare tensor
+        # would be indexed as a batch (row 0 taken as the output). The cache and attention
+        # entries are not recorded under Highway-BP (see the module limits).
+        return (out, None, None, None) if self.returns_tuple else out
 
-    def _check_unsupported(self, bound: dict) -> None:
-        if bound.get("encoder_hidden_states") is not None:
+    def _check_unsupported(self, named: dict, extra: dict) -> None:
+        """Refuse what the chain cannot run; drop cache objects from `extra` (forwarded)."""
+        if named.get("encoder_hidden_states") is not None:
             raise NotImplementedError(
                 "from_huggingface: cross-attention (encoder_hidden_states) is not supported "
                 "under Highway-BP; use method=Exact() for this model"
             )
-        cache = bound.get("past_key_values")
-        if cache is not None:
-            seen = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 1
-            if seen:
-                raise ValueError(
-                    "from_huggingface: a filled KV cache (past_key_values) cannot be used with "
-                    "Highway-BP training; call the model with use_cache=False"
-                )
-            if not self._warned_cache:
-                warnings.warn(
-                    "from_huggingface: the KV cache is not filled under Highway-BP; pass "
-                    "use_cache=False when training",
-                    stacklevel=3,
-                )
-                self._warned_cache = True
+        if named.get("head_mask") is not None:  # transformers 4.x: one mask per layer
+            raise NotImplementedError(
+                "from_huggingface: head_mask is not supported under Highway-BP (the stack runs "
+                "as one chain and each layer has its own mask); use method=Exact() with it"
+            )
+        # The KV cache reaches the block under a name that changes between releases
+        # (layer_past, past_key_value, past_key_values, cache): find it by what it is.
+        caches = [(k, v) for k, v in (*named.items(), *extra.items()) if _is_kv_cache(v)]
+        for name, _ in caches:
+            extra.pop(name, None)
+        if any(_cache_length(cache) for _, cache in caches):
+            raise ValueError(
+                "from_huggingface: a filled KV cache cannot be used with Highway-BP training "
+                "(the stack would attend to the new tokens only); call the model with "
+                "use_cache=False and no cache, or generate under torch.no_grad() or with "
+                "method=Exact()"
+            )
+        if (caches or named.get("use_cache")) and not self._warned_cache:
+            warnings.warn(
+                "from_huggingface: the KV cache is not filled under Highway-BP; pass "
+                "use_cache=False when training",
+                stacklevel=3,
+            )
+            self._warned_cache = True
 
     def build_chain(self, mask: Any = None, kwargs: Optional[dict] = None) -> ResidualChain:
         """The `ResidualChain` of 2 * n_layer sub-layers for one call (mask/kwargs bound)."""
@@ -199,6 +219,45 @@ class HighwayStack(nn.ModuleList):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, gamma={self.gamma}, method={self.method!r}, vjp={self.vjp}"
+
+
+def _is_kv_cache(value: Any) -> bool:
+    """A KV cache in any form a block receives: a `transformers` `Cache` object (it has
+    `get_seq_length`), or a legacy tuple of (key, value) tensors (transformers 4.x)."""
+    if hasattr(value, "get_seq_length"):
+        return True
+    return isinstance(value, (tuple, list)) and any(
+        isinstance(leaf, Tensor) or _is_kv_cache(leaf) for leaf in value
+    )
+
+
+def _cache_length(cache: Any) -> int:
+    """How many tokens `cache` holds (0: empty, to be filled by this call)."""
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    return max(
+        (leaf.shape[-2] if leaf.dim() >= 2 else leaf.numel()) if isinstance(leaf, Tensor)
+        else _cache_length(leaf)
+        for leaf in cache
+    )
+
+
+def _block_returns_tuple(block: nn.Module, width: int) -> bool:
+    """Whether `block` returns a tuple (transformers 4.x, GPT-2 up to 5.x) or a tensor.
+
+    The convention changed per model and release, so it is read from the block itself: one
+    call of its own `forward` on a 1 x 1 x width zero input, without gradients, in a forked
+    RNG (dropout draws no random numbers the user sees). Forward hooks registered on the
+    block's submodules do see this call.
+    """
+    import torch
+
+    param = next(block.parameters())
+    x = torch.zeros(1, 1, width, dtype=param.dtype, device=param.device)
+    devices = [param.device.index or 0] if param.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        out = type(block).forward(block, x)
+    return isinstance(out, tuple)
 
 
 def _is_gpt2_block(m: nn.Module) -> bool:
@@ -267,9 +326,16 @@ def from_huggingface(
         existing.gamma, existing.method, existing.vjp, existing.scan = g, method, vjp, scan
         return model
     parent, attr, kind = _find_stack(model)
+    # Refuse a transformers release outside the tested range (see highwaybp._compat).
+    _compat.require_tested("transformers", "highwaybp.from_huggingface")
     g = DEFAULT_GAMMA[kind] if gamma is None else _check_gamma(gamma)
     ResidualChain([ResidualLayer(nn.Identity())], vjp=vjp, scan=scan)  # validate names now
-    setattr(parent, attr, HighwayStack(getattr(parent, attr), kind, g, method, vjp, scan))
+    blocks = getattr(parent, attr)
+    first = blocks[0]
+    ln = first.ln_1 if kind == "gpt2" else first.attention.output.LayerNorm
+    returns_tuple = _block_returns_tuple(first, ln.normalized_shape[-1])
+    stack = HighwayStack(blocks, kind, g, method, vjp, scan, returns_tuple=returns_tuple)
+    setattr(parent, attr, stack)
     return model
 
 
