@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 
 from highwaybp.core.methods import (
     Exact,
-    FixedPoint,
     Highway,
     Method,
     check_method,
@@ -57,16 +56,7 @@ GRAMMAR = (
 
 def method_to_string(method: Method) -> str:
     """The text `method_from_string` reads back to an equal method ("highway:k=3")."""
-    check_method(method)
-    if isinstance(method, Exact):
-        return "exact"
-    if isinstance(method, FixedPoint):
-        return f"fixedpoint:k={method.k}"
-    if isinstance(method, Highway):
-        if method.adaptive:
-            return f"highway:tol={method.tol!r},max_k={method.max_k},fallback={method.fallback}"
-        return f"highway:k={method.k}"
-    raise TypeError(f"no text form for method {method!r}")
+    return check_method(method).to_string()
 
 
 def _int(name: str, value: object, minimum: int = 0) -> int:

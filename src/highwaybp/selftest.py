@@ -218,7 +218,7 @@ def ran_method(diag: Any, method: Method, length: int, what: str) -> str:
     if diag is None or diag.method != repr(method):
         got = None if diag is None else diag.method
         raise CheckFailed(f"{what} did not report running {method!r} (diagnostics: {got})")
-    if isinstance(method, Exact):
+    if method.exact:
         return ""
     if diag.iterations != length:
         raise CheckFailed(f"{what} ran {diag.iterations} iterations of {method!r}, expected "

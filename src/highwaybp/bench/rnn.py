@@ -57,11 +57,7 @@ EXACT_BASELINES = ("torch", "autograd-loop")
 
 
 def _method_name(method: Method) -> str:
-    if isinstance(method, Highway):
-        return f"highway(k={method.k})"
-    if isinstance(method, FixedPoint):
-        return f"fixedpoint(k={method.k})"
-    return "hbp-exact"
+    return "hbp-exact" if method.exact else f"{method.name}(k={method.k})"
 
 
 def _parse_method(name: str) -> tuple[str, Optional[Method]]:
@@ -166,7 +162,7 @@ def backward_matmul_flops(args: Any, name: str, seq_len: int) -> float:
     for layer in range(args.layers):
         in_size = args.input_size if layer == 0 else H
         _, method = _parse_method(name)
-        exact = method is None or isinstance(method, Exact)
+        exact = method is None or method.exact
         sweeps = 1 if exact else min(method.k, seq_len)
         total += sweeps * per_sweep
         total += per_sweep + 2 * seq_len * B * G * H * in_size  # dW_hh, dW_ih

@@ -20,7 +20,7 @@ from torch.nn.modules import module as torch_module  # its global hook registrie
 
 from highwaybp.core.backends import VJP_BACKENDS, LoopVJP
 from highwaybp.core.iteration import Diagnostics, highway_iterate, raise_if_nonfinite
-from highwaybp.core.methods import Exact, FixedPoint, Highway, Method, check_method
+from highwaybp.core.methods import Exact, Method, check_method
 from highwaybp.core.replay import ForwardState, capture_forward_state
 from highwaybp.core.residual import ResidualLayer
 from highwaybp.core.scan import DEFAULT_SCAN, get_scan, reverse_scan_list_
@@ -99,7 +99,7 @@ class ResidualChain(nn.Module):
     ) -> Tensor:
         _check_input(x)
         method = self.method if method is None else check_method(method)
-        if isinstance(method, Exact) or not self._needs_backward(x):
+        if method.exact or not self._needs_backward(x):
             if self._needs_backward(x):  # an evaluation under no_grad keeps the last report
                 self.last_diagnostics = Diagnostics(method=repr(method), stop_reason="exact")
             return self._forward_autograd(x, return_states)
@@ -150,7 +150,7 @@ class ResidualChain(nn.Module):
                 f"got {tuple(grad_out.shape)}"
             )
         backend = VJP_BACKENDS[self.vjp](self.layers, inputs, run.forward_states)
-        if isinstance(method, Exact):
+        if method.exact:
             g = _upstream_grads(inputs, grad_out, return_states)
             return _ChainOps(self, backend, uniform=False).exact_backward(g)
         w0, rest, diag = _backward(self, run, backend, inputs, grad_out)
@@ -354,11 +354,10 @@ def _backward(
     raise_if_nonfinite(g, 0, "the gradient flowing into the chain")
     ops = _ChainOps(chain, backend, _is_uniform(chain, inputs, grad_out, run.return_states))
     method = run.method
-    if isinstance(method, FixedPoint):
+    if not method.keeps_residual:  # K = 0: the whole layer's VJP, no scan
         w, diag = highway_iterate(g, ops.full_vjp, lambda s: s, method, len(chain.layers),
                                   inplace=True)
     else:
-        assert isinstance(method, Highway)
         w, diag = highway_iterate(g, ops.block_vjp, ops.scan, method, len(chain.layers),
                                   exact_backward=ops.exact_backward, inplace=True)
     return w[0], w[1:], diag

@@ -72,7 +72,7 @@ class StopRule:
     def __init__(self, method: Highway | FixedPoint, num_layers: int) -> None:
         self.method = method
         self.num_layers = num_layers
-        self.adaptive = isinstance(method, Highway) and method.adaptive
+        self.adaptive = method.adaptive
         self.keep_best = self.adaptive and method.fallback == "best"
         self.bound = method.iteration_bound
         self.diag = Diagnostics(method=repr(method))

@@ -4,14 +4,20 @@
 - `Highway(k)`: Highway-BP with k iterations; `Highway(tol=..., max_k=...)` is adaptive.
 - `FixedPoint(k)`: the Jacobi fixed-point iteration baseline (Highway-BP with K = 0).
 
-`method_from_string("highway:k=3")` builds one from text (the CLI uses it).
+A method says how it runs through class attributes that every engine reads (the chain, the
+RNN engines, CellRNN, the model adapters): `exact` (run plain autograd / exact BPTT) or an
+iteration that `keeps_residual` (scan with K: Highway) or not (K = 0: FixedPoint), bounded
+by `iteration_bound`, `adaptive` with a `fallback` or not. No engine tests a method's class.
+`METHODS` is the one registry of names: `register_method` adds one, `method_from_string`
+("highway:k=3") and `Method.to_string` read and write the text form the CLI uses.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, ClassVar, Optional, TypeVar
 
 _FALLBACKS = ("exact", "best", "last")
 
@@ -26,13 +32,64 @@ def _check_k(name: str, k: object) -> int:
 
 @dataclass(frozen=True)
 class Method:
-    """Base class of gradient methods."""
+    """Base class of gradient methods: how the backward runs, read by every engine.
+
+    Class attributes:
+        exact: the backward is exact backprop (autograd through the layers, exact BPTT).
+        keeps_residual: for an iterative method, whether the scan carries the residual
+            path K (Highway-BP) or K = 0 (the fixed-point iteration).
+        option_types: the text options `method_from_string` accepts, with their types.
+    Properties: `iteration_bound` (iterations at most), `adaptive` (stops on a tolerance
+    and may apply `fallback`).
+    """
+
+    exact: ClassVar[bool] = False
+    keeps_residual: ClassVar[bool] = True
+    option_types: ClassVar[dict[str, type]] = {}
+    registry_name: ClassVar[str] = ""
 
     @property
     def name(self) -> str:
-        return type(self).__name__.lower()
+        return self.registry_name or type(self).__name__.lower()
+
+    @property
+    def adaptive(self) -> bool:
+        return False
+
+    @property
+    def fallback(self) -> Optional[str]:
+        return None
+
+    @property
+    def iteration_bound(self) -> int:
+        raise NotImplementedError(f"{type(self).__name__} does not iterate")
+
+    def to_string(self) -> str:
+        """The text `method_from_string` reads back to an equal method ("highway:k=3")."""
+        opts = [f"{f}={getattr(self, f)!r}" if isinstance(getattr(self, f), float)
+                else f"{f}={getattr(self, f)}"
+                for f in self.option_types if getattr(self, f, None) is not None]
+        return self.name + (":" + ",".join(opts) if opts else "")
 
 
+M = TypeVar("M", bound=type[Method])
+METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(name: str) -> Callable[[M], M]:
+    """Class decorator: register a method under `name` for `method_from_string`."""
+
+    def add(cls: M) -> M:
+        if name in METHODS and METHODS[name] is not cls:
+            raise ValueError(f"a method is already registered as {name!r}: {METHODS[name]}")
+        cls.registry_name = name
+        METHODS[name] = cls
+        return cls
+
+    return add
+
+
+@register_method("exact")
 @dataclass(frozen=True)
 class Exact(Method):
     """Exact backpropagation: the chain runs its layers under autograd."""
@@ -40,7 +97,10 @@ class Exact(Method):
     def __repr__(self) -> str:
         return "Exact()"
 
+    exact: ClassVar[bool] = True
 
+
+@register_method("highway")
 @dataclass(frozen=True, init=False)
 class Highway(Method):
     """Highway backpropagation (Fagnou et al., ICLR 2025).
@@ -59,7 +119,10 @@ class Highway(Method):
     k: Optional[int] = None
     tol: Optional[float] = None
     max_k: Optional[int] = None
-    fallback: Optional[str] = None
+    fallback: Optional[str] = None  # type: ignore[assignment]
+
+    option_types: ClassVar[dict[str, type]] = {"k": int, "tol": float, "max_k": int,
+                                               "fallback": str}
 
     def __init__(
         self,
@@ -109,6 +172,7 @@ class Highway(Method):
         return f"Highway(k={self.k})"
 
 
+@register_method("fixedpoint")
 @dataclass(frozen=True, init=False)
 class FixedPoint(Method):
     """Fixed-point (Jacobi) iteration (Wang & Ragni 2021): Highway-BP with K = 0.
@@ -118,6 +182,9 @@ class FixedPoint(Method):
     """
 
     k: int = 3
+
+    keeps_residual: ClassVar[bool] = False
+    option_types: ClassVar[dict[str, type]] = {"k": int}
 
     def __init__(self, k: int = 3) -> None:
         object.__setattr__(self, "k", _check_k("FixedPoint", k))
@@ -130,9 +197,6 @@ class FixedPoint(Method):
         return f"FixedPoint(k={self.k})"
 
 
-METHODS = {"exact": Exact, "highway": Highway, "fixedpoint": FixedPoint}
-
-
 def check_method(method: object) -> Method:
     """`method` if it is a highwaybp method, else a TypeError that lists the choices."""
     if not isinstance(method, Method):
@@ -143,11 +207,9 @@ def check_method(method: object) -> Method:
     return method
 
 
-_OPTIONS = {"exact": (), "highway": ("k", "tol", "max_k", "fallback"), "fixedpoint": ("k",)}
-
-
 def method_from_string(text: str) -> Method:
-    """Parse "exact", "highway:k=3", "highway:tol=1e-3,max_k=20", "fixedpoint:k=2".
+    """Parse "exact", "highway:k=3", "highway:tol=1e-3,max_k=20", "fixedpoint:k=2", or any
+    method in `METHODS` ("name:option=value,...").
 
     A bare number after the name is k: "highway:3". An option given twice, an option the
     method does not take, or a value of the wrong type is a ValueError.
@@ -155,24 +217,24 @@ def method_from_string(text: str) -> Method:
     name, _, arg_text = text.strip().lower().partition(":")
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose from {sorted(METHODS)}")
-    kwargs: dict[str, object] = {}
+    cls = METHODS[name]
+    kwargs: dict[str, Any] = {}
     for item in filter(None, (s.strip() for s in arg_text.split(","))):
         key, eq, value = item.partition("=")
         if not eq:
             key, value = "k", key
         key, value = key.strip(), value.strip()
-        if key not in _OPTIONS[name]:
-            takes = ", ".join(_OPTIONS[name]) or "no options"
+        if key not in cls.option_types:
+            takes = ", ".join(cls.option_types) or "no options"
             raise ValueError(f"method {name!r} takes {takes}; got option {key!r} in {text!r}")
         if key in kwargs:
             raise ValueError(f"option {key!r} given twice in method {text!r}")
+        kind = cls.option_types[key]
         try:
-            kwargs[key] = int(value) if key in ("k", "max_k") else (
-                float(value) if key == "tol" else value
-            )
+            kwargs[key] = kind(value)
         except ValueError:
-            kind = "a number" if key == "tol" else "an integer"
+            what = {int: "an integer", float: "a number"}.get(kind, kind.__name__)
             raise ValueError(
-                f"option {key!r} in method {text!r} must be {kind}, got {value!r}"
+                f"option {key!r} in method {text!r} must be {what}, got {value!r}"
             ) from None
-    return METHODS[name](**kwargs)
+    return cls(**kwargs)

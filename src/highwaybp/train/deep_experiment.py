@@ -219,12 +219,7 @@ TASKS = {"resnet": resnet_task, "gpt": gpt_task}
 
 
 def method_name(m: Method) -> str:
-    if isinstance(m, Exact):
-        return "exact"
-    if isinstance(m, Highway):
-        return f"highway_k{m.k}"
-    assert isinstance(m, FixedPoint)
-    return f"fixedpoint_k{m.k}"
+    return "exact" if m.exact else f"{m.name}_k{m.k}"
 
 
 def _grad_of(model: nn.Module, task: Task, method: Method) -> list[Tensor]:
@@ -286,7 +281,7 @@ def train_run(
         run, start = state["run"], state["step"]
         log(f"  resumed {task.name}/{run['method']} at step {start}")
     marks = _checkpoints(task.steps)
-    is_exact = isinstance(method, Exact)
+    is_exact = method.exact
     t_last = time.perf_counter()
 
     def save(step: int) -> None:

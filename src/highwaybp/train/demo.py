@@ -138,7 +138,7 @@ def accuracy(model: nn.Module, data: TensorSplit) -> float:
 
 def fidelity_on_trained(model: nn.Module, method: Method, data: TensorSplit) -> float:
     """Cosine of `method`'s gradient to the exact one, on the model `method` trained."""
-    if isinstance(method, Exact):
+    if method.exact:
         return 1.0
     x, y = data.x_test[:512], data.y_test[:512]
     report = gradient_fidelity(
@@ -275,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
             if result is None:
                 return _stopped(guard, key, ckpt_path)
             result["grad_cosine_to_exact"] = fidelity_on_trained(model, method, data)
-            if isinstance(method, Exact):
+            if method.exact:
                 state["fidelity_curve"] = fidelity_curve(model, data, cfg.depth)
             state["results"][key] = result
             save_checkpoint(ckpt_path, state)

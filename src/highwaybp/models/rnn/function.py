@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from highwaybp.core.iteration import Diagnostics
-from highwaybp.core.methods import Exact, Method
+from highwaybp.core.methods import Method
 from highwaybp.models.rnn.engine import BufferPool, Engine
 from highwaybp.models.rnn.gru import GRUEngine
 from highwaybp.models.rnn.loop import _check_finite, fast_iterate, reference_iterate
@@ -116,7 +116,7 @@ def _layer_backward(
     eng.set_loss(grad_y, grad_c if lstm else None)
     eng.prepare()
     method = run.method
-    if isinstance(method, Exact):
+    if method.exact:
         w = eng.exact_backward(eng.new_state())
         _check_finite(eng, w, 0)
         diag = Diagnostics(method=repr(method), stop_reason="exact")

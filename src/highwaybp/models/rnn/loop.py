@@ -27,7 +27,7 @@ def fast_iterate(eng: Engine, method: Highway | FixedPoint) -> tuple[Tensor, Dia
     the step norms and once on the returned estimate.
     """
     rule = StopRule(method, eng.T)
-    full = isinstance(method, FixedPoint)
+    full = not method.keeps_residual  # K = 0: the whole cell's VJP, no scan
     w = eng.init_loss_(eng.new_state())
     if not full:
         eng.scan_(w)
@@ -61,7 +61,7 @@ def _check_finite(eng: Engine, w: Tensor, iteration: int) -> None:
 
 def reference_iterate(eng: Engine, method: Highway | FixedPoint) -> tuple[Tensor, Diagnostics]:
     """The same estimate through the core's generic `highway_iterate` (fresh tensors per step)."""
-    full = isinstance(method, FixedPoint)
+    full = not method.keeps_residual  # K = 0: the whole cell's VJP, no scan
 
     def fresh() -> Tensor:
         return torch.empty(eng.state_shape(), dtype=eng.x.dtype, device=eng.x.device)

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from highwaybp.core.iteration import Diagnostics, highway_iterate
-from highwaybp.core.methods import Exact, FixedPoint, Highway, Method, check_method
+from highwaybp.core.methods import Exact, Method, check_method
 from highwaybp.core.scan import reverse_scan_sequential
 
 
@@ -116,7 +116,7 @@ class CellRNN(nn.Module):
                 f"CellRNN needs x [T, B, In] and h0 [B, S], got {tuple(x.shape)} "
                 f"and {tuple(h0.shape)}"
             )
-        if isinstance(method, Exact) or not torch.is_grad_enabled():
+        if method.exact or not torch.is_grad_enabled():
             h, states = h0, []
             for x_t in x.unbind(0):
                 h = self.cell(x_t, h)
@@ -130,7 +130,8 @@ class CellRNN(nn.Module):
 def _check_cell(cell: Any, method: Method) -> None:
     if not isinstance(cell, nn.Module):
         raise TypeError(f"CellRNN needs an nn.Module cell, got {type(cell).__name__}")
-    if isinstance(method, Highway) and not callable(getattr(cell, "residual_gate", None)):
+    if (not method.exact and method.keeps_residual
+            and not callable(getattr(cell, "residual_gate", None))):
         raise TypeError(
             f"cell {type(cell).__name__} declares no residual gate, so Highway-BP does not know "
             "its K: add a method residual_gate(x, h) -> [N, S] returning the diagonal of the "
@@ -165,7 +166,7 @@ class _CellFunction(torch.autograd.Function):
             xs = x.reshape(T * B, -1).detach().requires_grad_(ctx.needs_input_grad[0])
             out = owner.cell(xs, hp)
         _check_rerun(owner.cell, out.detach().reshape(T, B, S), stacked[1:])
-        full = isinstance(method, FixedPoint)
+        full = not method.keeps_residual
         a = None
         if not full:
             with torch.no_grad():
