@@ -627,13 +627,14 @@ class DDGProcesses:
 
         Once the run has failed (a rank reported an error or exited non-zero), a rank that
         can no longer progress (it reported an error, or both its neighbours r-1 and r+1
-        exited or reported one) gets `grace` seconds (default min(timeout, 10)) to exit;
-        the wait does not go on for it. A healthy rank fails at once when its neighbours
-        are gone, so one still running without a report is stopped (SIGSTOP, a debugger)
+        exited or reported one) gets `grace` seconds (default timeout + 10) to exit; the
+        wait does not go on for it. A healthy rank fails as soon as its neighbours are gone,
+        and every wait of its own is bounded by `timeout`, so one still running without a
+        report after that (10 s more for a busy machine) is stopped (SIGSTOP, a debugger)
         or hung: it is listed in `.stuck`, and `close()` kills it. Without this, a stopped
         rank, whose own watchdog is stopped too, kept the launcher waiting until `deadline`.
         """
-        grace = min(self.cfg.timeout, 10.0) if grace is None else grace
+        grace = self.cfg.timeout + 10.0 if grace is None else grace
         end = time.monotonic() + deadline
         settled_at: dict[int, float] = {}  # rank -> when it could no longer progress
         while True:
@@ -685,7 +686,7 @@ def spawn_ddg(cfg: DDGRunConfig, world: int, deadline: Optional[float] = None) -
 
     Returns the per-rank results of `run_rank`. Raises DDGRuntimeError (with every rank's
     message) if a rank fails, as soon as the ranks that can still report have done so: a
-    rank stopped or hung is named and killed `min(timeout, 10)` s after its neighbours
+    rank stopped or hung is named and killed `timeout + 10` s after its neighbours
     failed (see `DDGProcesses.join`); never waits longer than `deadline` seconds
     (default: 4 * cfg.timeout + 60).
     """

@@ -39,7 +39,7 @@ from typing import Any, Optional
 
 from torch import Tensor, nn
 
-from highwaybp import _compat
+import highwaybp._compat as _compat
 from highwaybp.core.chain import ResidualChain
 from highwaybp.core.iteration import Diagnostics
 from highwaybp.core.methods import Exact, Method
