@@ -220,3 +220,15 @@ def test_global_module_hooks():
             _param_grads(chain, hbp.Highway(k=3), x)
     finally:
         handle.remove()
+
+
+def test_module_backward_hooks_are_refused_with_recorded_graphs_too():
+    """recompute=False skipped the hook checks (the hook then ran once per iteration on
+    estimates); found by the hostile review."""
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Linear(4, 4), nn.Tanh()) for _ in range(3)]
+    blocks[1][0].register_full_backward_hook(lambda m, gi, go: None)
+    chain = hbp.ResidualChain([hbp.ResidualLayer(b) for b in blocks], method=hbp.Highway(k=3),
+                              recompute=False)
+    with pytest.raises(RuntimeError, match="module backward hook"):
+        chain(torch.randn(2, 4, requires_grad=True))

@@ -266,3 +266,21 @@ class ScaledTanh(nn.Module):
 
     def forward(self, x):
         return self.scale * torch.tanh(self.lin(x))
+
+
+@pytest.mark.parametrize("vjp", ["loop", "batched"])
+def test_frozen_parameter_changed_in_place_before_backward_is_refused(vjp):
+    """A frozen weight (a LoRA base, an EMA copy) changed in place after the forward: the
+    re-run read its new value and the gradient was another model's, silently (found by the
+    hostile review; autograd and recompute=False raised)."""
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Linear(4, 4), nn.Tanh()) for _ in range(3)]
+    for b in blocks:
+        b[0].weight.requires_grad_(False)
+    chain = hbp.ResidualChain([hbp.ResidualLayer(b) for b in blocks], method=hbp.Highway(k=3),
+                              vjp=vjp)
+    y = chain(torch.randn(2, 4, requires_grad=True)).sum()
+    with torch.no_grad():
+        blocks[1][0].weight.mul_(3)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        y.backward()

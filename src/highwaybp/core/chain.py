@@ -202,6 +202,20 @@ def _check_layer(index: int, layer: Any) -> None:
 def _apply_layer(index: int, layer: ResidualLayer, h: Tensor) -> Tensor:
     """residual.combine(h, block(h)): the function the backward re-runs, checked for
     what would make the two differ (hooks on the layer, a block writing into its input)."""
+    _check_layer_hooks(index, layer)
+    version = h._version
+    out = layer.residual.combine(h, layer.block(h))
+    if h._version != version:
+        raise RuntimeError(
+            f"layer {index + 1} modified its input in place (e.g. ReLU(inplace=True) as the "
+            "block's first op); the Highway backward needs that input unchanged: use "
+            "inplace=False there"
+        )
+    return out
+
+
+def _check_layer_hooks(index: int, layer: ResidualLayer) -> None:
+    """Refuse hooks the Highway backward would run differently from autograd."""
     if layer._forward_hooks or layer._forward_pre_hooks:
         raise RuntimeError(
             f"layer {index + 1} has forward hooks, which the Highway backward does not re-run; "
@@ -224,15 +238,6 @@ def _apply_layer(index: int, layer: ResidualLayer, h: Tensor) -> Tensor:
                 "takes each block's VJP at every iteration with an estimate. Use "
                 "method=Exact() for this chain, or hook the parameters or the chain's output."
             )
-    version = h._version
-    out = layer.residual.combine(h, layer.block(h))
-    if h._version != version:
-        raise RuntimeError(
-            f"layer {index + 1} modified its input in place (e.g. ReLU(inplace=True) as the "
-            "block's first op); the Highway backward needs that input unchanged: use "
-            "inplace=False there"
-        )
-    return out
 
 
 def _check_input(x: Any) -> None:
@@ -262,9 +267,11 @@ class _HighwayFunction(torch.autograd.Function):
         ctx.params = params
         if chain.recompute:
             inputs, states = _forward_saving_inputs(chain, x, run)
-            # Parameters too: autograd's version counter then catches a parameter changed
-            # in place between this forward and the backward (as it does for Exact()).
-            ctx.save_for_backward(*inputs, *params)
+            # Parameters too, frozen ones included (the re-run reads them): autograd's
+            # version counter then catches a parameter changed in place between this
+            # forward and the backward, as it does for Exact().
+            frozen = [p for p in chain.parameters() if not p.requires_grad]
+            ctx.save_for_backward(*inputs, *params, *frozen)
             ctx.num_inputs = len(inputs)
             ctx.backend = None
         else:
@@ -316,8 +323,7 @@ def _forward_recording_graphs(chain: ResidualChain, x: Tensor):
     backend = LoopVJP(chain.layers)
     states, h = [], x
     for index, layer in enumerate(chain.layers):
-        if layer._forward_hooks or layer._forward_pre_hooks:
-            _apply_layer(index, layer, h)  # raises the hook error
+        _check_layer_hooks(index, layer)
         try:
             h = backend.record(layer, h).detach()
         except RuntimeError as err:
