@@ -113,3 +113,30 @@ def test_exact_state_gradients_match_autograd_per_state():
     assert len(ws) == len(per_state) == 4
     for i, (w, a) in enumerate(zip(ws, per_state)):
         torch.testing.assert_close(w, a, rtol=1e-12, atol=1e-12, msg=f"state {i}")
+
+
+@pytest.mark.parametrize("vjp", ["loop", "batched"])
+@pytest.mark.parametrize("indices", [(2, 4), (1, 5), (5,)])
+def test_selected_states_are_per_state_losses(vjp, indices):
+    """return_states=(i, j, ...): losses on those states are per-state losses; at k = L the
+    gradient is autograd's (layers past the last selected state get zero, not None)."""
+
+    def build(method):
+        torch.manual_seed(0)
+        blocks = [nn.Sequential(nn.Linear(4, 4), nn.Tanh()) for _ in range(5)]
+        kw = {} if method.exact else {"vjp": vjp}
+        return hbp.ResidualChain([hbp.ResidualLayer(b) for b in blocks], method=method,
+                                 **kw).double()
+
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for chain in (build(hbp.Highway(k=5)), build(hbp.Exact())):
+        outs = chain(x, return_states=indices)
+        assert isinstance(outs, tuple) and len(outs) == len(indices)
+        sum((o ** 2).sum() * (n + 1) for n, o in enumerate(outs)).backward()
+        grads.append([x.grad.clone()] + [torch.zeros_like(p) if p.grad is None else p.grad
+                                         for p in chain.parameters()])
+        x.grad = None
+    assert max(float((a - b).abs().max()) for a, b in zip(*grads)) < 1e-12
+    with pytest.raises(ValueError, match="increasing state indices"):
+        build(hbp.Highway(k=1))(x, return_states=(3, 2))

@@ -285,7 +285,27 @@ def test_stages_called_out_of_order_are_refused():
     stem = model.maxpool(model.relu(model.bn1(model.conv1(x))))
     h1 = model.layer1(stem)
     with pytest.raises(RuntimeError, match="layer2 must be called right after"):
-        model.layer2(h1 * 1.0)  # a feature extractor reading/altering layer1's output
+        model.layer2(h1 * 1.0)  # layer2 on another tensor than layer1's output
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_a_loss_that_reads_intermediate_stage_outputs_gets_autograds_gradient(name):
+    """Feature-extractor / skip-connection style: the loss reads layer1's and layer2's
+    outputs and layer3/layer4 are never called. layer1 used to return the output of all
+    four stages, so this ran without error and gave the stem a 10x wrong gradient (found
+    by the hostile review). Every stage output is now a state of the chain."""
+    reference = _model(name)
+    model = from_torchvision(copy.deepcopy(reference),
+                             method=hbp.Highway(k=_num_blocks(reference)))
+    x, _ = _data()
+    grads = []
+    for m in (reference, model):
+        stem = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+        a = m.layer1(stem)
+        b = m.layer2(a)
+        ((a ** 2).mean() + b.sum()).backward()
+        grads.append([torch.zeros_like(p) if p.grad is None else p.grad for p in m.parameters()])
+    assert _max_diff(grads[0], grads[1]) < 1e-9
 
 
 # ---------------------------------------------------------------------------------------

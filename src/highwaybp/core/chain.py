@@ -43,8 +43,10 @@ class ResidualChain(nn.Module):
             Needs vjp="loop"; allows one backward per forward.
 
     Call: `chain(x, method=None, return_states=False)`; x: [*S] floating point. Returns
-    h_L [*S_L], or with `return_states=True` the stacked states h_1..h_L [L, *S] (all layers
-    must then keep the shape), so losses on intermediate states become per-layer losses.
+    h_L [*S_L]; with `return_states=(i, j, ...)` the tuple (h_i, h_j, ...) of those states
+    (1-based, increasing, any shapes); with `return_states=True` the stacked states
+    h_1..h_L [L, *S] (all layers must then keep the shape). Losses on returned intermediate
+    states become per-layer losses of the iteration.
 
     After a backward through a Highway/FixedPoint chain, `chain.last_diagnostics` tells the
     iterations used and the relative step of each (see `Diagnostics`).
@@ -95,10 +97,12 @@ class ResidualChain(nn.Module):
         return len(self.layers)
 
     def forward(
-        self, x: Tensor, method: Method | None = None, return_states: bool = False
-    ) -> Tensor:
+        self, x: Tensor, method: Method | None = None,
+        return_states: bool | Sequence[int] = False,
+    ) -> Tensor | tuple[Tensor, ...]:
         _check_input(x)
         method = self.method if method is None else check_method(method)
+        return_states = _check_return_states(return_states, len(self.layers))
         if method.exact or not self._needs_backward(x):
             if self._needs_backward(x):  # an evaluation under no_grad keeps the last report
                 self.last_diagnostics = Diagnostics(method=repr(method), stop_reason="exact")
@@ -162,13 +166,13 @@ class ResidualChain(nn.Module):
             return False
         return x.requires_grad or any(p.requires_grad for p in self.parameters())
 
-    def _forward_autograd(self, x: Tensor, return_states: bool) -> Tensor:
+    def _forward_autograd(self, x: Tensor, return_states: bool | tuple[int, ...]):
         states = []
         h = x
         for layer in self.layers:
             h = layer(h)
             states.append(h)
-        return _stack_states(states) if return_states else h
+        return _select_states(states, return_states)
 
     def extra_repr(self) -> str:
         return f"method={self.method!r}, scan={self.scan_name or 'default'}, vjp={self.vjp}"
@@ -180,8 +184,9 @@ class _Run:
 
     chain: ResidualChain
     method: Method
-    return_states: bool
+    return_states: bool | tuple[int, ...]
     forward_states: Optional[list[ForwardState]] = None
+    last_state: Optional[Tensor] = None  # an empty tensor shaped like h_L (dtype, device)
 
 
 def _check_layer(index: int, layer: Any) -> None:
@@ -250,6 +255,30 @@ def _check_input(x: Any) -> None:
         )
 
 
+def _check_return_states(value: Any, num_layers: int) -> bool | tuple[int, ...]:
+    if isinstance(value, bool):
+        return value
+    try:
+        indices = tuple(int(i) for i in value)
+    except TypeError:
+        raise TypeError(f"return_states must be a bool or a sequence of state indices, got "
+                        f"{value!r}") from None
+    if not indices or list(indices) != sorted(set(indices)) or not (
+            indices[0] >= 1 and indices[-1] <= num_layers):
+        raise ValueError(f"return_states must list increasing state indices in 1..{num_layers} "
+                         f"(h_i is layer i's output), got {value!r}")
+    return indices
+
+
+def _select_states(states: list[Tensor], return_states: bool | tuple[int, ...]):
+    """What the chain returns: h_L, the stacked states, or the chosen states as a tuple."""
+    if return_states is True:
+        return _stack_states(states)
+    if return_states is False:
+        return states[-1]
+    return tuple(states[i - 1] for i in return_states)
+
+
 def _stack_states(states: list[Tensor]) -> Tensor:
     shapes = {tuple(s.shape) for s in states}
     if len(shapes) != 1:
@@ -276,10 +305,11 @@ class _HighwayFunction(torch.autograd.Function):
             ctx.backend = None
         else:
             ctx.backend, states = _forward_recording_graphs(chain, x)
-        return _stack_states(states) if run.return_states else states[-1]
+        run.last_state = states[-1].new_empty(states[-1].shape)
+        return _select_states(states, run.return_states)
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Optional[Tensor], ...]:
+    def backward(ctx: Any, *grad_outs: Tensor) -> tuple[Optional[Tensor], ...]:
         if torch.is_grad_enabled():  # the engine runs backward in grad mode iff create_graph
             raise RuntimeError(
                 f"backward(create_graph=True) (double backward) through a ResidualChain with "
@@ -293,6 +323,7 @@ class _HighwayFunction(torch.autograd.Function):
             raise RuntimeError(_SECOND_BACKWARD)
         ctx.backend = None  # recompute=False: the recorded graphs serve one backward
         inputs = [x.detach() for x in backend.xs]
+        grad_out = grad_outs if isinstance(run.return_states, tuple) else grad_outs[0]
         grad_x, ws, diag = _backward(chain, run, backend, inputs, grad_out)
         param_grads = backend.param_vjps(ws, ctx.params)
         chain.last_diagnostics = diag
@@ -356,9 +387,9 @@ def _backward(
     chain: ResidualChain, run: _Run, backend: Any, inputs: list[Tensor], grad_out: Tensor
 ) -> tuple[Tensor, list[Tensor], Diagnostics]:
     """Run the iteration; return (dLoss/dh_0, [w_1..w_L], diagnostics)."""
-    g = _upstream_grads(inputs, grad_out, run.return_states)
+    g = _upstream_grads(inputs, grad_out, run.return_states, run.last_state)
     raise_if_nonfinite(g, 0, "the gradient flowing into the chain")
-    ops = _ChainOps(chain, backend, _is_uniform(chain, inputs, grad_out, run.return_states))
+    ops = _ChainOps(chain, backend, _is_uniform(chain, g))
     method = run.method
     if not method.keeps_residual:  # K = 0: the whole layer's VJP, no scan
         w, diag = highway_iterate(g, ops.full_vjp, lambda s: s, method, len(chain.layers),
@@ -369,24 +400,31 @@ def _backward(
     return w[0], w[1:], diag
 
 
-def _is_uniform(
-    chain: ResidualChain, inputs: list[Tensor], grad_out: Tensor, return_states: bool
-) -> bool:
+def _is_uniform(chain: ResidualChain, g: list[Tensor]) -> bool:
     """All states share one shape and every K is diagonal: states can stack into one tensor."""
-    out_shape = grad_out.shape[1:] if return_states else grad_out.shape
-    return all(h.shape == out_shape for h in inputs) and all(
+    return all(t.shape == g[0].shape for t in g) and all(
         layer.residual.kind != "linear" for layer in chain.layers
     )
 
 
-def _upstream_grads(inputs: list[Tensor], grad_out: Tensor, return_states: bool) -> list[Tensor]:
+def _upstream_grads(inputs: list[Tensor], grad_out: Any, return_states: Any,
+                    last_state: Optional[Tensor] = None) -> list[Tensor]:
     """g_i = dLoss/dh_i for i = 0..L (g_0 = 0: the chain input has no loss of its own).
 
-    Fresh tensors (grad_out is copied): the iteration overwrites them in place.
+    `grad_out`: dLoss/dh_L, the stacked [L, ...] gradients (`return_states=True`), or one
+    gradient per selected state (a tuple of indices). Fresh tensors (grad_out is copied):
+    the iteration overwrites them in place.
     """
-    if return_states:
+    if return_states is True:
         return [torch.zeros_like(inputs[0]), *grad_out.clone().unbind(0)]
-    return [*(torch.zeros_like(h) for h in inputs), grad_out.clone()]
+    if return_states is False:
+        return [*(torch.zeros_like(h) for h in inputs), grad_out.clone()]
+    like = [*inputs[1:], last_state]  # h_1..h_L
+    g = [torch.zeros_like(inputs[0]), *(torch.zeros_like(h) for h in like)]
+    for i, grad in zip(return_states, grad_out):
+        if grad is not None:
+            g[i].add_(grad)
+    return g
 
 
 class _ChainOps:

@@ -31,8 +31,10 @@ bn2, [conv3, bn3], downsample) or timm's (conv1, bn1, drop_block, act1, aa, conv
 naming the module.
 
 Limits: under Highway/FixedPoint the stages must be called in order, each on the previous
-one's output (as the ResNet forward does; feature extractors that read `layer1`'s output
-are refused), and hooks on the stages, blocks or their submodules are refused (the
+one's output (as the ResNet forward does). A loss may also read intermediate stage outputs
+(feature extractors, skips): each stage's output is a state of the one chain, so it is a
+per-state loss. Stages never called still run in layer1's chain and get zero gradients
+(autograd would leave them None). Hooks on the stages, blocks or their submodules are refused (the
 Highway backward re-runs the blocks; hooks would see a different call pattern). The VJP
 backend is "loop" (projection shortcuts have a general K; vjp="batched" is refused).
 """
@@ -209,27 +211,36 @@ class ResNetStage(nn.Sequential):
             self._check_no_hooks()
             chain = self.build_chain()
             head._last_chain[:] = [chain]
-            out = chain(x)
-            head._pending[:] = [(out, out._version, 1)]
-            return out
+            # Every stage's output is a state of the one chain (returned by the chain's
+            # Function, so a loss that also reads layer1's output, as feature extractors
+            # do, is a per-state loss of the iteration, not a silently dropped one).
+            bounds, total = [], 0
+            for stage in head._stages:
+                total += len(list(stage.children()))
+                bounds.append(total)
+            outs = chain(x, return_states=bounds)
+            head._pending[:] = [(outs, [o._version for o in outs], 1)]
+            return outs[0]
         if not head._pending:
             # Exact mode (or no grad): the stage is its plain blocks.
             return super().forward(x)
-        out, version, expected = head._pending[0]
-        if x is not out or x._version != version or expected != self.index:
+        outs, versions, expected = head._pending[0]
+        prev = outs[self.index - 1] if self.index - 1 < len(outs) else None
+        if (expected != self.index or x is not prev
+                or x._version != versions[self.index - 1]):
             head._pending.clear()
             raise RuntimeError(
                 f"from_torchvision: under {head.method!r}, layer1 runs the blocks of all "
                 f"stages as one chain, so {STAGE_NAMES[self.index]} must be called right after "
                 f"the previous stage on its unchanged output; this model's forward does "
-                "something else (e.g. reads intermediate stage outputs). Use method=Exact() "
-                "for it."
+                "something else (e.g. calls a stage twice or on another tensor). Use "
+                "method=Exact() for it."
             )
         if self.index == len(head._stages) - 1:
             head._pending.clear()
         else:
-            head._pending[:] = [(out, version, self.index + 1)]
-        return x
+            head._pending[:] = [(outs, versions, self.index + 1)]
+        return outs[self.index]
 
     def _check_no_hooks(self) -> None:
         for stage in self.head._stages:
