@@ -331,3 +331,16 @@ def test_cell_rnn_with_a_deterministic_cell_is_not_refused():
     cell32 = GRUCellRef(IN, 64)
     x, h0 = torch.randn(50, 8, IN), torch.randn(8, 64)
     CellRNN(cell32, hbp.Highway(k=2))(x, h0).square().sum().backward()
+
+
+@pytest.mark.parametrize("cls", [GRU, LSTM])
+def test_double_backward_and_torch_func_say_what_to_use(cls):
+    """They gave torch's generic errors ("marked with @once_differentiable", "must override
+    the setup_context staticmethod"), even with Exact() (found by the hostile review)."""
+    rnn = cls(3, 4, method=hbp.Exact()).double()
+    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+    out, _ = rnn(x)
+    with pytest.raises(RuntimeError, match=r"double backward.*torch\.nn\.GRU/LSTM"):
+        torch.autograd.grad(out.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"torch\.func transforms.*torch\.nn\.GRU/LSTM"):
+        torch.func.grad(lambda t: rnn(t)[0].sum())(x)

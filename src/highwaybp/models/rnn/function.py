@@ -8,7 +8,6 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from highwaybp.core.iteration import Diagnostics
 from highwaybp.core.methods import Method
@@ -16,6 +15,24 @@ from highwaybp.models.rnn.engine import BufferPool, Engine
 from highwaybp.models.rnn.gru import GRUEngine
 from highwaybp.models.rnn.loop import _check_finite, fast_iterate, reference_iterate
 from highwaybp.models.rnn.lstm import LSTMEngine
+
+FIRST_ORDER_ONLY = (
+    "{what} through highwaybp.GRU/LSTM is unsupported: their forward and backward are "
+    "hand-written on stored gates (for every method, Exact() included), not autograd "
+    "graphs. Use torch.nn.GRU/LSTM (load_state_dict works both ways) for higher-order "
+    "gradients and torch.func transforms."
+)
+
+
+def apply_layer(*args: Any):
+    """`_LayerFunction.apply`, with a clear error under torch.func transforms."""
+    try:
+        return _LayerFunction.apply(*args)
+    except RuntimeError as err:
+        if "functorch" not in str(err) and "setup_context" not in str(err):
+            raise
+        raise RuntimeError(FIRST_ORDER_ONLY.format(what="torch.func transforms (grad, vmap, "
+                                                   "jacrev, ...)")) from err
 
 
 @dataclass
@@ -65,8 +82,10 @@ class _LayerFunction(torch.autograd.Function):
         return y, c_last
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad_y: Tensor, grad_c: Optional[Tensor] = None):
+        if torch.is_grad_enabled():  # the engine runs backward in grad mode iff create_graph
+            raise RuntimeError(FIRST_ORDER_ONLY.format(what="backward(create_graph=True) "
+                                                       "(double backward)"))
         eng: Optional[Engine] = ctx.eng
         if eng is None:
             raise RuntimeError(

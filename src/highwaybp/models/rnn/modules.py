@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from highwaybp.core.iteration import Diagnostics
 from highwaybp.core.methods import Exact, Method, check_method
 from highwaybp.models.rnn.engine import BufferPool
-from highwaybp.models.rnn.function import _LayerFunction, _LayerRun, _make_engine
+from highwaybp.models.rnn.function import _LayerRun, _make_engine, apply_layer
 
 ITERATE_MODES = ("fast", "reference")
 # Old name of "reference" (it clashed with the `core` package's name): accepted, warned.
@@ -261,7 +261,7 @@ class _HighwayRNNBase(nn.Module):
             c_init = None if c0 is None else c0[layer]
             run = _LayerRun(self, layer, method, self._pools[layer], self.iterate)
             if needs_grad:
-                out = _LayerFunction.apply(inp, h0[layer], c_init, run, *params)
+                out = apply_layer(inp, h0[layer], c_init, run, *params)
             else:
                 out = self._forward_no_grad(run, inp, h0[layer], c_init, params)
             y, c_t = (out, None) if c0 is None else out
