@@ -240,3 +240,22 @@ def test_captured_tensor_is_an_error_as_with_the_loop_backend():
             chain(torch.randn(2, 3, dtype=torch.float64, requires_grad=True)).sum().backward(
                 retain_graph=True)
         assert stem.weight.grad is None
+
+
+class _ItemBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * float(x.abs().max().item() > 0)
+
+
+@pytest.mark.parametrize("make", [_ItemBlock, lambda: nn.Sequential(
+    nn.Linear(4, 4), nn.BatchNorm1d(4, momentum=None))], ids=["item", "bn-momentum-none"])
+def test_what_vmap_cannot_batch_is_a_clear_error(make):
+    """torch's raw vmap message used to reach the user with no hint (hostile review M3)."""
+    chain = hbp.ResidualChain([hbp.ResidualLayer(make()) for _ in range(3)],
+                              method=hbp.Highway(k=2), vjp="batched")
+    with pytest.raises(RuntimeError, match=r"vjp='batched' cannot vmap .*Use vjp='loop'"):
+        chain(torch.randn(5, 4, requires_grad=True)).sum().backward()

@@ -280,13 +280,20 @@ class _Group:
                     f"vjp='batched' cannot vmap {type(block).__name__} (an operation without a "
                     "batching rule); use vjp='loop' for this chain"
                 ) from err
-            if "random" not in str(err):
-                raise
-            raise RuntimeError(
-                "vjp='batched' cannot replay random operations (dropout) inside the blocks: "
-                "each layer drew its own mask in the forward. Use vjp='loop', set dropout "
-                "to 0, or call model.eval()"
-            ) from err
+            if "random" in str(err):
+                raise RuntimeError(
+                    "vjp='batched' cannot replay random operations (dropout) inside the "
+                    "blocks: each layer drew its own mask in the forward. Use vjp='loop', set "
+                    "dropout to 0, or call model.eval()"
+                ) from err
+            if "vmap" in str(err) or "functorch" in str(err):
+                # Any other vmap limit (.item(), data-dependent control flow, BatchNorm with
+                # momentum=None updating a cumulative average, ...).
+                raise RuntimeError(
+                    f"vjp='batched' cannot vmap {type(block).__name__}: {err}. Use "
+                    "vjp='loop' for this chain"
+                ) from err
+            raise
 
 
 class BatchedVJP:
