@@ -79,12 +79,33 @@ class Task:
 # ---------------------------------------------------------------------------------------
 
 
-def resnet_task(args: argparse.Namespace) -> Task:
-    from highwaybp.models.resnet import CifarResNet
+@dataclass
+class DigitsTask:
+    """scikit-learn's digits upsampled to side x side and normalised, with the functions a
+    `Task` needs; the ResNet tasks of `experiment deep` and `experiment vision` share it.
+    Batches are a pure function of the step (the runs resume exactly)."""
+
+    x_train: Tensor  # [N, 1, side, side]
+    y_train: Tensor  # [N]
+    x_test: Tensor
+    y_test: Tensor
+    batch_size: int
+    steps: int
+    batch: Callable[[int], tuple[Tensor, Tensor]]
+    loss: Callable[[nn.Module, tuple[Tensor, Tensor]], Tensor]
+    evaluate: Callable[[nn.Module], float]  # test accuracy, %
+    diag_batch: tuple[Tensor, Tensor]  # a fixed batch of 128 for the Fig. 6 cosines
+
+    def describe(self, side: int) -> str:
+        return (f"sklearn digits {len(self.y_train)} train / {len(self.y_test)} test, "
+                f"upsampled to {side}x{side}")
+
+
+def digits_task(side: int, batch: int, epochs: int, seed: int, train_limit: int = 0
+                ) -> DigitsTask:
     from highwaybp.train.data import load_digits
 
-    data = load_digits(seed=args.seed)
-    side = args.image
+    data = load_digits(seed=seed)
 
     def prep(x: Tensor) -> Tensor:
         x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
@@ -92,22 +113,15 @@ def resnet_task(args: argparse.Namespace) -> Task:
 
     x_train, x_test = prep(data.x_train), prep(data.x_test)
     y_train, y_test = data.y_train, data.y_test
-    if args.train_limit:
-        x_train, y_train = x_train[: args.train_limit], y_train[: args.train_limit]
-        x_test, y_test = x_test[: args.train_limit], y_test[: args.train_limit]
-    n, bsz = len(y_train), min(args.batch, len(y_train))
+    if train_limit:
+        x_train, y_train = x_train[:train_limit], y_train[:train_limit]
+        x_test, y_test = x_test[:train_limit], y_test[:train_limit]
+    n, bsz = len(y_train), min(batch, len(y_train))
     per_epoch = n // bsz
-    steps = args.epochs * per_epoch
 
-    def make_model() -> nn.Module:
-        torch.manual_seed(args.seed)
-        return CifarResNet(
-            args.depth, form="pre", downsample="updown", in_channels=1, width=args.width
-        )
-
-    def batch(step: int) -> tuple[Tensor, Tensor]:
+    def batch_of(step: int) -> tuple[Tensor, Tensor]:
         epoch, i = divmod(step, per_epoch)
-        g = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
         idx = torch.randperm(n, generator=g)[i * bsz : (i + 1) * bsz]
         return x_train[idx], y_train[idx]
 
@@ -125,8 +139,25 @@ def resnet_task(args: argparse.Namespace) -> Task:
         model.train(was)
         return 100.0 * correct / len(y_test)
 
-    g = torch.Generator().manual_seed(args.seed + 7)
+    g = torch.Generator().manual_seed(seed + 7)
     diag_idx = torch.randperm(n, generator=g)[: min(128, n)]
+    return DigitsTask(x_train, y_train, x_test, y_test, bsz, epochs * per_epoch, batch_of,
+                      loss, evaluate, (x_train[diag_idx], y_train[diag_idx]))
+
+
+def resnet_task(args: argparse.Namespace) -> Task:
+    from highwaybp.models.resnet import CifarResNet
+
+    side = args.image
+    digits = digits_task(side, args.batch, args.epochs, args.seed, args.train_limit)
+    steps, bsz = digits.steps, digits.batch_size
+
+    def make_model() -> nn.Module:
+        torch.manual_seed(args.seed)
+        return CifarResNet(
+            args.depth, form="pre", downsample="updown", in_channels=1, width=args.width
+        )
+
     depth_layers = 3 * ((args.depth - 2) // 6)
     return Task(
         "resnet",
@@ -134,15 +165,14 @@ def resnet_task(args: argparse.Namespace) -> Task:
         steps,
         args.lr,
         make_model,
-        batch,
-        loss,
-        evaluate,
-        (x_train[diag_idx], y_train[diag_idx]),
+        digits.batch,
+        digits.loss,
+        digits.evaluate,
+        digits.diag_batch,
         depth_layers,
         {
             "model": f"pre-act ResNet{args.depth} (updown, K=I), width {args.width}",
-            "data": f"sklearn digits {len(y_train)} train / {len(y_test)} test, upsampled to "
-            f"{side}x{side}",
+            "data": digits.describe(side),
             "epochs": args.epochs,
             "batch": bsz,
             "steps": steps,

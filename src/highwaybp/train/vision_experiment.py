@@ -27,12 +27,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from highwaybp.core.methods import Exact, FixedPoint, Highway, Method
 from highwaybp.models.torchvision import from_torchvision
-from highwaybp.train.deep_experiment import Task, make_plots, make_table, method_name, train_run
+from highwaybp.train.deep_experiment import (
+    Task,
+    digits_task,
+    make_plots,
+    make_table,
+    method_name,
+    train_run,
+)
 from highwaybp.train.io import atomic_write_json, atomic_write_text, check_resume_config
 
 # ---------------------------------------------------------------------------------------
@@ -101,72 +107,34 @@ class SmallResNet18(nn.Module):
 
 
 def vision_task(args: argparse.Namespace, seed: int) -> Task:
-    from highwaybp.train.data import load_digits
-
-    data = load_digits(seed=seed)
     side = args.image
-
-    def prep(x: Tensor) -> Tensor:
-        x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
-        return (x - 0.5) / 0.5
-
-    x_train, x_test = prep(data.x_train), prep(data.x_test)
-    y_train, y_test = data.y_train, data.y_test
-    if args.train_limit:
-        x_train, y_train = x_train[: args.train_limit], y_train[: args.train_limit]
-        x_test, y_test = x_test[: args.train_limit], y_test[: args.train_limit]
-    n, bsz = len(y_train), min(args.batch, len(y_train))
-    per_epoch = n // bsz
-    steps = args.epochs * per_epoch
+    digits = digits_task(side, args.batch, args.epochs, seed, args.train_limit)
     widths = tuple(args.widths)
 
     def make_model() -> nn.Module:
         torch.manual_seed(seed)
         return from_torchvision(SmallResNet18(widths, in_channels=1, num_classes=10))
 
-    def batch(step: int) -> tuple[Tensor, Tensor]:
-        epoch, i = divmod(step, per_epoch)
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        idx = torch.randperm(n, generator=g)[i * bsz : (i + 1) * bsz]
-        return x_train[idx], y_train[idx]
-
-    def loss(model: nn.Module, b: tuple[Tensor, Tensor]) -> Tensor:
-        return F.cross_entropy(model(b[0]), b[1])
-
-    def evaluate(model: nn.Module) -> float:
-        was = model.training
-        model.eval()
-        with torch.no_grad():
-            correct = sum(
-                int((model(x_test[i : i + 256]).argmax(1) == y_test[i : i + 256]).sum())
-                for i in range(0, len(y_test), 256)
-            )
-        model.train(was)
-        return 100.0 * correct / len(y_test)
-
-    g = torch.Generator().manual_seed(seed + 7)
-    diag_idx = torch.randperm(n, generator=g)[: min(128, n)]
     return Task(
         "resnet",  # deep_experiment's name for an Adam-trained image task
         "test_acc",
-        steps,
+        digits.steps,
         args.lr,
         make_model,
-        batch,
-        loss,
-        evaluate,
-        (x_train[diag_idx], y_train[diag_idx]),
+        digits.batch,
+        digits.loss,
+        digits.evaluate,
+        digits.diag_batch,
         8,
         {
             "model": f"torchvision-style ResNet-18 (BasicBlock x 2 per stage, 1x1-conv+BN "
             f"projection shortcuts), widths {'-'.join(map(str, widths))}, 3x3 stem, "
             "via from_torchvision",
-            "data": f"sklearn digits {len(y_train)} train / {len(y_test)} test, upsampled to "
-            f"{side}x{side}",
+            "data": digits.describe(side),
             "seed": seed,
             "epochs": args.epochs,
-            "batch": bsz,
-            "steps": steps,
+            "batch": digits.batch_size,
+            "steps": digits.steps,
             "optimizer": f"Adam lr {args.lr} cosine",
             "L": 8,
         },
