@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from highwaybp.bench.memory import sampled_peak_growth_bytes
 from highwaybp.core.chain import ResidualChain
 from highwaybp.core.fidelity import compare_gradients
 from highwaybp.core.methods import Exact, Highway, Method
@@ -153,11 +153,6 @@ def _method(k: int | None) -> Method:
     return Exact() if k is None else Highway(k=k)
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * resource.getpagesize()
-
-
 def memory_probe(spec: dict[str, Any]) -> dict[str, float]:
     """Peak memory growth (bytes) of one training step, measured by sampling RSS.
 
@@ -167,8 +162,6 @@ def memory_probe(spec: dict[str, Any]) -> dict[str, float]:
     samples RSS every ~0.2 ms during the step (after one warm-up step); the result is the
     peak minus the resident size just before the step.
     """
-    import threading
-
     torch.set_num_threads(spec["threads"])
     stack = build_stack(
         spec["model"],
@@ -184,22 +177,8 @@ def memory_probe(spec: dict[str, Any]) -> dict[str, float]:
     stack.loss(method).backward()  # warm-up: lazy initialisation is not the step's memory
     for p in stack.chain.parameters():
         p.grad = None
-    before = _rss_bytes()
-    peak = [before]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
-            time.sleep(0.0002)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    stack.loss(method).backward()
-    peak[0] = max(peak[0], _rss_bytes())
-    done.set()
-    sampler.join()
-    return {"peak_rss_growth_bytes": float(peak[0] - before), "state_bytes": stack.state_bytes}
+    growth = sampled_peak_growth_bytes(lambda: stack.loss(method).backward())
+    return {"peak_rss_growth_bytes": float(growth), "state_bytes": stack.state_bytes}
 
 
 def _probe_in_subprocess(spec: dict[str, Any]) -> dict[str, float] | None:

@@ -38,6 +38,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from highwaybp.bench.memory import step_peak_growth_bytes
 from highwaybp.core.fidelity import compare_gradients
 from highwaybp.core.methods import Exact, FixedPoint, Highway, Method
 from highwaybp.models.rnn import GRU, LSTM, AutogradLoopRNN
@@ -223,14 +224,6 @@ def fidelity(args: Any, ref: nn.Module, names: list[str], task: CopyTask) -> dic
 # ---- memory (fresh subprocess per method) ---------------------------------------------
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def memory_probe(config: dict) -> dict:
     """Run in a child: peak RSS above the pre-step RSS over two steps of one method."""
     args = argparse.Namespace(**config)
@@ -244,12 +237,8 @@ def memory_probe(config: dict) -> dict:
     time_step(fn, params, torch.randn(2, 1, args.input_size), torch.randn(2, 1, args.hidden))
     x = torch.randn(args.probe_seq_len, args.batch, args.input_size)
     gy = torch.randn(args.probe_seq_len, args.batch, args.hidden)
-    before = _status_kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as handle:  # resets VmHWM to the current RSS
-        handle.write("5")
-    for _ in range(2):
-        time_step(fn, params, x, gy)
-    return {"peak_mb": (_status_kb("VmHWM") - before) / 1024}
+    growth = step_peak_growth_bytes(lambda: [time_step(fn, params, x, gy) for _ in range(2)])
+    return {"peak_mb": growth / 2**20}
 
 
 def peak_memory_mb(args: Any, name: str, seq_len: int) -> Optional[float]:
