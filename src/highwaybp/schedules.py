@@ -205,7 +205,7 @@ class Adaptive(Schedule):
     k, and keeps the smallest k whose cosine to the exact gradient is >= `target_cosine`:
     from the current k it tries k - 1, k - 2, ... while they meet the target, or k + 1,
     k + 2, ... up to `k_max` until one does. When none does (the truncated path sum can
-    move away from the gradient as k grows, highway-bp.md section 9) it uses Exact()
+    move away from the gradient as k grows, see docs/schedules.md) it uses Exact()
     until a later probe finds a k that meets the target again.
 
     Between probes it watches the relative step of the last iteration in the chains'

@@ -12,7 +12,7 @@ and the final parameter sweep one more (w.r.t. the stacked parameters). `LoopVJP
 
 Why autograd over a vmapped forward, not `torch.func.vjp` inside vmap: vjp closures cannot
 leave a vmap, so a functional version re-runs the forward in every iteration; the retained
-graph does that work once (the prototype in cpu-calibration.md measured the same).
+graph does that work once.
 
 Layers are grouped only when they provably compute the same function of (parameters,
 buffers, input): the same classes and module tree, equal attributes (hyper-parameters,
