@@ -19,7 +19,8 @@ D = 6
 def _linear_chain(num_layers: int, scale: float, seed: int = 0) -> hbp.ResidualChain:
     """h_i = h_{i-1} + W_i h_{i-1}, W_i ~ scale * N(0, 1/D): the path-sum terms with m blocks
     grow like (L choose m) scale^m, so a large scale makes the truncated sum move away from
-    the gradient (the transient growth of the path sum, docs/rnn.md) and a small one makes k = 0 or 1 exact enough."""
+    the gradient (the transient growth of the path sum, docs/rnn.md) and a small one makes
+    k = 0 or 1 exact enough."""
     gen = torch.Generator().manual_seed(seed)
     layers = []
     for _ in range(num_layers):
