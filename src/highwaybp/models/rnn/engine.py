@@ -125,9 +125,9 @@ class Engine:
 
     def _chunk_buffers(self) -> None:
         c, B, H = self.chunk, self.B, self.H
-        self.gc = self.take(c, B, self.num_gates * H)  # gate adjoints of one chunk
-        self.gc4 = self.gc.view(c, B, self.num_gates, H)
-        self.scr = self.take(c, B, H)  # per-chunk scratch
+        self.gate_adj = self.take(c, B, self.num_gates * H)  # [chunk, B, G*H] gate adjoints
+        self.gate_adj_by_gate = self.gate_adj.view(c, B, self.num_gates, H)  # [chunk, B, G, H]
+        self.chunk_scratch = self.take(c, B, H)  # [chunk, B, H] per-chunk scratch
         self.ones = self.x.new_ones(c * B)
 
     def _add_loss_rows_(self, out_h: Tensor, s: int, e: int) -> None:
@@ -141,7 +141,7 @@ class Engine:
     def _sq(self, new: Tensor, old: Tensor, acc: list[Tensor]) -> None:
         """Append ||new - old||^2 and ||new||^2 (0-dim tensors) of one chunk to acc."""
         n = new.shape[0]
-        d = self.scr[:n]
+        d = self.chunk_scratch[:n]
         torch.sub(new, old, out=d)
         flat_d, flat_n = d.reshape(-1), new.reshape(-1)
         acc.append(torch.stack([torch.dot(flat_d, flat_d), torch.dot(flat_n, flat_n)]))

@@ -74,7 +74,7 @@ class GRUEngine(Engine):
             A, HH = self.A[c0:c1], self.HH[c0:c1]
             r, z, n = A[..., :H], A[..., H : 2 * H], A[..., 2 * H :]
             pr, pz, pnr = HH[..., :H], HH[..., H : 2 * H], HH[..., 2 * H :]  # pz: h - n
-            s = self.scr[: c1 - c0]
+            s = self.chunk_scratch[: c1 - c0]
             torch.addcmul(z, z, z, value=-1.0, out=s)  # z (1 - z)
             pz.mul_(s)
             torch.sub(self.one, z, out=s)  # 1 - z
@@ -85,7 +85,7 @@ class GRUEngine(Engine):
             pr.mul_(s)
             torch.mul(n, r, out=pnr)
         self.pn = self.A[..., 2 * H :]
-        self.ph4 = self.HH.view(self.T, self.B, 3, H)
+        self.coeff_by_gate = self.HH.view(self.T, self.B, 3, H)  # [T, B, 3, H]: Pr, Pz, Pn r
         self.prepared = True
 
     def sweep(
@@ -112,10 +112,10 @@ class GRUEngine(Engine):
         rows, zs = out.unbind(0), self.z.unbind(0)
         for s, e in self.chunks():
             n = e - s
-            g4 = self.gc4[:n]
-            torch.mul(w[s + 1 : e + 1].unsqueeze(2), self.ph4[s:e], out=g4)
+            gate_adj_g = self.gate_adj_by_gate[:n]
+            torch.mul(w[s + 1 : e + 1].unsqueeze(2), self.coeff_by_gate[s:e], out=gate_adj_g)
             oc = out[s:e]
-            torch.mm(self.gc[:n].view(n * B, 3 * H), self.w_hh, out=oc.view(n * B, H))
+            torch.mm(self.gate_adj[:n].view(n * B, 3 * H), self.w_hh, out=oc.view(n * B, H))
             if full:
                 oc.addcmul_(self.z[s:e], w[s + 1 : e + 1])
             if with_loss:
@@ -144,11 +144,11 @@ class GRUEngine(Engine):
         """Sequential BPTT on the stored gates (one step's gate adjoints in a scratch row)."""
         gs = self._loss_rows()
         out[-1].copy_(gs[-1])
-        ws, zs, ph4 = out.unbind(0), self.z.unbind(0), self.ph4.unbind(0)
-        g4, g2 = self.gc4[0], self.gc[0]
+        ws, zs, coeffs_t = out.unbind(0), self.z.unbind(0), self.coeff_by_gate.unbind(0)
+        gate_adj_g, g2 = self.gate_adj_by_gate[0], self.gate_adj[0]
         w_hh = self.w_hh
         for t in range(self.T, 0, -1):
-            torch.mul(ws[t].unsqueeze(1), ph4[t - 1], out=g4)
+            torch.mul(ws[t].unsqueeze(1), coeffs_t[t - 1], out=gate_adj_g)
             torch.addmm(gs[t - 1], g2, w_hh, out=ws[t - 1])
             ws[t - 1].addcmul_(zs[t - 1], ws[t])
         return out
@@ -159,11 +159,11 @@ class GRUEngine(Engine):
         acc = self._param_accumulators(need_x)
         for s, e in self.chunks():
             n = e - s
-            g4 = self.gc4[:n]
-            g2 = self.gc[:n].view(n * B, 3 * H)
-            torch.mul(w[s + 1 : e + 1].unsqueeze(2), self.ph4[s:e], out=g4)
+            gate_adj_g = self.gate_adj_by_gate[:n]
+            g2 = self.gate_adj[:n].view(n * B, 3 * H)
+            torch.mul(w[s + 1 : e + 1].unsqueeze(2), self.coeff_by_gate[s:e], out=gate_adj_g)
             self._accumulate(acc, "hh", g2, s, e)
             # the x side differs only in the n block: w Pn instead of w Pn r
-            torch.mul(w[s + 1 : e + 1], self.pn[s:e], out=g4[:, :, 2])
+            torch.mul(w[s + 1 : e + 1], self.pn[s:e], out=gate_adj_g[:, :, 2])
             self._accumulate(acc, "ih", g2, s, e)
         return self._result(acc)

@@ -86,8 +86,8 @@ class LSTMEngine(Engine):
             tc.mul_(tc)
             torch.addcmul(o, o, tc, value=-1.0, out=tc)  # Q
         self.P, self.Q = P, self.TC
-        self.p4 = P.view(T, B, 4, H)
-        self.dcc = self.take(self.chunk, B, H)
+        self.coeff_by_gate = P.view(T, B, 4, H)  # [T, B, 4, H]: P_i, P_f, P_g, P_o
+        self.cell_adj = self.take(self.chunk, B, H)  # [chunk, B, H] adjoint of c
         self.prepared = True
 
     def _gate_adjoints(self, w: Tensor, s: int, e: int) -> Tensor:
@@ -95,10 +95,10 @@ class LSTMEngine(Engine):
         returns dc = dLoss/dc_t (before the forget gate) for those steps."""
         n = e - s
         wc, wh = w[0, s + 1 : e + 1], w[1, s + 1 : e + 1]
-        dc = torch.addcmul(wc, wh, self.Q[s:e], out=self.dcc[:n])
-        g4 = self.gc4[:n]
-        torch.mul(dc.unsqueeze(2), self.p4[s:e, :, :3], out=g4[:, :, :3])
-        torch.mul(wh, self.p4[s:e, :, 3], out=g4[:, :, 3])
+        dc = torch.addcmul(wc, wh, self.Q[s:e], out=self.cell_adj[:n])
+        gate_adj_g = self.gate_adj_by_gate[:n]
+        torch.mul(dc.unsqueeze(2), self.coeff_by_gate[s:e, :, :3], out=gate_adj_g[:, :, :3])
+        torch.mul(wh, self.coeff_by_gate[s:e, :, 3], out=gate_adj_g[:, :, 3])
         return dc
 
     def sweep(
@@ -129,7 +129,7 @@ class LSTMEngine(Engine):
             n = e - s
             dc = self._gate_adjoints(w, s, e)
             oh, oc = out[1, s:e], out[0, s:e]
-            torch.mm(self.gc[:n].view(n * B, 4 * H), self.w_hh, out=oh.view(n * B, H))
+            torch.mm(self.gate_adj[:n].view(n * B, 4 * H), self.w_hh, out=oh.view(n * B, H))
             if full:
                 torch.mul(dc, self.f[s:e], out=oc)
             else:  # c part of J: dc f - wc f = wh Q f
@@ -167,13 +167,13 @@ class LSTMEngine(Engine):
         else:
             out[0, -1].copy_(self.grad_c)
         wcs, whs = out[0].unbind(0), out[1].unbind(0)
-        qs, fs, p4s = self.Q.unbind(0), self.f.unbind(0), self.p4.unbind(0)
-        dc, g4, g2 = self.dcc[0], self.gc4[0], self.gc[0]
+        qs, fs, coeffs_t = self.Q.unbind(0), self.f.unbind(0), self.coeff_by_gate.unbind(0)
+        dc, gate_adj_g, g2 = self.cell_adj[0], self.gate_adj_by_gate[0], self.gate_adj[0]
         w_hh = self.w_hh
         for t in range(self.T, 0, -1):
             torch.addcmul(wcs[t], whs[t], qs[t - 1], out=dc)
-            torch.mul(dc.unsqueeze(1), p4s[t - 1][:, :3], out=g4[:, :3])
-            torch.mul(whs[t], p4s[t - 1][:, 3], out=g4[:, 3])
+            torch.mul(dc.unsqueeze(1), coeffs_t[t - 1][:, :3], out=gate_adj_g[:, :3])
+            torch.mul(whs[t], coeffs_t[t - 1][:, 3], out=gate_adj_g[:, 3])
             torch.addmm(ghs[t - 1], g2, w_hh, out=whs[t - 1])
             torch.mul(dc, fs[t - 1], out=wcs[t - 1])  # no loss on c_{t-1} for t - 1 < T
         return out
@@ -191,7 +191,7 @@ class LSTMEngine(Engine):
         for s, e in self.chunks():
             n = e - s
             self._gate_adjoints(w, s, e)
-            g2 = self.gc[:n].view(n * B, 4 * H)
+            g2 = self.gate_adj[:n].view(n * B, 4 * H)
             self._accumulate(acc, "hh", g2, s, e)
             self._accumulate(acc, "ih", g2, s, e)
         if shared_bias:
