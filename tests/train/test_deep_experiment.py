@@ -101,3 +101,39 @@ def test_method_names_and_lr_schedule():
     task = argparse.Namespace(steps=100, lr=1.0)
     assert de._lr(task, 0) < de._lr(task, 4) <= 1.0
     assert de._lr(task, 99) < 0.01
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_k_schedule_arm_follows_its_schedule_and_resumes(tmp_path):
+    """A schedule arm (--k-schedule) records the method the KController set and the VJP
+    sweeps: 0 -> 2 over 4 steps on a 6-step run gives k = 0, 1, 1, 2, 2, 2 (halves round
+    up) and 1+2+2+3+3+3 = 14 sweeps; a crash mid-run resumes to the same."""
+    args = _tiny_args(tmp_path, "--tasks", "gpt")
+    args.steps = 6
+    task = de.gpt_task(args)
+    diag = de._diag_methods(args)
+    full = de.train_run(task, Exact(), diag, tmp_path / "a.pt", 2, lambda s: None,
+                        schedule="linear:0,2,4")
+    assert full["method"] == "schedule:linear:0,2,4"
+    last = full["checkpoints"][-1]
+    assert (last["k_method"], last["vjp_sweeps"]) == ("Highway(k=2)", 14.0)
+    batch = task.batch
+
+    def crashing(step):
+        if step == 4:
+            raise _Stop
+        return batch(step)
+
+    task.batch = crashing
+    with pytest.raises(_Stop):
+        de.train_run(task, Exact(), diag, tmp_path / "b.pt", 2, lambda s: None,
+                     schedule="linear:0,2,4")
+    task.batch = batch
+    resumed = de.train_run(task, Exact(), diag, tmp_path / "b.pt", 2, lambda s: None,
+                           schedule="linear:0,2,4")
+    assert resumed["checkpoints"][-1]["vjp_sweeps"] == 14.0
+    for (_, a), (_, b) in zip(full["history"], resumed["history"]):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-6)

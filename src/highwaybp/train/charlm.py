@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from highwaybp.core.methods import Method, method_from_string
+from highwaybp.control import KController
+from highwaybp.core.methods import Exact, Method, method_from_string
 from highwaybp.models.rnn import GRU, LSTM
 from highwaybp.train.cli_types import (
     method_list,
@@ -40,6 +41,7 @@ from highwaybp.train.cli_types import (
     out_dir,
     positive_float,
     positive_int,
+    schedule_spec,
 )
 from highwaybp.train.data import CharCorpus, char_corpus
 from highwaybp.train.io import (
@@ -103,13 +105,21 @@ class MethodRun:
 
     def __init__(self, args: Any, name: str, corpus: CharCorpus, valid: list) -> None:
         self.args, self.name, self.valid = args, name, valid
-        method = method_from_string(name)
+        # An arm "schedule:<spec>" (from --k-schedule) lets a KController set the method of
+        # every step; any other arm is one method.
+        schedule = name.removeprefix(SCHEDULE_ARM) if name.startswith(SCHEDULE_ARM) else None
+        method = Exact() if schedule is not None else method_from_string(name)
         self.ckpt_path = Path(args.out) / "checkpoints" / f"{_safe(name)}.pt"
         torch.manual_seed(args.seed)  # same init for every method
         self.model = CharRNN(
             corpus.vocab_size, args.embed, args.hidden, args.layers, args.cell, method
         )
         self.opt = torch.optim.Adam(self.model.parameters(), lr=args.lr)
+        # Only a "finish" schedule depends on the run's length; the others may continue
+        # into a larger --steps, as the method arms do.
+        total = args.steps if schedule is not None and schedule.startswith("finish:") else None
+        self.ctl = (None if schedule is None
+                    else KController(self.model, schedule, total_steps=total))
         self.history: list[dict] = []
         self.step, self.seconds, self.failed = 0, 0.0, False
         self.running, self.count = 0.0, 0
@@ -121,6 +131,8 @@ class MethodRun:
             self.seconds, self.failed = state["seconds"], state.get("failed", False)
             # the train-loss sum since the last evaluation (a stop between evaluations)
             self.running, self.count = state.get("running", 0.0), state.get("count", 0)
+            if self.ctl is not None:
+                self.ctl.load_state_dict(state["k_controller"])
             print(f"  {name}: resumed at step {self.step}", flush=True)
         if self.step == 0 and not self.history:
             self.history.append(
@@ -141,6 +153,8 @@ class MethodRun:
         args = self.args
         batch = _batch(corpus, "train", args, seed=args.seed * 1_000_003 + self.step)
         t0 = time.perf_counter()
+        if self.ctl is not None:  # this step's method (a probe calls the loss itself)
+            self.ctl.step(self.step, loss_fn=lambda: _loss(self.model, batch))
         self.opt.zero_grad(set_to_none=True)
         loss = _loss(self.model, batch)
         loss.backward()
@@ -164,16 +178,25 @@ class MethodRun:
                     "train_loss": self.running / self.count,
                     "valid_loss": evaluate(self.model, self.valid),
                     "train_seconds": self.seconds,
+                    **self._k_fields(),
                 }
             )
             self.running, self.count = 0.0, 0
             self.checkpoint()
             last = self.history[-1]
+            k_note = (f", {last['k_method']}, {last['vjp_sweeps']:.0f} VJP sweeps"
+                      if self.ctl is not None else "")
             print(
                 f"  {self.name:16s} step {self.step:5d} train {last['train_loss']:.4f} valid "
-                f"{last['valid_loss']:.4f} ({self.seconds:.1f} s)",
+                f"{last['valid_loss']:.4f} ({self.seconds:.1f} s{k_note})",
                 flush=True,
             )
+
+    def _k_fields(self) -> dict:
+        """The schedule's current method and the VJP sweeps spent so far (schedule arms)."""
+        if self.ctl is None:
+            return {}
+        return {"k_method": repr(self.ctl.method), "vjp_sweeps": self.ctl.total_sweeps()}
 
     def checkpoint(self) -> None:
         save_checkpoint(
@@ -187,6 +210,7 @@ class MethodRun:
                 "failed": self.failed,
                 "running": self.running,
                 "count": self.count,
+                "k_controller": None if self.ctl is None else self.ctl.state_dict(),
             },
         )
 
@@ -308,6 +332,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=DEFAULT_METHODS,
         help="comma-separated: exact, highway:k=K, fixedpoint:k=K",
     )
+    p.add_argument(
+        "--k-schedule",
+        type=schedule_spec,
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="also train an arm whose method follows this k schedule (repeatable), e.g. "
+        "'linear:0,4,300' or 'adaptive:target=0.99,every=50' (see highwaybp.schedules); its "
+        "method and VJP sweeps go into the history",
+    )
     p.add_argument("--threads", type=positive_int, default=torch.get_num_threads())
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--out", type=out_dir, default="results/charlm")
@@ -318,11 +352,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 # Each method has its own checkpoint, so a rerun may add or drop methods; and a larger
 # --steps continues the runs (the learning rate is constant, so the first steps are the
 # same whatever --steps is).
-_NOT_CONFIG = ("func", "threads", "methods", "out", "steps")
+_NOT_CONFIG = ("func", "threads", "methods", "k_schedule", "out", "steps")
+SCHEDULE_ARM = "schedule:"
 
 
 def run(args: argparse.Namespace) -> int:
-    names = args.methods
+    names = [*args.methods, *(SCHEDULE_ARM + spec for spec in args.k_schedule)]
     check_resume_config(args.out, {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG})
     torch.set_num_threads(args.threads)
     corpus = char_corpus(args.text, args.max_chars)

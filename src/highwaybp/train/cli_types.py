@@ -106,6 +106,18 @@ def method_spec(text: str) -> str:
     return text
 
 
+def schedule_spec(text: str) -> str:
+    """A k schedule such as 'linear:0,4,2000' or 'adaptive:target=0.99,every=100', checked
+    by `highwaybp.schedules.schedule_from_string` (the string is kept)."""
+    from highwaybp.schedules import schedule_from_string
+
+    try:
+        schedule_from_string(text)
+    except (ValueError, TypeError) as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
 def method_list(text: str) -> list[str]:
     """'exact,highway:k=0,fixedpoint:k=1' -> the names, each checked by `method_spec`.
 

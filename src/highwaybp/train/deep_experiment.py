@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from highwaybp.control import KController
 from highwaybp.core.fidelity import compare_gradients, use_method
 from highwaybp.core.methods import Exact, FixedPoint, Highway, Method
 from highwaybp.core.replay import buffers_restored
@@ -44,6 +45,7 @@ from highwaybp.train.cli_types import (
     out_dir,
     positive_float,
     positive_int,
+    schedule_spec,
 )
 from highwaybp.train.io import (
     atomic_write_json,
@@ -289,17 +291,20 @@ def train_run(
     checkpoint_every: int,
     log: Callable[[str], None],
     guard: StopGuard | None = None,
+    schedule: str | None = None,
 ) -> dict[str, Any] | None:
-    """Train one model with `method`; resume from `ckpt_path` if present.
+    """Train one model with `method`, or with the method a k `schedule` sets at each step
+    (a KController; the arm is then named "schedule:<spec>"); resume from `ckpt_path`.
 
     Returns None when `guard` asked to stop: the checkpoint then holds the current step."""
     model = task.make_model()
     model.train()
+    ctl = None if schedule is None else KController(model, schedule, total_steps=task.steps)
     opt_cls = torch.optim.Adam if task.name == "resnet" else torch.optim.AdamW
     opt = opt_cls(model.parameters(), lr=task.lr)
     state = load_checkpoint(ckpt_path)
     run: dict[str, Any] = {
-        "method": method_name(method),
+        "method": method_name(method) if ctl is None else SCHEDULE_ARM + schedule,
         "history": [],
         "checkpoints": [],
         "seconds": 0.0,
@@ -309,9 +314,11 @@ def train_run(
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         run, start = state["run"], state["step"]
+        if ctl is not None:
+            ctl.load_state_dict(state["k_controller"])
         log(f"  resumed {task.name}/{run['method']} at step {start}")
     marks = _checkpoints(task.steps)
-    is_exact = method.exact
+    is_exact = method.exact and ctl is None
     t_last = time.perf_counter()
 
     def save(step: int) -> None:
@@ -322,7 +329,7 @@ def train_run(
         save_checkpoint(
             ckpt_path,
             {"model": model.state_dict(), "optimizer": opt.state_dict(), "run": run,
-             "step": step},
+             "step": step, "k_controller": None if ctl is None else ctl.state_dict()},
         )
 
     for step in range(start, task.steps + 1):
@@ -330,6 +337,11 @@ def train_run(
             save(step)
             log(stopped_message(guard, step, task.steps, f"{task.name}/{run['method']}"))
             return None
+        batch = task.batch(step) if step < task.steps else None
+        if ctl is not None and batch is not None:
+            # This step's method, set before the evaluation so that the cosine recorded
+            # at a checkpoint is that of the method this step trains with.
+            ctl.step(step, loss_fn=lambda batch=batch: task.loss(model, batch))
         if step in marks and not any(c["step"] == step for c in run["checkpoints"]):
             entry: dict[str, Any] = {
                 "step": step,
@@ -339,7 +351,12 @@ def train_run(
             if is_exact:
                 entry["cosines"] = gradient_cosines(model, task, diag_methods)
             else:
-                entry["own_cosine"] = gradient_cosines(model, task, [method])[run["method"]]
+                own = method if ctl is None else ctl.method
+                entry["own_cosine"] = (
+                    {"cosine": 1.0, "rel_error": 0.0} if own.exact
+                    else gradient_cosines(model, task, [own])[method_name(own)])
+            if ctl is not None:
+                entry.update(k_method=repr(ctl.method), vjp_sweeps=ctl.total_sweeps())
             run["checkpoints"].append(entry)
             log(
                 f"  {task.name}/{run['method']} step {step}/{task.steps}: "
@@ -349,8 +366,11 @@ def train_run(
             break
         for group in opt.param_groups:
             group["lr"] = _lr(task, step)
-        with use_method(model, method):
-            loss = task.loss(model, task.batch(step))
+        if ctl is not None:
+            loss = task.loss(model, batch)
+        else:
+            with use_method(model, method):
+                loss = task.loss(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -544,7 +564,9 @@ def apply_tiny(args: argparse.Namespace) -> None:
 
 # Options that do not change a result: the rest must match to resume into --out (a rerun
 # may run other --tasks; each task's runs are kept on their own).
+SCHEDULE_ARM = "schedule:"
 _NOT_CONFIG = ("func", "threads", "tasks", "checkpoint_every", "quiet", "record_argv", "tiny",
+               "k_schedule",
                "out")
 
 
@@ -566,17 +588,18 @@ def run(args: argparse.Namespace) -> int:
         task = TASKS[name](args)
         entry = results["tasks"].setdefault(name, {"runs": {}})
         entry.update(metric=task.metric, config=task.config)
-        for method in _methods(args):
-            mname = method_name(method)
+        arms = [(method_name(m), m, None) for m in _methods(args)]
+        arms += [(SCHEDULE_ARM + spec, Exact(), spec) for spec in args.k_schedule]
+        for mname, method, schedule in arms:
             if mname in entry["runs"]:
                 log(f"{name}/{mname}: done already, skipped")
                 continue
             log(f"{name}/{mname}: training {task.steps} steps")
-            ckpt = out / "checkpoints" / f"{name}_{mname}.pt"
+            safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in mname)
+            ckpt = out / "checkpoints" / f"{name}_{safe}.pt"
             with StopGuard() as guard:
-                result = train_run(
-                    task, method, _diag_methods(args), ckpt, args.checkpoint_every, log, guard
-                )
+                result = train_run(task, method, _diag_methods(args), ckpt,
+                                   args.checkpoint_every, log, guard, schedule=schedule)
             if result is None:
                 return guard.exit_code()
             entry["runs"][mname] = result
@@ -598,6 +621,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=["resnet", "gpt"])
     p.add_argument("--ks", type=nonneg_int_list, default=[0, 1, 2, 3, 4, 5])
     p.add_argument("--fixedpoint-k", type=nonneg_int, default=5)
+    p.add_argument("--k-schedule", type=schedule_spec, action="append", default=[],
+                   metavar="SPEC",
+                   help="also train an arm whose method follows this k schedule (repeatable), "
+                        "e.g. 'linear:0,4,80' or 'adaptive:target=0.99,every=20'; its method "
+                        "and VJP sweeps are recorded at each evaluation")
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument(
         "--threads", type=positive_int, default=1, help="torch threads (1 is kind to a shared box)"
