@@ -16,7 +16,7 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
-from highwaybp.distributed.ddg import DDGRunConfig, EpochBatches, assemble_model, run_from_env
+from highwaybp.ddg import DDGRunConfig, EpochBatches, assemble_model, run_from_env
 
 
 def build_model() -> nn.Sequential:

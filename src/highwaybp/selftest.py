@@ -753,8 +753,7 @@ def check_ddg(setup: Setup) -> Measured:
     if not dist.is_available():
         raise SkipCheck("torch.distributed is not available in this torch build")
     backend, note = _ddg_backend(setup)
-    from highwaybp.baselines.ddg import DDGTrainer
-    from highwaybp.distributed.ddg import DDGRunConfig, EpochBatches, assemble_model, spawn_ddg
+    from highwaybp.ddg import DDGRunConfig, DDGTrainer, EpochBatches, assemble_model, spawn_ddg
     from highwaybp.models.resnet1d import build_resnet1d
 
     gen = torch.Generator().manual_seed(0)

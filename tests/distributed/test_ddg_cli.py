@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from highwaybp.cli import main
-from highwaybp.distributed.ddg import free_port
+from highwaybp.ddg import free_port
 
 TINY = [
     "--num-samples", "400", "--channels", "6", "--blocks", "2", "--batch-size", "16",

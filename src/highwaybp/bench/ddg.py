@@ -1,7 +1,7 @@
 """`highwaybp bench ddg`: throughput and memory of DDG on K processes vs backprop on one.
 
 Every configuration runs through the same multi-process runtime
-(`highwaybp.distributed.ddg`, gloo, local processes), so the comparison is like for like:
+(`highwaybp.ddg`, gloo, local processes), so the comparison is like for like:
 
 - backprop = DDG with K = 1 (exactly backprop) on one process with all T threads (the
   baseline of the speedups), and for reference on one process with one thread;
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from highwaybp.bench.timing import machine_info
-from highwaybp.distributed.ddg import DDGRunConfig, EpochBatches, spawn_ddg
+from highwaybp.ddg import DDGRunConfig, EpochBatches, spawn_ddg
 from highwaybp.models.resnet1d import build_resnet1d
 from highwaybp.train.cli_types import nonneg_int, out_file, positive_float, positive_int
 

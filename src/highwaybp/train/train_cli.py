@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import highwaybp as hbp
-from highwaybp.baselines.ddg import SEMANTICS, DDGTrainer
+from highwaybp.ddg import SEMANTICS, DDGTrainer
 from highwaybp.models.resnet1d import build_resnet1d
 from highwaybp.train.cli_types import (
     mnist1d_size,
@@ -254,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_single(args, data: TensorSplit, steps: int, out: Optional[Path], config) -> int:
-    from highwaybp.distributed.ddg import EpochBatches
+    from highwaybp.ddg import EpochBatches
 
     model = build_resnet1d(
         args.seed, args.channels, args.blocks, data.num_classes, args.residual, sequential=False
@@ -433,7 +433,7 @@ def _final(args, config, rows, model, data, launcher: str, extra=None) -> dict[s
 
 
 def _run_distributed(args, data: TensorSplit, steps: int, out: Optional[Path], config) -> int:
-    from highwaybp.distributed import ddg as ddist
+    from highwaybp import ddg as ddist
 
     if args.stop_after is not None:
         raise SystemExit("--stop-after is for single-process runs")

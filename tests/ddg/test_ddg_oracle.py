@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from highwaybp.baselines.ddg import DDGTrainer, balanced_boundaries, split_model
+from highwaybp.ddg import DDGTrainer, balanced_boundaries, split_model
 
 
 def make_net(dtype=torch.float64, dropout: float = 0.0) -> nn.Sequential:

@@ -1,7 +1,7 @@
 """DDG on torch.distributed: one rank per module, point-to-point activations and errors.
 
 Rank s holds module s of K (the same `DDGStage` as the single-process oracle in
-`highwaybp.baselines.ddg`, so both run the same arithmetic) and, at step t:
+`highwaybp.ddg.stage`, so both run the same arithmetic) and, at step t:
 
     x = batch_t                     (rank 0)   |  recv activation of batch t from s-1
     last rank:  loss, backward, update on batch t; send dLoss/dx of batch t to s-1
@@ -29,18 +29,14 @@ neighbours time out after `timeout`, and the spawn launcher then names it and ki
 
 Launch: `torchrun --nproc-per-node K -m highwaybp train --method ddg --splits K ...`
 (env:// rendezvous, gloo on CPU, NCCL on GPU with one GPU per rank), or `spawn_ddg(...)`
-here (torch.multiprocessing, used by the tests and by `--launcher spawn`).
+in `highwaybp.ddg.launch` (torch.multiprocessing, used by the tests and by `--launcher spawn`).
 """
-
 from __future__ import annotations
 
 import datetime
 import os
-import queue as queue_mod
 import resource
 import sys
-import tempfile
-import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -50,28 +46,15 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from highwaybp.baselines.ddg import SEMANTICS, DDGStage, split_model
+from highwaybp.ddg.stage import SEMANTICS, DDGStage, split_model
+from highwaybp.distributed.transport import Link, TransportError, Watchdog
 from highwaybp.files import load_checkpoint, save_checkpoint
 
-_DTYPES = [
-    torch.float32,
-    torch.float64,
-    torch.float16,
-    torch.bfloat16,
-    torch.int64,
-    torch.int32,
-]
-_HEADER_LEN = 10  # ndim, dtype code, up to 8 dims
-_TAG_HEADER, _TAG_ACT, _TAG_ERR = 1, 2, 3
-
-
-class DDGRuntimeError(RuntimeError):
-    """A rank of the DDG runtime failed, timed out, or lost a peer."""
-
+# DDG's name for the transport's error: a rank failed, timed out, or lost a peer.
+DDGRuntimeError = TransportError
 
 @dataclass
 class EpochBatches:
@@ -136,139 +119,6 @@ class DDGRunConfig:
     checkpoint_dir: Optional[str] = None  # per-rank checkpoints (resume) if set
     checkpoint_every: int = 0  # steps between checkpoints (0: only at the end)
     extra: dict = field(default_factory=dict)
-
-
-# ----------------------------------------------------------------------------- watchdog
-
-
-class Watchdog:
-    """Ends the process (exit code 3) when `beat()` was not called for `limit` seconds.
-
-    The receives already time out; this covers any other hang (a blocked send, teardown
-    of a process group whose peer died) so that no rank can outlive a failure for long.
-    """
-
-    def __init__(
-        self, limit: float, rank: int, on_fire: Optional[Callable[[str], None]] = None
-    ) -> None:
-        self.limit = limit
-        self.rank = rank
-        self.on_fire = on_fire
-        self._last = time.monotonic()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def beat(self) -> None:
-        self._last = time.monotonic()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.2):
-            idle = time.monotonic() - self._last
-            if idle > self.limit:
-                msg = (
-                    f"DDG rank {self.rank}: watchdog: no progress for {idle:.1f}s (limit "
-                    f"{self.limit:.0f}s); a peer failed or hangs, so every rank stops"
-                )
-                sys.stderr.write(f"[ddg rank {self.rank}] {msg}\n")
-                sys.stderr.flush()
-                if self.on_fire is not None:
-                    try:
-                        self.on_fire(msg)
-                    finally:
-                        os._exit(3)
-                os._exit(3)
-
-
-# ----------------------------------------------------------------------------- comm
-
-
-class _Link:
-    """Point-to-point messages of one rank with bounded waits and clear errors."""
-
-    def __init__(self, rank: int, world: int, timeout: float, device: torch.device) -> None:
-        self.rank, self.world = rank, world
-        self.timeout = datetime.timedelta(seconds=timeout)
-        self.device = device
-        self.sends: list[Any] = []
-        self.in_shape: Optional[tuple[torch.Size, torch.dtype]] = None
-        self.header_sent = False
-        self.out_shape: Optional[tuple[torch.Size, torch.dtype]] = None
-
-    def _fail(self, what: str, peer: int, step: int, err: BaseException) -> DDGRuntimeError:
-        return DDGRuntimeError(
-            f"DDG rank {self.rank}/{self.world}: {what} rank {peer} failed at step {step} "
-            f"(timeout {self.timeout.total_seconds():.0f}s): {type(err).__name__}: {err}. "
-            "A peer died, raised or is stuck; every rank stops."
-        )
-
-    def _recv(self, buf: torch.Tensor, src: int, tag: int, what: str, step: int):
-        try:
-            work = dist.irecv(buf, src=src, tag=tag)
-            if not work.wait(self.timeout):
-                raise TimeoutError("receive did not complete")
-        except Exception as err:
-            raise self._fail(f"receiving {what} from", src, step, err) from err
-        return buf
-
-    def _send(self, tensor: torch.Tensor, dst: int, tag: int, what: str, step: int) -> None:
-        try:
-            self.sends.append((dist.isend(tensor.contiguous(), dst=dst, tag=tag), dst, what))
-        except Exception as err:
-            raise self._fail(f"sending {what} to", dst, step, err) from err
-
-    def flush(self, step: int) -> None:
-        """Wait for this step's sends (bounded), so buffers can be freed."""
-        for work, dst, what in self.sends:
-            try:
-                if not work.wait(self.timeout):
-                    raise TimeoutError("send did not complete")
-            except Exception as err:
-                raise self._fail(f"sending {what} to", dst, step, err) from err
-        self.sends = []
-
-    def send_activation(self, y: torch.Tensor, step: int) -> None:
-        if not self.header_sent:  # once per run (also after a resume)
-            if y.dim() > _HEADER_LEN - 2 or y.dtype not in _DTYPES:
-                raise DDGRuntimeError(
-                    f"DDG sends tensors of <= {_HEADER_LEN - 2} dims with dtype in "
-                    f"{_DTYPES}; module {self.rank} returned {tuple(y.shape)} {y.dtype}"
-                )
-            header = torch.zeros(_HEADER_LEN, dtype=torch.int64, device=self.device)
-            header[0], header[1] = y.dim(), _DTYPES.index(y.dtype)
-            header[2 : 2 + y.dim()] = torch.tensor(y.shape, dtype=torch.int64)
-            self._send(header, self.rank + 1, _TAG_HEADER, "the shape header", step)
-            self.header_sent = True
-            self.out_shape = (y.shape, y.dtype)
-        elif (y.shape, y.dtype) != self.out_shape:
-            raise DDGRuntimeError(
-                f"DDG rank {self.rank}: the activation of step {step} is {tuple(y.shape)} "
-                f"{y.dtype}, but {tuple(self.out_shape[0])} {self.out_shape[1]} was "
-                "negotiated at the start; batches must keep one shape (drop the last "
-                "partial batch)"
-            )
-        self._send(y.detach(), self.rank + 1, _TAG_ACT, "an activation", step)
-
-    def recv_activation(self, step: int) -> torch.Tensor:
-        if self.in_shape is None:  # shape negotiation, once
-            header = torch.zeros(_HEADER_LEN, dtype=torch.int64, device=self.device)
-            self._recv(header, self.rank - 1, _TAG_HEADER, "the shape header", step)
-            header = header.cpu().tolist()
-            ndim = int(header[0])
-            self.in_shape = (torch.Size(header[2 : 2 + ndim]), _DTYPES[int(header[1])])
-        shape, dtype = self.in_shape
-        buf = torch.empty(shape, dtype=dtype, device=self.device)
-        return self._recv(buf, self.rank - 1, _TAG_ACT, "an activation", step)
-
-    def send_error(self, g: torch.Tensor, step: int) -> None:
-        self._send(g.detach(), self.rank - 1, _TAG_ERR, "an error", step)
-
-    def recv_error(self, like: torch.Tensor, step: int) -> torch.Tensor:
-        buf = torch.empty_like(like)
-        return self._recv(buf, self.rank + 1, _TAG_ERR, "an error", step)
 
 
 # ----------------------------------------------------------------------------- rank loop
@@ -345,7 +195,7 @@ def run_rank(
     seed = None if cfg.rng_seed is None else cfg.rng_seed + rank
     stage = DDGStage(module, rank, world, optimizer, scheduler, cfg.semantics, seed)
     del modules
-    link = _Link(rank, world, cfg.timeout, device)
+    link = Link(rank, world, cfg.timeout, device)
     last, first_rank = rank == world - 1, rank == 0
     losses: list[float] = []
     correct: list[int] = []
@@ -549,188 +399,6 @@ def _spawn_entry(
             sys.stderr.flush()
             os._exit(1)
     watchdog.stop()
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (for the spawn launcher's rendezvous)."""
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _mp_context():
-    """forkserver with torch and this module preloaded: each rank starts in well under a
-    second instead of re-importing torch (seconds on a loaded machine). Fork itself is
-    unsafe once the parent has run OpenMP kernels; the server has not. Falls back to
-    spawn where forkserver does not exist."""
-    try:
-        ctx = mp.get_context("forkserver")
-    except ValueError:
-        return mp.get_context("spawn")
-    ctx.set_forkserver_preload(["torch", "highwaybp.distributed.ddg"])
-    return ctx
-
-
-class DDGProcesses:
-    """K local processes running DDG (torch.multiprocessing); see `spawn_ddg`.
-
-    .procs are the processes (rank order); .events collects ("step" | "done" | "error",
-    rank, payload) messages as `poll` reads them.
-    """
-
-    def __init__(self, cfg: DDGRunConfig, world: int) -> None:
-        if world < 1:
-            raise ValueError(f"need at least one rank, got {world}")
-        self.cfg, self.world = cfg, world
-        self._tmp = tempfile.TemporaryDirectory(prefix="ddg_")
-        ctx = _mp_context()
-        self._queue = ctx.Queue()
-        init = f"tcp://127.0.0.1:{free_port()}"
-        self.procs = [
-            ctx.Process(
-                target=_spawn_entry,
-                args=(r, world, cfg, init, self._queue, self._tmp.name),
-                daemon=True,
-            )
-            for r in range(world)
-        ]
-        for p in self.procs:
-            p.start()
-        self.events: list[tuple[str, int, Any]] = []
-        self.last_step = [-1] * world
-        self.stuck: list[int] = []  # see `join`
-        self.grace = 0.0
-
-    def poll(self, wait: float = 0.1) -> None:
-        """Move queued messages into .events (waits at most `wait` s for the first)."""
-        try:
-            item = self._queue.get(timeout=wait)
-        except queue_mod.Empty:
-            return
-        while True:
-            self.events.append(item)
-            if item[0] == "step":
-                self.last_step[item[1]] = item[2]
-            try:
-                item = self._queue.get_nowait()
-            except queue_mod.Empty:
-                return
-
-    def errors(self) -> dict[int, str]:
-        return {r: msg for kind, r, msg in self.events if kind == "error"}
-
-    def join(self, deadline: float, grace: Optional[float] = None) -> list[Optional[int]]:
-        """Wait until every process exits, a failed run has settled, or `deadline` seconds
-        pass; the exit codes (None: still running).
-
-        Once the run has failed (a rank reported an error or exited non-zero), a rank that
-        can no longer progress (it reported an error, or both its neighbours r-1 and r+1
-        exited or reported one) gets `grace` seconds (default timeout + 10) to exit; the
-        wait does not go on for it. A healthy rank fails as soon as its neighbours are gone,
-        and every wait of its own is bounded by `timeout`, so one still running without a
-        report after that (10 s more for a busy machine) is stopped (SIGSTOP, a debugger)
-        or hung: it is listed in `.stuck`, and `close()` kills it. Without this, a stopped
-        rank, whose own watchdog is stopped too, kept the launcher waiting until `deadline`.
-        """
-        grace = self.cfg.timeout + 10.0 if grace is None else grace
-        end = time.monotonic() + deadline
-        settled_at: dict[int, float] = {}  # rank -> when it could no longer progress
-        while True:
-            self.poll(0.1)
-            codes = [p.exitcode for p in self.procs]
-            now = time.monotonic()
-            if all(c is not None for c in codes) or now >= end:
-                break
-            errors = self.errors()
-            if not errors and all(c in (None, 0) for c in codes):
-                continue  # no failure: a slow rank is just slow
-            gone = [c is not None or r in errors for r, c in enumerate(codes)]
-            for r in range(self.world):
-                neighbours = [n for n in (r - 1, r + 1) if 0 <= n < self.world]
-                if r not in settled_at and (r in errors or all(gone[n] for n in neighbours)):
-                    settled_at[r] = now
-            if all(
-                c is not None or (r in settled_at and now - settled_at[r] >= grace)
-                for r, c in enumerate(codes)
-            ):
-                break
-        self.poll(0.0)
-        codes = [p.exitcode for p in self.procs]
-        errors = self.errors()
-        self.stuck = [r for r in settled_at if codes[r] is None and r not in errors]
-        self.grace = grace
-        return codes
-
-    def results(self) -> list[dict[str, Any]]:
-        return [
-            torch.load(Path(self._tmp.name) / f"rank{r}.pt", weights_only=False)
-            for r in range(self.world)
-        ]
-
-    def kill_all(self) -> None:
-        for p in self.procs:
-            if p.is_alive():
-                p.kill()
-        for p in self.procs:
-            p.join(5)
-
-    def close(self) -> None:
-        self.kill_all()
-        self._tmp.cleanup()
-
-
-def spawn_ddg(cfg: DDGRunConfig, world: int, deadline: Optional[float] = None) -> list[dict]:
-    """Run DDG on `world` local processes (gloo unless cfg.backend says otherwise).
-
-    Returns the per-rank results of `run_rank`. Raises DDGRuntimeError (with every rank's
-    message) if a rank fails, as soon as the ranks that can still report have done so: a
-    rank stopped or hung is named and killed `timeout + 10` s after its neighbours
-    failed (see `DDGProcesses.join`); never waits longer than `deadline` seconds
-    (default: 4 * cfg.timeout + 60).
-    """
-    return spawn_ddg_many([(cfg, world)], deadline)[0]
-
-
-def spawn_ddg_many(
-    runs: Sequence[tuple[DDGRunConfig, int]], deadline: Optional[float] = None
-) -> list[list[dict]]:
-    """Several independent `spawn_ddg` runs started together (their start-up overlaps)."""
-    for cfg, world in runs:
-        check_config(cfg, world)
-    if deadline is None:
-        deadline = max(4 * cfg.timeout + 60 for cfg, _ in runs)
-    started = []
-    try:
-        for cfg, world in runs:
-            started.append(DDGProcesses(cfg, world))
-        end = time.monotonic() + deadline
-        out = []
-        for procs in started:
-            codes = procs.join(max(0.0, end - time.monotonic()))
-            errors = procs.errors()
-            if errors or any(c != 0 for c in codes):
-                stuck = procs.stuck
-                late = [r for r, c in enumerate(codes) if c is None and r not in stuck]
-                messages = dict(errors)
-                for r in stuck:
-                    messages[r] = (
-                        f"stopped or hung: still running {procs.grace:.0f}s after its "
-                        "neighbours failed, without reporting an error (a SIGSTOP, a "
-                        "debugger, a deadlock?); killed"
-                    )
-                detail = "; ".join(f"rank {r}: {m}" for r, m in sorted(messages.items()))
-                raise DDGRuntimeError(
-                    f"DDG run failed (exit codes {codes}"
-                    + (f", still running after {deadline:.0f}s: {late}" if late else "")
-                    + f"): {detail or 'a rank exited without a message'}"
-                )
-            out.append(procs.results())
-        return out
-    finally:
-        for procs in started:
-            procs.close()
 
 
 def check_config(cfg: DDGRunConfig, world: int) -> None:

@@ -1,0 +1,174 @@
+"""Point-to-point transport on torch.distributed for multi-process runtimes (DDG now; a
+layer-parallel runtime can reuse it): a shape header negotiated once per link, sends and
+receives that wait at most `timeout` seconds, a watchdog thread that ends a rank that made
+no progress, and errors that name the rank, the peer and the step (`TransportError`)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+_DTYPES = [
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+]
+_HEADER_LEN = 10  # ndim, dtype code, up to 8 dims
+_TAG_HEADER, _TAG_ACT, _TAG_ERR = 1, 2, 3
+
+
+class TransportError(RuntimeError):
+    """A rank of the DDG runtime failed, timed out, or lost a peer."""
+
+
+# ----------------------------------------------------------------------------- watchdog
+
+
+class Watchdog:
+    """Ends the process (exit code 3) when `beat()` was not called for `limit` seconds.
+
+    The receives already time out; this covers any other hang (a blocked send, teardown
+    of a process group whose peer died) so that no rank can outlive a failure for long.
+    """
+
+    def __init__(
+        self, limit: float, rank: int, on_fire: Optional[Callable[[str], None]] = None
+    ) -> None:
+        self.limit = limit
+        self.rank = rank
+        self.on_fire = on_fire
+        self._last = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def beat(self) -> None:
+        self._last = time.monotonic()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            idle = time.monotonic() - self._last
+            if idle > self.limit:
+                msg = (
+                    f"DDG rank {self.rank}: watchdog: no progress for {idle:.1f}s (limit "
+                    f"{self.limit:.0f}s); a peer failed or hangs, so every rank stops"
+                )
+                sys.stderr.write(f"[ddg rank {self.rank}] {msg}\n")
+                sys.stderr.flush()
+                if self.on_fire is not None:
+                    try:
+                        self.on_fire(msg)
+                    finally:
+                        os._exit(3)
+                os._exit(3)
+
+
+# ----------------------------------------------------------------------------- comm
+
+
+class Link:
+    """Point-to-point messages of one rank with bounded waits and clear errors."""
+
+    def __init__(self, rank: int, world: int, timeout: float, device: torch.device) -> None:
+        self.rank, self.world = rank, world
+        self.timeout = datetime.timedelta(seconds=timeout)
+        self.device = device
+        self.sends: list[Any] = []
+        self.in_shape: Optional[tuple[torch.Size, torch.dtype]] = None
+        self.header_sent = False
+        self.out_shape: Optional[tuple[torch.Size, torch.dtype]] = None
+
+    def _fail(self, what: str, peer: int, step: int, err: BaseException) -> TransportError:
+        return TransportError(
+            f"DDG rank {self.rank}/{self.world}: {what} rank {peer} failed at step {step} "
+            f"(timeout {self.timeout.total_seconds():.0f}s): {type(err).__name__}: {err}. "
+            "A peer died, raised or is stuck; every rank stops."
+        )
+
+    def _recv(self, buf: torch.Tensor, src: int, tag: int, what: str, step: int):
+        try:
+            work = dist.irecv(buf, src=src, tag=tag)
+            if not work.wait(self.timeout):
+                raise TimeoutError("receive did not complete")
+        except Exception as err:
+            raise self._fail(f"receiving {what} from", src, step, err) from err
+        return buf
+
+    def _send(self, tensor: torch.Tensor, dst: int, tag: int, what: str, step: int) -> None:
+        try:
+            self.sends.append((dist.isend(tensor.contiguous(), dst=dst, tag=tag), dst, what))
+        except Exception as err:
+            raise self._fail(f"sending {what} to", dst, step, err) from err
+
+    def flush(self, step: int) -> None:
+        """Wait for this step's sends (bounded), so buffers can be freed."""
+        for work, dst, what in self.sends:
+            try:
+                if not work.wait(self.timeout):
+                    raise TimeoutError("send did not complete")
+            except Exception as err:
+                raise self._fail(f"sending {what} to", dst, step, err) from err
+        self.sends = []
+
+    def send_activation(self, y: torch.Tensor, step: int) -> None:
+        if not self.header_sent:  # once per run (also after a resume)
+            if y.dim() > _HEADER_LEN - 2 or y.dtype not in _DTYPES:
+                raise TransportError(
+                    f"DDG sends tensors of <= {_HEADER_LEN - 2} dims with dtype in "
+                    f"{_DTYPES}; module {self.rank} returned {tuple(y.shape)} {y.dtype}"
+                )
+            header = torch.zeros(_HEADER_LEN, dtype=torch.int64, device=self.device)
+            header[0], header[1] = y.dim(), _DTYPES.index(y.dtype)
+            header[2 : 2 + y.dim()] = torch.tensor(y.shape, dtype=torch.int64)
+            self._send(header, self.rank + 1, _TAG_HEADER, "the shape header", step)
+            self.header_sent = True
+            self.out_shape = (y.shape, y.dtype)
+        elif (y.shape, y.dtype) != self.out_shape:
+            raise TransportError(
+                f"DDG rank {self.rank}: the activation of step {step} is {tuple(y.shape)} "
+                f"{y.dtype}, but {tuple(self.out_shape[0])} {self.out_shape[1]} was "
+                "negotiated at the start; batches must keep one shape (drop the last "
+                "partial batch)"
+            )
+        self._send(y.detach(), self.rank + 1, _TAG_ACT, "an activation", step)
+
+    def recv_activation(self, step: int) -> torch.Tensor:
+        if self.in_shape is None:  # shape negotiation, once
+            header = torch.zeros(_HEADER_LEN, dtype=torch.int64, device=self.device)
+            self._recv(header, self.rank - 1, _TAG_HEADER, "the shape header", step)
+            header = header.cpu().tolist()
+            ndim = int(header[0])
+            self.in_shape = (torch.Size(header[2 : 2 + ndim]), _DTYPES[int(header[1])])
+        shape, dtype = self.in_shape
+        buf = torch.empty(shape, dtype=dtype, device=self.device)
+        return self._recv(buf, self.rank - 1, _TAG_ACT, "an activation", step)
+
+    def send_error(self, g: torch.Tensor, step: int) -> None:
+        self._send(g.detach(), self.rank - 1, _TAG_ERR, "an error", step)
+
+    def recv_error(self, like: torch.Tensor, step: int) -> torch.Tensor:
+        buf = torch.empty_like(like)
+        return self._recv(buf, self.rank + 1, _TAG_ERR, "an error", step)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for the spawn launcher's rendezvous)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
