@@ -100,30 +100,36 @@ def test_multiprocess_resumes_from_checkpoints(tmp_path):
 
 
 def test_killing_one_rank_stops_every_rank_with_an_error():
-    # Generous bounds: on a loaded 2-core machine (CI) the survivors' error reports can
-    # take tens of seconds; the check is that they come, bounded, not how fast.
-    timeout = 20.0
+    """A SIGKILLed rank: every survivor exits non-zero within a bounded time. Usually its
+    receive fails at once (the peer's sockets close) and it reports an error naming the
+    lost peer; when gloo leaves it blocked in a call without its own timeout, its watchdog
+    ends it (exit 3) after 2 * timeout + 10 s, printing the reason. Both are accepted;
+    a survivor that neither reports nor exits fails the test."""
+    timeout = 10.0
+    watchdog_limit = 2 * timeout + 10.0  # `_spawn_entry`'s watchdog
     cfg = _config("recompute", steps=100_000, timeout=timeout)
     procs = DDGProcesses(cfg, 3)
     try:
         start = time.monotonic()
         while procs.last_step[1] < 3:  # wait until the run is well under way
             procs.poll(0.2)
-            assert time.monotonic() - start < 50, f"run did not start: {procs.events[-3:]}"
+            assert time.monotonic() - start < 90, f"run did not start: {procs.events[-3:]}"
             assert all(p.is_alive() for p in procs.procs), procs.errors()
         os.kill(procs.procs[1].pid, signal.SIGKILL)
         killed_at = time.monotonic()
-        # grace: survivors are failing, not stuck; give them the whole deadline to exit
-        # (the stuck-rank detection is the next test's subject).
-        codes = procs.join(deadline=timeout + 60, grace=timeout + 60)
+        # Generous bounds (CI shares 2 cores): failing survivors get the whole deadline;
+        # the stuck-rank detection is the next test's subject.
+        bound = watchdog_limit + 60
+        codes = procs.join(deadline=bound, grace=bound)
         elapsed = time.monotonic() - killed_at
         assert all(c is not None for c in codes), f"a rank still runs after {elapsed:.0f}s"
         assert codes[1] == -signal.SIGKILL
-        assert codes[0] != 0 and codes[2] != 0
+        procs.poll(1.0)
         errors = procs.errors()
-        for r in (0, 2):  # the survivors say what happened
-            assert r in errors and "DDG rank" in errors[r] and "every rank stops" in errors[r]
-        assert elapsed < timeout + 60
+        for r in (0, 2):
+            assert codes[r] != 0
+            reported = r in errors and "DDG rank" in errors[r] and "every rank stops" in errors[r]
+            assert reported or codes[r] == 3, (r, codes, errors)
     finally:
         procs.close()
 
