@@ -207,6 +207,19 @@ def _kschedule(path: Path, d: dict[str, Any]) -> list[str]:
             make_table(d["summary"], d["configs"], d["command"]), ""]
 
 
+def _demo(path: Path, d: dict[str, Any]) -> list[str]:
+    from highwaybp.train.demo import make_table
+
+    c = d["config"]
+    return [f"### `highwaybp demo`: `{path}`", "",
+            f"Residual MLP depth {c['depth']} width {c['width']} on MNIST-1D, {c['steps']} "
+            f"Adam steps per method; GRU hidden {c['rnn_hidden']} on digits read pixel by "
+            f"pixel (T = {c['rnn_side'] ** 2}), batch {c['rnn_batch']}, {c['rnn_steps']} "
+            "steps round-robin. The files are the README's first command's output "
+            "(`runs/demo`) from a fresh clone, copied here.", "",
+            make_table(d), ""]
+
+
 def _charlm(path: Path, d: dict[str, Any]) -> list[str]:
     cfg = d["config"]
     lines = [
@@ -271,6 +284,8 @@ class Section:
 
 
 SECTIONS: tuple[Section, ...] = (
+    Section("The demo (`highwaybp demo`)", lambda d: "rnn" in d and "results" in d and
+            "fidelity_curve" in d, _demo),
     Section("Scans", lambda d: d.get("bench") == "scan", _scan),
     Section("RNNs (`highwaybp bench rnn`)", lambda d: "meta" in d and "records" in d, _rnn),
     Section("RNN profile (`highwaybp bench rnn --profile`)",
