@@ -42,7 +42,7 @@ from torch import Tensor, nn
 import highwaybp._compat as _compat
 from highwaybp.core.chain import ResidualChain
 from highwaybp.core.iteration import Diagnostics
-from highwaybp.core.methods import Exact, Method
+from highwaybp.core.methods import Exact, Method, check_method
 from highwaybp.core.residual import Gated, ResidualLayer, Scaled
 from highwaybp.models.transformer import _check_gamma, post_ln_gate
 
@@ -315,11 +315,7 @@ def from_huggingface(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"from_huggingface needs a torch nn.Module, got {type(model).__name__}")
-    method = Exact() if method is None else method
-    if not isinstance(method, Method):
-        raise TypeError(
-            f"method must be a highwaybp method (Exact(), Highway(k), ...), got {method!r}"
-        )
+    method = Exact() if method is None else check_method(method)
     existing = highway_stack(model, required=False)
     if existing is not None:
         g = DEFAULT_GAMMA[existing.kind] if gamma is None else _check_gamma(gamma)

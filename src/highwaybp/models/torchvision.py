@@ -303,11 +303,7 @@ def from_torchvision(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"from_torchvision needs a torch nn.Module, got {type(model).__name__}")
-    method = Exact() if method is None else method
-    if not isinstance(method, Method):
-        raise TypeError(
-            f"method must be a highwaybp method (Exact(), Highway(k), ...), got {method!r}"
-        )
+    method = Exact() if method is None else check_method(method)
     existing = resnet_stages(model, required=False)
     if existing is not None:
         existing.configure(method, vjp, scan)
