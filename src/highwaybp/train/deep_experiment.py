@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -51,10 +49,8 @@ from highwaybp.train.io import (
     atomic_write_json,
     atomic_write_text,
     check_resume_config,
-    load_checkpoint,
-    save_checkpoint,
 )
-from highwaybp.train.loop import StopGuard, stopped_message
+from highwaybp.train.loop import StopGuard, TrainLoop, method_label, warmup_cosine_lr
 
 FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -277,10 +273,7 @@ def _checkpoints(steps: int) -> dict[int, float]:
 
 
 def _lr(task: Task, step: int) -> float:
-    warm = max(1, task.steps // 20)
-    if step < warm:
-        return task.lr * (step + 1) / warm
-    return 0.5 * task.lr * (1 + math.cos(math.pi * (step - warm) / max(1, task.steps - warm)))
+    return warmup_cosine_lr(task.lr, step, task.steps)
 
 
 def train_run(
@@ -292,6 +285,7 @@ def train_run(
     log: Callable[[str], None],
     guard: StopGuard | None = None,
     schedule: str | None = None,
+    progress: bool = True,
 ) -> dict[str, Any] | None:
     """Train one model with `method`, or with the method a k `schedule` sets at each step
     (a KController; the arm is then named "schedule:<spec>"); resume from `ckpt_path`.
@@ -302,68 +296,56 @@ def train_run(
     ctl = None if schedule is None else KController(model, schedule, total_steps=task.steps)
     opt_cls = torch.optim.Adam if task.name == "resnet" else torch.optim.AdamW
     opt = opt_cls(model.parameters(), lr=task.lr)
-    state = load_checkpoint(ckpt_path)
     run: dict[str, Any] = {
         "method": method_name(method) if ctl is None else SCHEDULE_ARM + schedule,
         "history": [],
         "checkpoints": [],
         "seconds": 0.0,
     }
-    start = 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        run, start = state["run"], state["step"]
-        if ctl is not None:
-            ctl.load_state_dict(state["k_controller"])
-        log(f"  resumed {task.name}/{run['method']} at step {start}")
     marks = _checkpoints(task.steps)
     is_exact = method.exact and ctl is None
-    t_last = time.perf_counter()
 
-    def save(step: int) -> None:
-        nonlocal t_last
-        now = time.perf_counter()
-        run["seconds"] += now - t_last
-        t_last = now
-        save_checkpoint(
-            ckpt_path,
-            {"model": model.state_dict(), "optimizer": opt.state_dict(), "run": run,
-             "step": step, "k_controller": None if ctl is None else ctl.state_dict()},
-        )
+    def state() -> dict[str, Any]:
+        run["seconds"] = loop.wall_seconds
+        return {"model": model.state_dict(), "optimizer": opt.state_dict(), "run": run,
+                "k_controller": None if ctl is None else ctl.state_dict()}
 
-    for step in range(start, task.steps + 1):
-        if guard is not None and step < task.steps and guard.should_stop(step):
-            save(step)
-            log(stopped_message(guard, step, task.steps, f"{task.name}/{run['method']}"))
-            return None
-        batch = task.batch(step) if step < task.steps else None
-        if ctl is not None and batch is not None:
+    def load_state(saved: dict[str, Any]) -> None:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        run.update(saved["run"])
+        if ctl is not None:
+            ctl.load_state_dict(saved["k_controller"])
+
+    def at_boundary(step: int) -> None:
+        if ctl is not None and step < task.steps:
             # This step's method, set before the evaluation so that the cosine recorded
             # at a checkpoint is that of the method this step trains with.
-            ctl.step(step, loss_fn=lambda batch=batch: task.loss(model, batch))
-        if step in marks and not any(c["step"] == step for c in run["checkpoints"]):
-            entry: dict[str, Any] = {
-                "step": step,
-                "fraction": marks[step],
-                task.metric: task.evaluate(model),
-            }
-            if is_exact:
-                entry["cosines"] = gradient_cosines(model, task, diag_methods)
-            else:
-                own = method if ctl is None else ctl.method
-                entry["own_cosine"] = (
-                    {"cosine": 1.0, "rel_error": 0.0} if own.exact
-                    else gradient_cosines(model, task, [own])[method_name(own)])
-            if ctl is not None:
-                entry.update(k_method=repr(ctl.method), vjp_sweeps=ctl.total_sweeps())
-            run["checkpoints"].append(entry)
-            log(
-                f"  {task.name}/{run['method']} step {step}/{task.steps}: "
-                f"{task.metric} {entry[task.metric]:.4g}"
-            )
-        if step == task.steps:
-            break
+            ctl.step(step, loss_fn=lambda: task.loss(model, task.batch(step)))
+        if step not in marks or any(c["step"] == step for c in run["checkpoints"]):
+            return
+        entry: dict[str, Any] = {
+            "step": step,
+            "fraction": marks[step],
+            task.metric: task.evaluate(model),
+        }
+        if is_exact:
+            entry["cosines"] = gradient_cosines(model, task, diag_methods)
+        else:
+            own = method if ctl is None else ctl.method
+            entry["own_cosine"] = (
+                {"cosine": 1.0, "rel_error": 0.0} if own.exact
+                else gradient_cosines(model, task, [own])[method_name(own)])
+        if ctl is not None:
+            entry.update(k_method=repr(ctl.method), vjp_sweeps=ctl.total_sweeps())
+        run["checkpoints"].append(entry)
+        log(
+            f"  {task.name}/{run['method']} step {step}/{task.steps}: "
+            f"{task.metric} {entry[task.metric]:.4g}"
+        )
+
+    def step_fn(step: int) -> float:
+        batch = task.batch(step)
         for group in opt.param_groups:
             group["lr"] = _lr(task, step)
         if ctl is not None:
@@ -374,10 +356,20 @@ def train_run(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        run["history"].append([step, float(loss.detach())])
-        if (step + 1) % checkpoint_every == 0:
-            save(step + 1)
-    run["seconds"] += time.perf_counter() - t_last
+        value = float(loss.detach())
+        run["history"].append([step, value])
+        return value
+
+    loop = TrainLoop(
+        step_fn, task.steps, state=state, load_state=load_state, checkpoint_path=ckpt_path,
+        checkpoint_every=checkpoint_every, at_boundary=at_boundary, guard=guard,
+        name=f"{task.name}/{run['method']}", progress=progress, log=log,
+        k_label=lambda: method_label(method if ctl is None else ctl.method),
+    )  # fmt: skip
+    loop.resume()
+    if loop.run() is not None:
+        return None
+    run["seconds"] = loop.wall_seconds
     run["final"] = run["checkpoints"][-1][task.metric]
     run["train_loss_last10pct"] = _tail_mean(run["history"])
     return run
