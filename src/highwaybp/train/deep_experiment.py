@@ -591,7 +591,8 @@ def run(args: argparse.Namespace) -> int:
             ckpt = out / "checkpoints" / f"{name}_{safe}.pt"
             with StopGuard() as guard:
                 result = train_run(task, method, _diag_methods(args), ckpt,
-                                   args.checkpoint_every, log, guard, schedule=schedule)
+                                   args.checkpoint_every, log, guard, schedule=schedule,
+                                   progress=not args.quiet)
             if result is None:
                 return guard.exit_code()
             entry["runs"][mname] = result

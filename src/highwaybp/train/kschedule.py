@@ -25,7 +25,6 @@ import json
 import math
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +34,10 @@ from torch import Tensor, nn
 from highwaybp.control import KController
 from highwaybp.core.methods import Exact
 from highwaybp.train import deep_experiment
+from highwaybp.train.cli_types import nonneg_int_list
 from highwaybp.train.deep_experiment import Task
-from highwaybp.train.io import (
-    atomic_write_json,
-    atomic_write_text,
-    check_resume_config,
-    load_checkpoint,
-    save_checkpoint,
-)
+from highwaybp.train.io import atomic_write_json, atomic_write_text, check_resume_config
+from highwaybp.train.loop import StopGuard, TrainLoop, method_label, warmup_cosine_lr
 
 TASK_NAMES = ("resnet", "gpt", "gru")
 SCHEDULE_ARMS = ("linear", "steps", "adaptive", "finish", "adaptive99")
@@ -148,14 +143,6 @@ def arms(args: argparse.Namespace, steps: int) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------
 
 
-def _lr_at(base: float, step: int, steps: int) -> float:
-    """Linear warm-up over 5% of the steps, then cosine decay to 0."""
-    warm = max(1, steps // 20)
-    if step < warm:
-        return base * (step + 1) / warm
-    return 0.5 * base * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
-
-
 def _eval_steps(steps: int, evals: int) -> list[int]:
     return sorted({round(i * steps / evals) for i in range(evals + 1)})
 
@@ -166,34 +153,40 @@ def train_run(
     ckpt_path: Path,
     args: argparse.Namespace,
     log: Any,
-) -> dict[str, Any]:
+    guard: StopGuard | None = None,
+) -> dict[str, Any] | None:
+    """Train one arm: the method of each step is the one `schedule_text` sets (a
+    KController), through the shared `TrainLoop`; resume from `ckpt_path`.
+
+    Returns None when `guard` asked to stop: the checkpoint then holds the current step."""
     model = task.make_model()
     model.train()
     opt_cls = torch.optim.AdamW if task.name == "gpt" else torch.optim.Adam
     opt = opt_cls(model.parameters(), lr=task.lr)
     ctl = KController(model, schedule_text, total_steps=task.steps)
     run: dict[str, Any] = {"schedule": schedule_text, "evals": [], "losses": [], "seconds": 0.0}
-    start = 0
-    state = load_checkpoint(ckpt_path)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        ctl.load_state_dict(state["controller"])
-        run, start = state["run"], state["step"]
-        log(f"    resumed at step {start}")
     marks = _eval_steps(task.steps, args.evals)
-    tic = time.perf_counter()
-    for step in range(start, task.steps + 1):
+
+    def state() -> dict[str, Any]:
+        run["seconds"] = loop.train_seconds
+        return {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                "controller": ctl.state_dict(), "run": run}
+
+    def load_state(saved: dict[str, Any]) -> None:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        ctl.load_state_dict(saved["controller"])
+        run.update(saved["run"])
+
+    def at_boundary(step: int) -> None:
         if step in marks and not any(e["step"] == step for e in run["evals"]):
-            run["seconds"] += time.perf_counter() - tic  # evaluation time is not training
             run["evals"].append(
                 {"step": step, "sweeps": ctl.total_sweeps(), task.metric: task.evaluate(model)}
             )
-            tic = time.perf_counter()
-        if step == task.steps:
-            break
+
+    def step_fn(step: int) -> float:
         for group in opt.param_groups:
-            group["lr"] = _lr_at(task.lr, step, task.steps)
+            group["lr"] = warmup_cosine_lr(task.lr, step, task.steps)
         batch = task.batch(step)
         ctl.step(step, loss_fn=lambda b=batch: task.loss(model, b))
         loss = task.loss(model, batch)
@@ -202,26 +195,26 @@ def train_run(
         if task.name == "gru":
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        value = float(loss.detach())
+        return float(loss.detach())
+
+    def after_step(step: int, value: float) -> None:
         run["losses"].append(value)
         if not math.isfinite(value):
             log(f"    loss {value} at step {step}: run stopped")
             run["diverged_at"] = step
-            break
-        if (step + 1) % args.checkpoint_every == 0:
-            run["seconds"] += time.perf_counter() - tic
-            tic = time.perf_counter()
-            save_checkpoint(
-                ckpt_path,
-                {
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "controller": ctl.state_dict(),
-                    "run": run,
-                    "step": step + 1,
-                },
-            )
-    run["seconds"] += time.perf_counter() - tic
+            loop.end_early()
+
+    loop = TrainLoop(
+        step_fn, task.steps, state=state, load_state=load_state, checkpoint_path=ckpt_path,
+        checkpoint_every=args.checkpoint_every, at_boundary=at_boundary, after_step=after_step,
+        guard=guard, name=f"{task.name} {schedule_text}", progress=not args.quiet, log=log,
+        k_label=lambda: method_label(ctl.method),
+    )  # fmt: skip
+    loop.resume()
+    if loop.run() is not None:
+        return None
+    # training wall-clock: the steps (controller and probes included), not the evaluations
+    run["seconds"] = loop.train_seconds
     hist = ctl.history
     run["final"] = run["evals"][-1][task.metric] if "diverged_at" not in run else float("nan")
     run["train_sweeps"] = sum(h["sweeps"] or 0.0 for h in hist)
@@ -445,7 +438,10 @@ def run(args: argparse.Namespace) -> int:
                 else:
                     log(f"{name} seed {seed} {arm} ({text}): {task.steps} steps")
                     ckpt = out / "checkpoints" / f"{name}_s{seed}_{arm}.pt"
-                    run_result = train_run(task, text, ckpt, args, log)
+                    with StopGuard() as guard:
+                        run_result = train_run(task, text, ckpt, args, log, guard)
+                    if run_result is None:
+                        return guard.exit_code()
                     run_result.update(task=name, seed=seed, arm=arm)
                     atomic_write_json(path, run_result)
                     ckpt.unlink(missing_ok=True)
@@ -472,9 +468,6 @@ def _report(out: Path, results, metrics, configs, command: str) -> None:
     make_plot(results, metrics, out)
 
 
-def _int_list(text: str) -> list[int]:
-    return [int(t) for t in text.split(",") if t.strip()]
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -484,8 +477,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--tasks", nargs="+", choices=TASK_NAMES, default=list(TASK_NAMES))
-    p.add_argument("--seeds", type=_int_list, default=[0, 1, 2])
-    p.add_argument("--ks", type=_int_list, default=[0, 1, 2, 3, 4, 5], help="constant-k arms")
+    p.add_argument("--seeds", type=nonneg_int_list, default=[0, 1, 2])
+    p.add_argument("--ks", type=nonneg_int_list, default=[0, 1, 2, 3, 4, 5],
+                   help="constant-k arms")
     p.add_argument("--target", type=float, default=0.9, help="Adaptive target cosine")
     p.add_argument("--k-max", type=int, default=6, help="Adaptive k_max")
     p.add_argument("--probes", type=int, default=6, help="Adaptive probes per run")

@@ -249,9 +249,9 @@ class TrainLoop:
                     "rerun with the same options or delete the checkpoint to start afresh")
         if self.load_state is not None:
             self.load_state(saved)
-        timers = saved.get("loop") or {}
-        self.train_seconds = timers.get("train_seconds", 0.0)
-        self._wall_before = timers.get("wall_seconds", 0.0)
+        timers = saved.get("loop") or {}  # (load_state may have set them from older keys)
+        self.train_seconds = timers.get("train_seconds", self.train_seconds)
+        self._wall_before = timers.get("wall_seconds", self._wall_before)
         self.step = saved["step"]
         prefix = f"{self.name}: " if self.name else ""
         self.log(f"{prefix}resumed from {self.checkpoint_path} at step "

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from highwaybp.core.methods import Exact, FixedPoint, Highway, Method
 from highwaybp.models.torchvision import from_torchvision
+from highwaybp.train.cli_types import nonneg_int_list, positive_int_list
 from highwaybp.train.deep_experiment import (
     Task,
     digits_task,
@@ -40,6 +41,7 @@ from highwaybp.train.deep_experiment import (
     train_run,
 )
 from highwaybp.train.io import atomic_write_json, atomic_write_text, check_resume_config
+from highwaybp.train.loop import StopGuard
 
 # ---------------------------------------------------------------------------------------
 # The model: torchvision's ResNet-18 layout with narrow widths and a small-image stem
@@ -187,9 +189,12 @@ def run(args: argparse.Namespace) -> int:
                 continue
             log(f"{name}/{mname}: training {task.steps} steps")
             ckpt = out / "checkpoints" / f"{name}_{mname}.pt"
-            entry["runs"][mname] = train_run(
-                task, method, _diag_methods(args), ckpt, args.checkpoint_every, log
-            )
+            with StopGuard() as guard:  # SIGINT/SIGTERM: checkpoint this step, then exit
+                result = train_run(task, method, _diag_methods(args), ckpt,
+                                   args.checkpoint_every, log, guard, progress=not args.quiet)
+            if result is None:
+                return guard.exit_code()
+            entry["runs"][mname] = result
             atomic_write_json(results_path, results)
             ckpt.unlink(missing_ok=True)
     atomic_write_json(results_path, results)
@@ -210,19 +215,16 @@ def _renamed(path: Path) -> Path:
     return new
 
 
-def _int_list(text: str) -> list[int]:
-    return [int(t) for t in text.split(",") if t.strip()]
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "vision",
         help="torchvision-style ResNet-18 via from_torchvision: accuracy and gradient cosine vs k",
     )
-    p.add_argument("--ks", type=_int_list, default=[0, 1, 2, 3, 4])
+    p.add_argument("--ks", type=nonneg_int_list, default=[0, 1, 2, 3, 4])
     p.add_argument("--fixedpoint-k", type=int, default=4)
-    p.add_argument("--seeds", type=_int_list, default=[0])
-    p.add_argument("--widths", type=_int_list, default=[8, 16, 32, 64])
+    p.add_argument("--seeds", type=nonneg_int_list, default=[0])
+    p.add_argument("--widths", type=positive_int_list, default=[8, 16, 32, 64])
     p.add_argument("--image", type=int, default=16, help="upsampled side (divisible by 8)")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--batch", type=int, default=64)
