@@ -103,7 +103,7 @@ class Progress:
     """
 
     def __init__(self, total: int, initial: int = 0, desc: str = "",
-                 enabled: bool = True) -> None:
+                 enabled: bool = True, mininterval: float = 1.0) -> None:
         self._bar = None
         if not enabled:
             return
@@ -112,7 +112,7 @@ class Progress:
         except ImportError:  # an optional dependency (the `experiments` extra)
             return
         self._bar = tqdm(total=total, initial=initial, desc=desc or None, unit="step",
-                         disable=None, mininterval=1.0, leave=False, file=sys.stderr,
+                         disable=None, mininterval=mininterval, leave=False, file=sys.stderr,
                          dynamic_ncols=True)
 
     @property
