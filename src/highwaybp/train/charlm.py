@@ -47,6 +47,7 @@ from highwaybp.train.io import (
     atomic_write_json,
     atomic_write_text,
     check_resume_config,
+    save_figure,
 )
 from highwaybp.train.loop import Progress, StopGuard, TrainLoop, method_label, stopped_message
 
@@ -317,11 +318,7 @@ def plot(args: Any, runs: list[dict]) -> None:
         f"batch {args.batch}"
     )
     fig.tight_layout()
-    path = Path(args.out) / "charlm.png"
-    tmp = path.with_name(".charlm.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, Path(args.out) / "charlm.png")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

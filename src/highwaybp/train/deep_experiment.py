@@ -49,6 +49,7 @@ from highwaybp.train.io import (
     atomic_write_json,
     atomic_write_text,
     check_resume_config,
+    save_figure,
 )
 from highwaybp.train.loop import StopGuard, TrainLoop, method_label, warmup_cosine_lr
 
@@ -385,11 +386,13 @@ def _tail_mean(history: list) -> float:
 # ---------------------------------------------------------------------------------------
 
 
-def _methods(args: argparse.Namespace) -> list[Method]:
+def methods_of(args: argparse.Namespace) -> list[Method]:
+    """The method arms: Exact, Highway(k) for k in --ks, FixedPoint(--fixedpoint-k)."""
     return [Exact(), *(Highway(k=k) for k in args.ks), FixedPoint(k=args.fixedpoint_k)]
 
 
-def _diag_methods(args: argparse.Namespace) -> list[Method]:
+def diag_methods_of(args: argparse.Namespace) -> list[Method]:
+    """The methods of the Fig. 6 cosines: Highway(k) and FixedPoint(k) for k in --ks."""
     return [*(Highway(k=k) for k in args.ks), *(FixedPoint(k=k) for k in args.ks)]
 
 
@@ -447,7 +450,9 @@ def make_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def make_plots(results: dict[str, Any], out: Path) -> list[str]:
+def make_plots(results: dict[str, Any], out: Path, prefix: str = "deep_") -> list[str]:
+    """PNG plots of `results` in `out`, named `<prefix>final_vs_k.png`, `<prefix>fig6_cosine.png`
+    and `<prefix>training_curves.png`; their paths."""
     try:
         import matplotlib
 
@@ -478,10 +483,7 @@ def make_plots(results: dict[str, Any], out: Path) -> list[str]:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = out / "deep_final_vs_k.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(str(path))
+    written.append(str(save_figure(fig, out / f"{prefix}final_vs_k.png", 120)))
 
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
     for ax, (name, task) in zip(axes[0], tasks.items()):
@@ -509,10 +511,7 @@ def make_plots(results: dict[str, Any], out: Path) -> list[str]:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = out / "deep_fig6_cosine.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(str(path))
+    written.append(str(save_figure(fig, out / f"{prefix}fig6_cosine.png", 120)))
 
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
     for ax, (name, task) in zip(axes[0], tasks.items()):
@@ -534,10 +533,7 @@ def make_plots(results: dict[str, Any], out: Path) -> list[str]:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = out / "deep_training_curves.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(str(path))
+    written.append(str(save_figure(fig, out / f"{prefix}training_curves.png", 120)))
     return written
 
 
@@ -562,6 +558,33 @@ _NOT_CONFIG = ("func", "threads", "tasks", "checkpoint_every", "quiet", "record_
                "out")
 
 
+def train_arms(task: Task, name: str, arms: list[tuple[str, Method, str | None]],
+               entry: dict[str, Any], results: dict[str, Any], results_path: Path,
+               args: argparse.Namespace, log: Callable[[str], None]) -> int | None:
+    """Train each arm (name, method, k schedule or None) of `task` not yet in
+    `entry["runs"]`, writing `results` after each; checkpoints under
+    `results_path.parent / "checkpoints"`. The stop's exit code if SIGINT/SIGTERM stopped
+    a run (its checkpoint holds the step), else None (`experiment deep` and `vision`)."""
+    out = results_path.parent
+    for mname, method, schedule in arms:
+        if mname in entry["runs"]:
+            log(f"{name}/{mname}: done already, skipped")
+            continue
+        log(f"{name}/{mname}: training {task.steps} steps")
+        safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in mname)
+        ckpt = out / "checkpoints" / f"{name}_{safe}.pt"
+        with StopGuard() as guard:  # SIGINT/SIGTERM: checkpoint this step, then exit
+            result = train_run(task, method, diag_methods_of(args), ckpt,
+                               args.checkpoint_every, log, guard, schedule=schedule,
+                               progress=not args.quiet)
+        if result is None:
+            return guard.exit_code()
+        entry["runs"][mname] = result
+        atomic_write_json(results_path, results)
+        ckpt.unlink(missing_ok=True)
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     if args.tiny:
@@ -580,24 +603,11 @@ def run(args: argparse.Namespace) -> int:
         task = TASKS[name](args)
         entry = results["tasks"].setdefault(name, {"runs": {}})
         entry.update(metric=task.metric, config=task.config)
-        arms = [(method_name(m), m, None) for m in _methods(args)]
+        arms = [(method_name(m), m, None) for m in methods_of(args)]
         arms += [(SCHEDULE_ARM + spec, Exact(), spec) for spec in args.k_schedule]
-        for mname, method, schedule in arms:
-            if mname in entry["runs"]:
-                log(f"{name}/{mname}: done already, skipped")
-                continue
-            log(f"{name}/{mname}: training {task.steps} steps")
-            safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in mname)
-            ckpt = out / "checkpoints" / f"{name}_{safe}.pt"
-            with StopGuard() as guard:
-                result = train_run(task, method, _diag_methods(args), ckpt,
-                                   args.checkpoint_every, log, guard, schedule=schedule,
-                                   progress=not args.quiet)
-            if result is None:
-                return guard.exit_code()
-            entry["runs"][mname] = result
-            atomic_write_json(results_path, results)
-            ckpt.unlink(missing_ok=True)
+        stopped = train_arms(task, name, arms, entry, results, results_path, args, log)
+        if stopped is not None:
+            return stopped
     atomic_write_json(results_path, results)
     table = make_table(results)
     atomic_write_text(out / "table.md", table + "\n")

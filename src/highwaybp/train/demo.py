@@ -48,6 +48,7 @@ from highwaybp.train.io import (
     check_resume_config,
     load_checkpoint,
     save_checkpoint,
+    save_figure,
 )
 from highwaybp.train.loop import StopGuard, TrainLoop, method_label
 
@@ -378,8 +379,4 @@ def make_plot(state: dict[str, Any], path: Path) -> Path | None:
         right.legend(fontsize=8)
         right.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)

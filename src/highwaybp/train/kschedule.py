@@ -36,8 +36,14 @@ from highwaybp.core.methods import Exact
 from highwaybp.train import deep_experiment
 from highwaybp.train.cli_types import nonneg_int_list
 from highwaybp.train.deep_experiment import Task
-from highwaybp.train.io import atomic_write_json, atomic_write_text, check_resume_config
+from highwaybp.train.io import (
+    atomic_write_json,
+    atomic_write_text,
+    check_resume_config,
+    save_figure,
+)
 from highwaybp.train.loop import StopGuard, TrainLoop, method_label, warmup_cosine_lr
+from highwaybp.train.stats import mean_std
 
 TASK_NAMES = ("resnet", "gpt", "gru")
 SCHEDULE_ARMS = ("linear", "steps", "adaptive", "finish", "adaptive99")
@@ -240,12 +246,6 @@ def train_run(
 # ---------------------------------------------------------------------------------------
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    if not values:
-        return float("nan"), float("nan")
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def summarise(results: dict[str, dict[str, dict[str, Any]]], metrics: dict[str, str]) -> dict:
     """Per task and arm: mean/std over seeds of final metric, sweeps and seconds; the verdict.
 
@@ -262,17 +262,17 @@ def summarise(results: dict[str, dict[str, dict[str, Any]]], metrics: dict[str, 
         for arm, by_seed in by_arm.items():
             seeds = sorted(by_seed)
             finals = [by_seed[s]["final"] for s in seeds]
-            mean, std = _mean_std(finals)
-            sweeps, _ = _mean_std([by_seed[s]["total_sweeps"] for s in seeds])
-            secs, _ = _mean_std([by_seed[s]["seconds"] for s in seeds])
+            mean, std = mean_std(finals)
+            sweeps, _ = mean_std([by_seed[s]["total_sweeps"] for s in seeds])
+            secs, _ = mean_std([by_seed[s]["seconds"] for s in seeds])
             common = [s for s in seeds if s in exact_runs]
             match, diff = None, (float("nan"), float("nan"))
             if common and arm != "exact":
-                em, es = _mean_std([exact_runs[s]["final"] for s in common])
-                am, _ = _mean_std([by_seed[s]["final"] for s in common])
+                em, es = mean_std([exact_runs[s]["final"] for s in common])
+                am, _ = mean_std([by_seed[s]["final"] for s in common])
                 gap = (em - am) if higher else (am - em)  # > 0: worse than exact
                 match = bool(math.isfinite(am) and gap <= es)
-                diff = _mean_std([by_seed[s]["final"] - exact_runs[s]["final"] for s in common])
+                diff = mean_std([by_seed[s]["final"] - exact_runs[s]["final"] for s in common])
             rows[arm] = {
                 "seeds": seeds,
                 "final_mean": mean,
@@ -388,12 +388,7 @@ def make_plot(results: dict, metrics: dict[str, str], out: Path) -> Path | None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    path = out / "kschedule.png"
-    tmp = out / ".kschedule.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, out / "kschedule.png")
 
 
 # ---------------------------------------------------------------------------------------

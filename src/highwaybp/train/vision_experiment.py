@@ -29,7 +29,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from highwaybp.core.methods import Exact, FixedPoint, Highway, Method
 from highwaybp.models.torchvision import from_torchvision
 from highwaybp.train.cli_types import nonneg_int_list, positive_int_list
 from highwaybp.train.deep_experiment import (
@@ -38,10 +37,10 @@ from highwaybp.train.deep_experiment import (
     make_plots,
     make_table,
     method_name,
-    train_run,
+    methods_of,
+    train_arms,
 )
 from highwaybp.train.io import atomic_write_json, atomic_write_text, check_resume_config
-from highwaybp.train.loop import StopGuard
 
 # ---------------------------------------------------------------------------------------
 # The model: torchvision's ResNet-18 layout with narrow widths and a small-image stem
@@ -143,14 +142,6 @@ def vision_task(args: argparse.Namespace, seed: int) -> Task:
     )
 
 
-def _methods(args: argparse.Namespace) -> list[Method]:
-    return [Exact(), *(Highway(k=k) for k in args.ks), FixedPoint(k=args.fixedpoint_k)]
-
-
-def _diag_methods(args: argparse.Namespace) -> list[Method]:
-    return [*(Highway(k=k) for k in args.ks), *(FixedPoint(k=k) for k in args.ks)]
-
-
 def apply_tiny(args: argparse.Namespace) -> None:
     """The CI setting: widths 4 on 64 digits of 8x8, one epoch, k in {0, 1}."""
     args.widths, args.image, args.epochs, args.train_limit, args.batch = [4, 4, 4, 4], 8, 1, 64, 32
@@ -182,37 +173,19 @@ def run(args: argparse.Namespace) -> int:
         name = f"resnet18_seed{seed}"
         entry = results["tasks"].setdefault(name, {"runs": {}})
         entry.update(metric=task.metric, config=task.config)
-        for method in _methods(args):
-            mname = method_name(method)
-            if mname in entry["runs"]:
-                log(f"{name}/{mname}: done already, skipped")
-                continue
-            log(f"{name}/{mname}: training {task.steps} steps")
-            ckpt = out / "checkpoints" / f"{name}_{mname}.pt"
-            with StopGuard() as guard:  # SIGINT/SIGTERM: checkpoint this step, then exit
-                result = train_run(task, method, _diag_methods(args), ckpt,
-                                   args.checkpoint_every, log, guard, progress=not args.quiet)
-            if result is None:
-                return guard.exit_code()
-            entry["runs"][mname] = result
-            atomic_write_json(results_path, results)
-            ckpt.unlink(missing_ok=True)
+        arms = [(method_name(m), m, None) for m in methods_of(args)]
+        stopped = train_arms(task, name, arms, entry, results, results_path, args, log)
+        if stopped is not None:
+            return stopped
     atomic_write_json(results_path, results)
     table = make_table(results)
     atomic_write_text(out / "table.md", table + "\n")
-    plots = [_renamed(Path(p)) for p in make_plots(results, out)]
+    plots = make_plots(results, out, prefix="vision_")
     if not args.quiet:
         print(table)
         for p in [results_path, out / "table.md", *plots]:
             print(f"wrote {p}")
     return 0
-
-
-def _renamed(path: Path) -> Path:
-    """deep_experiment's plot names start with "deep_"; these are the vision ones."""
-    new = path.with_name("vision_" + path.name.removeprefix("deep_"))
-    path.replace(new)
-    return new
 
 
 
