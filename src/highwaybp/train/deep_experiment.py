@@ -450,6 +450,12 @@ def make_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _cosines_by_k(checkpoint: dict[str, Any], family: str) -> list[tuple[int, float]]:
+    """[(k, cosine)] of the `family` methods ("highway", "fixedpoint") at a checkpoint."""
+    return sorted((int(n.split("_k")[1]), v["cosine"])
+                  for n, v in checkpoint["cosines"].items() if n.startswith(family))
+
+
 def make_plots(results: dict[str, Any], out: Path, prefix: str = "deep_") -> list[str]:
     """PNG plots of `results` in `out`, named `<prefix>final_vs_k.png`, `<prefix>fig6_cosine.png`
     and `<prefix>training_curves.png`; their paths."""
@@ -491,16 +497,7 @@ def make_plots(results: dict[str, Any], out: Path, prefix: str = "deep_") -> lis
         if not exact:
             continue
         for i, c in enumerate(exact["checkpoints"]):
-            hw = sorted(
-                (int(n.split("_k")[1]), v["cosine"])
-                for n, v in c["cosines"].items()
-                if n.startswith("highway")
-            )
-            fp = sorted(
-                (int(n.split("_k")[1]), v["cosine"])
-                for n, v in c["cosines"].items()
-                if n.startswith("fixedpoint")
-            )
+            hw, fp = _cosines_by_k(c, "highway"), _cosines_by_k(c, "fixedpoint")
             color = plt.cm.viridis(i / max(1, len(exact["checkpoints"]) - 1))
             ax.plot(*zip(*hw), "o-", color=color, label=f"Highway {int(100 * c['fraction'])}%")
             if fp:
@@ -558,6 +555,32 @@ _NOT_CONFIG = ("func", "threads", "tasks", "checkpoint_every", "quiet", "record_
                "out")
 
 
+def start_results(results_path: Path, config: dict[str, Any], record_argv: bool
+                  ) -> dict[str, Any]:
+    """The results file of `experiment deep`/`vision` as a rerun finds it (its finished
+    runs kept), with this invocation's command and configuration."""
+    results: dict[str, Any] = (
+        json.loads(results_path.read_text()) if results_path.exists() else {"tasks": {}}
+    )
+    results["command"] = "highwaybp " + " ".join(sys.argv[1:]) if record_argv else None
+    results["config"] = config
+    return results
+
+
+def write_report(results: dict[str, Any], results_path: Path, plot_prefix: str,
+                 quiet: bool) -> None:
+    """Write `results`, its table.md and plots beside it; print the table and the paths."""
+    out = results_path.parent
+    atomic_write_json(results_path, results)
+    table = make_table(results)
+    atomic_write_text(out / "table.md", table + "\n")
+    plots = make_plots(results, out, plot_prefix)
+    if not quiet:
+        print(table)
+        for p in [results_path, out / "table.md", *plots]:
+            print(f"wrote {p}")
+
+
 def train_arms(task: Task, name: str, arms: list[tuple[str, Method, str | None]],
                entry: dict[str, Any], results: dict[str, Any], results_path: Path,
                args: argparse.Namespace, log: Callable[[str], None]) -> int | None:
@@ -594,11 +617,8 @@ def run(args: argparse.Namespace) -> int:
     check_resume_config(out, {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG})
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     results_path = out / "deep_results.json"
-    results: dict[str, Any] = (
-        json.loads(results_path.read_text()) if results_path.exists() else {"tasks": {}}
-    )
-    results["command"] = "highwaybp " + " ".join(sys.argv[1:]) if args.record_argv else None
-    results["config"] = {k: v for k, v in vars(args).items() if k not in ("func",)}
+    results = start_results(results_path, {k: v for k, v in vars(args).items() if k != "func"},
+                            args.record_argv)
     for name in args.tasks:
         task = TASKS[name](args)
         entry = results["tasks"].setdefault(name, {"runs": {}})
@@ -608,14 +628,7 @@ def run(args: argparse.Namespace) -> int:
         stopped = train_arms(task, name, arms, entry, results, results_path, args, log)
         if stopped is not None:
             return stopped
-    atomic_write_json(results_path, results)
-    table = make_table(results)
-    atomic_write_text(out / "table.md", table + "\n")
-    plots = make_plots(results, out)
-    if not args.quiet:
-        print(table)
-        for p in [results_path, out / "table.md", *plots]:
-            print(f"wrote {p}")
+    write_report(results, results_path, "deep_", args.quiet)
     return 0
 
 

@@ -21,7 +21,6 @@ folder is refused) and runs resume from `<out>/checkpoints/`.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,13 +33,13 @@ from highwaybp.train.cli_types import nonneg_int_list, positive_int_list
 from highwaybp.train.deep_experiment import (
     Task,
     digits_task,
-    make_plots,
-    make_table,
     method_name,
     methods_of,
+    start_results,
     train_arms,
+    write_report,
 )
-from highwaybp.train.io import atomic_write_json, atomic_write_text, check_resume_config
+from highwaybp.train.io import check_resume_config
 
 # ---------------------------------------------------------------------------------------
 # The model: torchvision's ResNet-18 layout with narrow widths and a small-image stem
@@ -163,11 +162,7 @@ def run(args: argparse.Namespace) -> int:
     check_resume_config(out, _config(args))
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     results_path = out / "vision_results.json"
-    results: dict[str, Any] = (
-        json.loads(results_path.read_text()) if results_path.exists() else {"tasks": {}}
-    )
-    results["command"] = "highwaybp " + " ".join(sys.argv[1:]) if args.record_argv else None
-    results["config"] = _config(args)
+    results = start_results(results_path, _config(args), args.record_argv)
     for seed in args.seeds:
         task = vision_task(args, seed)
         name = f"resnet18_seed{seed}"
@@ -177,14 +172,7 @@ def run(args: argparse.Namespace) -> int:
         stopped = train_arms(task, name, arms, entry, results, results_path, args, log)
         if stopped is not None:
             return stopped
-    atomic_write_json(results_path, results)
-    table = make_table(results)
-    atomic_write_text(out / "table.md", table + "\n")
-    plots = make_plots(results, out, prefix="vision_")
-    if not args.quiet:
-        print(table)
-        for p in [results_path, out / "table.md", *plots]:
-            print(f"wrote {p}")
+    write_report(results, results_path, "vision_", args.quiet)
     return 0
 
 
