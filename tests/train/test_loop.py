@@ -138,11 +138,9 @@ def test_progress_on_a_terminal_shows_loss_k_and_rate(monkeypatch):
     assert not off.active
 
 
-def test_kschedule_arm_through_the_loop_is_the_plain_loop():
-    """Float64: the arm trained by kschedule.train_run (through TrainLoop) against a loop
-    written out by hand, same schedule: same losses, evaluations and methods bit for bit."""
+def _toy_task(steps: int) -> Task:
+    """A float64 residual MLP on a fixed toy set: a `Task` of experiment deep/kschedule."""
     x, y = _data()
-    steps, spec = 6, "steps:0=highway:k=0,2=highway:k=1,4=exact"
 
     def make_model():
         torch.manual_seed(2)
@@ -159,8 +157,19 @@ def test_kschedule_arm_through_the_loop_is_the_plain_loop():
         with torch.no_grad():
             return float(loss(model, (x, y)))
 
-    task = Task("toy", "valid_loss", steps, 0.05, make_model, batch, loss, evaluate,
+    return Task("toy", "valid_loss", steps, 0.05, make_model, batch, loss, evaluate,
                 (x, y), 3, {})
+
+
+SCHEDULE = "steps:0=highway:k=0,2=highway:k=1,4=exact"
+
+
+def test_kschedule_arm_through_the_loop_is_the_plain_loop():
+    """Float64: the arm trained by kschedule.train_run (through TrainLoop) against a loop
+    written out by hand, same schedule: same losses, evaluations and methods bit for bit."""
+    steps, spec = 6, SCHEDULE
+    task = _toy_task(steps)
+    make_model, batch, loss, evaluate = task.make_model, task.batch, task.loss, task.evaluate
     args = argparse.Namespace(evals=3, checkpoint_every=100, quiet=True)
     run = kschedule.train_run(task, spec, None, args, lambda s: None)
 
@@ -200,3 +209,15 @@ def test_train_command_without_quiet_prints_no_bar_when_captured(tmp_path, capsy
     captured = capsys.readouterr()
     assert "step 4/4" in captured.out  # the log lines are there; the bar is not
     assert "step/s" not in captured.err + captured.out and "\r" not in captured.err
+
+
+def test_kschedule_arm_stopped_and_resumed_equals_the_whole_run(tmp_path):
+    task = _toy_task(6)
+    args = argparse.Namespace(evals=3, checkpoint_every=4, quiet=True)
+    whole = kschedule.train_run(task, SCHEDULE, tmp_path / "a.pt", args, lambda s: None)
+    ckpt = tmp_path / "b.pt"
+    assert kschedule.train_run(task, SCHEDULE, ckpt, args, lambda s: None, StopGuard(3)) is None
+    assert torch.load(ckpt, weights_only=False)["step"] == 3
+    resumed = kschedule.train_run(task, SCHEDULE, ckpt, args, lambda s: None)
+    for key in ("losses", "evals", "methods", "sweeps_per_step", "final", "total_sweeps"):
+        assert resumed[key] == whole[key], key
