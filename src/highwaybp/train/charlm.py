@@ -49,7 +49,14 @@ from highwaybp.train.io import (
     check_resume_config,
     save_figure,
 )
-from highwaybp.train.loop import Progress, StopGuard, TrainLoop, method_label, stopped_message
+from highwaybp.train.loop import (
+    Progress,
+    StopGuard,
+    TrainLoop,
+    echo,
+    method_label,
+    stopped_message,
+)
 
 DEFAULT_METHODS = (
     "exact,highway:k=0,highway:k=1,highway:k=3,fixedpoint:k=0,fixedpoint:k=1,fixedpoint:k=3"
@@ -129,7 +136,7 @@ class MethodRun:
             checkpoint_path=Path(args.out) / "checkpoints" / f"{_safe(name)}.pt",
             after_step=self._after_step, name=name, progress=False,
             k_label=lambda: method_label(method if self.ctl is None else self.ctl.method),
-            log=lambda msg: print(f"  {msg}", flush=True),
+            log=lambda msg: echo(f"  {msg}"),
         )  # fmt: skip
         self.loop.resume()
         if self.step == 0 and not self.history:
@@ -193,7 +200,7 @@ class MethodRun:
         """Metrics after step `step`; True (checkpoint) at an evaluation or a failure."""
         args, done = self.args, step + 1
         if not math.isfinite(value):
-            print(f"  {self.name}: loss is {value} at step {done}; stopping this run")
+            echo(f"  {self.name}: loss is {value} at step {done}; stopping this run")
             self.failed = True
             self.loop.save(done)
             self.loop.end_early()
@@ -216,11 +223,8 @@ class MethodRun:
         last = self.history[-1]
         k_note = (f", {last['k_method']}, {last['vjp_sweeps']:.0f} VJP sweeps"
                   if self.ctl is not None else "")
-        print(
-            f"  {self.name:16s} step {done:5d} train {last['train_loss']:.4f} valid "
-            f"{last['valid_loss']:.4f} ({self.seconds:.1f} s{k_note})",
-            flush=True,
-        )
+        echo(f"  {self.name:16s} step {done:5d} train {last['train_loss']:.4f} valid "
+             f"{last['valid_loss']:.4f} ({self.seconds:.1f} s{k_note})")
         return True
 
     def train_step(self) -> None:

@@ -51,7 +51,7 @@ from highwaybp.train.io import (
     check_resume_config,
     save_figure,
 )
-from highwaybp.train.loop import StopGuard, TrainLoop, method_label, warmup_cosine_lr
+from highwaybp.train.loop import StopGuard, TrainLoop, echo, method_label, warmup_cosine_lr
 
 FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -615,7 +615,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     check_resume_config(out, {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG})
-    log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    log = (lambda s: None) if args.quiet else (lambda s: echo(s, sys.stderr))
     results_path = out / "deep_results.json"
     results = start_results(results_path, {k: v for k, v in vars(args).items() if k != "func"},
                             args.record_argv)

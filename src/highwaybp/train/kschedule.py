@@ -42,7 +42,7 @@ from highwaybp.train.io import (
     check_resume_config,
     save_figure,
 )
-from highwaybp.train.loop import StopGuard, TrainLoop, method_label, warmup_cosine_lr
+from highwaybp.train.loop import StopGuard, TrainLoop, echo, method_label, warmup_cosine_lr
 from highwaybp.train.stats import mean_std
 
 TASK_NAMES = ("resnet", "gpt", "gru")
@@ -412,7 +412,7 @@ def run(args: argparse.Namespace) -> int:
     if args.tiny:
         apply_tiny(args)
     out = Path(args.out)
-    log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    log = (lambda s: None) if args.quiet else (lambda s: echo(s, sys.stderr))
     config = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG}
     check_resume_config(out, config)
     # the command that trains (a --report-only rerun records the same one)

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TextIO
 
 from highwaybp.train.io import ConfigMismatchError, config_diff, load_checkpoint, save_checkpoint
 
@@ -332,4 +332,17 @@ class TrainLoop:
 
 
 def _print_stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    echo(message, sys.stderr)
+
+
+def echo(message: str, file: TextIO | None = None) -> None:
+    """Print a log line (to stdout by default) without breaking a progress bar drawn on the
+    terminal: through `tqdm.write`, which clears the bar, prints and redraws it."""
+    file = sys.stdout if file is None else file
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        print(message, file=file, flush=True)
+        return
+    tqdm.write(message, file=file)
+    file.flush()

@@ -52,7 +52,7 @@ from highwaybp.train.io import (
     atomic_write_text,
     check_resume_config,
 )
-from highwaybp.train.loop import StopGuard, TrainLoop, method_label
+from highwaybp.train.loop import StopGuard, TrainLoop, echo, method_label
 
 METHODS = ("exact", "highway", "fixedpoint", "ddg")
 # Settings that change the run: a resumed run must have the same ones.
@@ -212,7 +212,7 @@ def _config(args: argparse.Namespace, steps: int) -> dict[str, Any]:
 
 def _log(args: argparse.Namespace, msg: str) -> None:
     if not args.quiet:
-        print(msg, flush=True)
+        echo(msg)
 
 
 def _write_metrics(out: Optional[Path], rows: list[dict[str, Any]]) -> None:

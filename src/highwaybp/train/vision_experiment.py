@@ -40,6 +40,7 @@ from highwaybp.train.deep_experiment import (
     write_report,
 )
 from highwaybp.train.io import check_resume_config
+from highwaybp.train.loop import echo
 
 # ---------------------------------------------------------------------------------------
 # The model: torchvision's ResNet-18 layout with narrow widths and a small-image stem
@@ -160,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     check_resume_config(out, _config(args))
-    log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    log = (lambda s: None) if args.quiet else (lambda s: echo(s, sys.stderr))
     results_path = out / "vision_results.json"
     results = start_results(results_path, _config(args), args.record_argv)
     for seed in args.seeds:
