@@ -221,3 +221,12 @@ def test_kschedule_arm_stopped_and_resumed_equals_the_whole_run(tmp_path):
     resumed = kschedule.train_run(task, SCHEDULE, ckpt, args, lambda s: None)
     for key in ("losses", "evals", "methods", "sweeps_per_step", "final", "total_sweeps"):
         assert resumed[key] == whole[key], key
+
+
+def test_without_tqdm_the_loop_trains_with_no_bar(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "tqdm", None)  # import tqdm -> ImportError
+    monkeypatch.setattr("sys.stderr", _Terminal())
+    assert not Progress(3).active
+    seen: list[int] = []
+    loop = TrainLoop(lambda t: 1.0, 3, after_step=lambda t, loss: seen.append(t))
+    assert loop.run() is None and seen == [0, 1, 2]
