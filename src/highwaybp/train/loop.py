@@ -286,13 +286,13 @@ class TrainLoop:
             self.step = t + 1  # past the end: the final boundary has run
             self._close_bar()
             return False
+        if self._bar is None:
+            self._bar = Progress(self.total_steps, t, self.name, enabled=self.progress)
         tic = time.perf_counter()
         loss = self.step_fn(t)
         self.train_seconds += time.perf_counter() - tic
         self.step = t + 1
         wants_checkpoint = self.after_step(t, loss) if self.after_step is not None else False
-        if self._bar is None:
-            self._bar = Progress(self.total_steps, t, self.name, enabled=self.progress)
         self._bar.update(loss, None if self.k_label is None else self.k_label())
         every = self.checkpoint_every
         if not self._ended and (wants_checkpoint or (every and self.step % every == 0)):
