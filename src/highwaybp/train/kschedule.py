@@ -34,7 +34,13 @@ from torch import Tensor, nn
 from highwaybp.control import KController
 from highwaybp.core.methods import Exact
 from highwaybp.train import deep_experiment
-from highwaybp.train.cli_types import nonneg_int_list
+from highwaybp.train.cli_types import (
+    nonneg_int,
+    nonneg_int_list,
+    out_dir,
+    positive_float,
+    positive_int,
+)
 from highwaybp.train.deep_experiment import Task
 from highwaybp.train.io import (
     atomic_write_json,
@@ -475,36 +481,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", type=nonneg_int_list, default=[0, 1, 2])
     p.add_argument("--ks", type=nonneg_int_list, default=[0, 1, 2, 3, 4, 5],
                    help="constant-k arms")
-    p.add_argument("--target", type=float, default=0.9, help="Adaptive target cosine")
-    p.add_argument("--k-max", type=int, default=6, help="Adaptive k_max")
-    p.add_argument("--probes", type=int, default=6, help="Adaptive probes per run")
-    p.add_argument("--evals", type=int, default=8, help="metric evaluations per run")
-    p.add_argument("--checkpoint-every", type=int, default=25)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default="results/kschedule")
+    p.add_argument("--target", type=positive_float, default=0.9, help="Adaptive target cosine")
+    p.add_argument("--k-max", type=nonneg_int, default=6, help="Adaptive k_max")
+    p.add_argument("--probes", type=positive_int, default=6, help="Adaptive probes per run")
+    p.add_argument("--evals", type=positive_int, default=8, help="metric evaluations per run")
+    p.add_argument("--checkpoint-every", type=positive_int, default=25)
+    p.add_argument("--threads", type=positive_int, default=1)
+    p.add_argument("--out", type=out_dir, default="results/kschedule")
     g = p.add_argument_group("resnet (digits)")
-    g.add_argument("--depth", type=int, default=20)
-    g.add_argument("--width", type=int, default=8)
-    g.add_argument("--image", type=int, default=8)
-    g.add_argument("--epochs", type=int, default=6)
-    g.add_argument("--batch", type=int, default=64)
-    g.add_argument("--lr", type=float, default=3e-3)
+    g.add_argument("--depth", type=positive_int, default=20)
+    g.add_argument("--width", type=positive_int, default=8)
+    g.add_argument("--image", type=positive_int, default=8)
+    g.add_argument("--epochs", type=positive_int, default=6)
+    g.add_argument("--batch", type=positive_int, default=64)
+    g.add_argument("--lr", type=positive_float, default=3e-3)
     g = p.add_argument_group("gpt (char LM)")
-    g.add_argument("--d-model", type=int, default=32)
-    g.add_argument("--n-layer", type=int, default=3)
-    g.add_argument("--n-head", type=int, default=2)
-    g.add_argument("--seq", type=int, default=32)
-    g.add_argument("--gpt-batch", type=int, default=16)
-    g.add_argument("--gpt-steps", type=int, default=150)
-    g.add_argument("--gpt-lr", type=float, default=3e-3)
-    g.add_argument("--eval-batches", type=int, default=4)
+    g.add_argument("--d-model", type=positive_int, default=32)
+    g.add_argument("--n-layer", type=positive_int, default=3)
+    g.add_argument("--n-head", type=positive_int, default=2)
+    g.add_argument("--seq", type=positive_int, default=32)
+    g.add_argument("--gpt-batch", type=positive_int, default=16)
+    g.add_argument("--gpt-steps", type=positive_int, default=150)
+    g.add_argument("--gpt-lr", type=positive_float, default=3e-3)
+    g.add_argument("--eval-batches", type=positive_int, default=4)
     g = p.add_argument_group("gru (char LM)")
-    g.add_argument("--gru-hidden", type=int, default=64)
-    g.add_argument("--gru-embed", type=int, default=16)
-    g.add_argument("--gru-seq", type=int, default=32)
-    g.add_argument("--gru-batch", type=int, default=16)
-    g.add_argument("--gru-steps", type=int, default=150)
-    g.add_argument("--gru-lr", type=float, default=5e-3)
+    g.add_argument("--gru-hidden", type=positive_int, default=64)
+    g.add_argument("--gru-embed", type=positive_int, default=16)
+    g.add_argument("--gru-seq", type=positive_int, default=32)
+    g.add_argument("--gru-batch", type=positive_int, default=16)
+    g.add_argument("--gru-steps", type=positive_int, default=150)
+    g.add_argument("--gru-lr", type=positive_float, default=5e-3)
     p.add_argument("--tiny", action="store_true", help="tiny CI setting (seconds)")
     p.add_argument("--report-only", action="store_true", help="rewrite the report, train nothing")
     p.add_argument("--quiet", action="store_true")

@@ -29,7 +29,14 @@ import torch
 from torch import Tensor, nn
 
 from highwaybp.models.torchvision import from_torchvision
-from highwaybp.train.cli_types import nonneg_int_list, positive_int_list
+from highwaybp.train.cli_types import (
+    nonneg_int,
+    nonneg_int_list,
+    out_dir,
+    positive_float,
+    positive_int,
+    positive_int_list,
+)
 from highwaybp.train.deep_experiment import (
     Task,
     digits_task,
@@ -184,19 +191,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="torchvision-style ResNet-18 via from_torchvision: accuracy and gradient cosine vs k",
     )
     p.add_argument("--ks", type=nonneg_int_list, default=[0, 1, 2, 3, 4])
-    p.add_argument("--fixedpoint-k", type=int, default=4)
+    p.add_argument("--fixedpoint-k", type=nonneg_int, default=4)
     p.add_argument("--seeds", type=nonneg_int_list, default=[0])
     p.add_argument("--widths", type=positive_int_list, default=[8, 16, 32, 64])
-    p.add_argument("--image", type=int, default=16, help="upsampled side (divisible by 8)")
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--train-limit", type=int, default=0, help="use only the first N images")
+    p.add_argument("--image", type=positive_int, default=16, help="upsampled side (divisible by 8)")
+    p.add_argument("--epochs", type=positive_int, default=4)
+    p.add_argument("--batch", type=positive_int, default=64)
+    p.add_argument("--lr", type=positive_float, default=2e-3)
+    p.add_argument("--train-limit", type=nonneg_int, default=0, help="use only the first N images")
     p.add_argument(
-        "--threads", type=int, default=1, help="torch threads (1 is kind to a shared box)"
+        "--threads", type=positive_int, default=1, help="torch threads (1 is kind to a shared box)"
     )
-    p.add_argument("--out", default="results/vision")
-    p.add_argument("--checkpoint-every", type=int, default=25, help="steps between checkpoints")
+    p.add_argument("--out", type=out_dir, default="results/vision")
+    p.add_argument("--checkpoint-every", type=positive_int, default=25,
+                   help="steps between checkpoints")
     p.add_argument("--tiny", action="store_true", help="tiny CI setting (seconds)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--no-record-argv", dest="record_argv", action="store_false")
