@@ -291,7 +291,8 @@ def train_run(
     """Train one model with `method`, or with the method a k `schedule` sets at each step
     (a KController; the arm is then named "schedule:<spec>"); resume from `ckpt_path`.
 
-    Returns None when `guard` asked to stop: the checkpoint then holds the current step."""
+    Returns None when `guard` asked to stop: the checkpoint then holds the current step.
+    `progress`: draw the `TrainLoop` bar (on a terminal only)."""
     model = task.make_model()
     model.train()
     ctl = None if schedule is None else KController(model, schedule, total_steps=task.steps)

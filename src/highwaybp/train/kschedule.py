@@ -162,7 +162,7 @@ def _eval_steps(steps: int, evals: int) -> list[int]:
 def train_run(
     task: Task,
     schedule_text: str,
-    ckpt_path: Path,
+    ckpt_path: Path | None,
     args: argparse.Namespace,
     log: Any,
     guard: StopGuard | None = None,

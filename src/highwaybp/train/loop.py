@@ -138,13 +138,15 @@ class Progress:
 
 
 def method_label(method: Any) -> str:
-    """What the bar shows as k: `k` of a Highway/FixedPoint method, "exact" for backprop."""
+    """What the bar shows as k: "highway:3" for Highway(k=3), "highway:adaptive" for a
+    tolerance-driven one, "exact" for backprop."""
     if method is None:
         return ""
     if getattr(method, "exact", False):
         return "exact"
     k = getattr(method, "k", None)
-    return f"{getattr(method, 'name', '')}:{k}" if k is not None else repr(method)
+    name = getattr(method, "name", None) or type(method).__name__.lower()
+    return f"{name}:{'adaptive' if k is None else k}"
 
 
 def warmup_cosine_lr(base: float, step: int, steps: int) -> float:
