@@ -230,3 +230,12 @@ def test_without_tqdm_the_loop_trains_with_no_bar(monkeypatch):
     seen: list[int] = []
     loop = TrainLoop(lambda t: 1.0, 3, after_step=lambda t, loss: seen.append(t))
     assert loop.run() is None and seen == [0, 1, 2]
+
+
+def test_method_label_names_k_or_exact():
+    from highwaybp.core.methods import Exact, FixedPoint, Highway
+    from highwaybp.train.loop import method_label
+
+    assert [method_label(m) for m in (Exact(), Highway(k=1), FixedPoint(k=3),
+                                      Highway(tol=1e-3, max_k=8))] == [
+        "exact", "highway:1", "fixedpoint:3", "highway:adaptive"]
