@@ -103,6 +103,8 @@ def configs():
             ("gated", "distributed", 1, f"highway:k={LAYERS}"),
             ("relu", "distributed", 3, "fixedpoint:k=2"),
             ("linear", "sequential", 1, "fixedpoint:k=3"),
+            ("relu", "distributed", 3, "highway:k=2+recompute"),
+            ("linear", "sequential", 1, "fixedpoint:k=2+recompute"),
             ("gated", "distributed", 3, "exact"),
             ("linear", "sequential", 1, "exact")]
     return out
@@ -114,12 +116,13 @@ def run_configs(ctx):
     results = {}
     for kind, scan, m, method_text in configs():
         chain = build_chain(kind)
-        method = hbp.method_from_string(method_text)
+        method = hbp.method_from_string(method_text.split("+")[0])
         tracer = Tracer(ctx.rank, ctx.world) if (kind, scan, m) == TRACED else None
         pipe = HighwayPipeline(
             chain, ctx.world, ctx.rank, method, final_loss,
             state_losses={i: state_loss for i in STATE_LOSS_AT},
             scan=scan, num_microbatches=m, timeout=ctx.timeout, trace=tracer,
+            recompute=method_text.endswith("+recompute"),
         )
         x, y = data(kind)
         x = x.requires_grad_(True)
@@ -145,7 +148,7 @@ def reference(kind: str, method_text: str, m: int):
     """Single-process chain, per micro-batch losses summed (layers are per-sample, so this
     equals the full batch with sum losses), two backward calls (accumulation)."""
     chain = build_chain(kind)
-    chain.method = hbp.method_from_string(method_text)
+    chain.method = hbp.method_from_string(method_text.split("+")[0])
     x, y = data(kind)
     x = x.requires_grad_(True)
     states = (*STATE_LOSS_AT, LAYERS)

@@ -39,8 +39,15 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from highwaybp.core.backends.loop import LoopVJP
-from highwaybp.core.chain import ResidualChain, _check_layer, _check_layer_hooks, _unaliased
+from highwaybp.core.chain import (
+    ResidualChain,
+    _apply_layer,
+    _check_layer,
+    _check_layer_hooks,
+    _unaliased,
+)
 from highwaybp.core.methods import Method, check_method
+from highwaybp.core.replay import ForwardState, capture_forward_state
 from highwaybp.distributed import dscan
 from highwaybp.distributed.trace import NullTracer, Tracer
 from highwaybp.distributed.transport import Link
@@ -127,8 +134,11 @@ class HighwayPipeline:
             equal micro-batches (the batch must divide by M).
         boundaries: P+1 increasing layer counts [0, b_1, ..., L]: stage s holds layers
             b_s+1..b_{s+1}. Default: `balanced_boundaries` (equal layer counts).
-        recompute: must be False: the forward keeps each layer's graph (as pipeline
-            schedules keep activations); re-running layers in the backward is not implemented.
+        recompute: False (default): the forward keeps each layer's graph (as pipeline
+            schedules keep activations) and the input VJPs reuse it. True (Highway and
+            FixedPoint only): the forward keeps only each layer's input (and RNG state for
+            dropout) and the backward re-runs every layer once under autograd, as the
+            single-process chain does by default (less memory, one more forward).
         trace: a `Tracer` to record per-phase timings into (`highwaybp.distributed.trace`).
         timeout: seconds any wait for another rank may take before a `TransportError`.
 
@@ -159,16 +169,6 @@ class HighwayPipeline:
             raise ValueError(f"num_stages must be an int >= 1, got {num_stages!r}")
         if not (isinstance(stage_index, int) and 0 <= stage_index < num_stages):
             raise ValueError(f"stage_index must be in 0..{num_stages - 1}, got {stage_index!r}")
-        if num_stages > 1:
-            if not dist.is_initialized():
-                raise RuntimeError(
-                    "HighwayPipeline with num_stages > 1 needs torch.distributed initialized "
-                    "(dist.init_process_group, e.g. under torchrun, or use "
-                    "highwaybp.distributed.spawn)")
-            if dist.get_world_size() != num_stages or dist.get_rank() != stage_index:
-                raise ValueError(
-                    f"one stage per rank: num_stages={num_stages}, stage_index={stage_index} "
-                    f"but this process is rank {dist.get_rank()} of {dist.get_world_size()}")
         self.method = check_method(chain.method if method is None else method)
         if not self.method.exact and self.method.adaptive:
             raise ValueError(
@@ -176,11 +176,10 @@ class HighwayPipeline:
                 "a global step norm (an all-reduce over ranks) every iteration, which is not "
                 "implemented. Use Highway(k=...) (e.g. k = the k the adaptive method settles "
                 "on in single-process runs).")
-        if recompute:
+        if recompute and self.method.exact:
             raise NotImplementedError(
-                "HighwayPipeline(recompute=True) is not implemented: the pipeline keeps each "
-                "layer's forward graph (recompute=False, the memory of a pipeline schedule "
-                "of backprop). Pass recompute=False.")
+                "HighwayPipeline(recompute=True) with Exact() (activation checkpointing of a "
+                "stage) is not implemented; pass recompute=False for the exact baseline.")
         if boundaries is None:
             boundaries = balanced_boundaries(num_layers, num_stages)
         boundaries = [int(b) for b in boundaries]
@@ -212,9 +211,20 @@ class HighwayPipeline:
         self.num_microbatches = num_microbatches
         self.tracer: Tracer = trace if trace is not None else NullTracer(stage_index, num_stages)
         self.timeout = float(timeout)
+        self.recompute = bool(recompute)
         params = {id(p): p for layer in self.layers for p in layer.parameters()}
         self.params = [p for p in params.values() if p.requires_grad]
         device = self.params[0].device if self.params else torch.device("cpu")
+        if num_stages > 1:  # the arguments are checked first, then the environment
+            if not dist.is_initialized():
+                raise RuntimeError(
+                    "HighwayPipeline with num_stages > 1 needs torch.distributed initialized "
+                    "(dist.init_process_group, e.g. under torchrun, or use "
+                    "highwaybp.distributed.spawn)")
+            if dist.get_world_size() != num_stages or dist.get_rank() != stage_index:
+                raise ValueError(
+                    f"one stage per rank: num_stages={num_stages}, stage_index={stage_index} "
+                    f"but this process is rank {dist.get_rank()} of {dist.get_world_size()}")
         self.link = Link(stage_index, num_stages, self.timeout, device, label="HighwayPipeline")
         self.comm = _Comm(self)
         self.step_index = 0
@@ -425,6 +435,7 @@ class HighwayPipeline:
         for i, layer in enumerate(self.layers):
             _check_layer_hooks(self.first_layer + i, layer)
         backend = LoopVJP([])
+        saved: list[tuple[Tensor, ForwardState]] = []  # recompute=True: (input, state)
         g0: list[list[Tensor]] = []  # per micro-batch: entries 0..n of dLoss_i/dh_i
         values: list[Tensor] = []
         for m, xm in enumerate(xs):
@@ -432,24 +443,28 @@ class HighwayPipeline:
             with self.tracer.phase("forward", step, m):
                 outs = []
                 for i, layer in enumerate(self.layers):
-                    try:
-                        h = backend.record(layer, h).detach()
-                    except RuntimeError as err:
-                        if "leaf Variable" not in str(err):
-                            raise
-                        raise RuntimeError(
-                            f"layer {self.first_layer + i + 1} modified its input in place "
-                            "(e.g. ReLU(inplace=True) as the block's first op); use "
-                            "inplace=False there") from err
+                    if self.recompute:
+                        saved.append((h, capture_forward_state(
+                            h, self.chain.preserve_rng_state, layer)))
+                        with torch.no_grad():
+                            h = _apply_layer(self.first_layer + i, layer, h)
+                    else:
+                        h = self._record(backend, i, layer, h)
                     outs.append(h)
             if not self.is_last:
                 self._send_output(h, m)
             grads, v = self._state_loss_grads(outs, targets[m], m)
             values.extend(v)
-            entries = [torch.zeros_like(backend.xs[m * n])]
+            inputs = saved[m * n][0] if self.recompute else backend.xs[m * n]
+            entries = [torch.zeros_like(inputs)]
             entries += [grads[e] if e in grads else torch.zeros_like(outs[e - 1])
                         for e in range(1, n + 1)]
             g0.append(entries)
+        if self.recompute:
+            with self.tracer.phase("rerun", step):
+                backend = LoopVJP(self.layers * len(xs), [h for h, _ in saved],
+                                  [state for _, state in saved])
+            del saved
         method = self.method
         iterations = min(method.iteration_bound, self.num_layers)
         if method.keeps_residual:
@@ -467,6 +482,18 @@ class HighwayPipeline:
         if self.is_first:
             self._push_input_grad(x, [w[m][0] for m in range(len(xs))])
         return self._total(values)
+
+    def _record(self, backend: LoopVJP, i: int, layer: nn.Module, h: Tensor) -> Tensor:
+        """The forward of one layer, keeping its graph (recompute=False)."""
+        try:
+            return backend.record(layer, h).detach()
+        except RuntimeError as err:
+            if "leaf Variable" not in str(err):
+                raise
+            raise RuntimeError(
+                f"layer {self.first_layer + i + 1} modified its input in place (e.g. "
+                "ReLU(inplace=True) as the block's first op); use inplace=False there"
+            ) from err
 
     def _sweep(self, backend: LoopVJP, w: list[list[Tensor]], j: int, full: bool
                ) -> list[list[Tensor]]:

@@ -21,7 +21,7 @@ A merged trace is {"world": P, "ranks": [per-rank dicts as above]}.
     "step"     the whole `step()` call (the envelope of the others);
     "forward"  the forward of one micro-batch (iteration = micro-batch index);
     "loss"     loss_fn / state losses and their gradients (iteration = micro-batch);
-    "rerun"    re-running layers under autograd in the backward (recompute=True only);
+    "rerun"    re-running the layers under autograd before the first sweep (recompute=True);
     "sweep"    one sweep of input VJPs over this rank's layers (iteration = j, 1-based;
                FixedPoint: the full layer VJPs; Exact: the one backward per micro-batch,
                inputs and parameters together, iteration = micro-batch);
