@@ -105,6 +105,10 @@ def configs():
             ("linear", "sequential", 1, "fixedpoint:k=3"),
             ("relu", "distributed", 3, "highway:k=2+recompute"),
             ("linear", "sequential", 1, "fixedpoint:k=2+recompute"),
+            ("gated", "distributed", 1, "highway:tol=0.1,max_k=6"),
+            ("relu", "centralized", 1, "highway:tol=1e-30,max_k=2,fallback=exact"),
+            ("scaled", "distributed", 1, "highway:tol=1e-30,max_k=3,fallback=best"),
+            ("linear", "sequential", 1, "highway:tol=1e-30,max_k=2,fallback=last"),
             ("gated", "distributed", 3, "exact"),
             ("linear", "sequential", 1, "exact")]
     return out
@@ -138,7 +142,8 @@ def run_configs(ctx):
         names = {id(p): n for n, p in chain.named_parameters()}
         grads = {names[id(p)]: p.grad.clone() for p in pipe.parameters() if p.grad is not None}
         results[(kind, scan, m, method_text)] = (
-            grads, x.grad.clone() if pipe.is_first else None, losses)
+            grads, x.grad.clone() if pipe.is_first else None, losses,
+            pipe.last_diagnostics)
         if tracer is not None:
             results["trace"] = tracer.to_dict()
     return results
@@ -159,7 +164,8 @@ def reference(kind: str, method_text: str, m: int):
             loss = final_loss(hs[-1], ym) + sum(state_loss(h, None) for h in hs[:-1])
             loss.backward()
             total = float(loss.detach())
-    return dict((n, p.grad) for n, p in chain.named_parameters()), x.grad, total
+    grads = dict((n, p.grad) for n, p in chain.named_parameters())
+    return grads, x.grad, total, chain.last_diagnostics
 
 
 def autograd_reference(kind: str):
@@ -186,7 +192,13 @@ def check(world: int, results: list[dict]) -> None:
         grads = {}
         for r in results:
             grads.update(r[cfg][0])
-        ref_grads, ref_x, ref_loss = reference(kind, method_text, m)
+        ref_grads, ref_x, ref_loss, ref_diag = reference(kind, method_text, m)
+        if "tol=" in method_text:  # the same stopping decisions as the single process
+            for r in results:
+                diag = r[cfg][3]
+                assert (diag.iterations, diag.stop_reason, diag.fallback) == (
+                    ref_diag.iterations, ref_diag.stop_reason, ref_diag.fallback), cfg
+                assert diag.step_norms == pytest.approx(ref_diag.step_norms, rel=1e-9)
         assert set(grads) == {n for n, g in ref_grads.items() if g is not None}, cfg
         for name, g in grads.items():
             _close(g, ref_grads[name], f"{cfg} P={world} {name}")
@@ -249,7 +261,7 @@ def test_single_stage_runs_without_a_process_group():
     x.requires_grad_(True)
     pipe.step(x, target=y)
     pipe.step(x, target=y)
-    ref_grads, ref_x, _ = reference("relu", "highway:k=2", 1)
+    ref_grads, ref_x, _, _ = reference("relu", "highway:k=2", 1)
     for name, p in chain.named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[name], rtol=0, atol=1e-10)
     torch.testing.assert_close(x.grad, ref_x, rtol=0, atol=1e-10)

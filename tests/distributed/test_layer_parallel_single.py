@@ -107,7 +107,6 @@ def test_module_backward_hooks_are_refused_under_highway_but_run_under_exact():
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
-    ({"method": hbp.Highway(tol=1e-3, max_k=4)}, ValueError, "global step norm"),
     ({"method": hbp.Exact(), "recompute": True}, NotImplementedError, "recompute=False"),
     ({"boundaries": [0, 2]}, ValueError, "boundaries must be 2 strictly increasing"),
     ({"loss_fn": None}, ValueError, "needs loss_fn"),

@@ -31,6 +31,7 @@ the full-batch mean's gradient: divide, or use reduction="sum").
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
 
@@ -46,11 +47,12 @@ from highwaybp.core.chain import (
     _check_layer_hooks,
     _unaliased,
 )
+from highwaybp.core.iteration import Diagnostics, StopRule
 from highwaybp.core.methods import Method, check_method
 from highwaybp.core.replay import ForwardState, capture_forward_state
 from highwaybp.distributed import dscan
 from highwaybp.distributed.trace import NullTracer, Tracer
-from highwaybp.distributed.transport import Link
+from highwaybp.distributed.transport import Link, TransportError
 
 # Message tags beyond the transport's own (1..3: header, activation, DDG error).
 _TAG_SCAN = 4  # scan carries
@@ -118,8 +120,10 @@ class HighwayPipeline:
             uses only its own layers (the chain's method/scan/vjp settings do not apply).
         num_stages: P, the number of ranks (the default process group's world size).
         stage_index: this rank (must equal `dist.get_rank()` when P > 1).
-        method: `Highway(k)`, `FixedPoint(k)` or `Exact()` (default: the chain's method).
-            Adaptive `Highway(tol=...)` is refused (see below).
+        method: `Highway(k)`, `Highway(tol=, max_k=, fallback=)`, `FixedPoint(k)` or
+            `Exact()` (default: the chain's method). The adaptive form's relative step is
+            global: one all-reduce of two numbers per iteration; its "exact" fallback runs
+            exact backprop through the kept graphs, rank to rank.
         loss_fn: `loss_fn(h_L, target) -> scalar` on the last stage; target is what the
             last stage passed to `step(target=...)` (split into micro-batches), or None.
             Any module it uses (a head) gets its gradient there, as with loss.backward().
@@ -142,7 +146,9 @@ class HighwayPipeline:
         trace: a `Tracer` to record per-phase timings into (`highwaybp.distributed.trace`).
         timeout: seconds any wait for another rank may take before a `TransportError`.
 
-    After `step()`, `last_iterations` is the number of iterations run (min(k, L)).
+    After `step()`, `last_iterations` is the number of iterations run (at most min(k, L))
+    and `last_diagnostics` the `Diagnostics` of the stopping rule (step norms: adaptive
+    methods only, as they are the only ones that compute them).
     """
 
     def __init__(
@@ -170,12 +176,6 @@ class HighwayPipeline:
         if not (isinstance(stage_index, int) and 0 <= stage_index < num_stages):
             raise ValueError(f"stage_index must be in 0..{num_stages - 1}, got {stage_index!r}")
         self.method = check_method(chain.method if method is None else method)
-        if not self.method.exact and self.method.adaptive:
-            raise ValueError(
-                f"HighwayPipeline runs a fixed number of iterations; {self.method!r} would need "
-                "a global step norm (an all-reduce over ranks) every iteration, which is not "
-                "implemented. Use Highway(k=...) (e.g. k = the k the adaptive method settles "
-                "on in single-process runs).")
         if recompute and self.method.exact:
             raise NotImplementedError(
                 "HighwayPipeline(recompute=True) with Exact() (activation checkpointing of a "
@@ -230,6 +230,7 @@ class HighwayPipeline:
         self.step_index = 0
         self._iteration: Optional[int] = None
         self.last_iterations = 0
+        self.last_diagnostics: Optional[Diagnostics] = None
 
     # ------------------------------------------------------------------ configuration
 
@@ -423,6 +424,7 @@ class HighwayPipeline:
             else:
                 input_grads.append(g_in)
         self.last_iterations = 0
+        self.last_diagnostics = Diagnostics(method=repr(self.method), stop_reason="exact")
         if self.is_first:
             self._push_input_grad(x, input_grads)
         return self._total(values)
@@ -465,13 +467,7 @@ class HighwayPipeline:
                 backend = LoopVJP(self.layers * len(xs), [h for h, _ in saved],
                                   [state for _, state in saved])
             del saved
-        method = self.method
-        iterations = min(method.iteration_bound, self.num_layers)
-        if method.keeps_residual:
-            w = self._highway(backend, g0, iterations)
-        else:
-            w = self._fixed_point(backend, g0, iterations)
-        self.last_iterations = iterations
+        w = self._iterate(backend, g0)
         self._iteration = None
         with self.tracer.phase("param", step):
             ws = [w[m][e] for m in range(len(xs)) for e in range(1, n + 1)]
@@ -515,49 +511,114 @@ class HighwayPipeline:
                 out.append([*row, torch.zeros_like(w[m][n])])
         return out
 
-    def _fixed_point(self, backend: LoopVJP, g0: list[list[Tensor]], iterations: int
-                     ) -> list[list[Tensor]]:
-        n = len(self.layers)
-        w = g0
-        for j in range(1, iterations + 1):
+    def _iterate(self, backend: LoopVJP, g0: list[list[Tensor]]) -> list[list[Tensor]]:
+        """w^k per micro-batch (entries 0..n) by the method's iteration; `core.iteration`'s
+        StopRule decides how many iterations run and what an adaptive method returns."""
+        method, n, mb = self.method, len(self.layers), len(g0)
+        rule = StopRule(method, self.num_layers)
+        g_exact = None
+        if rule.adaptive and method.fallback == "exact":
+            g_exact = [[t.clone() for t in row] for row in g0]
+        kmaps = coeffs = None
+        if method.keeps_residual:
+            ctx = backend.contexts
+            kmaps = [[self._k_map(i, ctx[m * n + i]) for i in range(n)] for m in range(mb)]
+            if self.scan != "sequential":
+                coeffs = [[self.layers[i].residual.coefficient(ctx[m * n + i])
+                           for i in range(n)] for m in range(mb)]
+            self._iteration = 0
+            w0 = self._scan(g0, kmaps, coeffs, 0)
+        else:
+            w0 = g0  # K = 0: w^0 is the loss gradients themselves
+        w = best = w0
+        owned = range(0 if self.is_first else 1, n + 1)  # entry 0 of a later stage is not
+        for j in rule.iterations():                      # its state (and may be in flight)
             self._iteration = j
-            v = self._sweep(backend, w, j, full=True)
-            if not self.is_first:
-                self.comm.send(self.stage_index - 1, [row[0] for row in v], "a VJP", tag=_TAG_GRAD)
-            if not self.is_last:
-                got = self.comm.recv(self.stage_index + 1, [row[n] for row in v], "a VJP",
-                                     tag=_TAG_GRAD)
-                for row, t in zip(v, got):
-                    row[n] = t
-            for row, g in zip(v, g0):
-                # Entry 0 of a later stage is not its state (and may still be in flight).
-                for e in range(0 if self.is_first else 1, n + 1):
-                    row[e].add_(g[e])
-            w = v
+            if method.keeps_residual:
+                u = self._scan(self._sweep(backend, w, j, full=False), kmaps, coeffs, j)
+            else:
+                u = self._exchange_first_vjp(self._sweep(backend, w, j, full=True))
+            for row, base in zip(u, w0):
+                for e in owned:
+                    row[e].add_(base[e])
+            if rule.adaptive:
+                step = self._global_step(u, w, owned)
+                if rule.record(j, step):
+                    best = u
+            else:
+                step = 0.0
+                rule.diag.iterations = j
+            w = u
+            if rule.should_stop(j, step):
+                break
+        self.last_diagnostics = diag = rule.finish()
+        if diag.fallback == "best":
+            w = best
+        elif diag.fallback == "exact":
+            w = self._exact_sweep(backend, g_exact)
+        self.last_iterations = diag.iterations
         return w
 
-    def _highway(self, backend: LoopVJP, g0: list[list[Tensor]], iterations: int
-                 ) -> list[list[Tensor]]:
+    def _exchange_first_vjp(self, v: list[list[Tensor]]) -> list[list[Tensor]]:
+        """FixedPoint: the VJP of this stage's first layer goes to the previous stage's last
+        state; the next stage's arrives into entry n."""
         n = len(self.layers)
-        mb = len(g0)
-        ctx = backend.contexts
-        kmaps = [[self._k_map(i, ctx[m * n + i]) for i in range(n)] for m in range(mb)]
-        coeffs = None
-        if self.scan != "sequential":
-            coeffs = [[self.layers[i].residual.coefficient(ctx[m * n + i]) for i in range(n)]
-                      for m in range(mb)]
-        self._iteration = 0
-        w0 = self._scan(g0, kmaps, coeffs, 0)
-        w = w0
-        for j in range(1, iterations + 1):
-            self._iteration = j
-            u = self._scan(self._sweep(backend, w, j, full=False), kmaps, coeffs, j)
-            for row, base in zip(u, w0):
-                # Entry 0 of a later stage is not its state (and may still be in flight).
-                for e in range(0 if self.is_first else 1, n + 1):
-                    row[e].add_(base[e])
-            w = u
-        return w
+        if not self.is_first:
+            self.comm.send(self.stage_index - 1, [row[0] for row in v], "a VJP", tag=_TAG_GRAD)
+        if not self.is_last:
+            got = self.comm.recv(self.stage_index + 1, [row[n] for row in v], "a VJP",
+                                 tag=_TAG_GRAD)
+            for row, t in zip(v, got):
+                row[n] = t
+        return v
+
+    def _global_step(self, new: list[list[Tensor]], old: list[list[Tensor]],
+                     owned: range) -> float:
+        """||w_new - w|| / ||w_new|| over all states of all ranks (an all-reduce), as
+        core.iteration's relative step."""
+        diff = sum(float(torch.sum((a[e] - b[e]) ** 2)) for a, b in zip(new, old) for e in owned)
+        norm = sum(float(torch.sum(a[e] ** 2)) for a in new for e in owned)
+        if self.num_stages > 1:
+            t = torch.tensor([diff, norm], dtype=torch.float64, device=self.link.device)
+            with self.tracer.phase("comm", self.step_index, self._iteration,
+                                   kind="allreduce") as ev:
+                ev["bytes"] = 16
+                try:
+                    work = dist.all_reduce(t, async_op=True)
+                    if not work.wait(self.link.timeout):
+                        raise TimeoutError("all-reduce did not complete")
+                except Exception as err:
+                    raise TransportError(
+                        f"HighwayPipeline rank {self.stage_index}/{self.num_stages}: the "
+                        f"all-reduce of the step norm failed at step {self.step_index} "
+                        f"(timeout {self.timeout:.0f}s): {type(err).__name__}: {err}. A peer "
+                        "died, raised or is stuck; every rank stops.") from err
+            if _heartbeat is not None:
+                _heartbeat()
+            diff, norm = (float(v) for v in t.tolist())
+        diff, norm = math.sqrt(diff), math.sqrt(norm)
+        return 0.0 if diff == 0.0 else diff / max(norm, 1e-300)
+
+    def _exact_sweep(self, backend: LoopVJP, g: list[list[Tensor]]) -> list[list[Tensor]]:
+        """Exact backprop through the recorded graphs, rank to rank from the top (the
+        adaptive method's "exact" fallback): w_i = g_i + w_{i+1} (J_{i+1} + K_{i+1})."""
+        n = len(self.layers)
+        if not self.is_last:
+            got = self.comm.recv(self.stage_index + 1, [row[n] for row in g],
+                                 "an exact gradient", tag=_TAG_GRAD)
+            for row, t in zip(g, got):
+                row[n] = row[n] + t
+        with self.tracer.phase("sweep", self.step_index, None):
+            for m, row in enumerate(g):
+                for i in range(n - 1, -1, -1):
+                    k = m * n + i
+                    through = backend.layer_block_vjp(k + 1, row[i + 1]) + self.layers[
+                        i].residual.apply_kt(row[i + 1], backend.contexts[k])
+                    row[i] = row[i] + through
+        if not self.is_first:
+            self.comm.send(self.stage_index - 1, [row[0] for row in g], "an exact gradient",
+                           tag=_TAG_GRAD)
+        return g
 
     def _k_map(self, i: int, context: Any) -> Callable[[Tensor], Tensor] | None:
         residual = self.layers[i].residual

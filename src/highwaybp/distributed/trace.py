@@ -24,10 +24,12 @@ A merged trace is {"world": P, "ranks": [per-rank dicts as above]}.
     "rerun"    re-running the layers under autograd before the first sweep (recompute=True);
     "sweep"    one sweep of input VJPs over this rank's layers (iteration = j, 1-based;
                FixedPoint: the full layer VJPs; Exact: the one backward per micro-batch,
-               inputs and parameters together, iteration = micro-batch);
+               inputs and parameters together, iteration = micro-batch; an adaptive
+               method's exact fallback: iteration null);
     "scan"     local scan work of a scan (iteration = 0 for w^0, j for sweep j);
     "comm"     a send (kind "send": posting it) or a wait for a message (kind "recv"),
-               with the peer rank; waiting for a late peer is counted here;
+               with the peer rank; waiting for a late peer is counted here; kind
+               "allreduce" (peer null): an adaptive method's global step norm;
     "param"    the parameter sweep (and the input gradient pushed into x's producer);
     "idle"     gaps between the events above inside a step (Python overhead, bookkeeping).
 """
