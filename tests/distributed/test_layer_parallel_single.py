@@ -143,3 +143,16 @@ def test_balanced_boundaries():
     assert balanced_boundaries(4, 4) == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match=r"num_stages must be in 1\.\.3"):
         balanced_boundaries(3, 4)
+    # By cost: the split minimizing the largest stage (checked against all splits).
+    costs = [5.0, 1.0, 1.0, 1.0, 4.0, 2.0, 2.0]
+    assert balanced_boundaries(7, 3, costs) == [0, 2, 5, 7]  # stages cost 6, 6, 4
+    assert balanced_boundaries(7, 1, costs) == [0, 7]
+    assert balanced_boundaries(7, 7, costs) == list(range(8))
+    import itertools
+    for stages in (2, 3, 4):
+        best = min(max(sum(costs[a:b]) for a, b in zip((0, *cuts), (*cuts, 7)))
+                   for cuts in itertools.combinations(range(1, 7), stages - 1))
+        got = balanced_boundaries(7, stages, costs)
+        assert max(sum(costs[a:b]) for a, b in zip(got, got[1:])) == best
+    with pytest.raises(ValueError, match="costs must be 7 finite"):
+        balanced_boundaries(7, 2, [1.0] * 6)

@@ -68,17 +68,44 @@ def set_heartbeat(fn: Optional[Callable[[], None]]) -> None:
     _heartbeat = fn
 
 
-def balanced_boundaries(num_layers: int, num_stages: int) -> list[int]:
-    """Stage s holds layers boundaries[s]+1 .. boundaries[s+1] (1-based): equal counts, the
-    first num_layers % num_stages stages one more."""
+def balanced_boundaries(num_layers: int, num_stages: int,
+                        costs: Sequence[float] | None = None) -> list[int]:
+    """Stage s holds layers boundaries[s]+1 .. boundaries[s+1] (1-based).
+
+    Without `costs`: equal layer counts, the first num_layers % num_stages stages one more.
+    With `costs` (one number per layer, e.g. each layer's measured forward + backward time):
+    the contiguous split that minimizes the largest stage cost (ties: the earliest cuts).
+    """
     if not 1 <= num_stages <= num_layers:
         raise ValueError(f"num_stages must be in 1..{num_layers} (one layer per stage at "
                          f"least), got {num_stages}")
-    base, extra = divmod(num_layers, num_stages)
-    out = [0]
-    for s in range(num_stages):
-        out.append(out[-1] + base + (1 if s < extra else 0))
-    return out
+    if costs is None:
+        base, extra = divmod(num_layers, num_stages)
+        out = [0]
+        for s in range(num_stages):
+            out.append(out[-1] + base + (1 if s < extra else 0))
+        return out
+    costs = [float(c) for c in costs]
+    if len(costs) != num_layers or any(not (c >= 0 and math.isfinite(c)) for c in costs):
+        raise ValueError(f"costs must be {num_layers} finite numbers >= 0, got {costs}")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    # best[s][i]: the smallest largest-stage cost splitting the first i layers in s stages.
+    inf = math.inf
+    best = [[inf] * (num_layers + 1) for _ in range(num_stages + 1)]
+    cut = [[0] * (num_layers + 1) for _ in range(num_stages + 1)]
+    best[0][0] = 0.0
+    for s in range(1, num_stages + 1):
+        for i in range(s, num_layers - (num_stages - s) + 1):
+            for j in range(s - 1, i):
+                value = max(best[s - 1][j], prefix[i] - prefix[j])
+                if value < best[s][i]:
+                    best[s][i], cut[s][i] = value, j
+    out = [num_layers]
+    for s in range(num_stages, 0, -1):
+        out.append(cut[s][out[-1]])
+    return out[::-1]
 
 
 class _Comm:
@@ -137,7 +164,8 @@ class HighwayPipeline:
         num_microbatches: M; the first stage's x (and targets) are split along dim 0 into M
             equal micro-batches (the batch must divide by M).
         boundaries: P+1 increasing layer counts [0, b_1, ..., L]: stage s holds layers
-            b_s+1..b_{s+1}. Default: `balanced_boundaries` (equal layer counts).
+            b_s+1..b_{s+1}. Default: `balanced_boundaries(L, P)` (equal layer counts;
+            `balanced_boundaries(L, P, costs)` balances measured per-layer costs).
         recompute: False (default): the forward keeps each layer's graph (as pipeline
             schedules keep activations) and the input VJPs reuse it. True (Highway and
             FixedPoint only): the forward keeps only each layer's input (and RNG state for
