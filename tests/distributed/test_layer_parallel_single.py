@@ -156,3 +156,23 @@ def test_balanced_boundaries():
         assert max(sum(costs[a:b]) for a, b in zip(got, got[1:])) == best
     with pytest.raises(ValueError, match="costs must be 7 finite"):
         balanced_boundaries(7, 2, [1.0] * 6)
+
+
+@pytest.mark.parametrize("x_requires_grad", [False, True])
+def test_exact_equals_autograd_with_or_without_an_input_gradient(x_requires_grad):
+    x, y = xy()
+    x.requires_grad_(x_requires_grad)
+    torch.manual_seed(0)
+    chain = chain_of([mlp() for _ in range(3)])
+    ref = chain_of([mlp() for _ in range(3)], method=hbp.Exact())
+    ref.load_state_dict(chain.state_dict())
+    HighwayPipeline(chain, 1, 0, hbp.Exact(), mse, num_microbatches=2).step(x, target=y)
+    x_grad = None if x.grad is None else x.grad.clone()
+    x.grad = None
+    mse(ref(x), y).backward()
+    for p, q in zip(chain.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-12)
+    if x_requires_grad:
+        torch.testing.assert_close(x_grad, x.grad, rtol=0, atol=1e-12)
+    else:
+        assert x_grad is None

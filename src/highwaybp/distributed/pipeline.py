@@ -413,10 +413,12 @@ class HighwayPipeline:
     def _step_exact(self, x: Tensor | None, xs: list, targets: list) -> Optional[Tensor]:
         step = self.step_index
         leaves, outputs, grads, values = [], [], [], []
+        # dLoss/d(input) is needed to send on, or for an x that requires grad.
+        need_input = not self.is_first or (x is not None and x.requires_grad)
         for m, xm in enumerate(xs):
             h = self._receive_input(m) if not self.is_first else xm.detach()
             with self.tracer.phase("forward", step, m):
-                leaf = h.requires_grad_(True)
+                leaf = h.requires_grad_(need_input)
                 states = []
                 with torch.enable_grad():
                     for layer in self.layers:
@@ -435,17 +437,19 @@ class HighwayPipeline:
             self._iteration = m
             top = outputs[m][-1]
             if not self.is_last:
-                (incoming,) = self.comm.recv(self.stage_index + 1, [top], "an error", tag=_TAG_GRAD)
+                (incoming,) = self.comm.recv(self.stage_index + 1, [top], "an error",
+                                             tag=_TAG_GRAD)
                 grads[m][n] = incoming if n not in grads[m] else grads[m][n] + incoming
             with self.tracer.phase("sweep", step, m):
-                entries = sorted(grads[m])
+                entries = [e for e in sorted(grads[m]) if outputs[m][e - 1].requires_grad]
                 tensors = [outputs[m][e - 1] for e in entries]
-                inputs = [leaves[m], *self.params]
-                if tensors:
+                inputs = [leaves[m]] if need_input else []
+                if tensors and (inputs or self.params):
                     torch.autograd.backward(tensors, [grads[m][e] for e in entries],
-                                            inputs=inputs)
-                g_in = leaves[m].grad if leaves[m].grad is not None else torch.zeros_like(
-                    leaves[m])
+                                            inputs=[*inputs, *self.params])
+                g_in = leaves[m].grad
+                if need_input and g_in is None:
+                    g_in = torch.zeros_like(leaves[m])
             outputs[m] = []  # free the graph's outputs as soon as possible
             if not self.is_first:
                 self.comm.send(self.stage_index - 1, [g_in], "an error", tag=_TAG_GRAD)
