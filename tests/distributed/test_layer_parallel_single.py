@@ -176,3 +176,59 @@ def test_exact_equals_autograd_with_or_without_an_input_gradient(x_requires_grad
         torch.testing.assert_close(x_grad, x.grad, rtol=0, atol=1e-12)
     else:
         assert x_grad is None
+
+
+def _event(step, phase, start, end, peer=None, kind=None, cpu=0.0, nbytes=0):
+    return {"step": step, "phase": phase, "iteration": None, "start": start, "end": end,
+            "cpu": cpu, "bytes": nbytes, "peer": peer, "kind": kind}
+
+
+def test_critical_path_follows_late_messages_across_ranks(tmp_path):
+    from highwaybp.distributed import critical_path, merge_traces, phase_breakdown
+
+    rank0 = {"rank": 0, "world": 2, "events": [
+        _event(0, "step", 0.0, 4.0),
+        _event(0, "forward", 0.0, 1.0, cpu=0.9),
+        _event(0, "comm", 1.0, 1.01, peer=1, kind="send", nbytes=64),
+        _event(0, "comm", 1.01, 3.0, peer=1, kind="recv"),   # waits for rank 1
+        _event(0, "param", 3.0, 4.0),
+    ]}
+    rank1 = {"rank": 1, "world": 2, "events": [
+        _event(0, "step", 0.0, 2.5),
+        _event(0, "comm", 0.0, 1.05, peer=0, kind="recv"),   # waits for rank 0
+        _event(0, "forward", 1.05, 2.0),
+        _event(0, "comm", 2.0, 2.01, peer=0, kind="send", nbytes=32),
+        _event(0, "param", 2.01, 2.5),
+    ]}
+    path = tmp_path / "rank1.json"
+    path.write_text(__import__("json").dumps(rank1))
+    merged = merge_traces([rank0, path])
+    result = critical_path(merged, 0)
+    assert result["total"] == pytest.approx(4.0)
+    assert result["phases"] == pytest.approx({"forward": 1.95, "comm": 1.05, "param": 1.0})
+    assert [(r, phase) for r, phase, *_ in result["path"]] == [
+        (0, "forward"), (1, "comm"), (1, "forward"), (0, "comm"), (0, "param")]
+    breakdown = phase_breakdown(merged, 0)
+    assert breakdown[0]["comm"]["bytes"] == 64 and breakdown[1]["comm"]["bytes"] == 32
+    assert breakdown[0]["forward"]["cpu"] == pytest.approx(0.9)
+    with pytest.raises(ValueError, match="step 1 is not in the trace"):
+        critical_path(merged, 1)
+
+
+def test_a_recv_whose_message_had_arrived_keeps_the_path_on_its_rank():
+    from highwaybp.distributed import critical_path
+
+    trace = {"world": 2, "ranks": [
+        {"rank": 0, "world": 2, "events": [
+            _event(0, "step", 0.0, 3.0),
+            _event(0, "sweep", 0.0, 2.0),
+            _event(0, "comm", 2.0, 2.1, peer=1, kind="recv"),  # sent at 1.0: no wait
+            _event(0, "param", 2.1, 3.0)]},
+        {"rank": 1, "world": 2, "events": [
+            _event(0, "step", 0.0, 1.5),
+            _event(0, "sweep", 0.0, 1.0),
+            _event(0, "comm", 1.0, 1.01, peer=0, kind="send")]},
+    ]}
+    result = critical_path(trace, 0)
+    assert {r for r, *_ in result["path"]} == {0}
+    assert result["phases"] == pytest.approx({"sweep": 2.0, "comm": 0.1, "param": 0.9})

@@ -78,9 +78,14 @@ class Tracer:
 
     def fill_idle(self, step: int) -> None:
         """Add "idle" events for the gaps between this step's top-level events."""
-        inner = sorted((e for e in self.events if e["step"] == step and e["phase"] != "step"),
-                       key=lambda e: e["start"])
-        envelope = [e for e in self.events if e["step"] == step and e["phase"] == "step"]
+        # A step's events are the last ones appended (no scan of earlier steps' events).
+        mine = []
+        for e in reversed(self.events):
+            if e["step"] != step:
+                break
+            mine.append(e)
+        inner = sorted((e for e in mine if e["phase"] != "step"), key=lambda e: e["start"])
+        envelope = [e for e in mine if e["phase"] == "step"]
         if not envelope:
             return
         t = envelope[0]["start"]
