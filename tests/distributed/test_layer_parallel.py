@@ -2,9 +2,10 @@
 
 Each spawned job runs many configurations in one process group (a spawn costs seconds on a
 loaded machine): K identity / scaled / diagonal (ReLU, gated) / a shape-changing
-LinearShortcut, both scan strategies, per-layer losses, 1 and 3 micro-batches, Highway(k),
-Highway(L) (= autograd), FixedPoint(k) and Exact(); the test process computes the
-single-process references (float64, 1e-10).
+LinearShortcut and a ModuleShortcut (projection + ReLU), every scan strategy, per-layer
+losses, 1 and 3 micro-batches, Highway(k), Highway(L) (= autograd), adaptive Highway with
+each fallback, FixedPoint(k) and Exact(), recompute False and True; the test process
+computes the single-process references (float64, 1e-10).
 """
 
 from __future__ import annotations
@@ -54,9 +55,11 @@ def build_chain(kind: str, seed: int = 0) -> hbp.ResidualChain:
     layers = []
     width = WIDTH
     for i in range(LAYERS):
-        if kind == "linear" and i == 2:  # one shape-changing layer in the middle
+        if kind in ("linear", "module") and i == 2:  # one shape-changing layer
             block = nn.Sequential(nn.Linear(width, width + 2), nn.Tanh())
-            layers.append(hbp.ResidualLayer(block, hbp.LinearShortcut(_pad, _unpad)))
+            shortcut = (hbp.LinearShortcut(_pad, _unpad) if kind == "linear" else
+                        hbp.ModuleShortcut(nn.Linear(width, width + 2), relu=True))
+            layers.append(hbp.ResidualLayer(block, shortcut))
             width += 2
             continue
         if kind == "gated":
@@ -64,7 +67,8 @@ def build_chain(kind: str, seed: int = 0) -> hbp.ResidualChain:
             continue
         block = nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width))
         residual = {"identity": hbp.Identity(), "scaled": hbp.Scaled(0.7),
-                    "relu": hbp.ReLUResidual(), "linear": hbp.Identity()}[kind]
+                    "relu": hbp.ReLUResidual(), "linear": hbp.Identity(),
+                    "module": hbp.Scaled(0.9)}[kind]
         layers.append(hbp.ResidualLayer(block, residual))
     return hbp.ResidualChain(layers).double()
 
@@ -82,7 +86,7 @@ STATE_LOSS_AT = (2, 3, 5)  # h_2, h_3, h_5: owned by different ranks for P = 2, 
 
 def data(kind: str, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
-    out_width = WIDTH + (2 if kind == "linear" else 0)
+    out_width = WIDTH + (2 if kind in ("linear", "module") else 0)
     x = torch.randn(BATCH, WIDTH, generator=g, dtype=torch.float64)
     y = torch.randn(BATCH, out_width, generator=g, dtype=torch.float64)
     return x, y
@@ -93,8 +97,9 @@ TRACED = ("relu", "centralized", 3)  # with highway:k=1: the traced configuratio
 
 def configs():
     out = []
-    for kind in ("identity", "scaled", "relu", "gated", "linear"):
-        scans = ("sequential",) if kind == "linear" else ("distributed", "centralized")
+    for kind in ("identity", "scaled", "relu", "gated", "linear", "module"):
+        scans = (("sequential",) if kind in ("linear", "module")
+                 else ("distributed", "centralized"))
         for scan in scans:
             for m in (1, 3):
                 out.append((kind, scan, m, "highway:k=2"))
