@@ -232,3 +232,28 @@ def test_a_recv_whose_message_had_arrived_keeps_the_path_on_its_rank():
     result = critical_path(trace, 0)
     assert {r for r, *_ in result["path"]} == {0}
     assert result["phases"] == pytest.approx({"sweep": 2.0, "comm": 0.1, "param": 0.9})
+
+
+@pytest.mark.parametrize("method", [hbp.Highway(k=1), hbp.Exact()])
+def test_a_parameter_frozen_after_construction_gets_no_gradient(method):
+    x, y = xy()
+    torch.manual_seed(0)
+    chain = chain_of([mlp() for _ in range(2)])
+    ref = chain_of([mlp() for _ in range(2)], method=method)
+    ref.load_state_dict(chain.state_dict())
+    pipe = HighwayPipeline(chain, 1, 0, method, mse)
+    for c in (chain, ref):
+        c.layers[0].block[0].weight.requires_grad_(False)
+    pipe.step(x, target=y)
+    mse(ref(x), y).backward()
+    assert chain.layers[0].block[0].weight.grad is None
+    assert len(pipe.parameters()) == len(list(chain.parameters())) - 1
+    for p, q in zip(chain.parameters(), ref.parameters()):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-12)
+
+
+def test_an_integer_input_is_refused():
+    pipe = HighwayPipeline(chain_of([mlp()]), 1, 0, hbp.Highway(k=1), mse)
+    with pytest.raises(TypeError, match="floating point"):
+        pipe.step(torch.ones(6, 5, dtype=torch.long), target=torch.zeros(6, 5))

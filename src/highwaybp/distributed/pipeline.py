@@ -43,6 +43,7 @@ from highwaybp.core.backends.loop import LoopVJP
 from highwaybp.core.chain import (
     ResidualChain,
     _apply_layer,
+    _check_input,
     _check_layer,
     _check_layer_hooks,
     _unaliased,
@@ -240,9 +241,8 @@ class HighwayPipeline:
         self.tracer: Tracer = trace if trace is not None else NullTracer(stage_index, num_stages)
         self.timeout = float(timeout)
         self.recompute = bool(recompute)
-        params = {id(p): p for layer in self.layers for p in layer.parameters()}
-        self.params = [p for p in params.values() if p.requires_grad]
-        device = self.params[0].device if self.params else torch.device("cpu")
+        first_param = next(iter(self.module.parameters()), None)
+        device = first_param.device if first_param is not None else torch.device("cpu")
         if num_stages > 1:  # the arguments are checked first, then the environment
             if not dist.is_initialized():
                 raise RuntimeError(
@@ -305,6 +305,11 @@ class HighwayPipeline:
         return list(self.params)
 
     @property
+    def params(self) -> list[Tensor]:
+        """This stage's parameters requiring grad now (once each, tied ones included)."""
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    @property
     def module(self) -> nn.ModuleList:
         """This stage's layers as a ModuleList (e.g. for state_dict or train/eval)."""
         return nn.ModuleList(self.layers)
@@ -322,6 +327,8 @@ class HighwayPipeline:
         """
         if self.is_first and x is None:
             raise ValueError("the first stage's step needs the chain input: pipe.step(x)")
+        if x is not None:
+            _check_input(x)
         if not self.is_first and x is not None:
             raise ValueError(f"stage {self.stage_index} is not the first stage: call "
                              "pipe.step() without x (pass target=... if it owns a loss)")
@@ -433,6 +440,7 @@ class HighwayPipeline:
             values.extend(v)
         input_grads = []
         n = len(self.layers)
+        params = self.params
         for m in range(len(xs)):
             self._iteration = m
             top = outputs[m][-1]
@@ -444,9 +452,9 @@ class HighwayPipeline:
                 entries = [e for e in sorted(grads[m]) if outputs[m][e - 1].requires_grad]
                 tensors = [outputs[m][e - 1] for e in entries]
                 inputs = [leaves[m]] if need_input else []
-                if tensors and (inputs or self.params):
+                if tensors and (inputs or params):
                     torch.autograd.backward(tensors, [grads[m][e] for e in entries],
-                                            inputs=[*inputs, *self.params])
+                                            inputs=[*inputs, *params])
                 g_in = leaves[m].grad
                 if need_input and g_in is None:
                     g_in = torch.zeros_like(leaves[m])
@@ -503,8 +511,9 @@ class HighwayPipeline:
         self._iteration = None
         with self.tracer.phase("param", step):
             ws = [w[m][e] for m in range(len(xs)) for e in range(1, n + 1)]
-            grads = backend.param_vjps(ws, self.params)
-            pairs = [(p, g) for p, g in zip(self.params, grads) if g is not None]
+            params = self.params
+            grads = backend.param_vjps(ws, params)
+            pairs = [(p, g) for p, g in zip(params, grads) if g is not None]
             if pairs:  # into .grad through AccumulateGrad: hooks run once, as in autograd
                 torch.autograd.backward([p for p, _ in pairs], [g for _, g in pairs])
         if self.is_first:
