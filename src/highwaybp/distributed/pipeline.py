@@ -344,6 +344,8 @@ class HighwayPipeline:
                     loss = self._step_iterative(x, xs, targets)
                 self._iteration = None
                 self.link.flush(step)
+            if _heartbeat is not None:
+                _heartbeat()
         finally:
             self.tracer.fill_idle(step)
             self.step_index += 1
