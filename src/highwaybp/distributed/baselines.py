@@ -7,7 +7,7 @@ group per pipeline stage, with a schedule of `torch.distributed.pipelining`:
 |---|---|---|---|
 | "gpipe" | ScheduleGPipe | 1 | all forwards, then all backwards |
 | "1f1b" | Schedule1F1B | 1 | one forward one backward in steady state; M >= P |
-| "interleaved-zb" | ScheduleInterleavedZeroBubble | 1 or 2 | ZB1P: splits input and weight gradients |
+| "interleaved-zb" | ScheduleInterleavedZeroBubble | 1 or 2 | ZB1P: input/weight grads split |
 | "zbv" | ScheduleZBVZeroBubble | 2 (V layout) | needs exactly 2 stages per rank |
 | "dualpipev" | ScheduleDualPipeV | 2 (V layout) | needs M >= 2P micro-batches |
 
