@@ -302,8 +302,12 @@ def _rank_main(ctx: Any, stack: Stack, configs: list[RunConfig], warmup: int, ro
     pipes, tracers, calls = [], [], []
     for c in configs:
         if c.runtime == "highway":
-            method = {"highway": lambda: Highway(k=c.k), "fixedpoint": lambda: FixedPoint(k=c.k),
-                      "exact": Exact}[c.method]()
+            if c.method == "highway":
+                method = Highway(k=c.k)
+            elif c.method == "fixedpoint":
+                method = FixedPoint(k=c.k)
+            else:
+                method = Exact()
             tracer = Tracer(rank, P)
             scan = c.scan if P > 1 else None
             pipe = HighwayPipeline(chain, P, rank, method=method, loss_fn=loss_fn, scan=scan,
@@ -557,8 +561,9 @@ def run(args: argparse.Namespace) -> int:
     link = cm.Link(link_info["latency_s"], link_info["bandwidth_bytes_per_s"])
     measured, skipped = [], []
     for P in ranks:
-        if P > stack.depth:
-            skipped.append({"config": f"P={P}", "reason": f"more ranks than layers ({stack.depth})"})
+        if stack.depth < P:
+            skipped.append({"config": f"P={P}",
+                            "reason": f"more ranks than layers ({stack.depth})"})
             continue
         configs, skip = run_configs(P, ks, mbs, stack.depth, stack.rows)
         skipped += [{**s, "ranks": P} for s in skip]
