@@ -420,6 +420,9 @@ def highway(layers: Sequence[LayerCost], num_ranks: int, microbatches: int, link
                     ranks[r].append(Task(f"V{r}.{j}", r, "sweep",
                                          M * _sum(layers, rng, "vjp_input")))
             _scan_tasks(ranks, j, scan, scan_cost, combine, carry_bytes)
+            if j > 0:  # w^j = w^0 + u: one add per state
+                for r in range(P):
+                    ranks[r].append(Task(f"A{r}.{j}", r, "scan", scan_cost[r]))
         last_deps = {}
     for r, rng in enumerate(ranges):
         ranks[r].append(Task(f"W{r}", r, "param", M * _sum(layers, rng, "vjp_param"),
