@@ -18,7 +18,15 @@ import torch
 from torch import nn
 
 import highwaybp as hbp
-from highwaybp.distributed import HighwayPipeline, TransportError, spawn
+from highwaybp.distributed import (
+    HighwayPipeline,
+    Tracer,
+    TransportError,
+    critical_path,
+    merge_traces,
+    phase_breakdown,
+    spawn,
+)
 
 WIDTH, BATCH, LAYERS = 6, 6, 6
 
@@ -80,6 +88,9 @@ def data(kind: str, seed: int = 1):
     return x, y
 
 
+TRACED = ("relu", "centralized", 3)  # with highway:k=1: the traced configuration
+
+
 def configs():
     out = []
     for kind in ("identity", "scaled", "relu", "gated", "linear"):
@@ -104,10 +115,11 @@ def run_configs(ctx):
     for kind, scan, m, method_text in configs():
         chain = build_chain(kind)
         method = hbp.method_from_string(method_text)
+        tracer = Tracer(ctx.rank, ctx.world) if (kind, scan, m) == TRACED else None
         pipe = HighwayPipeline(
             chain, ctx.world, ctx.rank, method, final_loss,
             state_losses={i: state_loss for i in STATE_LOSS_AT},
-            scan=scan, num_microbatches=m, timeout=ctx.timeout,
+            scan=scan, num_microbatches=m, timeout=ctx.timeout, trace=tracer,
         )
         x, y = data(kind)
         x = x.requires_grad_(True)
@@ -124,6 +136,8 @@ def run_configs(ctx):
         grads = {names[id(p)]: p.grad.clone() for p in pipe.parameters() if p.grad is not None}
         results[(kind, scan, m, method_text)] = (
             grads, x.grad.clone() if pipe.is_first else None, losses)
+        if tracer is not None:
+            results["trace"] = tracer.to_dict()
     return results
 
 
@@ -184,10 +198,44 @@ def check(world: int, results: list[dict]) -> None:
             _close(results[0][cfg][1], exact_x, f"{cfg} P={world} x.grad vs autograd")
 
 
+def check_trace(world: int, results: list[dict]) -> None:
+    """The traced run (Highway(k=1), M = 3, two steps): every phase where it belongs."""
+    merged = merge_traces([r["trace"] for r in results])
+    assert [r["rank"] for r in merged["ranks"]] == list(range(world))
+    for step in (0, 1):
+        per_rank = phase_breakdown(merged, step)
+        for r in range(world):
+            phases = per_rank[r]
+            assert phases["forward"]["count"] == 3          # one per micro-batch
+            assert phases["sweep"]["count"] == 1            # k = 1
+            # The parameter sweep; rank 0 also pushes dLoss/dx into x.
+            assert phases["param"]["count"] == (2 if r == 0 else 1)
+            assert phases["step"]["count"] == 1
+            sent = sum(e["bytes"] for e in merged["ranks"][r]["events"]
+                       if e["step"] == step and e["kind"] == "send")
+            # Activations forward (3 micro-batches of [2, 6] float64) unless last;
+            # w^0 and iteration 1 carries down (S, and Pi below the top) unless first.
+            act = 0 if r == world - 1 else 3 * 2 * WIDTH * 8
+            assert sent >= act + (0 if r == 0 else 2 * BATCH * WIDTH * 8), (r, sent)
+        path = critical_path(merged, step)
+        ends = [e["end"] for rk in merged["ranks"] for e in rk["events"]
+                if e["step"] == step and e["phase"] == "step"]
+        starts = [e["start"] for rk in merged["ranks"] for e in rk["events"]
+                  if e["step"] == step and e["phase"] == "step"]
+        assert path["total"] == pytest.approx(max(ends) - min(starts))
+        assert sum(path["phases"].values()) == pytest.approx(path["total"], rel=1e-6)
+        # The path tiles the step from its first start to its last end, in time order.
+        segments = path["path"]
+        assert segments[0][3] == pytest.approx(min(starts))
+        assert segments[-1][4] == pytest.approx(max(ends))
+        assert all(a[4] == pytest.approx(b[3]) for a, b in zip(segments, segments[1:]))
+
+
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_pipeline_equals_single_process_chain(world):
     results = spawn(run_configs, world, timeout=60.0)
     check(world, results)
+    check_trace(world, results)
 
 
 def test_single_stage_runs_without_a_process_group():

@@ -28,6 +28,7 @@ unit tests run the same exchange code on threads in one process.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Optional, Protocol
 
 import torch
@@ -173,3 +174,52 @@ def exclusive_carries(
         return acc[0]
     raise ValueError(f"exclusive_carries: strategy must be 'distributed' or 'centralized', "
                      f"got {strategy!r}")
+
+
+def scan_across_ranks_(
+    strategy: str, comm: Comm, rank: int, world: int, entries: list[list[Tensor]],
+    kmaps: list[list[Callable[[Tensor], Tensor] | None]], coeffs: Optional[list[list]],
+    kind: str, timed: Callable[[], AbstractContextManager] = nullcontext,
+) -> list[list[Tensor]]:
+    """This rank's part of the reverse scan over all ranks' states, in place.
+
+    entries[m]: entries 0..n of micro-batch m (see the module doc); kmaps[m][i] applies K
+    of this rank's layer i+1 (None: identity); coeffs[m][i] its coefficient (strategies
+    other than "sequential"); kind: `chain_k_kind` of the whole chain. Afterwards entries
+    1..n (and 0 on rank 0) hold u; entry 0 of a rank > 0 holds what it sent down. `timed()`
+    wraps the local work (for the trace)."""
+    n = len(entries[0]) - 1
+    first, last = rank == 0, rank == world - 1
+    tops = [row[n] for row in entries]
+    if strategy == "sequential":
+        if not last:
+            carry = comm.recv(rank + 1, tops, "a scan carry")
+            for row, c in zip(entries, carry):
+                row[n].add_(c)
+        with timed():
+            for row, maps in zip(entries, kmaps):
+                local_scan_(row, maps)
+        if not first:
+            comm.send(rank - 1, [row[0] for row in entries], "a scan carry")
+        return entries
+    if kind == "linear":
+        raise ValueError("a general linear K has no products: use strategy 'sequential'")
+    with timed():
+        for row, maps in zip(entries, kmaps):
+            local_scan_(row, maps)
+        s = p = None
+        if not first:
+            s = [row[0] for row in entries]
+            if kind != "identity" and not last:
+                p = [product(c, row[0], kind) for row, c in zip(entries, coeffs)]
+    p_like = None
+    if kind == "scalar":
+        p_like = [torch.empty((), dtype=t.dtype, device=t.device) for t in tops]
+    elif kind == "diagonal":
+        p_like = tops
+    carry = exclusive_carries(strategy, comm, rank, world, s, p, tops, p_like)
+    if carry is not None:
+        with timed():
+            for row, c, cs in zip(entries, carry, coeffs):
+                fixup_(row, c, cs, 0 if first else 1)
+    return entries

@@ -542,38 +542,6 @@ class HighwayPipeline:
               j: int) -> list[list[Tensor]]:
         """In place over this stage's entries: the reverse scan over all states of all ranks
         (entry 0 of a stage > 0 is left holding its outgoing part, not an owned state)."""
-        rank, world = self.stage_index, self.num_stages
-        step = self.step_index
-        n = len(self.layers)
-        tops = [row[n] for row in entries]
-        if self.scan == "sequential":
-            if not self.is_last:
-                carry = self.comm.recv(rank + 1, tops, "a scan carry")
-                for row, c in zip(entries, carry):
-                    row[n].add_(c)
-            with self.tracer.phase("scan", step, j):
-                for row, maps in zip(entries, kmaps):
-                    dscan.local_scan_(row, maps)
-            if not self.is_first:
-                self.comm.send(rank - 1, [row[0] for row in entries], "a scan carry")
-            return entries
-        with self.tracer.phase("scan", step, j):
-            for row, maps in zip(entries, kmaps):
-                dscan.local_scan_(row, maps)
-            s = p = None
-            if not self.is_first:
-                s = [row[0] for row in entries]
-                if self.k_kind != "identity" and not self.is_last:
-                    p = [dscan.product(c, row[0], self.k_kind) for row, c in zip(entries, coeffs)]
-        p_like = None
-        if self.k_kind == "scalar":
-            p_like = [torch.empty((), dtype=t.dtype, device=t.device) for t in tops]
-        elif self.k_kind == "diagonal":
-            p_like = tops
-        carry = dscan.exclusive_carries(self.scan, self.comm, rank, world, s, p, tops, p_like)
-        if carry is not None:
-            with self.tracer.phase("scan", step, j):
-                lowest = 0 if self.is_first else 1
-                for row, c, cs in zip(entries, carry, coeffs):
-                    dscan.fixup_(row, c, cs, lowest)
-        return entries
+        return dscan.scan_across_ranks_(
+            self.scan, self.comm, self.stage_index, self.num_stages, entries, kmaps, coeffs,
+            self.k_kind, timed=lambda: self.tracer.phase("scan", self.step_index, j))

@@ -154,8 +154,8 @@ def critical_path(trace: dict[str, Any], step: int) -> dict[str, Any]:
     """The chain of events that set one step's wall time, walked back from its end.
 
     Starts on the rank whose step ends last and walks its events backwards; a "recv" wait
-    that the peer's matching send ended inside (the peer was late) moves the path to that
-    peer at its send; otherwise the path stays on the rank. Returns
+    during which the peer posted its last send to this rank (the peer was late) moves the
+    path to that peer, at the time it posted; otherwise the path stays on the rank. Returns
     {"step", "total": wall time of the step (earliest start to latest end over ranks),
      "phases": {phase: seconds on the path}, "path": [[rank, phase, iteration, start, end],
      ...] in time order}. Gaps on the path count as "idle"; the "comm" time on the path is
@@ -194,12 +194,14 @@ def critical_path(trace: dict[str, Any], step: int) -> dict[str, Any]:
             t = e["end"]
             continue
         if e["phase"] == "comm" and e["kind"] == "recv" and e["peer"] in work:
+            # The peer's last send to us posted before the wait ended (a send may return
+            # after the receiver woke up, so its start, not its end, orders them).
             sends = [s for s in work[e["peer"]] if s["phase"] == "comm" and s["kind"] == "send"
-                     and s["peer"] == rank and s["end"] <= t]
-            late = max(sends, key=lambda s: s["end"]) if sends else None
-            if late is not None and late["end"] > e["start"]:
-                add("comm", rank, e["iteration"], late["end"], t)  # the message's latency
-                rank, t = e["peer"], late["end"]
+                     and s["peer"] == rank and s["start"] <= t]
+            late = max(sends, key=lambda s: s["start"]) if sends else None
+            if late is not None and late["start"] > e["start"]:
+                add("comm", rank, e["iteration"], late["start"], t)  # the message's latency
+                rank, t = e["peer"], late["start"]
                 continue
         add(e["phase"], rank, e["iteration"], e["start"], t)
         t = e["start"]
