@@ -148,3 +148,16 @@ def test_quick_bench_end_to_end(tmp_path):
         for h in row["highway"].values():
             assert h["speedup_vs_best_exact"] == pytest.approx(
                 row["best_exact"]["step_s"] / h["step_s"])
+    # highwaybp report renders it (docs/benchmarks.md section, docs/costmodel.md block)
+    from highwaybp.bench.report import costmodel_block, render
+
+    results = tmp_path / "results"
+    (results / "bench" / "layer_parallel").mkdir(parents=True)
+    (results / "bench" / "layer_parallel" / "bench.json").write_text(out.read_text())
+    text = render(results, root=tmp_path)
+    assert "## Layer-parallel" in text and "Predictions, not measurements" in text
+    first = report["measured"][0]
+    assert f"{1000 * first['step_s']:.1f}" in text
+    block = costmodel_block(results)
+    within = sum(abs(r["error_pct"]) <= 20 for r in report["measured"])
+    assert f"within 20% of the measured step for {within} of {len(report['measured'])}" in block

@@ -551,7 +551,8 @@ def run(args: argparse.Namespace) -> int:
         stack = Stack(args.depth, args.width, args.hidden, args.rows)
         ranks, ks, mbs = args.ranks, args.ks, args.microbatches
         rounds, warmup = args.rounds, args.warmup
-        paper_ranks, paper_mbs, paper_ks = [2, 4, 8, 16, 32, 64], [1, 4, 16, 64], [0, 1, 2, 4]
+        paper_ranks, paper_mbs = [2, 4, 8, 16, 32, 64], [1, 4, 16, 64]
+        paper_ks = [0, 1, 2, 4, 10]
     cores = os.cpu_count() or 1
     torch.set_num_threads(1)
     t_start = time.perf_counter()
