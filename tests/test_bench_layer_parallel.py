@@ -145,6 +145,7 @@ def test_quick_bench_end_to_end(tmp_path):
     pp = report["paper_predictions"]
     assert "PREDICTIONS" in pp["note"] and pp["rows"]
     for row in pp["rows"]:
+        assert row["ddg"]["step_s"] > 0
         for h in row["highway"].values():
             assert h["speedup_vs_best_exact"] == pytest.approx(
                 row["best_exact"]["step_s"] / h["step_s"])
