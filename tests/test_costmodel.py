@@ -101,6 +101,7 @@ def test_critical_path_covers_step():
 
 
 @pytest.mark.parametrize("schedule,P,M", [("interleaved-zb", 2, 2), ("interleaved-zb", 4, 8),
+                                          ("interleaved-zb-2", 2, 4), ("interleaved-zb-2", 3, 2),
                                           ("zbv", 2, 4), ("zbv", 4, 8), ("dualpipev", 2, 4),
                                           ("dualpipev", 3, 6)])
 def test_zero_bubble_orders_complete(schedule, P, M):
@@ -121,7 +122,7 @@ def test_zero_bubble_beats_1f1b_when_backward_splits():
     # v_in + v_par = v_both: splitting costs nothing, so filling the bubble with W must win.
     layers = cm.uniform_layers(16, forward=1.0, vjp_input=1.0, vjp_param=1.0)
     t_1f1b = cm.exact(layers, 4, 8, NO_COMM, "1f1b").step_time
-    for schedule in ("interleaved-zb", "zbv"):
+    for schedule in ("interleaved-zb", "interleaved-zb-2", "zbv"):
         assert cm.exact(layers, 4, 8, NO_COMM, schedule).step_time < t_1f1b
 
 

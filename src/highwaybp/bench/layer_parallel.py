@@ -125,7 +125,8 @@ def run_configs(ranks: int, ks: list[int], microbatches: list[int], depth: int,
     for m in mbs:
         if m > 1:
             out.append(RunConfig("highway", "highway", m, k=1))
-        for schedule in ("gpipe", "1f1b", "interleaved-zb", "zbv", "dualpipev"):
+        for schedule in ("gpipe", "1f1b", "interleaved-zb", "interleaved-zb-2", "zbv",
+                         "dualpipev"):
             per_rank = SCHEDULES[schedule][1]
             reason = check_schedule(schedule, ranks, m)
             if reason is None and depth < ranks * per_rank:
@@ -485,11 +486,12 @@ def paper_predictions(device: Device, ranks: list[int], ks: list[int],
             exact: list[tuple[float, str, int]] = []
             for m in mbs:
                 layers = paper_layer_costs(model, device, m)
-                for schedule in ("gpipe", "1f1b", "interleaved-zb", "zbv", "dualpipev"):
-                    stages = P * (2 if schedule in ("zbv", "dualpipev") else 1)
+                for schedule in cm.EXACT_SCHEDULES:
+                    stages = P * (2 if schedule in ("zbv", "dualpipev", "interleaved-zb-2")
+                                  else 1)
                     if stages > L or (schedule == "1f1b" and m < P) or (
                             schedule == "dualpipev" and m < 2 * P) or (
-                            schedule == "interleaved-zb" and m % max(1, m // P)):
+                            schedule.startswith("interleaved-zb") and m % max(1, m // P)):
                         continue
                     t = cm.exact(layers, P, m, link, schedule).step_time
                     exact.append((t, schedule, m))

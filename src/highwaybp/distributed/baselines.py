@@ -7,9 +7,14 @@ group per pipeline stage, with a schedule of `torch.distributed.pipelining`:
 |---|---|---|---|
 | "gpipe" | ScheduleGPipe | 1 | all forwards, then all backwards |
 | "1f1b" | Schedule1F1B | 1 | one forward one backward in steady state; M >= P |
-| "interleaved-zb" | ScheduleInterleavedZeroBubble | 1 or 2 | ZB1P: input/weight grads split |
+| "interleaved-zb" | ScheduleInterleavedZeroBubble | 1 | ZB1P: input/weight grads split |
+| "interleaved-zb-2" | ScheduleInterleavedZeroBubble | 2 (loop) | the same, interleaved |
 | "zbv" | ScheduleZBVZeroBubble | 2 (V layout) | needs exactly 2 stages per rank |
 | "dualpipev" | ScheduleDualPipeV | 2 (V layout) | needs M >= 2P micro-batches |
+
+All of them run here (torch 2.13, gloo, CPU) at P = 2..4 within the constraints that
+`check_schedule` states: 1F1B needs M >= P, DualPipeV M >= 2P, the two-stage schedules
+L >= 2P layers, the interleaved zero-bubble schedule M a multiple of its rounds (M // P).
 
 The step follows torch.distributed.pipelining: `step(x)` on the rank that holds the first
 stage, `step(target=y)` on the rank that holds the last one (with a "V" layout both are

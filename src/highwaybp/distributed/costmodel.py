@@ -244,7 +244,7 @@ def _sum(layers: Sequence[LayerCost], rng: tuple[int, int], attr: str) -> float:
 # ----------------------------------------------------------------------------- exact
 
 
-EXACT_SCHEDULES = ("gpipe", "1f1b", "interleaved-zb", "zbv", "dualpipev")
+EXACT_SCHEDULES = ("gpipe", "1f1b", "interleaved-zb", "interleaved-zb-2", "zbv", "dualpipev")
 
 
 def exact(layers: Sequence[LayerCost], num_ranks: int, microbatches: int, link: Link,
@@ -255,7 +255,8 @@ def exact(layers: Sequence[LayerCost], num_ranks: int, microbatches: int, link: 
     "gpipe": all forwards, then the backwards (micro-batch order 0..M-1, as torch's
     ScheduleGPipe and HighwayPipeline(method=Exact()) run them); "1f1b": min(M, P - r)
     warm-up forwards on rank r, then one backward one forward; the zero-bubble family
-    ("interleaved-zb" one stage per rank, "zbv" and "dualpipev" two stages per rank in a V)
+    ("interleaved-zb" one stage per rank, "interleaved-zb-2" two in a loop, "zbv" and
+    "dualpipev" two stages per rank in a V)
     splits the backward into input (I, vjp_input) and weight (W, vjp_param) parts, in the
     order the torch schedule builds. `loss` is the cost of the loss (and its gradient) per
     micro-batch on the last stage.
@@ -320,6 +321,7 @@ def _single_stage_orders(schedule: str, world: int, mbs: int) -> list[list[tuple
 
 
 _TORCH_CLASSES = {"interleaved-zb": ("ScheduleInterleavedZeroBubble", 1),
+                  "interleaved-zb-2": ("ScheduleInterleavedZeroBubble", 2),
                   "zbv": ("ScheduleZBVZeroBubble", 2),
                   "dualpipev": ("ScheduleDualPipeV", 2)}
 
