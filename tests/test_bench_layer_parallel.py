@@ -162,3 +162,10 @@ def test_quick_bench_end_to_end(tmp_path):
     block = costmodel_block(results)
     within = sum(abs(r["error_pct"]) <= 20 for r in report["measured"])
     assert f"within 20% of the measured step for {within} of {len(report['measured'])}" in block
+    # the README's front-door row: Highway k=0, 1 against the best exact at P = 2
+    from highwaybp.bench.report import headline
+
+    best = min(r["step_s"] for r in report["measured"]
+               if r["ranks"] == 2 and r["config"]["method"] == "exact")
+    k1 = by[(2, "highway(k=1) distributed M=1")]["step_s"]
+    assert f"{best / k1:.2f}x vs best exact pipeline" in headline(results)

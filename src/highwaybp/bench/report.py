@@ -459,6 +459,9 @@ def headline(results: Path) -> str:
         rows.append([f"DDG (baseline), {best['processes']} processes on 2 cores",
                      f"best: {_x(best['speedup_vs_best_backprop'])} vs 1-process backprop",
                      "", "`results/ddg/bench_ddg.json`"])
+    path = results / "bench" / "layer_parallel" / "bench.json"
+    if path.exists():
+        rows.append(_layer_parallel_headline(json.loads(path.read_text())))
     path = results / "kschedule" / "summary.json"
     if path.exists():
         tasks = json.loads(path.read_text())["summary"]
@@ -476,6 +479,25 @@ def headline(results: Path) -> str:
     head = ["setting (2-core CPU)", "Highway k = 0: vs torch.nn / vs our exact BPTT",
             "k = 1", "file"]
     return "\n".join(_table(head, rows))
+
+
+def _layer_parallel_headline(d: dict[str, Any]) -> list[str]:
+    """The README row of the layer-parallel bench: Highway(k) on 2 processes, one
+    micro-batch, against the fastest exact schedule measured on the same 2 processes."""
+    two = [r for r in d["measured"] if r["ranks"] == 2]
+    exact = [r for r in two if r["config"]["method"] == "exact"]
+    if not exact:
+        return ["Layer-parallel, 2 processes", "-", "-",
+                "`results/bench/layer_parallel/bench.json`"]
+    best = min(exact, key=lambda r: r["step_s"])
+    cells = []
+    for k in (0, 1):
+        hw = [r for r in two if r["label"] == f"highway(k={k}) distributed M=1"]
+        cells.append(f"{_x(best['step_s'] / hw[0]['step_s'])} vs best exact pipeline "
+                     f"({best['label']})" if hw else "-")
+    st = d["stack"]
+    return [f"Layer-parallel, 2 processes x 1 thread, residual MLP L={st['depth']}", *cells,
+            "`results/bench/layer_parallel/bench.json`"]
 
 
 def splice(readme: str, block: str, begin: str = README_BEGIN, end: str = README_END) -> str:
