@@ -43,7 +43,7 @@ def data():
 
 def train(ctx) -> dict:
     stem, chain, head = build()
-    loss_fn = lambda h, y: nn.functional.cross_entropy(head(h), y)  # noqa: E731
+    loss_fn = lambda h, y: nn.functional.cross_entropy(head(h), y)
     pipe = HighwayPipeline(chain, ctx.world, ctx.rank, hbp.Highway(k=1), loss_fn)
     params = pipe.parameters() + list(stem.parameters() if pipe.is_first else []) + list(
         head.parameters() if pipe.is_last else [])

@@ -2,9 +2,10 @@
 
 Each spawned job runs many configurations in one process group (a spawn costs seconds on a
 loaded machine): K identity / scaled / diagonal (ReLU, gated) / a shape-changing
-LinearShortcut, both scan strategies, per-layer losses, 1 and 3 micro-batches, Highway(k),
-Highway(L) (= autograd), FixedPoint(k) and Exact(); the test process computes the
-single-process references (float64, 1e-10).
+LinearShortcut and a ModuleShortcut (projection + ReLU), every scan strategy, per-layer
+losses, 1 and 3 micro-batches, Highway(k), Highway(L) (= autograd), adaptive Highway with
+each fallback, FixedPoint(k) and Exact(), recompute False and True; the test process
+computes the single-process references (float64, 1e-10).
 """
 
 from __future__ import annotations
@@ -54,9 +55,11 @@ def build_chain(kind: str, seed: int = 0) -> hbp.ResidualChain:
     layers = []
     width = WIDTH
     for i in range(LAYERS):
-        if kind == "linear" and i == 2:  # one shape-changing layer in the middle
+        if kind in ("linear", "module") and i == 2:  # one shape-changing layer
             block = nn.Sequential(nn.Linear(width, width + 2), nn.Tanh())
-            layers.append(hbp.ResidualLayer(block, hbp.LinearShortcut(_pad, _unpad)))
+            shortcut = (hbp.LinearShortcut(_pad, _unpad) if kind == "linear" else
+                        hbp.ModuleShortcut(nn.Linear(width, width + 2), relu=True))
+            layers.append(hbp.ResidualLayer(block, shortcut))
             width += 2
             continue
         if kind == "gated":
@@ -64,7 +67,8 @@ def build_chain(kind: str, seed: int = 0) -> hbp.ResidualChain:
             continue
         block = nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width))
         residual = {"identity": hbp.Identity(), "scaled": hbp.Scaled(0.7),
-                    "relu": hbp.ReLUResidual(), "linear": hbp.Identity()}[kind]
+                    "relu": hbp.ReLUResidual(), "linear": hbp.Identity(),
+                    "module": hbp.Scaled(0.9)}[kind]
         layers.append(hbp.ResidualLayer(block, residual))
     return hbp.ResidualChain(layers).double()
 
@@ -82,7 +86,7 @@ STATE_LOSS_AT = (2, 3, 5)  # h_2, h_3, h_5: owned by different ranks for P = 2, 
 
 def data(kind: str, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
-    out_width = WIDTH + (2 if kind == "linear" else 0)
+    out_width = WIDTH + (2 if kind in ("linear", "module") else 0)
     x = torch.randn(BATCH, WIDTH, generator=g, dtype=torch.float64)
     y = torch.randn(BATCH, out_width, generator=g, dtype=torch.float64)
     return x, y
@@ -93,8 +97,9 @@ TRACED = ("relu", "centralized", 3)  # with highway:k=1: the traced configuratio
 
 def configs():
     out = []
-    for kind in ("identity", "scaled", "relu", "gated", "linear"):
-        scans = ("sequential",) if kind == "linear" else ("distributed", "centralized")
+    for kind in ("identity", "scaled", "relu", "gated", "linear", "module"):
+        scans = (("sequential",) if kind in ("linear", "module")
+                 else ("distributed", "centralized"))
         for scan in scans:
             for m in (1, 3):
                 out.append((kind, scan, m, "highway:k=2"))
@@ -103,6 +108,12 @@ def configs():
             ("gated", "distributed", 1, f"highway:k={LAYERS}"),
             ("relu", "distributed", 3, "fixedpoint:k=2"),
             ("linear", "sequential", 1, "fixedpoint:k=3"),
+            ("relu", "distributed", 3, "highway:k=2+recompute"),
+            ("linear", "sequential", 1, "fixedpoint:k=2+recompute"),
+            ("gated", "distributed", 1, "highway:tol=0.1,max_k=6"),
+            ("relu", "centralized", 1, "highway:tol=1e-30,max_k=2,fallback=exact"),
+            ("scaled", "distributed", 1, "highway:tol=1e-30,max_k=3,fallback=best"),
+            ("linear", "sequential", 1, "highway:tol=1e-30,max_k=2,fallback=last"),
             ("gated", "distributed", 3, "exact"),
             ("linear", "sequential", 1, "exact")]
     return out
@@ -114,12 +125,13 @@ def run_configs(ctx):
     results = {}
     for kind, scan, m, method_text in configs():
         chain = build_chain(kind)
-        method = hbp.method_from_string(method_text)
+        method = hbp.method_from_string(method_text.split("+")[0])
         tracer = Tracer(ctx.rank, ctx.world) if (kind, scan, m) == TRACED else None
         pipe = HighwayPipeline(
             chain, ctx.world, ctx.rank, method, final_loss,
             state_losses={i: state_loss for i in STATE_LOSS_AT},
             scan=scan, num_microbatches=m, timeout=ctx.timeout, trace=tracer,
+            recompute=method_text.endswith("+recompute"),
         )
         x, y = data(kind)
         x = x.requires_grad_(True)
@@ -135,7 +147,8 @@ def run_configs(ctx):
         names = {id(p): n for n, p in chain.named_parameters()}
         grads = {names[id(p)]: p.grad.clone() for p in pipe.parameters() if p.grad is not None}
         results[(kind, scan, m, method_text)] = (
-            grads, x.grad.clone() if pipe.is_first else None, losses)
+            grads, x.grad.clone() if pipe.is_first else None, losses,
+            pipe.last_diagnostics)
         if tracer is not None:
             results["trace"] = tracer.to_dict()
     return results
@@ -145,7 +158,7 @@ def reference(kind: str, method_text: str, m: int):
     """Single-process chain, per micro-batch losses summed (layers are per-sample, so this
     equals the full batch with sum losses), two backward calls (accumulation)."""
     chain = build_chain(kind)
-    chain.method = hbp.method_from_string(method_text)
+    chain.method = hbp.method_from_string(method_text.split("+")[0])
     x, y = data(kind)
     x = x.requires_grad_(True)
     states = (*STATE_LOSS_AT, LAYERS)
@@ -156,7 +169,8 @@ def reference(kind: str, method_text: str, m: int):
             loss = final_loss(hs[-1], ym) + sum(state_loss(h, None) for h in hs[:-1])
             loss.backward()
             total = float(loss.detach())
-    return dict((n, p.grad) for n, p in chain.named_parameters()), x.grad, total
+    grads = dict((n, p.grad) for n, p in chain.named_parameters())
+    return grads, x.grad, total, chain.last_diagnostics
 
 
 def autograd_reference(kind: str):
@@ -183,7 +197,13 @@ def check(world: int, results: list[dict]) -> None:
         grads = {}
         for r in results:
             grads.update(r[cfg][0])
-        ref_grads, ref_x, ref_loss = reference(kind, method_text, m)
+        ref_grads, ref_x, ref_loss, ref_diag = reference(kind, method_text, m)
+        if "tol=" in method_text:  # the same stopping decisions as the single process
+            for r in results:
+                diag = r[cfg][3]
+                assert (diag.iterations, diag.stop_reason, diag.fallback) == (
+                    ref_diag.iterations, ref_diag.stop_reason, ref_diag.fallback), cfg
+                assert diag.step_norms == pytest.approx(ref_diag.step_norms, rel=1e-9)
         assert set(grads) == {n for n, g in ref_grads.items() if g is not None}, cfg
         for name, g in grads.items():
             _close(g, ref_grads[name], f"{cfg} P={world} {name}")
@@ -246,7 +266,7 @@ def test_single_stage_runs_without_a_process_group():
     x.requires_grad_(True)
     pipe.step(x, target=y)
     pipe.step(x, target=y)
-    ref_grads, ref_x, _ = reference("relu", "highway:k=2", 1)
+    ref_grads, ref_x, _, _ = reference("relu", "highway:k=2", 1)
     for name, p in chain.named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[name], rtol=0, atol=1e-10)
     torch.testing.assert_close(x.grad, ref_x, rtol=0, atol=1e-10)

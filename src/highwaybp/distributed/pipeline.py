@@ -31,6 +31,7 @@ the full-batch mean's gradient: divide, or use reduction="sum").
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
 
@@ -39,11 +40,20 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from highwaybp.core.backends.loop import LoopVJP
-from highwaybp.core.chain import ResidualChain, _check_layer, _check_layer_hooks, _unaliased
+from highwaybp.core.chain import (
+    ResidualChain,
+    _apply_layer,
+    _check_input,
+    _check_layer,
+    _check_layer_hooks,
+    _unaliased,
+)
+from highwaybp.core.iteration import Diagnostics, StopRule
 from highwaybp.core.methods import Method, check_method
+from highwaybp.core.replay import ForwardState, capture_forward_state
 from highwaybp.distributed import dscan
 from highwaybp.distributed.trace import NullTracer, Tracer
-from highwaybp.distributed.transport import Link
+from highwaybp.distributed.transport import Link, TransportError
 
 # Message tags beyond the transport's own (1..3: header, activation, DDG error).
 _TAG_SCAN = 4  # scan carries
@@ -59,17 +69,44 @@ def set_heartbeat(fn: Optional[Callable[[], None]]) -> None:
     _heartbeat = fn
 
 
-def balanced_boundaries(num_layers: int, num_stages: int) -> list[int]:
-    """Stage s holds layers boundaries[s]+1 .. boundaries[s+1] (1-based): equal counts, the
-    first num_layers % num_stages stages one more."""
+def balanced_boundaries(num_layers: int, num_stages: int,
+                        costs: Sequence[float] | None = None) -> list[int]:
+    """Stage s holds layers boundaries[s]+1 .. boundaries[s+1] (1-based).
+
+    Without `costs`: equal layer counts, the first num_layers % num_stages stages one more.
+    With `costs` (one number per layer, e.g. each layer's measured forward + backward time):
+    the contiguous split that minimizes the largest stage cost (ties: the earliest cuts).
+    """
     if not 1 <= num_stages <= num_layers:
         raise ValueError(f"num_stages must be in 1..{num_layers} (one layer per stage at "
                          f"least), got {num_stages}")
-    base, extra = divmod(num_layers, num_stages)
-    out = [0]
-    for s in range(num_stages):
-        out.append(out[-1] + base + (1 if s < extra else 0))
-    return out
+    if costs is None:
+        base, extra = divmod(num_layers, num_stages)
+        out = [0]
+        for s in range(num_stages):
+            out.append(out[-1] + base + (1 if s < extra else 0))
+        return out
+    costs = [float(c) for c in costs]
+    if len(costs) != num_layers or any(not (c >= 0 and math.isfinite(c)) for c in costs):
+        raise ValueError(f"costs must be {num_layers} finite numbers >= 0, got {costs}")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    # best[s][i]: the smallest largest-stage cost splitting the first i layers in s stages.
+    inf = math.inf
+    best = [[inf] * (num_layers + 1) for _ in range(num_stages + 1)]
+    cut = [[0] * (num_layers + 1) for _ in range(num_stages + 1)]
+    best[0][0] = 0.0
+    for s in range(1, num_stages + 1):
+        for i in range(s, num_layers - (num_stages - s) + 1):
+            for j in range(s - 1, i):
+                value = max(best[s - 1][j], prefix[i] - prefix[j])
+                if value < best[s][i]:
+                    best[s][i], cut[s][i] = value, j
+    out = [num_layers]
+    for s in range(num_stages, 0, -1):
+        out.append(cut[s][out[-1]])
+    return out[::-1]
 
 
 class _Comm:
@@ -111,8 +148,10 @@ class HighwayPipeline:
             uses only its own layers (the chain's method/scan/vjp settings do not apply).
         num_stages: P, the number of ranks (the default process group's world size).
         stage_index: this rank (must equal `dist.get_rank()` when P > 1).
-        method: `Highway(k)`, `FixedPoint(k)` or `Exact()` (default: the chain's method).
-            Adaptive `Highway(tol=...)` is refused (see below).
+        method: `Highway(k)`, `Highway(tol=, max_k=, fallback=)`, `FixedPoint(k)` or
+            `Exact()` (default: the chain's method). The adaptive form's relative step is
+            global: one all-reduce of two numbers per iteration; its "exact" fallback runs
+            exact backprop through the kept graphs, rank to rank.
         loss_fn: `loss_fn(h_L, target) -> scalar` on the last stage; target is what the
             last stage passed to `step(target=...)` (split into micro-batches), or None.
             Any module it uses (a head) gets its gradient there, as with loss.backward().
@@ -126,13 +165,19 @@ class HighwayPipeline:
         num_microbatches: M; the first stage's x (and targets) are split along dim 0 into M
             equal micro-batches (the batch must divide by M).
         boundaries: P+1 increasing layer counts [0, b_1, ..., L]: stage s holds layers
-            b_s+1..b_{s+1}. Default: `balanced_boundaries` (equal layer counts).
-        recompute: must be False: the forward keeps each layer's graph (as pipeline
-            schedules keep activations); re-running layers in the backward is not implemented.
+            b_s+1..b_{s+1}. Default: `balanced_boundaries(L, P)` (equal layer counts;
+            `balanced_boundaries(L, P, costs)` balances measured per-layer costs).
+        recompute: False (default): the forward keeps each layer's graph (as pipeline
+            schedules keep activations) and the input VJPs reuse it. True (Highway and
+            FixedPoint only): the forward keeps only each layer's input (and RNG state for
+            dropout) and the backward re-runs every layer once under autograd, as the
+            single-process chain does by default (less memory, one more forward).
         trace: a `Tracer` to record per-phase timings into (`highwaybp.distributed.trace`).
         timeout: seconds any wait for another rank may take before a `TransportError`.
 
-    After `step()`, `last_iterations` is the number of iterations run (min(k, L)).
+    After `step()`, `last_iterations` is the number of iterations run (at most min(k, L))
+    and `last_diagnostics` the `Diagnostics` of the stopping rule (step norms: adaptive
+    methods only, as they are the only ones that compute them).
     """
 
     def __init__(
@@ -159,28 +204,11 @@ class HighwayPipeline:
             raise ValueError(f"num_stages must be an int >= 1, got {num_stages!r}")
         if not (isinstance(stage_index, int) and 0 <= stage_index < num_stages):
             raise ValueError(f"stage_index must be in 0..{num_stages - 1}, got {stage_index!r}")
-        if num_stages > 1:
-            if not dist.is_initialized():
-                raise RuntimeError(
-                    "HighwayPipeline with num_stages > 1 needs torch.distributed initialized "
-                    "(dist.init_process_group, e.g. under torchrun, or use "
-                    "highwaybp.distributed.spawn)")
-            if dist.get_world_size() != num_stages or dist.get_rank() != stage_index:
-                raise ValueError(
-                    f"one stage per rank: num_stages={num_stages}, stage_index={stage_index} "
-                    f"but this process is rank {dist.get_rank()} of {dist.get_world_size()}")
         self.method = check_method(chain.method if method is None else method)
-        if not self.method.exact and self.method.adaptive:
-            raise ValueError(
-                f"HighwayPipeline runs a fixed number of iterations; {self.method!r} would need "
-                "a global step norm (an all-reduce over ranks) every iteration, which is not "
-                "implemented. Use Highway(k=...) (e.g. k = the k the adaptive method settles "
-                "on in single-process runs).")
-        if recompute:
+        if recompute and self.method.exact:
             raise NotImplementedError(
-                "HighwayPipeline(recompute=True) is not implemented: the pipeline keeps each "
-                "layer's forward graph (recompute=False, the memory of a pipeline schedule "
-                "of backprop). Pass recompute=False.")
+                "HighwayPipeline(recompute=True) with Exact() (activation checkpointing of a "
+                "stage) is not implemented; pass recompute=False for the exact baseline.")
         if boundaries is None:
             boundaries = balanced_boundaries(num_layers, num_stages)
         boundaries = [int(b) for b in boundaries]
@@ -212,14 +240,25 @@ class HighwayPipeline:
         self.num_microbatches = num_microbatches
         self.tracer: Tracer = trace if trace is not None else NullTracer(stage_index, num_stages)
         self.timeout = float(timeout)
-        params = {id(p): p for layer in self.layers for p in layer.parameters()}
-        self.params = [p for p in params.values() if p.requires_grad]
-        device = self.params[0].device if self.params else torch.device("cpu")
+        self.recompute = bool(recompute)
+        first_param = next(iter(self.module.parameters()), None)
+        device = first_param.device if first_param is not None else torch.device("cpu")
+        if num_stages > 1:  # the arguments are checked first, then the environment
+            if not dist.is_initialized():
+                raise RuntimeError(
+                    "HighwayPipeline with num_stages > 1 needs torch.distributed initialized "
+                    "(dist.init_process_group, e.g. under torchrun, or use "
+                    "highwaybp.distributed.spawn)")
+            if dist.get_world_size() != num_stages or dist.get_rank() != stage_index:
+                raise ValueError(
+                    f"one stage per rank: num_stages={num_stages}, stage_index={stage_index} "
+                    f"but this process is rank {dist.get_rank()} of {dist.get_world_size()}")
         self.link = Link(stage_index, num_stages, self.timeout, device, label="HighwayPipeline")
         self.comm = _Comm(self)
         self.step_index = 0
         self._iteration: Optional[int] = None
         self.last_iterations = 0
+        self.last_diagnostics: Optional[Diagnostics] = None
 
     # ------------------------------------------------------------------ configuration
 
@@ -266,6 +305,11 @@ class HighwayPipeline:
         return list(self.params)
 
     @property
+    def params(self) -> list[Tensor]:
+        """This stage's parameters requiring grad now (once each, tied ones included)."""
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    @property
     def module(self) -> nn.ModuleList:
         """This stage's layers as a ModuleList (e.g. for state_dict or train/eval)."""
         return nn.ModuleList(self.layers)
@@ -283,6 +327,8 @@ class HighwayPipeline:
         """
         if self.is_first and x is None:
             raise ValueError("the first stage's step needs the chain input: pipe.step(x)")
+        if x is not None:
+            _check_input(x)
         if not self.is_first and x is not None:
             raise ValueError(f"stage {self.stage_index} is not the first stage: call "
                              "pipe.step() without x (pass target=... if it owns a loss)")
@@ -374,10 +420,12 @@ class HighwayPipeline:
     def _step_exact(self, x: Tensor | None, xs: list, targets: list) -> Optional[Tensor]:
         step = self.step_index
         leaves, outputs, grads, values = [], [], [], []
+        # dLoss/d(input) is needed to send on, or for an x that requires grad.
+        need_input = not self.is_first or (x is not None and x.requires_grad)
         for m, xm in enumerate(xs):
             h = self._receive_input(m) if not self.is_first else xm.detach()
             with self.tracer.phase("forward", step, m):
-                leaf = h.requires_grad_(True)
+                leaf = h.requires_grad_(need_input)
                 states = []
                 with torch.enable_grad():
                     for layer in self.layers:
@@ -392,27 +440,31 @@ class HighwayPipeline:
             values.extend(v)
         input_grads = []
         n = len(self.layers)
+        params = self.params
         for m in range(len(xs)):
             self._iteration = m
             top = outputs[m][-1]
             if not self.is_last:
-                (incoming,) = self.comm.recv(self.stage_index + 1, [top], "an error", tag=_TAG_GRAD)
+                (incoming,) = self.comm.recv(self.stage_index + 1, [top], "an error",
+                                             tag=_TAG_GRAD)
                 grads[m][n] = incoming if n not in grads[m] else grads[m][n] + incoming
             with self.tracer.phase("sweep", step, m):
-                entries = sorted(grads[m])
+                entries = [e for e in sorted(grads[m]) if outputs[m][e - 1].requires_grad]
                 tensors = [outputs[m][e - 1] for e in entries]
-                inputs = [leaves[m], *self.params]
-                if tensors:
+                inputs = [leaves[m]] if need_input else []
+                if tensors and (inputs or params):
                     torch.autograd.backward(tensors, [grads[m][e] for e in entries],
-                                            inputs=inputs)
-                g_in = leaves[m].grad if leaves[m].grad is not None else torch.zeros_like(
-                    leaves[m])
+                                            inputs=[*inputs, *params])
+                g_in = leaves[m].grad
+                if need_input and g_in is None:
+                    g_in = torch.zeros_like(leaves[m])
             outputs[m] = []  # free the graph's outputs as soon as possible
             if not self.is_first:
                 self.comm.send(self.stage_index - 1, [g_in], "an error", tag=_TAG_GRAD)
             else:
                 input_grads.append(g_in)
         self.last_iterations = 0
+        self.last_diagnostics = Diagnostics(method=repr(self.method), stop_reason="exact")
         if self.is_first:
             self._push_input_grad(x, input_grads)
         return self._total(values)
@@ -425,6 +477,7 @@ class HighwayPipeline:
         for i, layer in enumerate(self.layers):
             _check_layer_hooks(self.first_layer + i, layer)
         backend = LoopVJP([])
+        saved: list[tuple[Tensor, ForwardState]] = []  # recompute=True: (input, state)
         g0: list[list[Tensor]] = []  # per micro-batch: entries 0..n of dLoss_i/dh_i
         values: list[Tensor] = []
         for m, xm in enumerate(xs):
@@ -432,41 +485,52 @@ class HighwayPipeline:
             with self.tracer.phase("forward", step, m):
                 outs = []
                 for i, layer in enumerate(self.layers):
-                    try:
-                        h = backend.record(layer, h).detach()
-                    except RuntimeError as err:
-                        if "leaf Variable" not in str(err):
-                            raise
-                        raise RuntimeError(
-                            f"layer {self.first_layer + i + 1} modified its input in place "
-                            "(e.g. ReLU(inplace=True) as the block's first op); use "
-                            "inplace=False there") from err
+                    if self.recompute:
+                        saved.append((h, capture_forward_state(
+                            h, self.chain.preserve_rng_state, layer)))
+                        with torch.no_grad():
+                            h = _apply_layer(self.first_layer + i, layer, h)
+                    else:
+                        h = self._record(backend, i, layer, h)
                     outs.append(h)
             if not self.is_last:
                 self._send_output(h, m)
             grads, v = self._state_loss_grads(outs, targets[m], m)
             values.extend(v)
-            entries = [torch.zeros_like(backend.xs[m * n])]
+            inputs = saved[m * n][0] if self.recompute else backend.xs[m * n]
+            entries = [torch.zeros_like(inputs)]
             entries += [grads[e] if e in grads else torch.zeros_like(outs[e - 1])
                         for e in range(1, n + 1)]
             g0.append(entries)
-        method = self.method
-        iterations = min(method.iteration_bound, self.num_layers)
-        if method.keeps_residual:
-            w = self._highway(backend, g0, iterations)
-        else:
-            w = self._fixed_point(backend, g0, iterations)
-        self.last_iterations = iterations
+        if self.recompute:
+            with self.tracer.phase("rerun", step):
+                backend = LoopVJP(self.layers * len(xs), [h for h, _ in saved],
+                                  [state for _, state in saved])
+            del saved
+        w = self._iterate(backend, g0)
         self._iteration = None
         with self.tracer.phase("param", step):
             ws = [w[m][e] for m in range(len(xs)) for e in range(1, n + 1)]
-            grads = backend.param_vjps(ws, self.params)
-            pairs = [(p, g) for p, g in zip(self.params, grads) if g is not None]
+            params = self.params
+            grads = backend.param_vjps(ws, params)
+            pairs = [(p, g) for p, g in zip(params, grads) if g is not None]
             if pairs:  # into .grad through AccumulateGrad: hooks run once, as in autograd
                 torch.autograd.backward([p for p, _ in pairs], [g for _, g in pairs])
         if self.is_first:
             self._push_input_grad(x, [w[m][0] for m in range(len(xs))])
         return self._total(values)
+
+    def _record(self, backend: LoopVJP, i: int, layer: nn.Module, h: Tensor) -> Tensor:
+        """The forward of one layer, keeping its graph (recompute=False)."""
+        try:
+            return backend.record(layer, h).detach()
+        except RuntimeError as err:
+            if "leaf Variable" not in str(err):
+                raise
+            raise RuntimeError(
+                f"layer {self.first_layer + i + 1} modified its input in place (e.g. "
+                "ReLU(inplace=True) as the block's first op); use inplace=False there"
+            ) from err
 
     def _sweep(self, backend: LoopVJP, w: list[list[Tensor]], j: int, full: bool
                ) -> list[list[Tensor]]:
@@ -488,49 +552,114 @@ class HighwayPipeline:
                 out.append([*row, torch.zeros_like(w[m][n])])
         return out
 
-    def _fixed_point(self, backend: LoopVJP, g0: list[list[Tensor]], iterations: int
-                     ) -> list[list[Tensor]]:
-        n = len(self.layers)
-        w = g0
-        for j in range(1, iterations + 1):
+    def _iterate(self, backend: LoopVJP, g0: list[list[Tensor]]) -> list[list[Tensor]]:
+        """w^k per micro-batch (entries 0..n) by the method's iteration; `core.iteration`'s
+        StopRule decides how many iterations run and what an adaptive method returns."""
+        method, n, mb = self.method, len(self.layers), len(g0)
+        rule = StopRule(method, self.num_layers)
+        g_exact = None
+        if rule.adaptive and method.fallback == "exact":
+            g_exact = [[t.clone() for t in row] for row in g0]
+        kmaps = coeffs = None
+        if method.keeps_residual:
+            ctx = backend.contexts
+            kmaps = [[self._k_map(i, ctx[m * n + i]) for i in range(n)] for m in range(mb)]
+            if self.scan != "sequential":
+                coeffs = [[self.layers[i].residual.coefficient(ctx[m * n + i])
+                           for i in range(n)] for m in range(mb)]
+            self._iteration = 0
+            w0 = self._scan(g0, kmaps, coeffs, 0)
+        else:
+            w0 = g0  # K = 0: w^0 is the loss gradients themselves
+        w = best = w0
+        owned = range(0 if self.is_first else 1, n + 1)  # entry 0 of a later stage is not
+        for j in rule.iterations():                      # its state (and may be in flight)
             self._iteration = j
-            v = self._sweep(backend, w, j, full=True)
-            if not self.is_first:
-                self.comm.send(self.stage_index - 1, [row[0] for row in v], "a VJP", tag=_TAG_GRAD)
-            if not self.is_last:
-                got = self.comm.recv(self.stage_index + 1, [row[n] for row in v], "a VJP",
-                                     tag=_TAG_GRAD)
-                for row, t in zip(v, got):
-                    row[n] = t
-            for row, g in zip(v, g0):
-                # Entry 0 of a later stage is not its state (and may still be in flight).
-                for e in range(0 if self.is_first else 1, n + 1):
-                    row[e].add_(g[e])
-            w = v
+            if method.keeps_residual:
+                u = self._scan(self._sweep(backend, w, j, full=False), kmaps, coeffs, j)
+            else:
+                u = self._exchange_first_vjp(self._sweep(backend, w, j, full=True))
+            for row, base in zip(u, w0):
+                for e in owned:
+                    row[e].add_(base[e])
+            if rule.adaptive:
+                step = self._global_step(u, w, owned)
+                if rule.record(j, step):
+                    best = u
+            else:
+                step = 0.0
+                rule.diag.iterations = j
+            w = u
+            if rule.should_stop(j, step):
+                break
+        self.last_diagnostics = diag = rule.finish()
+        if diag.fallback == "best":
+            w = best
+        elif diag.fallback == "exact":
+            w = self._exact_sweep(backend, g_exact)
+        self.last_iterations = diag.iterations
         return w
 
-    def _highway(self, backend: LoopVJP, g0: list[list[Tensor]], iterations: int
-                 ) -> list[list[Tensor]]:
+    def _exchange_first_vjp(self, v: list[list[Tensor]]) -> list[list[Tensor]]:
+        """FixedPoint: the VJP of this stage's first layer goes to the previous stage's last
+        state; the next stage's arrives into entry n."""
         n = len(self.layers)
-        mb = len(g0)
-        ctx = backend.contexts
-        kmaps = [[self._k_map(i, ctx[m * n + i]) for i in range(n)] for m in range(mb)]
-        coeffs = None
-        if self.scan != "sequential":
-            coeffs = [[self.layers[i].residual.coefficient(ctx[m * n + i]) for i in range(n)]
-                      for m in range(mb)]
-        self._iteration = 0
-        w0 = self._scan(g0, kmaps, coeffs, 0)
-        w = w0
-        for j in range(1, iterations + 1):
-            self._iteration = j
-            u = self._scan(self._sweep(backend, w, j, full=False), kmaps, coeffs, j)
-            for row, base in zip(u, w0):
-                # Entry 0 of a later stage is not its state (and may still be in flight).
-                for e in range(0 if self.is_first else 1, n + 1):
-                    row[e].add_(base[e])
-            w = u
-        return w
+        if not self.is_first:
+            self.comm.send(self.stage_index - 1, [row[0] for row in v], "a VJP", tag=_TAG_GRAD)
+        if not self.is_last:
+            got = self.comm.recv(self.stage_index + 1, [row[n] for row in v], "a VJP",
+                                 tag=_TAG_GRAD)
+            for row, t in zip(v, got):
+                row[n] = t
+        return v
+
+    def _global_step(self, new: list[list[Tensor]], old: list[list[Tensor]],
+                     owned: range) -> float:
+        """||w_new - w|| / ||w_new|| over all states of all ranks (an all-reduce), as
+        core.iteration's relative step."""
+        diff = sum(float(torch.sum((a[e] - b[e]) ** 2)) for a, b in zip(new, old) for e in owned)
+        norm = sum(float(torch.sum(a[e] ** 2)) for a in new for e in owned)
+        if self.num_stages > 1:
+            t = torch.tensor([diff, norm], dtype=torch.float64, device=self.link.device)
+            with self.tracer.phase("comm", self.step_index, self._iteration,
+                                   kind="allreduce") as ev:
+                ev["bytes"] = 16
+                try:
+                    work = dist.all_reduce(t, async_op=True)
+                    if not work.wait(self.link.timeout):
+                        raise TimeoutError("all-reduce did not complete")
+                except Exception as err:
+                    raise TransportError(
+                        f"HighwayPipeline rank {self.stage_index}/{self.num_stages}: the "
+                        f"all-reduce of the step norm failed at step {self.step_index} "
+                        f"(timeout {self.timeout:.0f}s): {type(err).__name__}: {err}. A peer "
+                        "died, raised or is stuck; every rank stops.") from err
+            if _heartbeat is not None:
+                _heartbeat()
+            diff, norm = (float(v) for v in t.tolist())
+        diff, norm = math.sqrt(diff), math.sqrt(norm)
+        return 0.0 if diff == 0.0 else diff / max(norm, 1e-300)
+
+    def _exact_sweep(self, backend: LoopVJP, g: list[list[Tensor]]) -> list[list[Tensor]]:
+        """Exact backprop through the recorded graphs, rank to rank from the top (the
+        adaptive method's "exact" fallback): w_i = g_i + w_{i+1} (J_{i+1} + K_{i+1})."""
+        n = len(self.layers)
+        if not self.is_last:
+            got = self.comm.recv(self.stage_index + 1, [row[n] for row in g],
+                                 "an exact gradient", tag=_TAG_GRAD)
+            for row, t in zip(g, got):
+                row[n] = row[n] + t
+        with self.tracer.phase("sweep", self.step_index, None):
+            for m, row in enumerate(g):
+                for i in range(n - 1, -1, -1):
+                    k = m * n + i
+                    through = backend.layer_block_vjp(k + 1, row[i + 1]) + self.layers[
+                        i].residual.apply_kt(row[i + 1], backend.contexts[k])
+                    row[i] = row[i] + through
+        if not self.is_first:
+            self.comm.send(self.stage_index - 1, [row[0] for row in g], "an exact gradient",
+                           tag=_TAG_GRAD)
+        return g
 
     def _k_map(self, i: int, context: Any) -> Callable[[Tensor], Tensor] | None:
         residual = self.layers[i].residual

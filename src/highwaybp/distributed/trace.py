@@ -21,13 +21,15 @@ A merged trace is {"world": P, "ranks": [per-rank dicts as above]}.
     "step"     the whole `step()` call (the envelope of the others);
     "forward"  the forward of one micro-batch (iteration = micro-batch index);
     "loss"     loss_fn / state losses and their gradients (iteration = micro-batch);
-    "rerun"    re-running layers under autograd in the backward (recompute=True only);
+    "rerun"    re-running the layers under autograd before the first sweep (recompute=True);
     "sweep"    one sweep of input VJPs over this rank's layers (iteration = j, 1-based;
                FixedPoint: the full layer VJPs; Exact: the one backward per micro-batch,
-               inputs and parameters together, iteration = micro-batch);
+               inputs and parameters together, iteration = micro-batch; an adaptive
+               method's exact fallback: iteration null);
     "scan"     local scan work of a scan (iteration = 0 for w^0, j for sweep j);
     "comm"     a send (kind "send": posting it) or a wait for a message (kind "recv"),
-               with the peer rank; waiting for a late peer is counted here;
+               with the peer rank; waiting for a late peer is counted here; kind
+               "allreduce" (peer null): an adaptive method's global step norm;
     "param"    the parameter sweep (and the input gradient pushed into x's producer);
     "idle"     gaps between the events above inside a step (Python overhead, bookkeeping).
 """
@@ -76,9 +78,14 @@ class Tracer:
 
     def fill_idle(self, step: int) -> None:
         """Add "idle" events for the gaps between this step's top-level events."""
-        inner = sorted((e for e in self.events if e["step"] == step and e["phase"] != "step"),
-                       key=lambda e: e["start"])
-        envelope = [e for e in self.events if e["step"] == step and e["phase"] == "step"]
+        # A step's events are the last ones appended (no scan of earlier steps' events).
+        mine = []
+        for e in reversed(self.events):
+            if e["step"] != step:
+                break
+            mine.append(e)
+        inner = sorted((e for e in mine if e["phase"] != "step"), key=lambda e: e["start"])
+        envelope = [e for e in mine if e["phase"] == "step"]
         if not envelope:
             return
         t = envelope[0]["start"]
