@@ -111,6 +111,7 @@ def test_quick_bench_end_to_end(tmp_path):
     for expect in [(1, "exact-sequential M=1"), (2, "exact-sequential M=1"),
                    (2, "highway(k=0) distributed M=1"), (2, "highway(k=1) distributed M=1"),
                    (2, "highway(k=1) centralized M=1"), (2, "fixedpoint(k=1) M=1"),
+                   (2, "highway(k=1) distributed rerun M=1"),
                    (2, "exact-gpipe M=2"), (2, "exact-1f1b M=2"), (2, "exact-zbv M=2")]:
         assert expect in labels
     for r in report["measured"]:

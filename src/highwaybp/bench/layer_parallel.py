@@ -8,7 +8,9 @@ of exact backprop, measured on this machine and predicted by the cost model.
 2. The link: a ping-pong between two local gloo processes at three message sizes, fitted
    to latency + bytes / bandwidth.
 3. The runs: for each P, P local processes with one thread each run every configuration
-   (Highway k = 0, 1, 2, FixedPoint k = 1, Exact sequential on `HighwayPipeline`; GPipe,
+   (Highway k = 0, 1, 2, Highway k = 1 re-running the forward in the backward, FixedPoint
+   k = 1, Exact sequential on `HighwayPipeline`, and Highway k = 1 with M micro-batches
+   and the centralized scan; GPipe,
    1F1B and the zero-bubble schedules of torch.distributed.pipelining on
    `highwaybp.distributed.baselines.ExactPipeline`) on the same chain, in rounds (one step
    of each configuration per round, a barrier before each step): the step time of a
@@ -94,6 +96,7 @@ class RunConfig:
     k: int = 0
     scan: str = "distributed"
     schedule: str = "gpipe"
+    recompute: bool = False
 
     @property
     def label(self) -> str:
@@ -102,11 +105,12 @@ class RunConfig:
             return f"{name} M={self.microbatches}"
         if self.method == "fixedpoint":
             return f"fixedpoint(k={self.k}) M={self.microbatches}"
-        return f"highway(k={self.k}) {self.scan} M={self.microbatches}"
+        rerun = " rerun" if self.recompute else ""
+        return f"highway(k={self.k}) {self.scan}{rerun} M={self.microbatches}"
 
     def model_config(self, ranks: int) -> cm.Config:
         return cm.Config(self.method, ranks, self.microbatches, self.k, self.schedule,
-                         self.scan, recompute=False)
+                         self.scan, recompute=self.recompute)
 
 
 def run_configs(ranks: int, ks: list[int], microbatches: list[int], depth: int,
@@ -115,6 +119,7 @@ def run_configs(ranks: int, ks: list[int], microbatches: list[int], depth: int,
     from highwaybp.distributed.baselines import SCHEDULES, check_schedule
 
     out = [RunConfig("highway", "highway", 1, k=k) for k in ks]
+    out.append(RunConfig("highway", "highway", 1, k=1, recompute=True))
     out.append(RunConfig("highway", "fixedpoint", 1, k=1))
     out.append(RunConfig("highway", "exact", 1))
     if ranks == 1:
@@ -311,7 +316,7 @@ def _rank_main(ctx: Any, stack: Stack, configs: list[RunConfig], warmup: int, ro
             scan = c.scan if P > 1 else None
             pipe = HighwayPipeline(chain, P, rank, method=method, loss_fn=loss_fn, scan=scan,
                                    num_microbatches=c.microbatches, trace=tracer,
-                                   timeout=timeout)
+                                   recompute=c.recompute, timeout=timeout)
             kwargs = {}
             if rank == 0:
                 kwargs["x"] = x
