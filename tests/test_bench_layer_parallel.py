@@ -118,8 +118,8 @@ def test_quick_bench_end_to_end(tmp_path):
         assert len(r["step_s_rounds"]) == report["rounds"]
         assert r["step_s"] == pytest.approx(statistics.median(r["step_s_rounds"]))
         assert r["busy_error_pct"] == pytest.approx(100 * (
-            max(sum(v for k, v in b.items() if k != "idle") for b in r["predicted_busy_s_per_rank"])
-            - max(r["cpu_s_per_rank"])) / max(r["cpu_s_per_rank"]))
+            max(r["predicted_cpu_s_per_rank"]) - max(r["cpu_s_per_rank"]))
+            / max(r["cpu_s_per_rank"]))
         pred = r["predicted_cpu_bound_step_s"] if r["oversubscribed"] else r["predicted_step_s"]
         assert r["error_pct"] == pytest.approx(100 * (pred - r["step_s"]) / r["step_s"])
         if r["config"]["runtime"] == "highway":  # traced: per-rank phases of the median step
@@ -142,6 +142,11 @@ def test_quick_bench_end_to_end(tmp_path):
     rank1 = n * f + msg + n * f + loss + n * s + n * vpar
     hw = by[(2, "highway(k=0) distributed M=1")]["predicted_step_s"]
     assert hw == pytest.approx(max(rank0, rank1))
+    # the CPU-clock work per rank of exact-sequential: each rank's forward and backward
+    cc = c["cpu"]
+    work = by[(2, "exact-sequential M=1")]["predicted_cpu_s_per_rank"]
+    assert work == pytest.approx([n * (cc["forward"] + cc["vjp_both"]),
+                                  n * (cc["forward"] + cc["vjp_both"]) + cc["loss"]])
     # the prediction table is there and marked as predictions
     pp = report["paper_predictions"]
     assert "PREDICTIONS" in pp["note"] and pp["rows"]

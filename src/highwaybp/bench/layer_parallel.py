@@ -150,19 +150,37 @@ def run_configs(ranks: int, ks: list[int], microbatches: list[int], depth: int,
 # ----------------------------------------------------------------------------- costs
 
 
-def _median_time(fn, repeats: int) -> float:
-    times = []
+def _clocks() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def _since(t0: tuple[float, float]) -> tuple[float, float]:
+    wall, cpu = _clocks()
+    return wall - t0[0], cpu - t0[1]
+
+
+def _medians(samples: list[tuple[float, float]], scale: float = 1.0) -> tuple[float, float]:
+    return (statistics.median(x[0] for x in samples) * scale,
+            statistics.median(x[1] for x in samples) * scale)
+
+
+def _timed(fn, repeats: int) -> list[tuple[float, float]]:
+    out = []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t0 = _clocks()
         fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        out.append(_since(t0))
+    return out
 
 
 def measure_layer_costs(stack: Stack, rows: int, repeats: int = 7, group: int = 4
-                        ) -> dict[str, float]:
+                        ) -> dict[str, Any]:
     """Per-layer costs (s) at `rows` rows, as medians over `repeats` runs of a group of
-    `group` layers (the runtime calls autograd once per group), divided by the group."""
+    `group` layers (the runtime calls autograd once per group), divided by the group.
+
+    Each cost is taken on two clocks: wall time (the model's inputs) and this process's
+    CPU time (under "cpu": what the work costs when the process has a core to itself;
+    on a loaded machine the wall time also counts waiting for one)."""
     from highwaybp.core.backends.loop import LoopVJP
 
     chain, x, _ = stack.build()
@@ -186,65 +204,62 @@ def measure_layer_costs(stack: Stack, rows: int, repeats: int = 7, group: int = 
             for layer in layers:
                 h = layer(h)
 
-    def fwd_graph():
-        h = x.detach().requires_grad_(True)
-        for layer in layers:
-            h = layer(h)
-        return h
-
     def timed_vjps():
         backend = record()
         ws = [w] * n
-        t0 = time.perf_counter()
+        t0 = _clocks()
         backend.block_vjps(ws)
-        t1 = time.perf_counter()
+        t_in = _since(t0)
+        t0 = _clocks()
         backend.param_vjps(ws, params)
-        t2 = time.perf_counter()
-        return t1 - t0, t2 - t1
+        return t_in, _since(t0)
 
     def timed_both():
         x0 = x.detach().requires_grad_(True)
         h = x0
         for layer in layers:
             h = layer(h)
-        t0 = time.perf_counter()
+        t0 = _clocks()
         torch.autograd.backward(h, w, inputs=[x0, *params])
-        return time.perf_counter() - t0
+        return _since(t0)
 
     def timed_loss():
         h = x.detach().requires_grad_(True)
-        t0 = time.perf_counter()
+        t0 = _clocks()
         value = loss_fn(h, w)
         torch.autograd.grad(value, h)
-        return time.perf_counter() - t0
+        return _since(t0)
 
     a, b = torch.randn_like(x), torch.randn_like(x)
     for _ in range(2):  # warm-up: allocator, first-call overheads
-        fwd_graph(), fwd_nograd(), timed_vjps(), timed_both(), timed_loss()
+        record(), fwd_nograd(), timed_vjps(), timed_both(), timed_loss()
     vjps = [timed_vjps() for _ in range(repeats)]
-    for p in params:
-        p.grad = None
-    out = {
-        "rows": rows,
-        "forward": _median_time(record, repeats) / n,
-        "forward_nograd": _median_time(fwd_nograd, repeats) / n,
-        "vjp_input": statistics.median(v[0] for v in vjps) / n,
-        "vjp_param": statistics.median(v[1] for v in vjps) / n,
-        "vjp_both": statistics.median(timed_both() for _ in range(repeats)) / n,
-        "scan": _median_time(lambda: a.add_(b), repeats * 4),
-        "loss": statistics.median(timed_loss() for _ in range(repeats)),
-        "state_bytes": x.numel() * x.element_size(),
+    both = [timed_both() for _ in range(repeats)]
+    losses = [timed_loss() for _ in range(repeats)]
+    costs = {
+        "forward": _medians(_timed(record, repeats), 1 / n),
+        "forward_nograd": _medians(_timed(fwd_nograd, repeats), 1 / n),
+        "vjp_input": _medians([v[0] for v in vjps], 1 / n),
+        "vjp_param": _medians([v[1] for v in vjps], 1 / n),
+        "vjp_both": _medians(both, 1 / n),
+        "scan": _medians(_timed(lambda: a.add_(b), repeats * 4)),
+        "loss": _medians(losses),
     }
     for p in params:
         p.grad = None
-    return out
+    return {"rows": rows, **{k: v[0] for k, v in costs.items()},
+            "cpu": {k: v[1] for k, v in costs.items()},
+            "state_bytes": x.numel() * x.element_size()}
 
 
-def layer_costs(measured: dict[str, float], depth: int) -> list[cm.LayerCost]:
-    """The model's per-layer costs from `measure_layer_costs` (identical layers)."""
-    return [cm.LayerCost(measured["forward"], measured["vjp_input"], measured["vjp_param"],
-                         measured["vjp_both"], forward_nograd=measured["forward_nograd"],
-                         scan=measured["scan"], state_bytes=int(measured["state_bytes"]))
+def layer_costs(measured: dict[str, Any], depth: int, clock: str = "wall"
+                ) -> list[cm.LayerCost]:
+    """The model's per-layer costs from `measure_layer_costs` (identical layers), on the
+    wall clock or (clock="cpu") the process's CPU clock."""
+    c = measured if clock == "wall" else measured["cpu"]
+    return [cm.LayerCost(c["forward"], c["vjp_input"], c["vjp_param"], c["vjp_both"],
+                         forward_nograd=c["forward_nograd"], scan=c["scan"],
+                         state_bytes=int(measured["state_bytes"]))
             for _ in range(depth)]
 
 
@@ -399,8 +414,12 @@ def predict_row(row: dict[str, Any], costs: dict[int, dict[str, float]], link: c
     timeline = cm.predict(c.model_config(ranks), layer_costs(mc, depth), link, loss=mc["loss"])
     step = timeline.step_time
     busy = timeline.busy()
-    work_per_rank = [sum(v for k, v in b.items() if k != "idle") for b in busy]
-    work = sum(work_per_rank)
+    work = sum(sum(v for k, v in b.items() if k != "idle") for b in busy)
+    # The same schedule on CPU-clock costs: each rank's modelled work, to compare with its
+    # measured CPU seconds (neither counts waiting for a core or a message).
+    cpu_timeline = cm.predict(c.model_config(ranks), layer_costs(mc, depth, "cpu"), link,
+                              loss=mc["cpu"]["loss"])
+    work_per_rank = [sum(v for k, v in b.items() if k != "idle") for b in cpu_timeline.busy()]
     cpu_bound = max(step, work / cores)
     compare = cpu_bound if row["oversubscribed"] else step
     critical = timeline.critical_phases()
@@ -412,8 +431,9 @@ def predict_row(row: dict[str, Any], costs: dict[int, dict[str, float]], link: c
         "predicted_busy_s_per_rank": [{k: v for k, v in b.items()} for b in busy],
         "predicted_critical_path": critical,
         "error_pct": 100.0 * (compare - row["step_s"]) / row["step_s"],
-        # Work alone, without waiting: the busiest rank's modelled busy time against its
-        # measured CPU seconds (readable when ranks share cores).
+        # Work alone, without waiting: the busiest rank's modelled work (CPU-clock costs)
+        # against its measured CPU seconds (readable when ranks share cores).
+        "predicted_cpu_s_per_rank": work_per_rank,
         "busy_error_pct": 100.0 * (max(work_per_rank) - max(row["cpu_s_per_rank"]))
         / max(row["cpu_s_per_rank"]),
         "compared_with": "cpu_bound" if row["oversubscribed"] else "step",
