@@ -257,9 +257,11 @@ def exact(layers: Sequence[LayerCost], num_ranks: int, microbatches: int, link: 
     warm-up forwards on rank r, then one backward one forward; the zero-bubble family
     ("interleaved-zb" one stage per rank, "interleaved-zb-2" two in a loop, "zbv" and
     "dualpipev" two stages per rank in a V)
-    splits the backward into input (I, vjp_input) and weight (W, vjp_param) parts, in the
-    order the torch schedule builds. `loss` is the cost of the loss (and its gradient) per
-    micro-batch on the last stage.
+    splits the backward into input (I, vjp_input) and weight (W) parts, in the order the
+    torch schedule builds. W costs vjp_both - vjp_input: torch's weight backward reuses the
+    gradients of the layer's intermediate nodes that I computed, so I + W is one full
+    backward (Highway's parameter sweep has no such I before it: it costs vjp_param).
+    `loss` is the cost of the loss (and its gradient) per micro-batch on the last stage.
     """
     if schedule in ("gpipe", "1f1b"):
         orders = _single_stage_orders(schedule, num_ranks, microbatches)
@@ -271,7 +273,6 @@ def exact(layers: Sequence[LayerCost], num_ranks: int, microbatches: int, link: 
     fwd = [_sum(layers, r, "forward") for r in ranges]
     both = [_sum(layers, r, "vjp_both") for r in ranges]
     vin = [_sum(layers, r, "vjp_input") for r in ranges]
-    vpar = [_sum(layers, r, "vjp_param") for r in ranges]
     out_bytes = [layers[r[1] - 1].state_bytes for r in ranges]  # stage s's output state
     ranks: list[list[Task]] = [[] for _ in range(num_ranks)]
     last = num_stages - 1
@@ -293,9 +294,9 @@ def exact(layers: Sequence[LayerCost], num_ranks: int, microbatches: int, link: 
                     deps.append((f"G{s + 1}.{m}", remote(s + 1, s, out_bytes[s])))
                 duration = both[s] if kind == "B" else vin[s]
                 phase = "backward" if kind == "B" else "sweep"
-            else:  # W
+            else:  # W: what the full backward costs beyond I (see the docstring)
                 deps.append((f"G{s}.{m}", None))
-                duration, phase = vpar[s], "param"
+                duration, phase = max(both[s] - vin[s], 0.0), "param"
             tid = f"G{s}.{m}" if kind in ("B", "I") else f"{kind}{s}.{m}"
             ranks[rank].append(Task(tid, rank, phase, duration, deps))
     return simulate(ranks, link)
