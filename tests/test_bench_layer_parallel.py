@@ -105,6 +105,7 @@ def test_quick_bench_end_to_end(tmp_path):
     assert args.func(args) == 0
     report = json.loads(out.read_text())
     assert report["bench"] == "layer_parallel"
+    assert report["command"] == f"highwaybp bench layer-parallel --quick --out {out}"
     assert (tmp_path / "lp.png").exists()
     depth = report["stack"]["depth"]
     labels = {(r["ranks"], r["label"]) for r in report["measured"]}

@@ -556,19 +556,42 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--quick", action="store_true",
                    help="tiny stack, P <= 2, 2 rounds: checks the pipeline end to end")
-    p.add_argument("--ranks", type=positive_int, nargs="+", default=[1, 2, 3, 4])
-    p.add_argument("--ks", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--microbatches", type=positive_int, nargs="+", default=[1, 4])
-    p.add_argument("--depth", type=positive_int, default=16)
-    p.add_argument("--width", type=positive_int, default=256)
-    p.add_argument("--hidden", type=positive_int, default=512)
-    p.add_argument("--rows", type=positive_int, default=512)
-    p.add_argument("--rounds", type=positive_int, default=7, help="timed rounds (median)")
-    p.add_argument("--warmup", type=positive_int, default=2, help="rounds not timed")
-    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--ranks", type=positive_int, nargs="+", default=_DEFAULTS["ranks"])
+    p.add_argument("--ks", type=int, nargs="+", default=_DEFAULTS["ks"])
+    p.add_argument("--microbatches", type=positive_int, nargs="+",
+                   default=_DEFAULTS["microbatches"])
+    p.add_argument("--depth", type=positive_int, default=_DEFAULTS["depth"])
+    p.add_argument("--width", type=positive_int, default=_DEFAULTS["width"])
+    p.add_argument("--hidden", type=positive_int, default=_DEFAULTS["hidden"])
+    p.add_argument("--rows", type=positive_int, default=_DEFAULTS["rows"])
+    p.add_argument("--rounds", type=positive_int, default=_DEFAULTS["rounds"],
+                   help="timed rounds (median)")
+    p.add_argument("--warmup", type=positive_int, default=_DEFAULTS["warmup"],
+                   help="rounds not timed")
+    p.add_argument("--timeout", type=float, default=_DEFAULTS["timeout"])
     p.add_argument("--no-paper", action="store_true", help="skip the paper-model table")
-    p.add_argument("--out", type=out_file, default=DEFAULT_OUT)
+    p.add_argument("--out", type=out_file, default=_DEFAULTS["out"])
     p.set_defaults(func=run)
+
+
+_DEFAULTS = {"ranks": [1, 2, 3, 4], "ks": [0, 1, 2], "microbatches": [1, 4], "depth": 16,
+             "width": 256, "hidden": 512, "rows": 512, "rounds": 7, "warmup": 2,
+             "timeout": 120.0, "out": DEFAULT_OUT}
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces this run (the options that differ from the defaults)."""
+    parts = ["highwaybp bench layer-parallel"]
+    if args.quick:
+        parts.append("--quick")
+    if args.no_paper:
+        parts.append("--no-paper")
+    for name, default in _DEFAULTS.items():
+        value = getattr(args, name)
+        if value != default:
+            shown = " ".join(map(str, value)) if isinstance(value, list) else value
+            parts.append(f"--{name} {shown}")
+    return " ".join(parts)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -611,8 +634,7 @@ def run(args: argparse.Namespace) -> int:
     paper = [] if args.no_paper else paper_predictions(device, paper_ranks, paper_ks, paper_mbs)
     report = {
         "bench": "layer_parallel",
-        "command": "highwaybp bench layer-parallel" + (" --quick" if args.quick else "")
-        + ("" if args.out == DEFAULT_OUT else f" --out {args.out}"),
+        "command": command_line(args),
         "stack": asdict(stack), "threads_per_rank": 1, "cpu_count": cores,
         "rounds": rounds, "warmup_rounds": warmup,
         "layer_costs": {str(m): c for m, c in costs.items()},
