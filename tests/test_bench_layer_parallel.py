@@ -164,6 +164,12 @@ def test_quick_bench_end_to_end(tmp_path):
     (results / "bench" / "layer_parallel" / "bench.json").write_text(out.read_text())
     text = render(results, root=tmp_path)
     assert "## Layer-parallel" in text and "Predictions, not measurements" in text
+    rows = report["paper_predictions"]["rows"]
+    for model in {r["model"] for r in rows}:  # every predicted win, and only those, listed
+        line = next(x for x in text.splitlines() if x.startswith(f"- {model}: "))
+        wins = sum(h["speedup_vs_best_exact"] > 1 for r in rows if r["model"] == model
+                   for h in r["highway"].values())
+        assert line.count("x)") == wins
     first = report["measured"][0]
     assert f"{1000 * first['step_s']:.1f}" in text
     block = costmodel_block(results)

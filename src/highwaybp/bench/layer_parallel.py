@@ -706,6 +706,27 @@ def format_paper(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def paper_summary(report: dict[str, Any]) -> list[str]:
+    """One line per paper model: for each k, the devices P at which Highway(k) beats the
+    best exact schedule (with the micro-batch count it uses there), or none."""
+    rows = report["paper_predictions"]["rows"]
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model]
+        parts = []
+        for k in sorted(mine[0]["highway"], key=int):
+            wins = [(r["ranks"], r["highway"][k]) for r in mine
+                    if r["highway"][k]["speedup_vs_best_exact"] > 1]
+            if wins:
+                parts.append(f"k={k} at P = " + ", ".join(
+                    f"{p} (M={h['microbatches']}, {h['speedup_vs_best_exact']:.2f}x)"
+                    for p, h in wins))
+            else:
+                parts.append(f"k={k} at no P up to {max(r['ranks'] for r in mine)}")
+        out.append(f"- {model}: " + "; ".join(parts) + ".")
+    return out
+
+
 def plot(report: dict[str, Any], path: Path) -> None:
     """Measured vs predicted step per configuration; per phase for the traced runs
     (measured critical path vs predicted critical path)."""

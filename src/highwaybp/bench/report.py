@@ -270,7 +270,7 @@ def _ddg_experiment(path: Path, d: dict[str, Any]) -> list[str]:
 
 
 def _layer_parallel(path: Path, d: dict[str, Any]) -> list[str]:
-    from highwaybp.bench.layer_parallel import format_measured, format_paper
+    from highwaybp.bench.layer_parallel import format_measured, format_paper, paper_summary
 
     st, link = d["stack"], d["link"]
     lines = [
@@ -301,6 +301,10 @@ def _layer_parallel(path: Path, d: dict[str, Any]) -> list[str]:
             "bold = Highway(k) faster than it.",
             "",
             format_paper(d),
+            "",
+            "Where Highway(k) beats the best exact schedule (predicted):",
+            "",
+            *paper_summary(d),
             "",
         ]
     return lines
