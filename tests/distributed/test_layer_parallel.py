@@ -306,3 +306,22 @@ def test_a_killed_or_stopped_rank_stops_every_rank_with_a_clear_error(how):
     if how == "stop":  # the stopped rank cannot report: the launcher names and kills it
         assert "rank 1: stopped or hung" in msg, msg
     assert time.monotonic() - start < 120.0
+
+
+def busy_single_rank(ctx, seconds: float):
+    """Spawned job: one rank (no receives at all) whose steps outlast the watchdog limit."""
+    chain = build_chain("identity")
+    pipe = HighwayPipeline(chain, 1, 0, hbp.Highway(k=1), final_loss, timeout=ctx.timeout)
+    x, y = data("identity")
+    end = time.monotonic() + seconds
+    steps = 0
+    while time.monotonic() < end:
+        pipe.step(x, target=y)
+        steps += 1
+    return steps
+
+
+def test_steps_keep_the_watchdog_quiet_on_a_rank_that_receives_nothing():
+    # The watchdog limit is 2 * 0.5 + 10 = 11 s; 13 s of steps must not trip it.
+    (steps,) = spawn(busy_single_rank, 1, (13.0,), timeout=0.5, deadline=120.0)
+    assert steps > 1

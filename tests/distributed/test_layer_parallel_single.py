@@ -95,6 +95,7 @@ def test_weights_tied_across_stages_are_refused_naming_the_stages():
         HighwayPipeline(chain, 2, 0, hbp.Highway(k=1), mse, boundaries=[0, 3, 4])
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # x needs no grad here
 def test_module_backward_hooks_are_refused_under_highway_but_run_under_exact():
     x, y = xy()
     chain = chain_of([mlp() for _ in range(2)])

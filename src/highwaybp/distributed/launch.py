@@ -34,14 +34,24 @@ import torch.multiprocessing as mp
 from highwaybp.distributed.transport import TransportError, Watchdog, free_port
 
 
+def _no_heartbeat() -> None:
+    return None
+
+
 @dataclass
 class RankContext:
-    """What a spawned function learns about its process."""
+    """What a spawned function learns about its process.
+
+    `heartbeat()`: tell the spawn launcher's watchdog this rank is alive. Every completed
+    receive and every `HighwayPipeline.step` already does; call it in long work of your own
+    between steps (evaluation, checkpointing) that takes more than 2 * timeout + 10 s.
+    """
 
     rank: int
     world: int
     device: torch.device
     timeout: float
+    heartbeat: Callable[[], None] = _no_heartbeat
 
 
 def mp_context(preload: Sequence[str] = ("torch",)):
@@ -213,7 +223,7 @@ def _spawn_entry(rank: int, world: int, fn: Callable[..., Any], args: tuple, bac
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout))
         watchdog.beat()
-        ctx = RankContext(rank, world, _pick_device(backend, rank), timeout)
+        ctx = RankContext(rank, world, _pick_device(backend, rank), timeout, watchdog.beat)
         result = fn(ctx, *args)
         torch.save(result, Path(result_dir) / f"rank{rank}.pt")
         watchdog.beat()

@@ -239,6 +239,7 @@ class HighwayPipeline:
         self.scan = self._check_scan(scan)
         self.num_microbatches = num_microbatches
         self.tracer: Tracer = trace if trace is not None else NullTracer(stage_index, num_stages)
+        self.tracer.rank, self.tracer.world = stage_index, num_stages  # what its file says
         self.timeout = float(timeout)
         self.recompute = bool(recompute)
         first_param = next(iter(self.module.parameters()), None)
@@ -344,6 +345,8 @@ class HighwayPipeline:
                     loss = self._step_iterative(x, xs, targets)
                 self._iteration = None
                 self.link.flush(step)
+            if _heartbeat is not None:
+                _heartbeat()
         finally:
             self.tracer.fill_idle(step)
             self.step_index += 1
