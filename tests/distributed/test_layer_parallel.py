@@ -130,7 +130,8 @@ def run_configs(ctx):
         pipe = HighwayPipeline(
             chain, ctx.world, ctx.rank, method, final_loss,
             state_losses={i: state_loss for i in STATE_LOSS_AT},
-            scan=scan, num_microbatches=m, timeout=ctx.timeout, trace=tracer,
+            scan=scan, num_microbatches=m, scale_grads=False, timeout=ctx.timeout,
+            trace=tracer,
             recompute=method_text.endswith("+recompute"),
         )
         x, y = data(kind)

@@ -60,7 +60,8 @@ def test_parameter_hooks_run_once_per_step_on_the_total_gradient():
     weight = chain.layers[1].block[0].weight
     weight.register_hook(lambda g: seen.append(g.clone()))
     weight.register_post_accumulate_grad_hook(lambda p: seen_post.append(p.grad.clone()))
-    pipe = HighwayPipeline(chain, 1, 0, hbp.Highway(k=2), mse, num_microbatches=3)
+    pipe = HighwayPipeline(chain, 1, 0, hbp.Highway(k=2), mse, num_microbatches=3,
+                           scale_grads=False)
     pipe.step(x, target=y)
     for xm, ym in zip(x.chunk(3), y.chunk(3)):
         mse(ref(xm), ym).backward()
@@ -167,7 +168,8 @@ def test_exact_equals_autograd_with_or_without_an_input_gradient(x_requires_grad
     chain = chain_of([mlp() for _ in range(3)])
     ref = chain_of([mlp() for _ in range(3)], method=hbp.Exact())
     ref.load_state_dict(chain.state_dict())
-    HighwayPipeline(chain, 1, 0, hbp.Exact(), mse, num_microbatches=2).step(x, target=y)
+    HighwayPipeline(chain, 1, 0, hbp.Exact(), mse, num_microbatches=2,
+                    scale_grads=False).step(x, target=y)
     x_grad = None if x.grad is None else x.grad.clone()
     x.grad = None
     mse(ref(x), y).backward()
@@ -258,3 +260,23 @@ def test_an_integer_input_is_refused():
     pipe = HighwayPipeline(chain_of([mlp()]), 1, 0, hbp.Highway(k=1), mse)
     with pytest.raises(TypeError, match="floating point"):
         pipe.step(torch.ones(6, 5, dtype=torch.long), target=torch.zeros(6, 5))
+
+
+@pytest.mark.parametrize("method", [hbp.Highway(k=2), hbp.Exact()])
+def test_micro_batch_gradients_are_the_full_batch_mean_by_default(method):
+    """scale_grads=True (the default, as torch.distributed.pipelining): with M micro-batches
+    and a mean-reduced loss, the gradients and the returned loss are the full batch's."""
+    x, y = xy()
+    torch.manual_seed(0)
+    chain = chain_of([mlp() for _ in range(3)])
+    ref = chain_of([mlp() for _ in range(3)], method=method)
+    ref.load_state_dict(chain.state_dict())
+    def mean_mse(h, t):
+        return ((h - t) ** 2).mean()
+
+    loss = HighwayPipeline(chain, 1, 0, method, mean_mse, num_microbatches=3).step(x, target=y)
+    ref_loss = mean_mse(ref(x), y)
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss.detach(), rtol=0, atol=1e-12)
+    for p, q in zip(chain.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-12)

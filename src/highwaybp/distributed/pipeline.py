@@ -164,6 +164,10 @@ class HighwayPipeline:
             general linear K: LinearShortcut/ModuleShortcut). See `highwaybp.distributed.dscan`.
         num_microbatches: M; the first stage's x (and targets) are split along dim 0 into M
             equal micro-batches (the batch must divide by M).
+        scale_grads: True (default, as torch.distributed.pipelining's schedules): the
+            gradients are those of the mean of the micro-batch losses, which for a
+            mean-reduced loss equals the full batch's gradient, and `step` returns that
+            mean. False: the sum over micro-batches (gradients and returned loss).
         boundaries: P+1 increasing layer counts [0, b_1, ..., L]: stage s holds layers
             b_s+1..b_{s+1}. Default: `balanced_boundaries(L, P)` (equal layer counts;
             `balanced_boundaries(L, P, costs)` balances measured per-layer costs).
@@ -191,6 +195,7 @@ class HighwayPipeline:
         state_losses: Mapping[int, LossFn] | None = None,
         scan: str | None = None,
         num_microbatches: int = 1,
+        scale_grads: bool = True,
         boundaries: Sequence[int] | None = None,
         recompute: bool = False,
         trace: Tracer | None = None,
@@ -238,6 +243,9 @@ class HighwayPipeline:
         self.k_kind = dscan.chain_k_kind([layer.residual.kind for layer in chain.layers])
         self.scan = self._check_scan(scan)
         self.num_microbatches = num_microbatches
+        self.scale_grads = bool(scale_grads)
+        # Each micro-batch loss is seeded with this factor: 1/M gives the mean's gradient.
+        self._loss_scale = 1.0 / num_microbatches if self.scale_grads else 1.0
         self.tracer: Tracer = trace if trace is not None else NullTracer(stage_index, num_stages)
         self.tracer.rank, self.tracer.world = stage_index, num_stages  # what its file says
         self.timeout = float(timeout)
@@ -323,8 +331,9 @@ class HighwayPipeline:
         x: the chain input [B, ...] on the first stage (None elsewhere); if it requires
         grad, dLoss/dx is pushed into it (x.grad, or whatever module produced x).
         target: given on the last stage (and on any stage owning state losses that read
-        it), [B, ...], split like x. Returns the sum of the losses this stage evaluated
-        (detached), or None if it evaluated none.
+        it), [B, ...], split like x. Returns the losses this stage evaluated (detached),
+        summed over losses and averaged over micro-batches (summed with
+        `scale_grads=False`), or None if it evaluated none.
         """
         if self.is_first and x is None:
             raise ValueError("the first stage's step needs the chain input: pipe.step(x)")
@@ -383,7 +392,7 @@ class HighwayPipeline:
             if not isinstance(loss, Tensor) or loss.dim() != 0:
                 raise ValueError(f"{name} must return a scalar tensor, got "
                                  f"{getattr(loss, 'shape', type(loss).__name__)}")
-            loss.backward()
+            (loss * self._loss_scale if self._loss_scale != 1.0 else loss).backward()
             grad = leaf.grad if leaf.grad is not None else torch.zeros_like(h)
         return loss.detach(), grad
 
@@ -406,9 +415,8 @@ class HighwayPipeline:
                 grads[e] = grad if e not in grads else grads[e] + grad
         return grads, values
 
-    @staticmethod
-    def _total(values: list[Tensor]) -> Optional[Tensor]:
-        return torch.stack(values).sum() if values else None
+    def _total(self, values: list[Tensor]) -> Optional[Tensor]:
+        return torch.stack(values).sum() * self._loss_scale if values else None
 
     def _push_input_grad(self, x: Tensor | None, grads: list[Tensor]) -> None:
         """dLoss/dx into x (its .grad, or the module that produced it)."""
