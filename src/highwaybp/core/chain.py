@@ -312,7 +312,8 @@ class _HighwayFunction(torch.autograd.Function):
             ctx.backend = None
         else:
             ctx.backend, states = _forward_recording_graphs(chain, x)
-        run.last_state = states[-1].new_empty(states[-1].shape)
+        # shape, dtype and device of h_L without its memory (zeros_like of it is dense)
+        run.last_state = states[-1].new_empty(()).expand(states[-1].shape)
         return _select_states(states, run.return_states)
 
     @staticmethod
