@@ -55,25 +55,34 @@ def _command_line(cmd: str | None) -> list[str]:
 
 def _scan(path: Path, d: dict[str, Any]) -> list[str]:
     m = d["machine"]
+    records = d["records"]
+    by_kind = any("coefficients" in r for r in records)
+    what = "diagonal or identity K" if by_kind else "diagonal coefficients"
+    runs = "interleaved rounds" if d.get("interleaved") else "runs"
     lines = [
         f"### Scans: `{path}`",
         "",
-        f"{d['dtype']}, diagonal coefficients, median of {d['repeats']} runs, torch "
+        f"{d['dtype']}, {what}, median of {d['repeats']} {runs}, torch "
         f"{m['torch']}, {m['threads']} threads. Command: `highwaybp bench scan --out {path}`.",
         "",
     ]
-    rows = [
-        [
+    head = ["N (states)", "elements per state", "sequential ms", "Hillis-Steele ms",
+            "Hillis-Steele / sequential"]
+    if by_kind:  # files from the bench with the torch baseline
+        head = ["K", *head, "torch fused ms", "torch fused op"]
+    rows = []
+    for r in records:
+        row = [
             str(r["length"]),
             str(r["width"]),
             f"{r['sequential_ms']:.2f}",
             f"{r['hillis_steele_ms']:.2f}",
             f"{r['hillis_steele_over_sequential']:.1f}",
         ]
-        for r in d["records"]
-    ]
-    head = ["N (states)", "elements per state", "sequential ms", "Hillis-Steele ms",
-            "Hillis-Steele / sequential"]
+        if by_kind:
+            row = [r.get("coefficients", ""), *row, _fmt(r.get("torch_fused_ms"), ".2f"),
+                   r.get("torch_fused", "")]
+        rows.append(row)
     return lines + _table(head, rows) + [""]
 
 
