@@ -16,7 +16,7 @@ import highwaybp as hbp
 from highwaybp.bench.deep import build_stack, extra_tensors_per_layer
 from highwaybp.bench.tensor_memory import TensorMemory
 from highwaybp.core.methods import Highway
-from tests.core.helpers import grads_of, make_block, max_rel_diff
+from tests.core.helpers import grads_of, make_block, make_layer, max_rel_diff
 
 STACKS = {  # model: (depth, width, batch, seq, image)
     "mlp": (16, 64, 128, 8, 6),
@@ -103,3 +103,36 @@ def test_sharing_the_rerun_output_keeps_graphs_that_read_it_exact(residual):
         a = grads_of(chain, x, method, per_layer_loss=True)
         b = grads_of(reference, x, method, per_layer_loss=True)  # no re-run, no sharing
         assert max_rel_diff(a, b) < 1e-12
+
+
+def test_k2_holds_two_extra_states_too():
+    """w^{j+1} = scan(g + v^j): w^0 is not kept beside the estimates (3.1 on 6b9be67)."""
+    stack = build_stack("mlp", *STACKS["mlp"])
+    extra = extra_tensors_per_layer(stack, Highway(k=2), "loop")
+    assert 1.9 <= extra <= 2.2, extra
+
+
+@pytest.mark.parametrize("method", [hbp.Highway(k=1), hbp.Highway(k=3), hbp.FixedPoint(k=2),
+                                    hbp.Highway(tol=1e-30, max_k=3, fallback="best"),
+                                    hbp.Highway(tol=1e-30, max_k=3, fallback="last")])
+def test_sparse_and_dense_loss_forms_agree(method):
+    """A loss on h_L alone runs the sparse form (g added on its rows, w^0 not kept); the
+    same loss through return_states=True runs the dense form (w^0 + scan(v)): equal to
+    rounding, for every k and the adaptive fallbacks."""
+    torch.manual_seed(0)
+    kinds = ["identity", "gated", "relu", "scaled", "identity"]
+    chain = hbp.ResidualChain([make_layer(k, 4) for k in kinds]).double()
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    params = [x, *chain.parameters()]
+    out = chain(x, method=method)
+    sparse = torch.autograd.grad((out**3).sum(), params)
+    states = chain(x, method=method, return_states=True)
+    dense = torch.autograd.grad((states[-1] ** 3).sum(), params)
+    assert max_rel_diff(sparse, dense) < 1e-12
+    # losses on two states (h_2 and h_5 of 6): still sparse, h_2's row copied before the
+    # in-place scan turns g into w^0
+    h2, h5 = chain(x, method=method, return_states=(2, 5))
+    sparse = torch.autograd.grad((h2.sin() + h5**3).sum(), params)
+    states = chain(x, method=method, return_states=True)
+    dense = torch.autograd.grad((states[1].sin() + states[4] ** 3).sum(), params)
+    assert max_rel_diff(sparse, dense) < 1e-12

@@ -399,14 +399,24 @@ def _backward(
     raise_if_nonfinite(g, 0, "the gradient flowing into the chain")
     ops = _ChainOps(chain, backend, _is_uniform(chain, g))
     method = run.method
+    num_layers = len(chain.layers)
+    options = dict(inplace=True, record_steps=run.record_step_norms,
+                   loss_rows=_loss_rows(run.return_states, num_layers))
     if not method.keeps_residual:  # K = 0: the whole layer's VJP, no scan
-        w, diag = highway_iterate(g, ops.full_vjp, lambda s: s, method, len(chain.layers),
-                                  inplace=True, record_steps=run.record_step_norms)
+        w, diag = highway_iterate(g, ops.full_vjp, lambda s: s, method, num_layers, **options)
     else:
-        w, diag = highway_iterate(g, ops.block_vjp, ops.scan, method, len(chain.layers),
-                                  exact_backward=ops.exact_backward, inplace=True,
-                                  record_steps=run.record_step_norms)
+        w, diag = highway_iterate(g, ops.block_vjp, ops.scan, method, num_layers,
+                                  exact_backward=ops.exact_backward, **options)
     return w[0], w[1:], diag
+
+
+def _loss_rows(return_states: bool | tuple[int, ...], num_layers: int) -> list[int]:
+    """The states with a loss of their own (g_i possibly nonzero): the returned ones."""
+    if return_states is True:
+        return list(range(1, num_layers + 1))
+    if return_states is False:
+        return [num_layers]
+    return list(return_states)
 
 
 def _is_uniform(chain: ResidualChain, g: list[Tensor]) -> bool:

@@ -368,10 +368,10 @@ class BatchedVJP:
 
     def block_vjps(self, ws: Sequence[Tensor]) -> list[Tensor]:
         """[w_j @ J_j for j = 1..L] in one batched VJP call; ws = [w_1..w_L]."""
-        out = [torch.zeros_like(ws[i]) for i in range(len(self.layers))]
+        out: list[Any] = [None] * len(self.layers)
         live, apart = self._live(), self._live_apart()
         if not live and not apart:
-            return out
+            return [torch.zeros_like(x) for x in self.xs]
         grads = torch.autograd.grad(
             [self._runs[g].y for g in live] + [self._apart.ys[pos] for pos in apart],
             [self._runs[g].x for g in live] + [self._apart.xs[pos] for pos in apart],
@@ -387,7 +387,8 @@ class BatchedVJP:
         for pos, grad in zip(apart, grads[len(live):]):
             if grad is not None:
                 out[self.looped[pos]] = grad
-        return out
+        # zeros only where no gradient flows, allocated after the call (see LoopVJP)
+        return [torch.zeros_like(x) if v is None else v for v, x in zip(out, self.xs)]
 
     def layer_block_vjp(self, j: int, w: Tensor) -> Tensor:
         """w @ J_j for one layer (the sequential exact fallback): the per-layer backend's."""
