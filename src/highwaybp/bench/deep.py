@@ -182,12 +182,16 @@ def memory_probe(spec: dict[str, Any]) -> dict[str, float]:
     return {"peak_rss_growth_bytes": float(growth), "state_bytes": stack.state_bytes}
 
 
+LAYERWISE = "loop+layerwise"  # the loop backend with ResidualChain(layerwise_sweeps=True)
+
+
 def tensor_memory_peak(stack: Stack, method: Method, vjp: str) -> int:
     """Peak bytes of tensors alive during one training step (forward + backward), counted
     by `TensorMemory` (deterministic: the same on every run and machine load), after one
     warm-up step; parameters and the input, allocated before, are not counted."""
-    previous = stack.chain.vjp
-    stack.chain.vjp = vjp
+    previous = stack.chain.vjp, stack.chain.layerwise_sweeps
+    stack.chain.vjp = "loop" if vjp == LAYERWISE else vjp
+    stack.chain.layerwise_sweeps = vjp == LAYERWISE
     try:
         stack.loss(method).backward()  # warm-up (lazy initialisation)
         stack.chain.zero_grad(set_to_none=True)
@@ -195,7 +199,7 @@ def tensor_memory_peak(stack: Stack, method: Method, vjp: str) -> int:
             stack.loss(method).backward()
         stack.chain.zero_grad(set_to_none=True)
     finally:
-        stack.chain.vjp = previous
+        stack.chain.vjp, stack.chain.layerwise_sweeps = previous
     return mem.peak_bytes
 
 
@@ -282,13 +286,14 @@ MEMORY_ONLY_NOTE = (
 
 
 def memory_rows(args: argparse.Namespace, model: str) -> list[dict]:
-    """Only the deterministic tensor memory: Exact, then each k with each VJP backend."""
+    """Only the deterministic tensor memory: Exact, then each k with each VJP backend and
+    with the loop backend's layerwise sweeps (`ResidualChain(layerwise_sweeps=True)`)."""
     dtype = getattr(torch, args.dtype)
     stack = build_stack(model, args.depth, args.width, args.batch, args.seq, args.image, dtype)
     depth = len(stack.chain)
     rows = [{"method": "exact", "k": None, "vjp": "autograd"}]
     rows += [{"method": f"highway(k={k})", "k": k, "vjp": vjp}
-             for k in args.ks if k <= depth for vjp in args.vjps]
+             for k in args.ks if k <= depth for vjp in [*args.vjps, LAYERWISE]]
     _add_tensor_memory(stack, rows)
     for row in rows:
         row.update(model=model, depth=depth, width=args.width,

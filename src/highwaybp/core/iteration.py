@@ -217,6 +217,7 @@ def highway_iterate(
     inplace: bool = False,
     record_steps: bool = False,
     loss_rows: Sequence[int] | None = None,
+    layerwise_sweep: Callable[[list, dict], list] | None = None,
 ) -> tuple[States, Diagnostics]:
     """Run the iteration for `method` and return (w, diagnostics).
 
@@ -239,6 +240,11 @@ def highway_iterate(
             scan run in place on v^j; w^0 is then not kept beside the estimates (2 alive
             instead of 3 for k >= 2) and the L-row addition of w^0 disappears. Otherwise
             w^{j+1} = w^0 + scan(v^j). The two forms agree to rounding.
+        layerwise_sweep: (w, {i: g_i}) -> scan(g + block_vjp(w)) computed from the top
+            layer down, setting w[i + 1] to None once its VJP is taken (so about one
+            estimate is alive instead of two). With it the first form is always used
+            (with `inplace`). The old rows are kept (a copy of the list is passed) when
+            the step norms or the "best" fallback need the previous estimate.
 
     NaN/Inf: w^0 is checked, then each iteration through its step norm when computed,
     otherwise once on the returned estimate.
@@ -252,8 +258,10 @@ def highway_iterate(
     g_for_fallback = None
     if rule.adaptive and method.fallback == "exact":
         g_for_fallback = clone_states(g) if inplace else g
-    sparse = (inplace and loss_rows is not None and not isinstance(g, Tensor)
-              and 2 * len(loss_rows) <= len(g))
+    sparse = inplace and not isinstance(g, Tensor) and (
+        layerwise_sweep is not None or (loss_rows is not None and 2 * len(loss_rows) <= len(g)))
+    if loss_rows is None:
+        loss_rows = range(len(g))
     g_rows: dict[int, Tensor] = {}
     if sparse:
         # The scan overwrites g with w^0 in place; the last row is left as it is (y_L = x_L)
@@ -267,7 +275,10 @@ def highway_iterate(
     if sparse:
         del w0  # not needed by the iterations: freed as soon as w^1 replaces it
     for j in rule.iterations():
-        if sparse:
+        if sparse and layerwise_sweep is not None:
+            keep_old = rule.needs_step_norms or rule.keep_best
+            w_new = layerwise_sweep(list(w) if keep_old else w, g_rows)
+        elif sparse:
             v = block_vjp(w)
             for i, g_i in g_rows.items():
                 v[i].add_(g_i)
