@@ -172,8 +172,10 @@ def test_layerwise_sweeps_give_the_same_estimate(method, per_layer_loss):
     chain = hbp.ResidualChain(layers).double()
     x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     want = grads_of(chain, x, method, per_layer_loss)
-    for record in (False, True):  # releasing the old rows, or keeping them for the norms
-        layerwise = hbp.ResidualChain(layers, layerwise_sweeps=True, record_step_norms=record)
+    # releasing the old rows, or keeping them for the norms; re-run or recorded graphs
+    for record, recompute in ((False, True), (True, True), (False, False)):
+        layerwise = hbp.ResidualChain(layers, layerwise_sweeps=True, record_step_norms=record,
+                                      recompute=recompute)
         got = grads_of(layerwise, x, method, per_layer_loss)
         assert max_rel_diff(got, want) < 1e-12
         assert layerwise.last_diagnostics.iterations == chain.last_diagnostics.iterations
