@@ -55,25 +55,34 @@ def _command_line(cmd: str | None) -> list[str]:
 
 def _scan(path: Path, d: dict[str, Any]) -> list[str]:
     m = d["machine"]
+    records = d["records"]
+    by_kind = any("coefficients" in r for r in records)
+    what = "diagonal or identity K" if by_kind else "diagonal coefficients"
+    runs = "interleaved rounds" if d.get("interleaved") else "runs"
     lines = [
         f"### Scans: `{path}`",
         "",
-        f"{d['dtype']}, diagonal coefficients, median of {d['repeats']} runs, torch "
+        f"{d['dtype']}, {what}, median of {d['repeats']} {runs}, torch "
         f"{m['torch']}, {m['threads']} threads. Command: `highwaybp bench scan --out {path}`.",
         "",
     ]
-    rows = [
-        [
+    head = ["N (states)", "elements per state", "sequential ms", "Hillis-Steele ms",
+            "Hillis-Steele / sequential"]
+    if by_kind:  # files from the bench with the torch baseline
+        head = ["K", *head, "torch fused ms", "torch fused op"]
+    rows = []
+    for r in records:
+        row = [
             str(r["length"]),
             str(r["width"]),
             f"{r['sequential_ms']:.2f}",
             f"{r['hillis_steele_ms']:.2f}",
             f"{r['hillis_steele_over_sequential']:.1f}",
         ]
-        for r in d["records"]
-    ]
-    head = ["N (states)", "elements per state", "sequential ms", "Hillis-Steele ms",
-            "Hillis-Steele / sequential"]
+        if by_kind:
+            row = [r.get("coefficients", ""), *row, _fmt(r.get("torch_fused_ms"), ".2f"),
+                   r.get("torch_fused", "")]
+        rows.append(row)
     return lines + _table(head, rows) + [""]
 
 
@@ -159,7 +168,26 @@ def _rnn_profile(path: Path, d: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _deep_memory(path: Path, d: dict[str, Any]) -> list[str]:
+    cfg = d["config"]
+    lines = [
+        f"### Deep stack memory (deterministic): `{path}`",
+        "",
+        f"{', '.join(cfg['models'])}, L={cfg['depth']}, width {cfg['width']}, batch "
+        f"{cfg['batch']}, {cfg['dtype']}. {d.get('note', '')}",
+        *_command_line("highwaybp " + " ".join(d["argv"][1:]) if d.get("argv") else None),
+    ]
+    head = ["model", "method", "VJPs", "state MB", "peak tensor MB",
+            "extra state tensors / layer vs exact"]
+    rows = [[f"{r['model']} L={r['depth']}", r["method"], r["vjp"], f"{r['state_mb']:.2f}",
+             f"{r['tensor_peak_mb']:.1f}", f"{r['extra_tensors_per_layer']:.2f}"]
+            for r in d["results"]]
+    return lines + _table(head, rows) + [""]
+
+
 def _deep_bench(path: Path, d: dict[str, Any]) -> list[str]:
+    if d.get("memory_only"):
+        return _deep_memory(path, d)
     cfg = d["config"]
     lines = [
         f"### Deep stack bench: `{path}`",

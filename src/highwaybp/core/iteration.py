@@ -12,7 +12,7 @@ FixedPoint is the same loop with K = 0 (scan = identity, block_vjp = the full la
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
@@ -35,7 +35,10 @@ class Diagnostics:
     - iterations: iterations run (k actually used; at most min(k, L): the estimate is exact
       after L iterations, so more would not change it).
     - step_norms: list of `iterations` floats, ||w^{j} - w^{j-1}|| / ||w^{j}|| over all
-      states, j = 1..iterations.
+      states, j = 1..iterations, when the backward computed them: always for an adaptive
+      method (its stop test reads them), otherwise only when asked for
+      (`ResidualChain(record_step_norms=True)`, or the same attribute on the chain), since
+      they cost a full pass over two estimates per iteration. Empty otherwise.
     - stop_reason: "fixed_k", "exact_after_L", "tol", "growth", "max_k" or "exact".
     - converged: adaptive only, whether the step fell under tol (None for fixed k).
     - fallback: adaptive only, the fallback applied ("exact", "best", "last") or None.
@@ -53,14 +56,21 @@ class StopRule:
     """The one owner of when the iteration stops and what it returns (fixed k, tol, growth,
     exact after L, fallback), used by `highway_iterate` and by the RNN engines' fast loop.
 
-        rule = StopRule(method, num_layers)
+        rule = StopRule(method, num_layers, record_steps=False)
         for j in rule.iterations():
-            ... w_new = next estimate, step = ||w_new - w|| / ||w_new||
+            ... w_new = next estimate
+            step = ||w_new - w|| / ||w_new|| if rule.needs_step_norms else None
             if rule.record(j, step):     # True: keep w_new as the best estimate so far
                 best = w_new
             if rule.should_stop(j, step):
                 break
         diag = rule.finish()             # stop reason, converged, fallback (or None)
+
+    `needs_step_norms` is the one answer to "must this backward compute the relative
+    steps?": True for an adaptive method (tol, growth and the "best" fallback read them) or
+    when the caller asked to record them (`record_steps=True`: diagnostics, a controller
+    watching them, a fidelity report); otherwise the loop skips that pass, `step` is None
+    and `Diagnostics.step_norms` stays empty.
 
     Rules: at most min(bound, L) iterations (w^L is exact, more would not change it); an
     adaptive method stops when the step falls under `tol` or grows; reaching L counts as
@@ -69,10 +79,13 @@ class StopRule:
     `fallback` (`diag.fallback`: the caller computes it: exact backward, best or last).
     """
 
-    def __init__(self, method: Highway | FixedPoint, num_layers: int) -> None:
+    def __init__(
+        self, method: Highway | FixedPoint, num_layers: int, record_steps: bool = False
+    ) -> None:
         self.method = method
         self.num_layers = num_layers
         self.adaptive = method.adaptive
+        self.needs_step_norms = self.adaptive or bool(record_steps)
         self.keep_best = self.adaptive and method.fallback == "best"
         self.bound = method.iteration_bound
         self.diag = Diagnostics(method=repr(method))
@@ -82,21 +95,26 @@ class StopRule:
     def iterations(self) -> range:
         return range(1, min(self.bound, self.num_layers) + 1)
 
-    def record(self, j: int, step: float) -> bool:
-        """Note iteration j's relative step; True if its estimate is the best so far (only
-        tracked when the "best" fallback may need it)."""
-        self.diag.step_norms.append(step)
+    def record(self, j: int, step: float | None = None) -> bool:
+        """Note iteration j (and its relative step when `needs_step_norms`); True if its
+        estimate is the best so far (only tracked when the "best" fallback may need it)."""
         self.diag.iterations = j
+        if not self.needs_step_norms:
+            return False
+        if step is None:
+            raise ValueError("StopRule.record: this rule needs the step norm of every iteration")
+        self.diag.step_norms.append(step)
         if self.keep_best and step <= self._best_step:
             self._best_step = step
             return True
         return False
 
-    def should_stop(self, j: int, step: float) -> bool:
+    def should_stop(self, j: int, step: float | None = None) -> bool:
         if j >= self.num_layers and (self.adaptive or self.bound > self.num_layers):
             self._stop = "exact_after_L"  # w^L is exact, whatever its step looked like
             return True
         if self.adaptive:
+            assert step is not None  # adaptive rules need step norms (needs_step_norms)
             if step < self.method.tol:
                 self._stop = "tol"
                 return True
@@ -197,6 +215,9 @@ def highway_iterate(
     num_layers: int,
     exact_backward: Callable[[States], States] | None = None,
     inplace: bool = False,
+    record_steps: bool = False,
+    loss_rows: Sequence[int] | None = None,
+    layerwise_sweep: Callable[[list, dict], list] | None = None,
 ) -> tuple[States, Diagnostics]:
     """Run the iteration for `method` and return (w, diagnostics).
 
@@ -207,34 +228,94 @@ def highway_iterate(
         scan: x -> y with y_L = x_L, y_i = x_i + y_{i+1} @ K_{i+1} (FixedPoint: identity).
         num_layers: L; the estimate is exact after L iterations, so at most L are run.
         exact_backward: g -> exact gradients (sequential), used by the adaptive fallback.
-        inplace: the caller hands over `g` and fresh outputs of `block_vjp` and `scan`,
-            which the iteration may then overwrite (w^0 is added into the scan's output),
-            so only w^0, the previous and the new estimate are alive at once.
+        inplace: the caller hands over `g` (a list of states, which is emptied) and fresh
+            outputs of `block_vjp` and `scan`, which the iteration may then overwrite, so
+            that only two or three estimates are alive at once (see below).
+        record_steps: compute the relative step of every iteration into
+            `diag.step_norms` even for a fixed k (adaptive methods always do; see
+            `StopRule.needs_step_norms`).
+        loss_rows: the indices i where g_i may be nonzero (None: anywhere). With `inplace`
+            and losses on at most half the states, each iteration is computed as
+            w^{j+1} = scan(g + v^j) (the scan is linear): g added on those rows only, the
+            scan run in place on v^j; w^0 is then not kept beside the estimates (2 alive
+            instead of 3 for k >= 2) and the L-row addition of w^0 disappears. Otherwise
+            w^{j+1} = w^0 + scan(v^j). The two forms agree to rounding.
+        layerwise_sweep: (w, {i: g_i}) -> scan(g + block_vjp(w)) computed from the top
+            layer down, setting w[i + 1] to None once its VJP is taken (so about one
+            estimate is alive instead of two). With it the first form is always used
+            (with `inplace`). The old rows are kept (a copy of the list is passed) when
+            the step norms or the "best" fallback need the previous estimate.
+
+    NaN/Inf: w^0 is checked, then each iteration through its step norm when computed,
+    otherwise once on the returned estimate.
     """
-    rule = StopRule(method, num_layers)
+    rule = StopRule(method, num_layers, record_steps)
+    if inplace and isinstance(g, list):
+        # Handed over: the caller's list is emptied so that its reference does not keep
+        # w^0 (g's storage after the in-place scan) alive to the end of the iteration.
+        g, handed = list(g), g
+        handed.clear()
     g_for_fallback = None
     if rule.adaptive and method.fallback == "exact":
         g_for_fallback = clone_states(g) if inplace else g
+    sparse = inplace and not isinstance(g, Tensor) and (
+        layerwise_sweep is not None or (loss_rows is not None and 2 * len(loss_rows) <= len(g)))
+    if loss_rows is None:
+        loss_rows = range(len(g))
+    g_rows: dict[int, Tensor] = {}
+    if sparse:
+        # The scan overwrites g with w^0 in place; the last row is left as it is (y_L = x_L)
+        # and w^0 is never written afterwards, so that row is shared, the others copied.
+        last = len(g) - 1
+        g_rows = {i: g[i] if i == last else g[i].clone() for i in loss_rows}
     w0 = scan(g)
     del g  # with inplace, w0 may be g's storage; nothing else needs g
     raise_if_nonfinite(w0, 0)
     w = best_w = w0
+    if sparse:
+        del w0  # not needed by the iterations: freed as soon as w^1 replaces it
     for j in rule.iterations():
-        u = scan(block_vjp(w))
-        w_new = add_states_(u, w0) if inplace else add_states(w0, u)
-        del u
-        step, norm = _relative_step(w_new, w)
-        if not (math.isfinite(step) and math.isfinite(norm)):
-            raise_if_nonfinite(w_new, j)
+        if sparse and layerwise_sweep is not None:
+            keep_old = rule.needs_step_norms or rule.keep_best
+            w_new = layerwise_sweep(list(w) if keep_old else w, g_rows)
+        elif sparse:
+            v = block_vjp(w)
+            for i, g_i in g_rows.items():
+                v[i].add_(g_i)
+            w_new = scan(v)
+            del v
+        else:
+            u = scan(block_vjp(w))
+            w_new = add_states_(u, w0) if inplace else add_states(w0, u)
+            del u
+        step = None
+        if rule.needs_step_norms:
+            step, norm = _relative_step(w_new, w)
+            if not (math.isfinite(step) and math.isfinite(norm)):
+                raise_if_nonfinite(w_new, j)
         w = w_new
-        if rule.record(j, step):
-            best_w = w
+        del w_new
+        if rule.record(j, step) or not rule.keep_best:
+            best_w = w  # (without the "best" fallback: an older estimate can be freed)
         if rule.should_stop(j, step):
             break
     diag = rule.finish()
+    if not rule.needs_step_norms:
+        check_finite(w, diag.iterations)
     if diag.fallback is not None:
         w = _apply_fallback(diag.fallback, g_for_fallback, w, best_w, exact_backward)
     return w, diag
+
+
+def check_finite(w: States, iteration: int) -> None:
+    """`raise_if_nonfinite`, in one reduction and one sync when everything is finite."""
+    rows = [w] if isinstance(w, Tensor) else w
+    sums = [r.sum() for r in rows if r.numel()]
+    if not sums:
+        return
+    total = torch.stack([s.to(sums[0].device) for s in sums]).sum()
+    if not math.isfinite(float(total)):  # NaN/Inf somewhere (or an overflow): find where
+        raise_if_nonfinite(w, iteration)
 
 
 def _apply_fallback(
