@@ -56,6 +56,13 @@ def _addmm_or_mm(bias: Optional[Tensor], a: Tensor, b: Tensor, out: Tensor) -> N
         torch.addmm(bias, a, b, out=out)
 
 
+def _sum_or_none(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
+    """a + b, where a missing bias (None) counts as zero."""
+    if a is None:
+        return b
+    return a if b is None else a + b
+
+
 class Engine:
     """What the GRU and LSTM engines share: buffers, losses, chunking, parameter gradients."""
 

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from highwaybp.models.rnn.engine import Engine, _addmm_or_mm
+from highwaybp.models.rnn.engine import Engine, _addmm_or_mm, _sum_or_none
 
 
 class LSTMEngine(Engine):
@@ -36,7 +36,7 @@ class LSTMEngine(Engine):
         C[0] = self.c0
         TC = self.take(T, B, H)
         A = self.take(T, B, 4 * H)  # x W_ih^T + b_ih + b_hh, then + h W_hh^T, then the gates
-        bias = _lstm_bias(self.b_ih, self.b_hh)
+        bias = _sum_or_none(self.b_ih, self.b_hh)
         _addmm_or_mm(bias, x.reshape(T * B, self.In), self.w_ih.t(), A.view(T * B, 4 * H))
         w_t = self.w_hh.t()
         hs, cs, tcs, rows = states.unbind(0), C.unbind(0), TC.unbind(0), A.unbind(0)
@@ -197,12 +197,3 @@ class LSTMEngine(Engine):
         if shared_bias:
             acc["b_ih"] = acc["b_hh"].clone()
         return self._result(acc)
-
-
-def _lstm_bias(b_ih: Optional[Tensor], b_hh: Optional[Tensor]) -> Optional[Tensor]:
-    if b_ih is None:
-        return b_hh
-    return b_ih if b_hh is None else b_ih + b_hh
-
-
-# ---- reference autograd cells ------------------------------------------------------------
