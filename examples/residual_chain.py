@@ -33,7 +33,7 @@ for step in range(120):
     loss.backward()                      # Highway-BP inside the chain, autograd outside
     opt.step()
     if step % 40 == 0:
-        d = chain.last_diagnostics       # iterations used and the step norm of each
+        d = chain.last_diagnostics       # iterations used, stop reason
         print(f"step {step:3d}  loss {loss.item():.3f}  iterations {d.iterations}")
 
 with torch.no_grad():

@@ -223,6 +223,7 @@ def test_the_divergent_model_really_diverges():
     chain = _divergent_chain()
     x, t = _data()[0][0], _data()[1][0]
     chain.method = Highway(k=4)
+    chain.record_step_norms = True
     ((chain(x) - t) ** 2).sum().backward()
     norms = chain.last_diagnostics.step_norms
     assert all(b > a > 1.0 for a, b in zip(norms, norms[1:]))

@@ -28,6 +28,7 @@ not counted):
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Callable
 from typing import Any
@@ -36,7 +37,12 @@ import torch
 from torch import Tensor, nn
 
 from highwaybp.core.chain import ResidualChain
-from highwaybp.core.fidelity import chains_in, compare_gradients, use_method
+from highwaybp.core.fidelity import (
+    chains_in,
+    compare_gradients,
+    set_step_norm_recording,
+    use_method,
+)
 from highwaybp.core.iteration import Diagnostics
 from highwaybp.core.methods import Exact, Highway, Method
 from highwaybp.core.replay import buffers_restored
@@ -67,6 +73,9 @@ class KController:
     Call `step(step, loss_fn)` before each training step's forward. `loss_fn()` -> scalar
     loss on that step's batch; it is called only when the schedule probes (Adaptive), with
     the model's buffers (BatchNorm statistics) restored afterwards.
+
+    An Adaptive schedule (finite `rise`) watches the last iteration's relative step between
+    probes, so the controller turns on `record_step_norms` in every chain that has it.
     """
 
     def __init__(
@@ -118,6 +127,8 @@ class KController:
         for chain in chains_in(self.model):
             chain.method = method
             _clear_diagnostics(chain)
+        if isinstance(self.schedule, Adaptive) and math.isfinite(self.schedule.rise):
+            set_step_norm_recording(self.model, True)  # `_watch` reads them
         self.method = method
         entry["method"] = repr(method)
         self._pending = entry

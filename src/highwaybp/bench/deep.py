@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from highwaybp.bench.memory import sampled_peak_growth_bytes
+from highwaybp.bench.tensor_memory import TensorMemory
 from highwaybp.core.chain import ResidualChain
 from highwaybp.core.fidelity import compare_gradients
 from highwaybp.core.methods import Exact, Highway, Method
@@ -181,6 +182,32 @@ def memory_probe(spec: dict[str, Any]) -> dict[str, float]:
     return {"peak_rss_growth_bytes": float(growth), "state_bytes": stack.state_bytes}
 
 
+def tensor_memory_peak(stack: Stack, method: Method, vjp: str) -> int:
+    """Peak bytes of tensors alive during one training step (forward + backward), counted
+    by `TensorMemory` (deterministic: the same on every run and machine load), after one
+    warm-up step; parameters and the input, allocated before, are not counted."""
+    previous = stack.chain.vjp
+    stack.chain.vjp = vjp
+    try:
+        stack.loss(method).backward()  # warm-up (lazy initialisation)
+        stack.chain.zero_grad(set_to_none=True)
+        with TensorMemory() as mem:
+            stack.loss(method).backward()
+        stack.chain.zero_grad(set_to_none=True)
+    finally:
+        stack.chain.vjp = previous
+    return mem.peak_bytes
+
+
+def extra_tensors_per_layer(stack: Stack, method: Method, vjp: str = "loop") -> float:
+    """(peak tensor bytes of a step with `method` - with Exact()) / (state bytes x L): the
+    state-sized tensors per layer a method holds beyond exact backprop (paper, Appendix D:
+    about 2 for Highway-BP)."""
+    exact = tensor_memory_peak(stack, Exact(), "loop")
+    peak = tensor_memory_peak(stack, method, vjp)
+    return (peak - exact) / (stack.state_bytes * len(stack.chain))
+
+
 def _probe_in_subprocess(spec: dict[str, Any]) -> dict[str, float] | None:
     import os
 
@@ -229,6 +256,8 @@ def bench_model(args: argparse.Namespace, model: str, log: Callable[[str], None]
             row["fwd_ms"] + row["bwd_ms"]
         )
     if args.memory:
+        log(f"  tensor memory {model}")
+        _add_tensor_memory(stack, rows)
         _add_memory(args, model, rows, log)
     rows.append(
         {
@@ -242,6 +271,20 @@ def bench_model(args: argparse.Namespace, model: str, log: Callable[[str], None]
         }
     )
     return rows
+
+
+def _add_tensor_memory(stack: Stack, rows: list[dict]) -> None:
+    """Deterministic peak tensor memory of every timed row (see `tensor_memory_peak`)."""
+    state, depth = stack.state_bytes, len(stack.chain)
+    base = None
+    for row in rows:
+        vjp = "loop" if row["vjp"] == "autograd" else row["vjp"]
+        peak = tensor_memory_peak(stack, _method(row["k"]), vjp)
+        row["tensor_peak_mb"] = peak / 2**20
+        if row["k"] is None:
+            base = peak
+        if base is not None:
+            row["extra_tensors_per_layer"] = (peak - base) / (state * depth)
 
 
 def _add_memory(args: argparse.Namespace, model: str, rows: list[dict], log) -> None:

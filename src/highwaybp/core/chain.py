@@ -41,6 +41,10 @@ class ResidualChain(nn.Module):
             autograd graph (the memory of ordinary backprop) and the backward uses it, which
             saves that re-run (about a third of a Highway step at k = 1 on the demo model).
             Needs vjp="loop"; allows one backward per forward.
+        record_step_norms: compute each iteration's relative step into
+            `last_diagnostics.step_norms` for a fixed k too (adaptive methods always do).
+            Off by default: it is a full pass over two estimates per iteration that nothing
+            reads unless asked. Also an attribute, read at each forward.
 
     Call: `chain(x, method=None, return_states=False)`; x: [*S] floating point. Returns
     h_L [*S_L]; with `return_states=(i, j, ...)` the tuple (h_i, h_j, ...) of those states
@@ -73,6 +77,7 @@ class ResidualChain(nn.Module):
         vjp: str = "loop",
         preserve_rng_state: bool = True,
         recompute: bool = True,
+        record_step_norms: bool = False,
     ) -> None:
         super().__init__()
         layers = list(layers)
@@ -91,6 +96,7 @@ class ResidualChain(nn.Module):
         self.vjp = vjp
         self.preserve_rng_state = preserve_rng_state
         self.recompute = recompute
+        self.record_step_norms = record_step_norms
         self.last_diagnostics: Optional[Diagnostics] = None
 
     def __len__(self) -> int:
@@ -107,7 +113,7 @@ class ResidualChain(nn.Module):
             if self._needs_backward(x):  # an evaluation under no_grad keeps the last report
                 self.last_diagnostics = Diagnostics(method=repr(method), stop_reason="exact")
             return self._forward_autograd(x, return_states)
-        run = _Run(self, method, return_states)
+        run = _Run(self, method, return_states, self.record_step_norms)
         params = [p for p in self.parameters() if p.requires_grad]
         try:
             return _HighwayFunction.apply(x, run, *params)
@@ -136,7 +142,7 @@ class ResidualChain(nn.Module):
         """
         _check_input(x)
         method = self.method if method is None else check_method(method)
-        run = _Run(self, method, return_states)
+        run = _Run(self, method, return_states, self.record_step_norms)
         inputs: list[Tensor] = []
         run.forward_states = []
         with torch.no_grad():
@@ -185,6 +191,7 @@ class _Run:
     chain: ResidualChain
     method: Method
     return_states: bool | tuple[int, ...]
+    record_step_norms: bool = False  # the chain's setting at this forward
     forward_states: Optional[list[ForwardState]] = None
     last_state: Optional[Tensor] = None  # an empty tensor shaped like h_L (dtype, device)
 
@@ -305,7 +312,8 @@ class _HighwayFunction(torch.autograd.Function):
             ctx.backend = None
         else:
             ctx.backend, states = _forward_recording_graphs(chain, x)
-        run.last_state = states[-1].new_empty(states[-1].shape)
+        # shape, dtype and device of h_L without its memory (zeros_like of it is dense)
+        run.last_state = states[-1].new_empty(()).expand(states[-1].shape)
         return _select_states(states, run.return_states)
 
     @staticmethod
@@ -393,10 +401,11 @@ def _backward(
     method = run.method
     if not method.keeps_residual:  # K = 0: the whole layer's VJP, no scan
         w, diag = highway_iterate(g, ops.full_vjp, lambda s: s, method, len(chain.layers),
-                                  inplace=True)
+                                  inplace=True, record_steps=run.record_step_norms)
     else:
         w, diag = highway_iterate(g, ops.block_vjp, ops.scan, method, len(chain.layers),
-                                  exact_backward=ops.exact_backward, inplace=True)
+                                  exact_backward=ops.exact_backward, inplace=True,
+                                  record_steps=run.record_step_norms)
     return w[0], w[1:], diag
 
 

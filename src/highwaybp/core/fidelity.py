@@ -46,6 +46,28 @@ def use_method(model: nn.Module, method: Method) -> Iterator[nn.Module]:
             c.method = m
 
 
+def set_step_norm_recording(model: nn.Module, on: bool) -> list[tuple[nn.Module, bool]]:
+    """Set `record_step_norms` on every chain in `model` that has that switch (see
+    `ResidualChain`); returns [(chain, previous value)] for restoring."""
+    chains = [c for c in chains_in(model) if hasattr(c, "record_step_norms")]
+    saved = [(c, bool(c.record_step_norms)) for c in chains]
+    for c in chains:
+        c.record_step_norms = on
+    return saved
+
+
+@contextmanager
+def step_norms_recorded(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, every chain in `model` records its iterations' relative steps
+    (`last_diagnostics.step_norms`) even for a fixed k; restored afterwards."""
+    saved = set_step_norm_recording(model, True)
+    try:
+        yield model
+    finally:
+        for c, value in saved:
+            c.record_step_norms = value
+
+
 def _flat_grad(model: nn.Module, loss_fn: Callable[[nn.Module], Tensor]) -> list[Tensor]:
     params = [p for p in model.parameters() if p.requires_grad]
     loss = loss_fn(model)
@@ -77,7 +99,8 @@ def gradient_fidelity(
         methods: the methods to compare (a mapping gives them names).
         seed: the RNG seed set before each evaluation (same dropout masks for every method).
 
-    Returns {name: {"cosine", "rel_error", "iterations", "step_norms"}}; `.grad` is untouched.
+    Returns {name: {"cosine", "rel_error", "iterations", "step_norms"}} (step norms recorded
+    for every method, fixed k included); `.grad` is untouched.
     """
     named = dict(methods) if isinstance(methods, Mapping) else {repr(m): m for m in methods}
     # The caller's RNG stream and the model's buffers (BatchNorm statistics) are left as
@@ -100,7 +123,7 @@ def _fidelity_report(
     for name, method in named.items():
         for c in chains_in(model):
             c.last_diagnostics = None  # report only what this evaluation ran
-        with use_method(model, method):
+        with use_method(model, method), step_norms_recorded(model):
             torch.manual_seed(seed)
             grad = _flat_grad(model, loss_fn)
         entry: dict[str, Any] = compare_gradients(grad, exact)

@@ -35,7 +35,10 @@ class Diagnostics:
     - iterations: iterations run (k actually used; at most min(k, L): the estimate is exact
       after L iterations, so more would not change it).
     - step_norms: list of `iterations` floats, ||w^{j} - w^{j-1}|| / ||w^{j}|| over all
-      states, j = 1..iterations.
+      states, j = 1..iterations, when the backward computed them: always for an adaptive
+      method (its stop test reads them), otherwise only when asked for
+      (`ResidualChain(record_step_norms=True)`, or the same attribute on the chain), since
+      they cost a full pass over two estimates per iteration. Empty otherwise.
     - stop_reason: "fixed_k", "exact_after_L", "tol", "growth", "max_k" or "exact".
     - converged: adaptive only, whether the step fell under tol (None for fixed k).
     - fallback: adaptive only, the fallback applied ("exact", "best", "last") or None.
@@ -53,14 +56,21 @@ class StopRule:
     """The one owner of when the iteration stops and what it returns (fixed k, tol, growth,
     exact after L, fallback), used by `highway_iterate` and by the RNN engines' fast loop.
 
-        rule = StopRule(method, num_layers)
+        rule = StopRule(method, num_layers, record_steps=False)
         for j in rule.iterations():
-            ... w_new = next estimate, step = ||w_new - w|| / ||w_new||
+            ... w_new = next estimate
+            step = ||w_new - w|| / ||w_new|| if rule.needs_step_norms else None
             if rule.record(j, step):     # True: keep w_new as the best estimate so far
                 best = w_new
             if rule.should_stop(j, step):
                 break
         diag = rule.finish()             # stop reason, converged, fallback (or None)
+
+    `needs_step_norms` is the one answer to "must this backward compute the relative
+    steps?": True for an adaptive method (tol, growth and the "best" fallback read them) or
+    when the caller asked to record them (`record_steps=True`: diagnostics, a controller
+    watching them, a fidelity report); otherwise the loop skips that pass, `step` is None
+    and `Diagnostics.step_norms` stays empty.
 
     Rules: at most min(bound, L) iterations (w^L is exact, more would not change it); an
     adaptive method stops when the step falls under `tol` or grows; reaching L counts as
@@ -69,10 +79,13 @@ class StopRule:
     `fallback` (`diag.fallback`: the caller computes it: exact backward, best or last).
     """
 
-    def __init__(self, method: Highway | FixedPoint, num_layers: int) -> None:
+    def __init__(
+        self, method: Highway | FixedPoint, num_layers: int, record_steps: bool = False
+    ) -> None:
         self.method = method
         self.num_layers = num_layers
         self.adaptive = method.adaptive
+        self.needs_step_norms = self.adaptive or bool(record_steps)
         self.keep_best = self.adaptive and method.fallback == "best"
         self.bound = method.iteration_bound
         self.diag = Diagnostics(method=repr(method))
@@ -82,21 +95,26 @@ class StopRule:
     def iterations(self) -> range:
         return range(1, min(self.bound, self.num_layers) + 1)
 
-    def record(self, j: int, step: float) -> bool:
-        """Note iteration j's relative step; True if its estimate is the best so far (only
-        tracked when the "best" fallback may need it)."""
-        self.diag.step_norms.append(step)
+    def record(self, j: int, step: float | None = None) -> bool:
+        """Note iteration j (and its relative step when `needs_step_norms`); True if its
+        estimate is the best so far (only tracked when the "best" fallback may need it)."""
         self.diag.iterations = j
+        if not self.needs_step_norms:
+            return False
+        if step is None:
+            raise ValueError("StopRule.record: this rule needs the step norm of every iteration")
+        self.diag.step_norms.append(step)
         if self.keep_best and step <= self._best_step:
             self._best_step = step
             return True
         return False
 
-    def should_stop(self, j: int, step: float) -> bool:
+    def should_stop(self, j: int, step: float | None = None) -> bool:
         if j >= self.num_layers and (self.adaptive or self.bound > self.num_layers):
             self._stop = "exact_after_L"  # w^L is exact, whatever its step looked like
             return True
         if self.adaptive:
+            assert step is not None  # adaptive rules need step norms (needs_step_norms)
             if step < self.method.tol:
                 self._stop = "tol"
                 return True
@@ -197,6 +215,7 @@ def highway_iterate(
     num_layers: int,
     exact_backward: Callable[[States], States] | None = None,
     inplace: bool = False,
+    record_steps: bool = False,
 ) -> tuple[States, Diagnostics]:
     """Run the iteration for `method` and return (w, diagnostics).
 
@@ -210,8 +229,14 @@ def highway_iterate(
         inplace: the caller hands over `g` and fresh outputs of `block_vjp` and `scan`,
             which the iteration may then overwrite (w^0 is added into the scan's output),
             so only w^0, the previous and the new estimate are alive at once.
+        record_steps: compute the relative step of every iteration into
+            `diag.step_norms` even for a fixed k (adaptive methods always do; see
+            `StopRule.needs_step_norms`).
+
+    NaN/Inf: w^0 is checked, then each iteration through its step norm when computed,
+    otherwise once on the returned estimate.
     """
-    rule = StopRule(method, num_layers)
+    rule = StopRule(method, num_layers, record_steps)
     g_for_fallback = None
     if rule.adaptive and method.fallback == "exact":
         g_for_fallback = clone_states(g) if inplace else g
@@ -223,18 +248,33 @@ def highway_iterate(
         u = scan(block_vjp(w))
         w_new = add_states_(u, w0) if inplace else add_states(w0, u)
         del u
-        step, norm = _relative_step(w_new, w)
-        if not (math.isfinite(step) and math.isfinite(norm)):
-            raise_if_nonfinite(w_new, j)
+        step = None
+        if rule.needs_step_norms:
+            step, norm = _relative_step(w_new, w)
+            if not (math.isfinite(step) and math.isfinite(norm)):
+                raise_if_nonfinite(w_new, j)
         w = w_new
         if rule.record(j, step):
             best_w = w
         if rule.should_stop(j, step):
             break
     diag = rule.finish()
+    if not rule.needs_step_norms:
+        check_finite(w, diag.iterations)
     if diag.fallback is not None:
         w = _apply_fallback(diag.fallback, g_for_fallback, w, best_w, exact_backward)
     return w, diag
+
+
+def check_finite(w: States, iteration: int) -> None:
+    """`raise_if_nonfinite`, in one reduction and one sync when everything is finite."""
+    rows = [w] if isinstance(w, Tensor) else w
+    sums = [r.sum() for r in rows if r.numel()]
+    if not sums:
+        return
+    total = torch.stack([s.to(sums[0].device) for s in sums]).sum()
+    if not math.isfinite(float(total)):  # NaN/Inf somewhere (or an overflow): find where
+        raise_if_nonfinite(w, iteration)
 
 
 def _apply_fallback(

@@ -26,7 +26,7 @@ def fast_iterate(eng: Engine, method: Highway | FixedPoint) -> tuple[Tensor, Dia
     The per-layer losses g are the engine's (`set_loss`), added in place. NaN/Inf: checked by
     the step norms and once on the returned estimate.
     """
-    rule = StopRule(method, eng.T)
+    rule = StopRule(method, eng.T, record_steps=True)  # the RNN modules' switch: to wire
     full = not method.keeps_residual  # K = 0: the whole cell's VJP, no scan
     w = eng.init_loss_(eng.new_state())
     if not full:
@@ -77,7 +77,8 @@ def reference_iterate(eng: Engine, method: Highway | FixedPoint) -> tuple[Tensor
 
     g_lm = eng.layer_major(eng.loss_state())
     if full:
-        w, diag = highway_iterate(g_lm, block_vjp, lambda s: s, method, eng.T)
+        w, diag = highway_iterate(g_lm, block_vjp, lambda s: s, method, eng.T, record_steps=True)
     else:
-        w, diag = highway_iterate(g_lm, block_vjp, scan, method, eng.T, exact_backward=exact)
+        w, diag = highway_iterate(g_lm, block_vjp, scan, method, eng.T, exact_backward=exact,
+                                  record_steps=True)
     return eng.from_layer_major(w), diag

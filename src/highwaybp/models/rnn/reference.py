@@ -188,7 +188,7 @@ class _CellFunction(torch.autograd.Function):
 
         g = torch.cat([torch.zeros_like(grad_y[:1]), grad_y])
         if full:
-            w, diag = highway_iterate(g, block_vjp, lambda s: s, method, T)
+            w, diag = highway_iterate(g, block_vjp, lambda s: s, method, T, record_steps=True)
         else:
             w, diag = highway_iterate(
                 g,
@@ -197,6 +197,7 @@ class _CellFunction(torch.autograd.Function):
                 method,
                 T,
                 exact_backward=exact,
+                record_steps=True,
             )
         owner.last_diagnostics = diag
         inputs = [hp, *params] + ([xs] if ctx.needs_input_grad[0] else [])
