@@ -296,6 +296,8 @@ def peak_memory_mb(args: Any, name: str, seq_len: int) -> Optional[float]:
 SWEEP_OP_ROLES: dict[str, str] = {
     "aten::mm": "matmul",
     "aten::addmm": "matmul",
+    "mkldnn::_linear_pointwise": "matmul",  # the f32 path (engine.onednn_applies)
+    "aten::copy_": "matmul",  # oneDNN's fresh output copied into the state (+ one loss row)
     "aten::addcmul_": "scan rows",
     "aten::mul": "gate adjoints",
     "aten::sub": "step-norm difference",
@@ -306,7 +308,6 @@ SWEEP_OP_ROLES: dict[str, str] = {
     "aten::_local_scalar_dense": "step-norm difference",
     "aten::item": "step-norm difference",
     "aten::add_": "losses",
-    "aten::copy_": "losses",
 }
 VIEW_OPS = ("aten::unbind", "aten::slice", "aten::select", "aten::reshape", "aten::unsqueeze",
             "aten::view", "aten::as_strided", "aten::resolve_conj", "aten::resolve_neg")

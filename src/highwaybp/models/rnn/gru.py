@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from highwaybp.models.rnn.engine import Engine, _addmm_or_mm, _sum_or_none
+from highwaybp.models.rnn.engine import Engine, _sum_or_none, matmul_into, packed_linear
 
 
 class GRUEngine(Engine):
@@ -48,17 +48,22 @@ class GRUEngine(Engine):
         w_ih, b_ih, b_hh = self.w_ih, self.b_ih, self.b_hh
         bias_rz = _sum_or_none(None if b_ih is None else b_ih[:h2],
                                None if b_hh is None else b_hh[:h2])  # fmt: skip
-        _addmm_or_mm(bias_rz, x2, w_ih[:h2].t(), G2[:, :h2])
+        matmul_into(x2, w_ih[:h2], G2[:, :h2], bias_rz, self.onednn)
         if b_hh is None:
             G2[:, h2:].zero_()
         else:
             G2[:, h2:].copy_(b_hh[h2:].expand(T * B, H))
-        _addmm_or_mm(None if b_ih is None else b_ih[h2:], x2, w_ih[h2:].t(), N.view(T * B, H))
+        matmul_into(x2, w_ih[h2:], N.view(T * B, H), None if b_ih is None else b_ih[h2:],
+                    self.onednn)  # fmt: skip
         w_t = self.w_hh.t()
+        step_linear = packed_linear(self.w_hh, B)
         hs, rows_g, rows_n = states.unbind(0), G.unbind(0), N.unbind(0)
         for t in range(T):
             g, n, h = rows_g[t], rows_n[t], hs[t]
-            g.addmm_(h, w_t)
+            if step_linear is None:
+                g.addmm_(h, w_t)
+            else:
+                g.add_(step_linear(h))
             g[:, :h2].sigmoid_()
             n.addcmul_(g[:, :H], g[:, h2:]).tanh_()
             torch.lerp(n, h, g[:, H:h2], out=hs[t + 1])
@@ -120,7 +125,7 @@ class GRUEngine(Engine):
         for i < T and v_T = 0, chunk by chunk from the end. With norms, returns
         (||out - w||, ||out||). One Highway iteration is sweep(w, out, False, True, True, True).
         """
-        T, B, H = self.T, self.B, self.H
+        T = self.T
         if with_loss:
             out[T].copy_(self.grad_y[T - 1])
         else:
@@ -134,7 +139,7 @@ class GRUEngine(Engine):
             gate_adj_g = self.gate_adj_by_gate[:n]
             torch.mul(w[s + 1 : e + 1].unsqueeze(2), self.coeff_by_gate[s:e], out=gate_adj_g)
             oc = out[s:e]
-            torch.mm(self.gate_adj[:n].view(n * B, 3 * H), self.w_hh, out=oc.view(n * B, H))
+            self._block_matmul(n, oc)
             if full:
                 oc.addcmul_(self.z[s:e], w[s + 1 : e + 1])
             if with_loss:
@@ -166,9 +171,13 @@ class GRUEngine(Engine):
         ws, zs, coeffs_t = out.unbind(0), self.z.unbind(0), self.coeff_by_gate.unbind(0)
         gate_adj_g, g2 = self.gate_adj_by_gate[0], self.gate_adj[0]
         w_hh = self.w_hh
+        linear = packed_linear(w_hh.t(), self.B)
         for t in range(self.T, 0, -1):
             torch.mul(ws[t].unsqueeze(1), coeffs_t[t - 1], out=gate_adj_g)
-            torch.addmm(gs[t - 1], g2, w_hh, out=ws[t - 1])
+            if linear is None:
+                torch.addmm(gs[t - 1], g2, w_hh, out=ws[t - 1])
+            else:
+                torch.add(gs[t - 1], linear(g2), out=ws[t - 1])
             ws[t - 1].addcmul_(zs[t - 1], ws[t])
         return out
 
