@@ -294,14 +294,15 @@ class Engine:
             rows = self.states_h()[s:e].reshape(n, self.H)
         else:
             rows = self.x[s:e].reshape(n, self.In)
-        if self.onednn:
-            acc[f"w_{side}"].add_(linear(g2.t(), rows.t()))
-        else:
-            acc[f"w_{side}"].addmm_(g2.t(), rows)
+        # G^T rows: both operands transposed, which oneDNN's linear would copy first (half
+        # of param_grads' time when tried); MKL's gemm reads them as they are.
+        acc[f"w_{side}"].addmm_(g2.t(), rows)
         if acc[f"b_{side}"] is not None:
             acc[f"b_{side}"].addmv_(g2.t(), self.ones[:n])
         if side == "ih" and acc["dx"] is not None:
-            matmul_into(g2, self.w_ih.t(), acc["dx"][s:e].view(n, self.In), onednn=self.onednn)
+            if "w_ih_t" not in acc:  # oneDNN reads its weight [In, G*H] contiguous: copy once
+                acc["w_ih_t"] = self.w_ih.t().contiguous() if self.onednn else self.w_ih.t()
+            matmul_into(g2, acc["w_ih_t"], acc["dx"][s:e].view(n, self.In), onednn=self.onednn)
 
     @staticmethod
     def _result(acc: dict):
