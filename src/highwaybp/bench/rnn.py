@@ -111,7 +111,9 @@ FLOOR = "floor"  # the matmul-only loop, timed in the same rounds as the methods
 
 class MatmulFloor:
     """The forward's floor: each layer's recurrent matmuls alone, h_t W_hh^T for t = 1..T
-    ([B, H] x [H, G*H], into a preallocated output), in a Python loop like the methods'.
+    ([B, H] x [H, G*H]), in a Python loop like the methods', through the same matmul the
+    engines' loops use (`engine.packed_linear`: oneDNN with a prepacked weight for large
+    f32 steps, else torch.mm into a preallocated output).
 
     Everything else a recurrent forward does per step (the gates' elementwise ops) costs on
     top of this; the input projection (one batched matmul) is not included. Returns None:
@@ -119,16 +121,22 @@ class MatmulFloor:
     """
 
     def __init__(self, ref: nn.Module, seq_len: int, batch: int) -> None:
-        self.weights = [getattr(ref, f"weight_hh_l{i}").detach().t() for i in range(ref.num_layers)]
-        H = ref.hidden_size
-        self.h = torch.randn(seq_len, batch, H)
-        self.out = torch.empty(seq_len, batch, self.weights[0].shape[1])
+        from highwaybp.models.rnn.engine import packed_linear
+
+        self.weights = [getattr(ref, f"weight_hh_l{i}").detach() for i in range(ref.num_layers)]
+        self.linears = [packed_linear(w, batch) for w in self.weights]
+        self.h = torch.randn(seq_len, batch, ref.hidden_size)
+        self.out = torch.empty(seq_len, batch, self.weights[0].shape[0])
 
     def __call__(self, x: Tensor) -> None:
         rows_h, rows_out = self.h.unbind(0), self.out.unbind(0)
-        for w_t in self.weights:
+        for w, linear in zip(self.weights, self.linears):
+            w_t = w.t()
             for h, out in zip(rows_h, rows_out):
-                torch.mm(h, w_t, out=out)
+                if linear is None:
+                    torch.mm(h, w_t, out=out)
+                else:
+                    linear(h)
 
 
 def measure(fn, params, x, gy, repeats: int, warmup: int) -> dict[str, float]:
