@@ -78,3 +78,15 @@ def test_onednn_per_step_forward_equals_torch_nn(cell, monkeypatch):
     x = torch.randn(T, B, IN)
     with torch.no_grad():
         torch.testing.assert_close(m(x)[0], ref(x)[0], rtol=0, atol=1e-6)
+
+
+@needs_onednn
+def test_onednn_disabled_by_torch_flag_uses_mm():
+    """torch.backends.mkldnn.flags(enabled=False) is honoured: torch.mm path, same result."""
+    y_dnn, g_dnn = _run("lstm", hbp.Highway(k=1), torch.float32)
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert not engine_mod.onednn_applies(torch.zeros(1))
+        y_mm, g_mm = _run("lstm", hbp.Highway(k=1), torch.float32)
+    torch.testing.assert_close(y_dnn, y_mm, rtol=0, atol=1e-6)
+    for a, b in zip(g_dnn, g_mm):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
