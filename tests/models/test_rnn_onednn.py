@@ -81,6 +81,7 @@ def test_onednn_per_step_forward_equals_torch_nn(cell, monkeypatch):
 
 
 @needs_onednn
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # torch's, harmless
 def test_onednn_disabled_by_torch_flag_uses_mm():
     """torch.backends.mkldnn.flags(enabled=False) is honoured: torch.mm path, same result."""
     y_dnn, g_dnn = _run("lstm", hbp.Highway(k=1), torch.float32)
