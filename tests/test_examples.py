@@ -60,3 +60,11 @@ def test_ddg_with_torchrun():
     out = _run("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                str(EXAMPLES / "ddg_torchrun.py"))
     assert _number(r"DDG on 2 ranks: test accuracy ([\d.]+)", out) > 0.5
+
+
+def test_layer_parallel_example_matches_the_single_process_chain_and_learns():
+    out = _run(str(EXAMPLES / "layer_parallel.py"))
+    assert _number(r"single-process Highway\(k=1\)\| = ([\d.e+-]+)", out) < 1e-12
+    first = _number(r"loss ([\d.]+) ->", out)
+    last = _number(r"-> ([\d.]+) over", out)
+    assert last < first - 1.0

@@ -5,7 +5,7 @@
     loss_fn(head(chain(x)), t).backward()
 """
 
-from highwaybp import schedules
+from highwaybp import distributed, schedules
 from highwaybp._compat import require_tested as _require_tested
 from highwaybp._version import __version__
 from highwaybp.control import KController
@@ -53,6 +53,7 @@ __all__ = [
     "Scaled",
     "__version__",
     "compare_gradients",
+    "distributed",
     "from_huggingface",
     "from_torchvision",
     "gradient_fidelity",

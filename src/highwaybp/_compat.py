@@ -20,7 +20,9 @@ release is known to change what the code relies on:
   before 0.9 do not know the rule UP045 that pyproject.toml ignores (ruff refuses the file).
 - scikit-learn >= 1.6: `highwaybp.train.data.load_digits` reaches `sklearn.datasets` as an
   attribute of `sklearn`, which only 1.6+ loads on first use (1.2-1.5: AttributeError).
-- numpy, mnist1d, matplotlib, scikit-learn, hypothesis, pytest: only their stable public API
+- tqdm (the harness's progress bar, `highwaybp.train.loop.Progress`; optional: without it
+  there is no bar): 4.66.0 and 4.70.1 pass tests/train/test_loop.py.
+- numpy, mnist1d, matplotlib, scikit-learn, tqdm, hypothesis, pytest: only their stable public API
   is used; the newest release on the day passes the suite, so no upper bound.
 
 Outside a range, `require_tested` raises `UntestedVersionError`, unless the environment sets
@@ -46,6 +48,7 @@ TESTED_RANGES: dict[str, tuple[str, str | None]] = {
     "mnist1d": ("0.0.2", None),
     "matplotlib": ("3.6.2", None),
     "scikit-learn": ("1.6", None),
+    "tqdm": ("4.66", None),
     "pytest": ("7.2", None),
     "hypothesis": ("6.0", None),
     "ruff": ("0.9", "0.18"),

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import highwaybp as hbp
-from highwaybp.bench.deep import build_stack, extra_tensors_per_layer
+from highwaybp.bench.deep import LAYERWISE, build_stack, extra_tensors_per_layer
 from highwaybp.bench.tensor_memory import TensorMemory
 from highwaybp.core.methods import Highway
-from tests.core.helpers import grads_of, make_block, max_rel_diff
+from tests.core.helpers import grads_of, make_block, make_layer, max_rel_diff
 
 STACKS = {  # model: (depth, width, batch, seq, image)
     "mlp": (16, 64, 128, 8, 6),
@@ -103,3 +103,87 @@ def test_sharing_the_rerun_output_keeps_graphs_that_read_it_exact(residual):
         a = grads_of(chain, x, method, per_layer_loss=True)
         b = grads_of(reference, x, method, per_layer_loss=True)  # no re-run, no sharing
         assert max_rel_diff(a, b) < 1e-12
+
+
+def test_k2_holds_two_extra_states_too():
+    """w^{j+1} = scan(g + v^j): w^0 is not kept beside the estimates (3.1 on 6b9be67)."""
+    stack = build_stack("mlp", *STACKS["mlp"])
+    extra = extra_tensors_per_layer(stack, Highway(k=2), "loop")
+    assert 1.9 <= extra <= 2.2, extra
+
+
+@pytest.mark.parametrize("method", [hbp.Highway(k=1), hbp.Highway(k=3), hbp.FixedPoint(k=2),
+                                    hbp.Highway(tol=1e-30, max_k=3, fallback="best"),
+                                    hbp.Highway(tol=1e-30, max_k=3, fallback="last")])
+def test_sparse_and_dense_loss_forms_agree(method):
+    """A loss on h_L alone runs the sparse form (g added on its rows, w^0 not kept); the
+    same loss through return_states=True runs the dense form (w^0 + scan(v)): equal to
+    rounding, for every k and the adaptive fallbacks."""
+    torch.manual_seed(0)
+    kinds = ["identity", "gated", "relu", "scaled", "identity"]
+    chain = hbp.ResidualChain([make_layer(k, 4) for k in kinds]).double()
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    params = [x, *chain.parameters()]
+    out = chain(x, method=method)
+    sparse = torch.autograd.grad((out**3).sum(), params)
+    states = chain(x, method=method, return_states=True)
+    dense = torch.autograd.grad((states[-1] ** 3).sum(), params)
+    assert max_rel_diff(sparse, dense) < 1e-12
+    # losses on two states (h_2 and h_5 of 6): still sparse, h_2's row copied before the
+    # in-place scan turns g into w^0
+    h2, h5 = chain(x, method=method, return_states=(2, 5))
+    sparse = torch.autograd.grad((h2.sin() + h5**3).sum(), params)
+    states = chain(x, method=method, return_states=True)
+    dense = torch.autograd.grad((states[1].sin() + states[4] ** 3).sum(), params)
+    assert max_rel_diff(sparse, dense) < 1e-12
+
+
+def test_batched_backend_overhead_is_bounded():
+    """The batched backend holds more (stacked parameters and inputs, the stacked
+    cotangent, vmap's extra LayerNorm output, every layer's VJP temporaries at once):
+    9.9 per layer for this MLP at k = 1, 11.91 on 6b9be67 (a zeros buffer per layer
+    allocated before the VJP call; the stacked outputs kept beside the stacked inputs
+    holding the same values, which at this size the vmapped re-run reproduces exactly)."""
+    stack = build_stack("mlp", *STACKS["mlp"])
+    extra = extra_tensors_per_layer(stack, Highway(k=1), "batched")
+    assert extra <= 10.2, extra
+
+
+@pytest.mark.parametrize("model", sorted(STACKS))
+def test_layerwise_sweeps_hold_about_one_extra_state_per_layer(model):
+    stack = build_stack(model, *STACKS[model])
+    for k in (1, 2):
+        extra = extra_tensors_per_layer(stack, Highway(k=k), LAYERWISE)
+        assert extra <= 1.3, (k, extra)  # 2.0-2.2 with the default sweeps
+
+
+METHODS = [hbp.Highway(k=1), hbp.Highway(k=3), hbp.FixedPoint(k=2), hbp.Highway(k=0),
+           hbp.Highway(tol=1e-30, max_k=3, fallback="best"),
+           hbp.Highway(tol=1e-30, max_k=3, fallback="last"),
+           hbp.Highway(tol=1e-30, max_k=2, fallback="exact")]
+
+
+@pytest.mark.parametrize("method", METHODS, ids=repr)
+@pytest.mark.parametrize("per_layer_loss", [False, True])
+def test_layerwise_sweeps_give_the_same_estimate(method, per_layer_loss):
+    torch.manual_seed(0)
+    kinds = ["identity", "gated", "relu", "scaled", "identity"]
+    layers = [make_layer(k, 4) for k in kinds]
+    chain = hbp.ResidualChain(layers).double()
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    want = grads_of(chain, x, method, per_layer_loss)
+    # releasing the old rows, or keeping them for the norms; re-run or recorded graphs
+    for record, recompute in ((False, True), (True, True), (False, False)):
+        layerwise = hbp.ResidualChain(layers, layerwise_sweeps=True, record_step_norms=record,
+                                      recompute=recompute)
+        got = grads_of(layerwise, x, method, per_layer_loss)
+        assert max_rel_diff(got, want) < 1e-12
+        assert layerwise.last_diagnostics.iterations == chain.last_diagnostics.iterations
+        if record or method.adaptive:
+            steps = layerwise.last_diagnostics.step_norms
+            assert len(steps) == layerwise.last_diagnostics.iterations
+
+
+def test_layerwise_sweeps_need_the_loop_backend():
+    with pytest.raises(ValueError, match="vjp='loop'"):
+        hbp.ResidualChain([make_layer("identity", 4)], vjp="batched", layerwise_sweeps=True)

@@ -70,7 +70,7 @@ def test_train_run_resumes_from_checkpoint(tmp_path):
     args = _tiny_args(tmp_path, "--tasks", "gpt")
     args.steps = 6
     task = de.gpt_task(args)
-    diag = de._diag_methods(args)
+    diag = de.diag_methods_of(args)
     full = de.train_run(task, Highway(k=1), diag, tmp_path / "a.pt", 2, lambda s: None)
 
     batch = task.batch
@@ -114,7 +114,7 @@ def test_k_schedule_arm_follows_its_schedule_and_resumes(tmp_path):
     args = _tiny_args(tmp_path, "--tasks", "gpt")
     args.steps = 6
     task = de.gpt_task(args)
-    diag = de._diag_methods(args)
+    diag = de.diag_methods_of(args)
     full = de.train_run(task, Exact(), diag, tmp_path / "a.pt", 2, lambda s: None,
                         schedule="linear:0,2,4")
     assert full["method"] == "schedule:linear:0,2,4"

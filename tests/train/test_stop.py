@@ -76,7 +76,7 @@ def test_deep_train_run_stopped_between_checkpoints_resumes_exactly(tmp_path):
     de.apply_tiny(args)
     args.steps = 6
     task = de.gpt_task(args)
-    diag = de._diag_methods(args)
+    diag = de.diag_methods_of(args)
     full = de.train_run(task, Highway(k=1), diag, tmp_path / "a.pt", 4, lambda s: None)
     ckpt = tmp_path / "b.pt"
     logs: list[str] = []

@@ -11,6 +11,7 @@ BENCHES: tuple[str, ...] = (
     "highwaybp.bench.deep",
     "highwaybp.bench.ddg",
     "highwaybp.bench.rnn",
+    "highwaybp.bench.layer_parallel",
 )
 
 

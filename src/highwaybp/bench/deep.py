@@ -182,12 +182,16 @@ def memory_probe(spec: dict[str, Any]) -> dict[str, float]:
     return {"peak_rss_growth_bytes": float(growth), "state_bytes": stack.state_bytes}
 
 
+LAYERWISE = "loop+layerwise"  # the loop backend with ResidualChain(layerwise_sweeps=True)
+
+
 def tensor_memory_peak(stack: Stack, method: Method, vjp: str) -> int:
     """Peak bytes of tensors alive during one training step (forward + backward), counted
     by `TensorMemory` (deterministic: the same on every run and machine load), after one
     warm-up step; parameters and the input, allocated before, are not counted."""
-    previous = stack.chain.vjp
-    stack.chain.vjp = vjp
+    previous = stack.chain.vjp, stack.chain.layerwise_sweeps
+    stack.chain.vjp = "loop" if vjp == LAYERWISE else vjp
+    stack.chain.layerwise_sweeps = vjp == LAYERWISE
     try:
         stack.loss(method).backward()  # warm-up (lazy initialisation)
         stack.chain.zero_grad(set_to_none=True)
@@ -195,7 +199,7 @@ def tensor_memory_peak(stack: Stack, method: Method, vjp: str) -> int:
             stack.loss(method).backward()
         stack.chain.zero_grad(set_to_none=True)
     finally:
-        stack.chain.vjp = previous
+        stack.chain.vjp, stack.chain.layerwise_sweeps = previous
     return mem.peak_bytes
 
 
@@ -273,6 +277,30 @@ def bench_model(args: argparse.Namespace, model: str, log: Callable[[str], None]
     return rows
 
 
+MEMORY_ONLY_NOTE = (
+    "deterministic: peak bytes of the tensors alive during one training step (forward and "
+    "backward), counted by highwaybp.bench.tensor_memory.TensorMemory after one warm-up "
+    "step; the same on every run and under any machine load. extra_tensors_per_layer = "
+    "(peak - exact's peak) / (state bytes x L)."
+)
+
+
+def memory_rows(args: argparse.Namespace, model: str) -> list[dict]:
+    """Only the deterministic tensor memory: Exact, then each k with each VJP backend and
+    with the loop backend's layerwise sweeps (`ResidualChain(layerwise_sweeps=True)`)."""
+    dtype = getattr(torch, args.dtype)
+    stack = build_stack(model, args.depth, args.width, args.batch, args.seq, args.image, dtype)
+    depth = len(stack.chain)
+    rows = [{"method": "exact", "k": None, "vjp": "autograd"}]
+    rows += [{"method": f"highway(k={k})", "k": k, "vjp": vjp}
+             for k in args.ks if k <= depth for vjp in [*args.vjps, LAYERWISE]]
+    _add_tensor_memory(stack, rows)
+    for row in rows:
+        row.update(model=model, depth=depth, width=args.width,
+                   state_mb=stack.state_bytes / 2**20)
+    return rows
+
+
 def _add_tensor_memory(stack: Stack, rows: list[dict]) -> None:
     """Deterministic peak tensor memory of every timed row (see `tensor_memory_peak`)."""
     state, depth = stack.state_bytes, len(stack.chain)
@@ -327,6 +355,7 @@ def print_table(rows: list[dict]) -> None:
     head = (
         f"{'model':<12}{'L':>4} {'method':<16}{'vjp':<9}{'fwd ms':>9}{'bwd ms':>9}"
         f"{'bwd x':>7}{'step x':>7}{'cosine':>11}{'rel err':>10}{'peak MB':>9}{'extra/L':>8}"
+        f"{'tensors/L':>10}"
     )
     print(head)
     print("-" * len(head))
@@ -343,7 +372,17 @@ def print_table(rows: list[dict]) -> None:
             f"{_fmt(r.get('cosine'), '.6f'):>11}{_fmt(r.get('rel_error'), '.1e'):>10}"
             f"{_fmt(r.get('peak_mb'), '.1f'):>9}"
             f"{_fmt(r.get('extra_state_tensors_per_layer_vs_exact'), '.2f'):>8}"
+            f"{_fmt(r.get('extra_tensors_per_layer'), '.2f'):>10}"
         )
+
+
+def print_memory_table(rows: list[dict]) -> None:
+    head = f"{'model':<12}{'L':>4} {'method':<16}{'vjp':<9}{'tensor MB':>10}{'extra/L':>9}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['model']:<12}{r['depth']:>4} {r['method']:<16}{r['vjp']:<9}"
+              f"{r['tensor_peak_mb']:>10.1f}{r['extra_tensors_per_layer']:>9.2f}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -357,7 +396,10 @@ def run(args: argparse.Namespace) -> int:
     rows: list[dict] = []
     for model in args.models:
         log(f"bench deep: {model} L={args.depth} W={args.width}")
-        rows.extend(bench_model(args, model, log))
+        if args.memory_only:
+            rows.extend(memory_rows(args, model))
+        else:
+            rows.extend(bench_model(args, model, log))
     result = {
         "bench": "deep",
         "argv": list(sys.argv),
@@ -368,15 +410,18 @@ def run(args: argparse.Namespace) -> int:
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
         },
-        "note": "median of repeats after warm-up; shared, noisy machine; memory = peak growth "
-        "of the sampled resident set during one step in a fresh process "
-        "(MALLOC_MMAP_THRESHOLD_=65536)",
+        "note": MEMORY_ONLY_NOTE if args.memory_only else (
+            "median of repeats after warm-up; shared, noisy machine; memory = peak growth "
+            "of the sampled resident set during one step in a fresh process "
+            "(MALLOC_MMAP_THRESHOLD_=65536); tensor memory = peak bytes of tensors alive "
+            "during one step (deterministic)"),
+        "memory_only": bool(args.memory_only),
         "results": rows,
     }
     if args.out:
         atomic_write_json(args.out, result)
     if not args.quiet:
-        print_table(rows)
+        (print_memory_table if args.memory_only else print_table)(rows)
         if args.out:
             print(f"wrote {args.out}")
     return 0
@@ -405,6 +450,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         dest="memory",
         action="store_false",
         help="skip the subprocess peak-memory probes",
+    )
+    p.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="only the deterministic tensor memory of each method (no timings, no RSS probes)",
     )
     p.add_argument("--quick", action="store_true", help="tiny sizes (CI smoke run)")
     p.add_argument("--quiet", action="store_true")

@@ -55,25 +55,34 @@ def _command_line(cmd: str | None) -> list[str]:
 
 def _scan(path: Path, d: dict[str, Any]) -> list[str]:
     m = d["machine"]
+    records = d["records"]
+    by_kind = any("coefficients" in r for r in records)
+    what = "diagonal or identity K" if by_kind else "diagonal coefficients"
+    runs = "interleaved rounds" if d.get("interleaved") else "runs"
     lines = [
         f"### Scans: `{path}`",
         "",
-        f"{d['dtype']}, diagonal coefficients, median of {d['repeats']} runs, torch "
+        f"{d['dtype']}, {what}, median of {d['repeats']} {runs}, torch "
         f"{m['torch']}, {m['threads']} threads. Command: `highwaybp bench scan --out {path}`.",
         "",
     ]
-    rows = [
-        [
+    head = ["N (states)", "elements per state", "sequential ms", "Hillis-Steele ms",
+            "Hillis-Steele / sequential"]
+    if by_kind:  # files from the bench with the torch baseline
+        head = ["K", *head, "torch fused ms", "torch fused op"]
+    rows = []
+    for r in records:
+        row = [
             str(r["length"]),
             str(r["width"]),
             f"{r['sequential_ms']:.2f}",
             f"{r['hillis_steele_ms']:.2f}",
             f"{r['hillis_steele_over_sequential']:.1f}",
         ]
-        for r in d["records"]
-    ]
-    head = ["N (states)", "elements per state", "sequential ms", "Hillis-Steele ms",
-            "Hillis-Steele / sequential"]
+        if by_kind:
+            row = [r.get("coefficients", ""), *row, _fmt(r.get("torch_fused_ms"), ".2f"),
+                   r.get("torch_fused", "")]
+        rows.append(row)
     return lines + _table(head, rows) + [""]
 
 
@@ -173,7 +182,26 @@ def _rnn_profile(path: Path, d: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _deep_memory(path: Path, d: dict[str, Any]) -> list[str]:
+    cfg = d["config"]
+    lines = [
+        f"### Deep stack memory (deterministic): `{path}`",
+        "",
+        f"{', '.join(cfg['models'])}, L={cfg['depth']}, width {cfg['width']}, batch "
+        f"{cfg['batch']}, {cfg['dtype']}. {d.get('note', '')}",
+        *_command_line("highwaybp " + " ".join(d["argv"][1:]) if d.get("argv") else None),
+    ]
+    head = ["model", "method", "VJPs", "state MB", "peak tensor MB",
+            "extra state tensors / layer vs exact"]
+    rows = [[f"{r['model']} L={r['depth']}", r["method"], r["vjp"], f"{r['state_mb']:.2f}",
+             f"{r['tensor_peak_mb']:.1f}", f"{r['extra_tensors_per_layer']:.2f}"]
+            for r in d["results"]]
+    return lines + _table(head, rows) + [""]
+
+
 def _deep_bench(path: Path, d: dict[str, Any]) -> list[str]:
+    if d.get("memory_only"):
+        return _deep_memory(path, d)
     cfg = d["config"]
     lines = [
         f"### Deep stack bench: `{path}`",
@@ -283,6 +311,69 @@ def _ddg_experiment(path: Path, d: dict[str, Any]) -> list[str]:
             *_command_line(d.get("command")), format_table(rows), ""]
 
 
+def _layer_parallel(path: Path, d: dict[str, Any]) -> list[str]:
+    from highwaybp.bench.layer_parallel import format_measured, format_paper, paper_summary
+
+    st, link = d["stack"], d["link"]
+    lines = [
+        f"### Layer-parallel Highway-BP vs pipeline schedules: `{path}`",
+        "",
+        f"Residual MLP blocks (LayerNorm, {st['width']} -> {st['hidden']} -> {st['width']}, "
+        f"GELU), L = {st['depth']}, {st['rows']} rows, float32; one thread per rank, "
+        f"{d['cpu_count']} cores; median of {d['rounds']} rounds (every configuration once "
+        f"per round). Link fitted: {1e6 * link['latency_s']:.0f} us + bytes / "
+        f"{link['bandwidth_bytes_per_s'] / 1e9:.2f} GB/s. Predicted = "
+        "`highwaybp.distributed.costmodel` from the per-layer costs measured in the same run "
+        "(docs/costmodel.md); with more ranks than cores the prediction is the CPU-bound one.",
+        *_command_line(d.get("command")),
+        format_measured(d),
+        "",
+    ]
+    if d.get("skipped"):
+        lines += ["Not run: " + "; ".join(
+            f"P={s.get('ranks', '-')} {s['config']}: {s['reason']}" for s in d["skipped"]), ""]
+    if d["paper_predictions"]["rows"]:
+        dev = d["paper_predictions"]["device"]
+        lines += [
+            "**Predictions, not measurements**, for the paper's models: per-layer costs from "
+            f"FLOP counts at {dev['flops'] / 1e12:.0f} TFLOP/s effective + "
+            f"{1e6 * dev['overhead_s']:.0f} us per layer call ({dev['name']}), link "
+            f"{1e6 * dev['link_latency_s']:.0f} us + bytes / {dev['link_bandwidth'] / 1e9:.0f}"
+            " GB/s; best exact = fastest of GPipe, 1F1B, interleaved ZB, ZBV, DualPipeV over M; "
+            "bold = Highway(k) faster than it.",
+            "",
+            format_paper(d),
+            "",
+            "Where Highway(k) beats the best exact schedule (predicted):",
+            "",
+            *paper_summary(d),
+            "",
+        ]
+    return lines
+
+
+def costmodel_block(results: Path) -> str:
+    """docs/costmodel.md's generated part: the measured error of the model per configuration
+    (from results/bench/layer_parallel/bench.json), or how to produce it."""
+    path = results / "bench" / "layer_parallel" / "bench.json"
+    if not path.exists():
+        return ("No measured run is committed yet. On a quiet machine run "
+                "`highwaybp bench layer-parallel`, then `highwaybp report`; this section then "
+                "lists the model's error for every measured configuration.")
+    from highwaybp.bench.layer_parallel import format_measured
+
+    d = json.loads(path.read_text())
+    worst = max(d["measured"], key=lambda r: abs(r["error_pct"]))
+    within = sum(abs(r["error_pct"]) <= 20 for r in d["measured"])
+    return "\n".join([
+        f"From `results/bench/layer_parallel/bench.json` (`{d['command']}`): the model is within "
+        f"20% of the measured step for {within} of {len(d['measured'])} configurations; the "
+        f"largest error is {worst['error_pct']:+.0f}% (P={worst['ranks']} {worst['label']}).",
+        "",
+        format_measured(d),
+    ])
+
+
 def _mean(values: list[float | None]) -> float | None:
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
@@ -321,6 +412,8 @@ SECTIONS: tuple[Section, ...] = (
             _ddg_bench),
     Section("DDG convergence (`highwaybp experiment ddg`)",
             lambda d: d.get("experiment") == "ddg", _ddg_experiment),
+    Section("Layer-parallel (`highwaybp bench layer-parallel`)",
+            lambda d: d.get("bench") == "layer_parallel", _layer_parallel),
 )
 
 
@@ -412,6 +505,9 @@ def headline(results: Path) -> str:
         rows.append([f"DDG (baseline), {best['processes']} processes on 2 cores",
                      f"best: {_x(best['speedup_vs_best_backprop'])} vs 1-process backprop",
                      "", "`results/ddg/bench_ddg.json`"])
+    path = results / "bench" / "layer_parallel" / "bench.json"
+    if path.exists():
+        rows.append(_layer_parallel_headline(json.loads(path.read_text())))
     path = results / "kschedule" / "summary.json"
     if path.exists():
         tasks = json.loads(path.read_text())["summary"]
@@ -431,14 +527,33 @@ def headline(results: Path) -> str:
     return "\n".join(_table(head, rows))
 
 
-def splice(readme: str, block: str) -> str:
+def _layer_parallel_headline(d: dict[str, Any]) -> list[str]:
+    """The README row of the layer-parallel bench: Highway(k) on 2 processes, one
+    micro-batch, against the fastest exact schedule measured on the same 2 processes."""
+    two = [r for r in d["measured"] if r["ranks"] == 2]
+    exact = [r for r in two if r["config"]["method"] == "exact"]
+    if not exact:
+        return ["Layer-parallel, 2 processes", "-", "-",
+                "`results/bench/layer_parallel/bench.json`"]
+    best = min(exact, key=lambda r: r["step_s"])
+    cells = []
+    for k in (0, 1):
+        hw = [r for r in two if r["label"] == f"highway(k={k}) distributed M=1"]
+        cells.append(f"{_x(best['step_s'] / hw[0]['step_s'])} vs best exact pipeline "
+                     f"({best['label']})" if hw else "-")
+    st = d["stack"]
+    return [f"Layer-parallel, 2 processes x 1 thread, residual MLP L={st['depth']}", *cells,
+            "`results/bench/layer_parallel/bench.json`"]
+
+
+def splice(readme: str, block: str, begin: str = README_BEGIN, end: str = README_END) -> str:
     """`readme` with the text between the generated-block markers replaced by `block`."""
-    if README_BEGIN not in readme or README_END not in readme:
-        raise ValueError(f"README has no generated block: add the lines {README_BEGIN!r} and "
-                         f"{README_END!r} where the table goes")
-    head, rest = readme.split(README_BEGIN, 1)
-    _, tail = rest.split(README_END, 1)
-    return f"{head}{README_BEGIN}\n{block}\n{README_END}{tail}"
+    if begin not in readme or end not in readme:
+        raise ValueError(f"README has no generated block: add the lines {begin!r} and "
+                         f"{end!r} where the table goes")
+    head, rest = readme.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{block}\n{end}{tail}"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -468,6 +583,9 @@ def run(args: argparse.Namespace) -> int:
     outputs = {args.out: render(args.results, root=args.results.resolve().parent)}
     if args.readme.exists():
         outputs[args.readme] = splice(args.readme.read_text(), headline(args.results))
+    costmodel_doc = args.out.parent / "costmodel.md"  # its measured-error section
+    if costmodel_doc.exists():
+        outputs[costmodel_doc] = splice(costmodel_doc.read_text(), costmodel_block(args.results))
     if args.check:
         stale = [str(path) for path, text in outputs.items()
                  if not path.exists() or path.read_text() != text]

@@ -41,6 +41,11 @@ class ResidualChain(nn.Module):
             autograd graph (the memory of ordinary backprop) and the backward uses it, which
             saves that re-run (about a third of a Highway step at k = 1 on the demo model).
             Needs vjp="loop"; allows one backward per forward.
+        layerwise_sweeps: take each sweep's VJPs layer by layer from the top (L autograd
+            calls instead of one), releasing each row of the old estimate as soon as its
+            VJP is taken: about 1 extra state-sized tensor per layer over exact backprop
+            instead of 2 (less when the step norms or the "best" fallback keep the old
+            estimate). Same estimate to rounding. Needs vjp="loop".
         record_step_norms: compute each iteration's relative step into
             `last_diagnostics.step_norms` for a fixed k too (adaptive methods always do).
             Off by default: it is a full pass over two estimates per iteration that nothing
@@ -78,6 +83,7 @@ class ResidualChain(nn.Module):
         preserve_rng_state: bool = True,
         recompute: bool = True,
         record_step_norms: bool = False,
+        layerwise_sweeps: bool = False,
     ) -> None:
         super().__init__()
         layers = list(layers)
@@ -97,6 +103,9 @@ class ResidualChain(nn.Module):
         self.preserve_rng_state = preserve_rng_state
         self.recompute = recompute
         self.record_step_norms = record_step_norms
+        if layerwise_sweeps and vjp != "loop":
+            raise ValueError("layerwise_sweeps=True takes per-layer VJPs: it needs vjp='loop'")
+        self.layerwise_sweeps = layerwise_sweeps
         self.last_diagnostics: Optional[Diagnostics] = None
 
     def __len__(self) -> int:
@@ -399,14 +408,30 @@ def _backward(
     raise_if_nonfinite(g, 0, "the gradient flowing into the chain")
     ops = _ChainOps(chain, backend, _is_uniform(chain, g))
     method = run.method
-    if not method.keeps_residual:  # K = 0: the whole layer's VJP, no scan
-        w, diag = highway_iterate(g, ops.full_vjp, lambda s: s, method, len(chain.layers),
-                                  inplace=True, record_steps=run.record_step_norms)
+    num_layers = len(chain.layers)
+    full = not method.keeps_residual  # K = 0: the whole layer's VJP, no scan
+    layerwise = None
+    if chain.layerwise_sweeps:
+        def layerwise(w: list, g_rows: dict) -> list:
+            return ops.layerwise_sweep(w, g_rows, full)
+    options = dict(inplace=True, record_steps=run.record_step_norms,
+                   loss_rows=_loss_rows(run.return_states, num_layers),
+                   layerwise_sweep=layerwise)
+    if full:
+        w, diag = highway_iterate(g, ops.full_vjp, lambda s: s, method, num_layers, **options)
     else:
-        w, diag = highway_iterate(g, ops.block_vjp, ops.scan, method, len(chain.layers),
-                                  exact_backward=ops.exact_backward, inplace=True,
-                                  record_steps=run.record_step_norms)
+        w, diag = highway_iterate(g, ops.block_vjp, ops.scan, method, num_layers,
+                                  exact_backward=ops.exact_backward, **options)
     return w[0], w[1:], diag
+
+
+def _loss_rows(return_states: bool | tuple[int, ...], num_layers: int) -> list[int]:
+    """The states with a loss of their own (g_i possibly nonzero): the returned ones."""
+    if return_states is True:
+        return list(range(1, num_layers + 1))
+    if return_states is False:
+        return [num_layers]
+    return list(return_states)
 
 
 def _is_uniform(chain: ResidualChain, g: list[Tensor]) -> bool:
@@ -486,6 +511,34 @@ class _ChainOps:
         for j in range(1, len(self.layers) + 1):
             v[j - 1].add_(self._apply_k(j, w[j]))
         return v
+
+    def layerwise_sweep(self, w: list[Any], g_rows: dict[int, Tensor],
+                        full: bool = False) -> list[Tensor]:
+        """scan(g + block_vjp(w)) from the top layer down (full: g + full_vjp(w), no scan).
+
+        Each layer's VJP is its own autograd call, and w[i+1] is set to None as soon as
+        it is taken: the old estimate is released row by row while the new one grows, so
+        about one estimate is alive instead of two (the caller passes a copy of the list
+        when it needs the old rows).
+        """
+        num_layers = len(self.layers)
+        new: list[Any] = [None] * (num_layers + 1)
+        last = g_rows.get(num_layers)
+        new[-1] = torch.zeros_like(w[-1]) if last is None else last  # v_L = 0
+        w[0] = None  # no VJP reads w_0
+        for i in range(num_layers - 1, -1, -1):
+            j = i + 1
+            v = self.backend.layer_block_vjp(j, w[j])
+            if full:
+                v = v + self._apply_k(j, w[j])
+            (v,) = _unaliased([v], [t for t in (w[j], new[j]) if t is not None])
+            w[j] = None
+            if i in g_rows:
+                v.add_(g_rows[i])
+            if not full:
+                v.add_(self._apply_k(j, new[j]))
+            new[i] = v
+        return new
 
     def exact_backward(self, g: list[Tensor]) -> list[Tensor]:
         w = list(g)

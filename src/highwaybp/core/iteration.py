@@ -12,7 +12,7 @@ FixedPoint is the same loop with K = 0 (scan = identity, block_vjp = the full la
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
@@ -216,6 +216,8 @@ def highway_iterate(
     exact_backward: Callable[[States], States] | None = None,
     inplace: bool = False,
     record_steps: bool = False,
+    loss_rows: Sequence[int] | None = None,
+    layerwise_sweep: Callable[[list, dict], list] | None = None,
 ) -> tuple[States, Diagnostics]:
     """Run the iteration for `method` and return (w, diagnostics).
 
@@ -226,36 +228,75 @@ def highway_iterate(
         scan: x -> y with y_L = x_L, y_i = x_i + y_{i+1} @ K_{i+1} (FixedPoint: identity).
         num_layers: L; the estimate is exact after L iterations, so at most L are run.
         exact_backward: g -> exact gradients (sequential), used by the adaptive fallback.
-        inplace: the caller hands over `g` and fresh outputs of `block_vjp` and `scan`,
-            which the iteration may then overwrite (w^0 is added into the scan's output),
-            so only w^0, the previous and the new estimate are alive at once.
+        inplace: the caller hands over `g` (a list of states, which is emptied) and fresh
+            outputs of `block_vjp` and `scan`, which the iteration may then overwrite, so
+            that only two or three estimates are alive at once (see below).
         record_steps: compute the relative step of every iteration into
             `diag.step_norms` even for a fixed k (adaptive methods always do; see
             `StopRule.needs_step_norms`).
+        loss_rows: the indices i where g_i may be nonzero (None: anywhere). With `inplace`
+            and losses on at most half the states, each iteration is computed as
+            w^{j+1} = scan(g + v^j) (the scan is linear): g added on those rows only, the
+            scan run in place on v^j; w^0 is then not kept beside the estimates (2 alive
+            instead of 3 for k >= 2) and the L-row addition of w^0 disappears. Otherwise
+            w^{j+1} = w^0 + scan(v^j). The two forms agree to rounding.
+        layerwise_sweep: (w, {i: g_i}) -> scan(g + block_vjp(w)) computed from the top
+            layer down, setting w[i + 1] to None once its VJP is taken (so about one
+            estimate is alive instead of two). With it the first form is always used
+            (with `inplace`). The old rows are kept (a copy of the list is passed) when
+            the step norms or the "best" fallback need the previous estimate.
 
     NaN/Inf: w^0 is checked, then each iteration through its step norm when computed,
     otherwise once on the returned estimate.
     """
     rule = StopRule(method, num_layers, record_steps)
+    if inplace and isinstance(g, list):
+        # Handed over: the caller's list is emptied so that its reference does not keep
+        # w^0 (g's storage after the in-place scan) alive to the end of the iteration.
+        g, handed = list(g), g
+        handed.clear()
     g_for_fallback = None
     if rule.adaptive and method.fallback == "exact":
         g_for_fallback = clone_states(g) if inplace else g
+    sparse = inplace and not isinstance(g, Tensor) and (
+        layerwise_sweep is not None or (loss_rows is not None and 2 * len(loss_rows) <= len(g)))
+    if loss_rows is None:
+        loss_rows = range(len(g))
+    g_rows: dict[int, Tensor] = {}
+    if sparse:
+        # The scan overwrites g with w^0 in place; the last row is left as it is (y_L = x_L)
+        # and w^0 is never written afterwards, so that row is shared, the others copied.
+        last = len(g) - 1
+        g_rows = {i: g[i] if i == last else g[i].clone() for i in loss_rows}
     w0 = scan(g)
     del g  # with inplace, w0 may be g's storage; nothing else needs g
     raise_if_nonfinite(w0, 0)
     w = best_w = w0
+    if sparse:
+        del w0  # not needed by the iterations: freed as soon as w^1 replaces it
     for j in rule.iterations():
-        u = scan(block_vjp(w))
-        w_new = add_states_(u, w0) if inplace else add_states(w0, u)
-        del u
+        if sparse and layerwise_sweep is not None:
+            keep_old = rule.needs_step_norms or rule.keep_best
+            w_new = layerwise_sweep(list(w) if keep_old else w, g_rows)
+        elif sparse:
+            v = block_vjp(w)
+            for i, g_i in g_rows.items():
+                v[i].add_(g_i)
+            w_new = scan(v)
+            del v
+        else:
+            u = scan(block_vjp(w))
+            w_new = add_states_(u, w0) if inplace else add_states(w0, u)
+            del u
         step = None
         if rule.needs_step_norms:
             step, norm = _relative_step(w_new, w)
             if not (math.isfinite(step) and math.isfinite(norm)):
                 raise_if_nonfinite(w_new, j)
         w = w_new
-        if rule.record(j, step):
-            best_w = w
+        del w_new
+        if rule.record(j, step) or not rule.keep_best:
+            best_w = w  # (without the "best" fallback: an older estimate can be freed)
         if rule.should_stop(j, step):
             break
     diag = rule.finish()

@@ -173,15 +173,45 @@ def same_scalar(a: Any, b: Any) -> bool:
 @contextmanager
 def replayed(state: ForwardState) -> Iterator[None]:
     """Run the body under the captured RNG and autocast state; the caller's RNG is untouched."""
-    devices = state.device_ids if state.cpu_rng is not None else []
-    with torch.random.fork_rng(devices=devices, enabled=state.cpu_rng is not None,
-                               device_type=state.device_type if devices else None):
-        if state.cpu_rng is not None:
-            torch.set_rng_state(state.cpu_rng)
+    with rng_forked(state.cpu_rng, state.device_ids, state.device_rng, state.device_type), \
+            _autocast(state.autocast):
+        yield
+
+
+# The RNG save/restore of every re-run (the chain's VJP re-runs above, DDG's recomputed
+# forwards and per-stage streams in highwaybp.ddg.stage): one owner.
+
+
+@contextmanager
+def rng_forked(cpu_rng: Optional[Tensor], device_ids: list, device_rng: list,
+               device_type: str = "cuda") -> Iterator[None]:
+    """Run the body with the CPU RNG set to `cpu_rng` and each device in `device_ids` set to
+    its state in `device_rng`; the caller's RNG states are restored afterwards. With
+    `cpu_rng` None the body runs under the caller's RNG, untouched."""
+    devices = device_ids if cpu_rng is not None else []
+    with torch.random.fork_rng(devices=devices, enabled=cpu_rng is not None,
+                               device_type=device_type if devices else None):
+        if cpu_rng is not None:
+            torch.set_rng_state(cpu_rng)
             if devices:
-                set_device_states(devices, state.device_rng, device_type=state.device_type)
-        with _autocast(state.autocast):
-            yield
+                set_device_states(devices, device_rng, device_type=device_type)
+        yield
+
+
+def rng_states(device: torch.device) -> list[Tensor]:
+    """The RNG states a forward on `device` draws from: [CPU] or [CPU, that CUDA device]."""
+    states = [torch.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
+@contextmanager
+def rng_states_used(states: list[Tensor], device: torch.device) -> Iterator[None]:
+    """Run the body with the RNG set to `states` (from `rng_states(device)`), then restore
+    the caller's RNG."""
+    with rng_forked(states[0], [device] if device.type == "cuda" else [], states[1:]):
+        yield
 
 
 @contextmanager

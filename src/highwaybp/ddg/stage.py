@@ -52,6 +52,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from highwaybp.core.replay import rng_states, rng_states_used
+
 Semantics = Literal["stash", "recompute"]
 SEMANTICS: tuple[str, ...] = ("stash", "recompute")
 
@@ -145,27 +147,6 @@ def split_model(
     return [nn.Sequential(*layers[a:b]) for a, b in zip(boundaries, boundaries[1:])]
 
 
-# ----------------------------------------------------------------------------- RNG
-
-
-def _rng_get(device: torch.device) -> list[torch.Tensor]:
-    states = [torch.get_rng_state()]
-    if device.type == "cuda":
-        states.append(torch.cuda.get_rng_state(device))
-    return states
-
-
-@contextlib.contextmanager
-def _rng_use(states: list[torch.Tensor], device: torch.device):
-    """Run the body with the RNG set to `states`, then restore the caller's RNG."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.set_rng_state(states[0])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(states[1], device)
-        yield
-
-
 # ----------------------------------------------------------------------------- stage
 
 
@@ -246,12 +227,12 @@ class DDGStage:
         if self._rng is None:
             yield
             return
-        with _rng_use(self._rng, self.device):
+        with rng_states_used(self._rng, self.device):
             yield
-            self._rng = _rng_get(self.device)
+            self._rng = rng_states(self.device)
 
     def _rng_now(self) -> list[torch.Tensor]:
-        return list(self._rng) if self._rng is not None else _rng_get(self.device)
+        return list(self._rng) if self._rng is not None else rng_states(self.device)
 
     def _apply(self, grads: Sequence[Optional[torch.Tensor]]) -> None:
         for (_, p), g in zip(self._trainable(), grads):
@@ -318,7 +299,7 @@ class DDGStage:
         # running statistics count each batch once.
         saved = [b.detach().clone() for b in self.module.buffers()]
         x_in = entry.x.detach().requires_grad_(need_input_grad)
-        with torch.enable_grad(), _rng_use(entry.rng, self.device):
+        with torch.enable_grad(), rng_states_used(entry.rng, self.device):
             y = self.module(x_in)
         inputs = [p for _, p in named] + ([x_in] if need_input_grad else [])
         grads = torch.autograd.grad(y, inputs, grad_output, allow_unused=True)
@@ -425,7 +406,7 @@ class DDGStage:
             params = {n: v.to(self.device).requires_grad_(True) for n, v in e["params"].items()}
             buffers = {n: b.detach().clone() for n, b in self.module.named_buffers()}
             x_in = x.detach().requires_grad_(self.index > 0)
-            with torch.enable_grad(), _rng_use(rng, self.device):
+            with torch.enable_grad(), rng_states_used(rng, self.device):
                 y = functional_call(self.module, {**params, **buffers}, (x_in,))
             self.pending[tau] = _InFlight(x_in, rng, params, y)
 

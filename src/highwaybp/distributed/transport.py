@@ -1,7 +1,8 @@
-"""Point-to-point transport on torch.distributed for multi-process runtimes (DDG now; a
-layer-parallel runtime can reuse it): a shape header negotiated once per link, sends and
-receives that wait at most `timeout` seconds, a watchdog thread that ends a rank that made
-no progress, and errors that name the rank, the peer and the step (`TransportError`)."""
+"""Point-to-point transport on torch.distributed for multi-process runtimes (DDG, and the
+layer-parallel `HighwayPipeline`; `label` names the runtime in messages): a shape header
+negotiated once per link, sends and receives that wait at most `timeout` seconds, a
+watchdog thread that ends a rank that made no progress, and errors that name the rank, the
+peer and the step (`TransportError`)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ _TAG_HEADER, _TAG_ACT, _TAG_ERR = 1, 2, 3
 
 
 class TransportError(RuntimeError):
-    """A rank of the DDG runtime failed, timed out, or lost a peer."""
+    """A rank of a multi-process runtime (DDG, the layer-parallel pipeline) failed, timed
+    out, or lost a peer."""
 
 
 # ----------------------------------------------------------------------------- watchdog
@@ -43,9 +45,11 @@ class Watchdog:
     """
 
     def __init__(
-        self, limit: float, rank: int, on_fire: Optional[Callable[[str], None]] = None
+        self, limit: float, rank: int, on_fire: Optional[Callable[[str], None]] = None,
+        label: str = "DDG",
     ) -> None:
         self.limit = limit
+        self.label = label
         self.rank = rank
         self.on_fire = on_fire
         self._last = time.monotonic()
@@ -64,10 +68,10 @@ class Watchdog:
             idle = time.monotonic() - self._last
             if idle > self.limit:
                 msg = (
-                    f"DDG rank {self.rank}: watchdog: no progress for {idle:.1f}s (limit "
+                    f"{self.label} rank {self.rank}: watchdog: no progress for {idle:.1f}s (limit "
                     f"{self.limit:.0f}s); a peer failed or hangs, so every rank stops"
                 )
-                sys.stderr.write(f"[ddg rank {self.rank}] {msg}\n")
+                sys.stderr.write(f"[{self.label.lower()} rank {self.rank}] {msg}\n")
                 sys.stderr.flush()
                 if self.on_fire is not None:
                     try:
@@ -83,8 +87,10 @@ class Watchdog:
 class Link:
     """Point-to-point messages of one rank with bounded waits and clear errors."""
 
-    def __init__(self, rank: int, world: int, timeout: float, device: torch.device) -> None:
+    def __init__(self, rank: int, world: int, timeout: float, device: torch.device,
+                 label: str = "DDG") -> None:
         self.rank, self.world = rank, world
+        self.label = label  # names the runtime in error messages
         self.timeout = datetime.timedelta(seconds=timeout)
         self.device = device
         self.sends: list[Any] = []
@@ -94,7 +100,7 @@ class Link:
 
     def _fail(self, what: str, peer: int, step: int, err: BaseException) -> TransportError:
         return TransportError(
-            f"DDG rank {self.rank}/{self.world}: {what} rank {peer} failed at step {step} "
+            f"{self.label} rank {self.rank}/{self.world}: {what} rank {peer} failed at step {step} "
             f"(timeout {self.timeout.total_seconds():.0f}s): {type(err).__name__}: {err}. "
             "A peer died, raised or is stuck; every rank stops."
         )
@@ -114,6 +120,15 @@ class Link:
         except Exception as err:
             raise self._fail(f"sending {what} to", dst, step, err) from err
 
+    def send_to(self, tensor: torch.Tensor, dst: int, tag: int, what: str, step: int) -> None:
+        """Post a send of `tensor` to rank `dst` (completed by `flush`)."""
+        self._send(tensor, dst, tag, what, step)
+
+    def recv_from(self, buf: torch.Tensor, src: int, tag: int, what: str,
+                  step: int) -> torch.Tensor:
+        """Receive into `buf` from rank `src`, waiting at most `timeout`."""
+        return self._recv(buf, src, tag, what, step)
+
     def flush(self, step: int) -> None:
         """Wait for this step's sends (bounded), so buffers can be freed."""
         for work, dst, what in self.sends:
@@ -128,7 +143,7 @@ class Link:
         if not self.header_sent:  # once per run (also after a resume)
             if y.dim() > _HEADER_LEN - 2 or y.dtype not in _DTYPES:
                 raise TransportError(
-                    f"DDG sends tensors of <= {_HEADER_LEN - 2} dims with dtype in "
+                    f"{self.label} sends tensors of <= {_HEADER_LEN - 2} dims with dtype in "
                     f"{_DTYPES}; module {self.rank} returned {tuple(y.shape)} {y.dtype}"
                 )
             header = torch.zeros(_HEADER_LEN, dtype=torch.int64, device=self.device)
@@ -139,10 +154,10 @@ class Link:
             self.out_shape = (y.shape, y.dtype)
         elif (y.shape, y.dtype) != self.out_shape:
             raise TransportError(
-                f"DDG rank {self.rank}: the activation of step {step} is {tuple(y.shape)} "
-                f"{y.dtype}, but {tuple(self.out_shape[0])} {self.out_shape[1]} was "
-                "negotiated at the start; batches must keep one shape (drop the last "
-                "partial batch)"
+                f"{self.label} rank {self.rank}: the activation of step {step} is "
+                f"{tuple(y.shape)} {y.dtype}, but {tuple(self.out_shape[0])} "
+                f"{self.out_shape[1]} was negotiated at the start; batches must keep one "
+                "shape (drop the last partial batch)"
             )
         self._send(y.detach(), self.rank + 1, _TAG_ACT, "an activation", step)
 

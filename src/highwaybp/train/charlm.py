@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +47,16 @@ from highwaybp.train.io import (
     atomic_write_json,
     atomic_write_text,
     check_resume_config,
-    load_checkpoint,
-    save_checkpoint,
+    save_figure,
 )
-from highwaybp.train.loop import StopGuard, stopped_message
+from highwaybp.train.loop import (
+    Progress,
+    StopGuard,
+    TrainLoop,
+    echo,
+    method_label,
+    stopped_message,
+)
 
 DEFAULT_METHODS = (
     "exact,highway:k=0,highway:k=1,highway:k=3,fixedpoint:k=0,fixedpoint:k=1,fixedpoint:k=3"
@@ -101,15 +106,15 @@ def _safe(name: str) -> str:
 
 
 class MethodRun:
-    """One method's model, optimizer and history; resumes from its checkpoint."""
+    """One method's model, optimizer and history, trained through a `TrainLoop` (which
+    resumes it from its checkpoint); `run` drives the methods' loops round-robin."""
 
     def __init__(self, args: Any, name: str, corpus: CharCorpus, valid: list) -> None:
-        self.args, self.name, self.valid = args, name, valid
+        self.args, self.name, self.valid, self.corpus = args, name, valid, corpus
         # An arm "schedule:<spec>" (from --k-schedule) lets a KController set the method of
         # every step; any other arm is one method.
         schedule = name.removeprefix(SCHEDULE_ARM) if name.startswith(SCHEDULE_ARM) else None
         method = Exact() if schedule is not None else method_from_string(name)
-        self.ckpt_path = Path(args.out) / "checkpoints" / f"{_safe(name)}.pt"
         torch.manual_seed(args.seed)  # same init for every method
         self.model = CharRNN(
             corpus.vocab_size, args.embed, args.hidden, args.layers, args.cell, method
@@ -121,19 +126,19 @@ class MethodRun:
         self.ctl = (None if schedule is None
                     else KController(self.model, schedule, total_steps=total))
         self.history: list[dict] = []
-        self.step, self.seconds, self.failed = 0, 0.0, False
+        self.failed = False
         self.running, self.count = 0.0, 0
-        state = load_checkpoint(self.ckpt_path)
-        if state is not None:
-            self.model.load_state_dict(state["model"])
-            self.opt.load_state_dict(state["opt"])
-            self.history, self.step = state["history"], state["step"]
-            self.seconds, self.failed = state["seconds"], state.get("failed", False)
-            # the train-loss sum since the last evaluation (a stop between evaluations)
-            self.running, self.count = state.get("running", 0.0), state.get("count", 0)
-            if self.ctl is not None:
-                self.ctl.load_state_dict(state["k_controller"])
-            print(f"  {name}: resumed at step {self.step}", flush=True)
+        self.last_loss: float | None = None
+        # No config in the checkpoint: a larger --steps continues a run (see _NOT_CONFIG);
+        # the folder's config.json guards the rest.
+        self.loop = TrainLoop(
+            self._train_step, args.steps, state=self._state, load_state=self._load_state,
+            checkpoint_path=Path(args.out) / "checkpoints" / f"{_safe(name)}.pt",
+            after_step=self._after_step, name=name, progress=False,
+            k_label=lambda: method_label(method if self.ctl is None else self.ctl.method),
+            log=lambda msg: echo(f"  {msg}"),
+        )  # fmt: skip
+        self.loop.resume()
         if self.step == 0 and not self.history:
             self.history.append(
                 {
@@ -146,51 +151,84 @@ class MethodRun:
             )
 
     @property
+    def step(self) -> int:
+        return self.loop.step
+
+    @property
+    def seconds(self) -> float:
+        return self.loop.train_seconds
+
+    @property
     def done(self) -> bool:
         return self.failed or self.step >= self.args.steps
 
-    def train_step(self, corpus: CharCorpus) -> None:
+    def _state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "opt": self.opt.state_dict(),
+            "history": self.history,
+            "seconds": self.seconds,
+            "failed": self.failed,
+            "running": self.running,  # the train-loss sum since the last evaluation
+            "count": self.count,
+            "k_controller": None if self.ctl is None else self.ctl.state_dict(),
+        }
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        self.history, self.failed = state["history"], state.get("failed", False)
+        self.loop.train_seconds = state["seconds"]
+        self.running, self.count = state.get("running", 0.0), state.get("count", 0)
+        if self.ctl is not None:
+            self.ctl.load_state_dict(state["k_controller"])
+
+    def _train_step(self, step: int) -> float:
         args = self.args
-        batch = _batch(corpus, "train", args, seed=args.seed * 1_000_003 + self.step)
-        t0 = time.perf_counter()
+        batch = _batch(self.corpus, "train", args, seed=args.seed * 1_000_003 + step)
         if self.ctl is not None:  # this step's method (a probe calls the loss itself)
-            self.ctl.step(self.step, loss_fn=lambda: _loss(self.model, batch))
+            self.ctl.step(step, loss_fn=lambda: _loss(self.model, batch))
         self.opt.zero_grad(set_to_none=True)
         loss = _loss(self.model, batch)
         loss.backward()
         if args.clip > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), args.clip)
         self.opt.step()
-        self.seconds += time.perf_counter() - t0
-        self.step += 1
-        value = float(loss.detach())
+        return float(loss.detach())
+
+    def _after_step(self, step: int, value: float) -> bool:
+        """Metrics after step `step`; True (checkpoint) at an evaluation or a failure."""
+        args, done = self.args, step + 1
         if not math.isfinite(value):
-            print(f"  {self.name}: loss is {value} at step {self.step}; stopping this run")
+            echo(f"  {self.name}: loss is {value} at step {done}; stopping this run")
             self.failed = True
-            self.checkpoint()
-            return
+            self.loop.save(done)
+            self.loop.end_early()
+            return False
         self.running, self.count = self.running + value, self.count + 1
-        if self.step % args.eval_every == 0 or self.step == args.steps:
-            self.history.append(
-                {
-                    "method": self.name,
-                    "step": self.step,
-                    "train_loss": self.running / self.count,
-                    "valid_loss": evaluate(self.model, self.valid),
-                    "train_seconds": self.seconds,
-                    **self._k_fields(),
-                }
-            )
-            self.running, self.count = 0.0, 0
-            self.checkpoint()
-            last = self.history[-1]
-            k_note = (f", {last['k_method']}, {last['vjp_sweeps']:.0f} VJP sweeps"
-                      if self.ctl is not None else "")
-            print(
-                f"  {self.name:16s} step {self.step:5d} train {last['train_loss']:.4f} valid "
-                f"{last['valid_loss']:.4f} ({self.seconds:.1f} s{k_note})",
-                flush=True,
-            )
+        self.last_loss = value
+        if done % args.eval_every != 0 and done != args.steps:
+            return False
+        self.history.append(
+            {
+                "method": self.name,
+                "step": done,
+                "train_loss": self.running / self.count,
+                "valid_loss": evaluate(self.model, self.valid),
+                "train_seconds": self.seconds,
+                **self._k_fields(),
+            }
+        )
+        self.running, self.count = 0.0, 0
+        last = self.history[-1]
+        k_note = (f", {last['k_method']}, {last['vjp_sweeps']:.0f} VJP sweeps"
+                  if self.ctl is not None else "")
+        echo(f"  {self.name:16s} step {done:5d} train {last['train_loss']:.4f} valid "
+             f"{last['valid_loss']:.4f} ({self.seconds:.1f} s{k_note})")
+        return True
+
+    def train_step(self) -> None:
+        self.loop.advance()
 
     def _k_fields(self) -> dict:
         """The schedule's current method and the VJP sweeps spent so far (schedule arms)."""
@@ -199,20 +237,7 @@ class MethodRun:
         return {"k_method": repr(self.ctl.method), "vjp_sweeps": self.ctl.total_sweeps()}
 
     def checkpoint(self) -> None:
-        save_checkpoint(
-            self.ckpt_path,
-            {
-                "model": self.model.state_dict(),
-                "opt": self.opt.state_dict(),
-                "history": self.history,
-                "step": self.step,
-                "seconds": self.seconds,
-                "failed": self.failed,
-                "running": self.running,
-                "count": self.count,
-                "k_controller": None if self.ctl is None else self.ctl.state_dict(),
-            },
-        )
+        self.loop.save(self.step)
 
     def result(self) -> dict:
         return {
@@ -297,11 +322,7 @@ def plot(args: Any, runs: list[dict]) -> None:
         f"batch {args.batch}"
     )
     fig.tight_layout()
-    path = Path(args.out) / "charlm.png"
-    tmp = path.with_name(".charlm.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, Path(args.out) / "charlm.png")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -369,21 +390,30 @@ def run(args: argparse.Namespace) -> int:
     # Methods take one step each in turn (round-robin): a load change on a shared machine
     # then slows every method alike, so the wall-clock curves stay comparable.
     runs = [MethodRun(args, name, corpus, valid) for name in names]
+    # One bar for the round-robin: steps of every method; loss and k of the first method.
+    bar = Progress(args.steps * len(runs), sum(min(r.step, args.steps) for r in runs),
+                   f"charlm {len(runs)} methods")
     with StopGuard() as guard:
         while not all(r.done for r in runs):
             if guard.should_stop(0):  # between two round-robin rounds
+                bar.close()
                 for r in runs:
                     r.checkpoint()
                 write_results(args, [r.result() for r in runs], corpus)
                 step = min(r.step for r in runs if not r.done)
                 print(stopped_message(guard, step, args.steps), file=sys.stderr, flush=True)
                 return guard.exit_code()
+            advanced = 0
             for r in runs:
                 if not r.done:
-                    r.train_step(corpus)
+                    r.train_step()
+                    advanced += 1
+            first = runs[0]
+            bar.update(first.last_loss, first.loop.k_label(), steps=advanced)
             if all(r.done or r.step % args.eval_every == 0 for r in runs):
                 results = [r.result() for r in runs]
                 write_results(args, results, corpus)
+    bar.close()
     runs = [r.result() for r in runs]
     write_results(args, runs, corpus)
     plot(args, runs)

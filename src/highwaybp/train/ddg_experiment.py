@@ -31,7 +31,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from highwaybp.train.io import atomic_write_json, atomic_write_text, check_resume_config
+from highwaybp.train.io import (
+    atomic_write_json,
+    atomic_write_text,
+    check_resume_config,
+    save_figure,
+)
+from highwaybp.train.stats import mean_std
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -191,12 +197,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    mean = sum(values) / len(values)
-    var = sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)
-    return mean, var**0.5
-
-
 def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per arm: mean and sample std over seeds, mean curves."""
     rows = []
@@ -205,7 +205,7 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row = {k: mine[0][k] for k in ("arm", "method", "splits", "semantics", "k")}
         row["seeds"] = [r["seed"] for r in mine]
         for key in ("final_test_acc", "best_test_acc", "final_test_loss", "final_train_loss"):
-            row[key], row[key + "_std"] = _mean_std([r[key] for r in mine])
+            row[key], row[key + "_std"] = mean_std([r[key] for r in mine])
         row["final_test_acc_per_seed"] = [r["final_test_acc"] for r in mine]
         times = [r["train_time_s"] for r in mine if r["train_time_s"] is not None]
         row["train_time_s"] = sum(times) / len(times) if times else None
@@ -257,10 +257,4 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax_acc.grid(alpha=0.3)
     ax_loss.grid(alpha=0.3)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".png.tmp")
-    tmp.write_bytes(buf.getvalue())
-    tmp.replace(path)
+    save_figure(fig, path)

@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -51,10 +49,9 @@ from highwaybp.train.io import (
     atomic_write_json,
     atomic_write_text,
     check_resume_config,
-    load_checkpoint,
-    save_checkpoint,
+    save_figure,
 )
-from highwaybp.train.loop import StopGuard, stopped_message
+from highwaybp.train.loop import StopGuard, TrainLoop, echo, method_label, warmup_cosine_lr
 
 FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -277,10 +274,7 @@ def _checkpoints(steps: int) -> dict[int, float]:
 
 
 def _lr(task: Task, step: int) -> float:
-    warm = max(1, task.steps // 20)
-    if step < warm:
-        return task.lr * (step + 1) / warm
-    return 0.5 * task.lr * (1 + math.cos(math.pi * (step - warm) / max(1, task.steps - warm)))
+    return warmup_cosine_lr(task.lr, step, task.steps)
 
 
 def train_run(
@@ -292,78 +286,68 @@ def train_run(
     log: Callable[[str], None],
     guard: StopGuard | None = None,
     schedule: str | None = None,
+    progress: bool = True,
 ) -> dict[str, Any] | None:
     """Train one model with `method`, or with the method a k `schedule` sets at each step
     (a KController; the arm is then named "schedule:<spec>"); resume from `ckpt_path`.
 
-    Returns None when `guard` asked to stop: the checkpoint then holds the current step."""
+    Returns None when `guard` asked to stop: the checkpoint then holds the current step.
+    `progress`: draw the `TrainLoop` bar (on a terminal only)."""
     model = task.make_model()
     model.train()
     ctl = None if schedule is None else KController(model, schedule, total_steps=task.steps)
     opt_cls = torch.optim.Adam if task.name == "resnet" else torch.optim.AdamW
     opt = opt_cls(model.parameters(), lr=task.lr)
-    state = load_checkpoint(ckpt_path)
     run: dict[str, Any] = {
         "method": method_name(method) if ctl is None else SCHEDULE_ARM + schedule,
         "history": [],
         "checkpoints": [],
         "seconds": 0.0,
     }
-    start = 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        run, start = state["run"], state["step"]
-        if ctl is not None:
-            ctl.load_state_dict(state["k_controller"])
-        log(f"  resumed {task.name}/{run['method']} at step {start}")
     marks = _checkpoints(task.steps)
     is_exact = method.exact and ctl is None
-    t_last = time.perf_counter()
 
-    def save(step: int) -> None:
-        nonlocal t_last
-        now = time.perf_counter()
-        run["seconds"] += now - t_last
-        t_last = now
-        save_checkpoint(
-            ckpt_path,
-            {"model": model.state_dict(), "optimizer": opt.state_dict(), "run": run,
-             "step": step, "k_controller": None if ctl is None else ctl.state_dict()},
-        )
+    def state() -> dict[str, Any]:
+        run["seconds"] = loop.wall_seconds
+        return {"model": model.state_dict(), "optimizer": opt.state_dict(), "run": run,
+                "k_controller": None if ctl is None else ctl.state_dict()}
 
-    for step in range(start, task.steps + 1):
-        if guard is not None and step < task.steps and guard.should_stop(step):
-            save(step)
-            log(stopped_message(guard, step, task.steps, f"{task.name}/{run['method']}"))
-            return None
-        batch = task.batch(step) if step < task.steps else None
-        if ctl is not None and batch is not None:
+    def load_state(saved: dict[str, Any]) -> None:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        run.update(saved["run"])
+        if ctl is not None:
+            ctl.load_state_dict(saved["k_controller"])
+
+    def at_boundary(step: int) -> None:
+        if ctl is not None and step < task.steps:
             # This step's method, set before the evaluation so that the cosine recorded
             # at a checkpoint is that of the method this step trains with.
-            ctl.step(step, loss_fn=lambda batch=batch: task.loss(model, batch))
-        if step in marks and not any(c["step"] == step for c in run["checkpoints"]):
-            entry: dict[str, Any] = {
-                "step": step,
-                "fraction": marks[step],
-                task.metric: task.evaluate(model),
-            }
-            if is_exact:
-                entry["cosines"] = gradient_cosines(model, task, diag_methods)
-            else:
-                own = method if ctl is None else ctl.method
-                entry["own_cosine"] = (
-                    {"cosine": 1.0, "rel_error": 0.0} if own.exact
-                    else gradient_cosines(model, task, [own])[method_name(own)])
-            if ctl is not None:
-                entry.update(k_method=repr(ctl.method), vjp_sweeps=ctl.total_sweeps())
-            run["checkpoints"].append(entry)
-            log(
-                f"  {task.name}/{run['method']} step {step}/{task.steps}: "
-                f"{task.metric} {entry[task.metric]:.4g}"
-            )
-        if step == task.steps:
-            break
+            ctl.step(step, loss_fn=lambda: task.loss(model, task.batch(step)))
+        if step not in marks or any(c["step"] == step for c in run["checkpoints"]):
+            return
+        entry: dict[str, Any] = {
+            "step": step,
+            "fraction": marks[step],
+            task.metric: task.evaluate(model),
+        }
+        if is_exact:
+            entry["cosines"] = gradient_cosines(model, task, diag_methods)
+        else:
+            own = method if ctl is None else ctl.method
+            entry["own_cosine"] = (
+                {"cosine": 1.0, "rel_error": 0.0} if own.exact
+                else gradient_cosines(model, task, [own])[method_name(own)])
+        if ctl is not None:
+            entry.update(k_method=repr(ctl.method), vjp_sweeps=ctl.total_sweeps())
+        run["checkpoints"].append(entry)
+        log(
+            f"  {task.name}/{run['method']} step {step}/{task.steps}: "
+            f"{task.metric} {entry[task.metric]:.4g}"
+        )
+
+    def step_fn(step: int) -> float:
+        batch = task.batch(step)
         for group in opt.param_groups:
             group["lr"] = _lr(task, step)
         if ctl is not None:
@@ -374,10 +358,20 @@ def train_run(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        run["history"].append([step, float(loss.detach())])
-        if (step + 1) % checkpoint_every == 0:
-            save(step + 1)
-    run["seconds"] += time.perf_counter() - t_last
+        value = float(loss.detach())
+        run["history"].append([step, value])
+        return value
+
+    loop = TrainLoop(
+        step_fn, task.steps, state=state, load_state=load_state, checkpoint_path=ckpt_path,
+        checkpoint_every=checkpoint_every, at_boundary=at_boundary, guard=guard,
+        name=f"{task.name}/{run['method']}", progress=progress, log=log,
+        k_label=lambda: method_label(method if ctl is None else ctl.method),
+    )  # fmt: skip
+    loop.resume()
+    if loop.run() is not None:
+        return None
+    run["seconds"] = loop.wall_seconds
     run["final"] = run["checkpoints"][-1][task.metric]
     run["train_loss_last10pct"] = _tail_mean(run["history"])
     return run
@@ -393,11 +387,13 @@ def _tail_mean(history: list) -> float:
 # ---------------------------------------------------------------------------------------
 
 
-def _methods(args: argparse.Namespace) -> list[Method]:
+def methods_of(args: argparse.Namespace) -> list[Method]:
+    """The method arms: Exact, Highway(k) for k in --ks, FixedPoint(--fixedpoint-k)."""
     return [Exact(), *(Highway(k=k) for k in args.ks), FixedPoint(k=args.fixedpoint_k)]
 
 
-def _diag_methods(args: argparse.Namespace) -> list[Method]:
+def diag_methods_of(args: argparse.Namespace) -> list[Method]:
+    """The methods of the Fig. 6 cosines: Highway(k) and FixedPoint(k) for k in --ks."""
     return [*(Highway(k=k) for k in args.ks), *(FixedPoint(k=k) for k in args.ks)]
 
 
@@ -455,7 +451,15 @@ def make_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def make_plots(results: dict[str, Any], out: Path) -> list[str]:
+def _cosines_by_k(checkpoint: dict[str, Any], family: str) -> list[tuple[int, float]]:
+    """[(k, cosine)] of the `family` methods ("highway", "fixedpoint") at a checkpoint."""
+    return sorted((int(n.split("_k")[1]), v["cosine"])
+                  for n, v in checkpoint["cosines"].items() if n.startswith(family))
+
+
+def make_plots(results: dict[str, Any], out: Path, prefix: str = "deep_") -> list[str]:
+    """PNG plots of `results` in `out`, named `<prefix>final_vs_k.png`, `<prefix>fig6_cosine.png`
+    and `<prefix>training_curves.png`; their paths."""
     try:
         import matplotlib
 
@@ -486,10 +490,7 @@ def make_plots(results: dict[str, Any], out: Path) -> list[str]:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = out / "deep_final_vs_k.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(str(path))
+    written.append(str(save_figure(fig, out / f"{prefix}final_vs_k.png", 120)))
 
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
     for ax, (name, task) in zip(axes[0], tasks.items()):
@@ -497,16 +498,7 @@ def make_plots(results: dict[str, Any], out: Path) -> list[str]:
         if not exact:
             continue
         for i, c in enumerate(exact["checkpoints"]):
-            hw = sorted(
-                (int(n.split("_k")[1]), v["cosine"])
-                for n, v in c["cosines"].items()
-                if n.startswith("highway")
-            )
-            fp = sorted(
-                (int(n.split("_k")[1]), v["cosine"])
-                for n, v in c["cosines"].items()
-                if n.startswith("fixedpoint")
-            )
+            hw, fp = _cosines_by_k(c, "highway"), _cosines_by_k(c, "fixedpoint")
             color = plt.cm.viridis(i / max(1, len(exact["checkpoints"]) - 1))
             ax.plot(*zip(*hw), "o-", color=color, label=f"Highway {int(100 * c['fraction'])}%")
             if fp:
@@ -517,10 +509,7 @@ def make_plots(results: dict[str, Any], out: Path) -> list[str]:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = out / "deep_fig6_cosine.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(str(path))
+    written.append(str(save_figure(fig, out / f"{prefix}fig6_cosine.png", 120)))
 
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
     for ax, (name, task) in zip(axes[0], tasks.items()):
@@ -542,10 +531,7 @@ def make_plots(results: dict[str, Any], out: Path) -> list[str]:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = out / "deep_training_curves.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(str(path))
+    written.append(str(save_figure(fig, out / f"{prefix}training_curves.png", 120)))
     return written
 
 
@@ -570,6 +556,59 @@ _NOT_CONFIG = ("func", "threads", "tasks", "checkpoint_every", "quiet", "record_
                "out")
 
 
+def start_results(results_path: Path, config: dict[str, Any], record_argv: bool
+                  ) -> dict[str, Any]:
+    """The results file of `experiment deep`/`vision` as a rerun finds it (its finished
+    runs kept), with this invocation's command and configuration."""
+    results: dict[str, Any] = (
+        json.loads(results_path.read_text()) if results_path.exists() else {"tasks": {}}
+    )
+    results["command"] = "highwaybp " + " ".join(sys.argv[1:]) if record_argv else None
+    results["config"] = config
+    return results
+
+
+def write_report(results: dict[str, Any], results_path: Path, plot_prefix: str,
+                 quiet: bool) -> None:
+    """Write `results`, its table.md and plots beside it; print the table and the paths."""
+    out = results_path.parent
+    atomic_write_json(results_path, results)
+    table = make_table(results)
+    atomic_write_text(out / "table.md", table + "\n")
+    plots = make_plots(results, out, plot_prefix)
+    if not quiet:
+        print(table)
+        for p in [results_path, out / "table.md", *plots]:
+            print(f"wrote {p}")
+
+
+def train_arms(task: Task, name: str, arms: list[tuple[str, Method, str | None]],
+               entry: dict[str, Any], results: dict[str, Any], results_path: Path,
+               args: argparse.Namespace, log: Callable[[str], None]) -> int | None:
+    """Train each arm (name, method, k schedule or None) of `task` not yet in
+    `entry["runs"]`, writing `results` after each; checkpoints under
+    `results_path.parent / "checkpoints"`. The stop's exit code if SIGINT/SIGTERM stopped
+    a run (its checkpoint holds the step), else None (`experiment deep` and `vision`)."""
+    out = results_path.parent
+    for mname, method, schedule in arms:
+        if mname in entry["runs"]:
+            log(f"{name}/{mname}: done already, skipped")
+            continue
+        log(f"{name}/{mname}: training {task.steps} steps")
+        safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in mname)
+        ckpt = out / "checkpoints" / f"{name}_{safe}.pt"
+        with StopGuard() as guard:  # SIGINT/SIGTERM: checkpoint this step, then exit
+            result = train_run(task, method, diag_methods_of(args), ckpt,
+                               args.checkpoint_every, log, guard, schedule=schedule,
+                               progress=not args.quiet)
+        if result is None:
+            return guard.exit_code()
+        entry["runs"][mname] = result
+        atomic_write_json(results_path, results)
+        ckpt.unlink(missing_ok=True)
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     if args.tiny:
@@ -577,42 +616,20 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     check_resume_config(out, {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG})
-    log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    log = (lambda s: None) if args.quiet else (lambda s: echo(s, sys.stderr))
     results_path = out / "deep_results.json"
-    results: dict[str, Any] = (
-        json.loads(results_path.read_text()) if results_path.exists() else {"tasks": {}}
-    )
-    results["command"] = "highwaybp " + " ".join(sys.argv[1:]) if args.record_argv else None
-    results["config"] = {k: v for k, v in vars(args).items() if k not in ("func",)}
+    results = start_results(results_path, {k: v for k, v in vars(args).items() if k != "func"},
+                            args.record_argv)
     for name in args.tasks:
         task = TASKS[name](args)
         entry = results["tasks"].setdefault(name, {"runs": {}})
         entry.update(metric=task.metric, config=task.config)
-        arms = [(method_name(m), m, None) for m in _methods(args)]
+        arms = [(method_name(m), m, None) for m in methods_of(args)]
         arms += [(SCHEDULE_ARM + spec, Exact(), spec) for spec in args.k_schedule]
-        for mname, method, schedule in arms:
-            if mname in entry["runs"]:
-                log(f"{name}/{mname}: done already, skipped")
-                continue
-            log(f"{name}/{mname}: training {task.steps} steps")
-            safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in mname)
-            ckpt = out / "checkpoints" / f"{name}_{safe}.pt"
-            with StopGuard() as guard:
-                result = train_run(task, method, _diag_methods(args), ckpt,
-                                   args.checkpoint_every, log, guard, schedule=schedule)
-            if result is None:
-                return guard.exit_code()
-            entry["runs"][mname] = result
-            atomic_write_json(results_path, results)
-            ckpt.unlink(missing_ok=True)
-    atomic_write_json(results_path, results)
-    table = make_table(results)
-    atomic_write_text(out / "table.md", table + "\n")
-    plots = make_plots(results, out)
-    if not args.quiet:
-        print(table)
-        for p in [results_path, out / "table.md", *plots]:
-            print(f"wrote {p}")
+        stopped = train_arms(task, name, arms, entry, results, results_path, args, log)
+        if stopped is not None:
+            return stopped
+    write_report(results, results_path, "deep_", args.quiet)
     return 0
 
 

@@ -48,8 +48,9 @@ from highwaybp.train.io import (
     check_resume_config,
     load_checkpoint,
     save_checkpoint,
+    save_figure,
 )
-from highwaybp.train.loop import StopGuard
+from highwaybp.train.loop import StopGuard, TrainLoop, method_label
 
 DEFAULT_METHODS = ("exact", "highway:k=0", "highway:k=1", "highway:k=3")
 
@@ -103,28 +104,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def train_one(model: nn.Module, data: TensorSplit, cfg: DemoConfig,
-              guard: StopGuard | None = None) -> dict | None:
+def train_one(model: ResidualMLP, data: TensorSplit, cfg: DemoConfig,
+              guard: StopGuard | None = None, name: str = "") -> dict | None:
     """Adam on shuffled minibatches; batches depend only on cfg.seed (same for every method).
 
     None when `guard` asks to stop (a method is short: it is not checkpointed mid-way)."""
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     n = len(data.y_train)
-    losses = []
-    start = time.perf_counter()
-    for step in range(cfg.steps):
-        if guard is not None and guard.should_stop(step):
-            return None
+
+    def step(t: int) -> float:
         idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)
         loss = nn.functional.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(loss.item())
-    seconds = time.perf_counter() - start
+        return loss.item()
+
+    losses: list[float] = []
+    loop = TrainLoop(step, cfg.steps, after_step=lambda t, loss: losses.append(loss),
+                     guard=guard, name=name, k_label=lambda: method_label(model.chain.method),
+                     log=lambda msg: None)  # the caller says what a stop keeps
+    if loop.run() is not None:
+        return None
     tail = losses[-max(1, cfg.steps // 10):]
-    return {"train_loss": sum(tail) / len(tail), "seconds": seconds,
+    return {"train_loss": sum(tail) / len(tail), "seconds": loop.train_seconds,
             "test_accuracy": accuracy(model, data)}
 
 
@@ -212,9 +216,8 @@ def train_rnns(cfg: DemoConfig, guard: StopGuard) -> dict[str, Any] | None:
     gen = torch.Generator().manual_seed(cfg.seed + 2)
     seconds: dict[str, list[float]] = {n: [] for n in models}
     losses: dict[str, list[float]] = {n: [] for n in models}
-    for step in range(cfg.rnn_steps):
-        if guard.should_stop(step):
-            return None
+
+    def step(t: int) -> float:
         idx = torch.randint(0, len(data.y_train), (cfg.rnn_batch,), generator=gen)
         x, y = data.x_train[idx], data.y_train[idx]
         for name, model in models.items():
@@ -225,6 +228,12 @@ def train_rnns(cfg: DemoConfig, guard: StopGuard) -> dict[str, Any] | None:
             opts[name].step()
             seconds[name].append(time.perf_counter() - start)
             losses[name].append(loss.item())
+        return losses["torch.nn.GRU"][-1]
+
+    loop = TrainLoop(step, cfg.rnn_steps, guard=guard, name="4 GRUs round-robin",
+                     log=lambda msg: None)
+    if loop.run() is not None:
+        return None
     tail = max(1, cfg.rnn_steps // 4)
     out: dict[str, Any] = {"sequence_length": cfg.rnn_side ** 2, "variants": {}}
     for name, model in models.items():
@@ -271,7 +280,7 @@ def run(args: argparse.Namespace) -> int:
                 continue
             torch.manual_seed(cfg.seed)  # the same initial weights for every method
             model = ResidualMLP(40, data.num_classes, cfg.width, cfg.depth, method=method)
-            result = train_one(model, data, cfg, guard)
+            result = train_one(model, data, cfg, guard, name=key)
             if result is None:
                 return _stopped(guard, key, ckpt_path)
             result["grad_cosine_to_exact"] = fidelity_on_trained(model, method, data)
@@ -370,8 +379,4 @@ def make_plot(state: dict[str, Any], path: Path) -> Path | None:
         right.legend(fontsize=8)
         right.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)

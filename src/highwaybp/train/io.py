@@ -27,6 +27,7 @@ __all__ = [
     "current_umask",
     "load_checkpoint",
     "save_checkpoint",
+    "save_figure",
 ]
 
 
@@ -69,3 +70,19 @@ def check_resume_config(out: str | os.PathLike, config: dict[str, Any],
                 f"(or delete {path.parent}) to start afresh.")
         return
     atomic_write_json(path, config)
+
+
+def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """Write a matplotlib figure to `path` (PNG) atomically and close it: a reader, or a
+    run killed while writing, never sees half a plot."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=dpi)
+    finally:
+        plt.close(fig)
+    tmp.replace(path)
+    return path

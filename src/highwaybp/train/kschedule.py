@@ -25,7 +25,6 @@ import json
 import math
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +34,22 @@ from torch import Tensor, nn
 from highwaybp.control import KController
 from highwaybp.core.methods import Exact
 from highwaybp.train import deep_experiment
+from highwaybp.train.cli_types import (
+    nonneg_int,
+    nonneg_int_list,
+    out_dir,
+    positive_float,
+    positive_int,
+)
 from highwaybp.train.deep_experiment import Task
 from highwaybp.train.io import (
     atomic_write_json,
     atomic_write_text,
     check_resume_config,
-    load_checkpoint,
-    save_checkpoint,
+    save_figure,
 )
+from highwaybp.train.loop import StopGuard, TrainLoop, echo, method_label, warmup_cosine_lr
+from highwaybp.train.stats import mean_std
 
 TASK_NAMES = ("resnet", "gpt", "gru")
 SCHEDULE_ARMS = ("linear", "steps", "adaptive", "finish", "adaptive99")
@@ -148,14 +155,6 @@ def arms(args: argparse.Namespace, steps: int) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------
 
 
-def _lr_at(base: float, step: int, steps: int) -> float:
-    """Linear warm-up over 5% of the steps, then cosine decay to 0."""
-    warm = max(1, steps // 20)
-    if step < warm:
-        return base * (step + 1) / warm
-    return 0.5 * base * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
-
-
 def _eval_steps(steps: int, evals: int) -> list[int]:
     return sorted({round(i * steps / evals) for i in range(evals + 1)})
 
@@ -163,37 +162,43 @@ def _eval_steps(steps: int, evals: int) -> list[int]:
 def train_run(
     task: Task,
     schedule_text: str,
-    ckpt_path: Path,
+    ckpt_path: Path | None,
     args: argparse.Namespace,
     log: Any,
-) -> dict[str, Any]:
+    guard: StopGuard | None = None,
+) -> dict[str, Any] | None:
+    """Train one arm: the method of each step is the one `schedule_text` sets (a
+    KController), through the shared `TrainLoop`; resume from `ckpt_path`.
+
+    Returns None when `guard` asked to stop: the checkpoint then holds the current step."""
     model = task.make_model()
     model.train()
     opt_cls = torch.optim.AdamW if task.name == "gpt" else torch.optim.Adam
     opt = opt_cls(model.parameters(), lr=task.lr)
     ctl = KController(model, schedule_text, total_steps=task.steps)
     run: dict[str, Any] = {"schedule": schedule_text, "evals": [], "losses": [], "seconds": 0.0}
-    start = 0
-    state = load_checkpoint(ckpt_path)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        ctl.load_state_dict(state["controller"])
-        run, start = state["run"], state["step"]
-        log(f"    resumed at step {start}")
     marks = _eval_steps(task.steps, args.evals)
-    tic = time.perf_counter()
-    for step in range(start, task.steps + 1):
+
+    def state() -> dict[str, Any]:
+        run["seconds"] = loop.train_seconds
+        return {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                "controller": ctl.state_dict(), "run": run}
+
+    def load_state(saved: dict[str, Any]) -> None:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        ctl.load_state_dict(saved["controller"])
+        run.update(saved["run"])
+
+    def at_boundary(step: int) -> None:
         if step in marks and not any(e["step"] == step for e in run["evals"]):
-            run["seconds"] += time.perf_counter() - tic  # evaluation time is not training
             run["evals"].append(
                 {"step": step, "sweeps": ctl.total_sweeps(), task.metric: task.evaluate(model)}
             )
-            tic = time.perf_counter()
-        if step == task.steps:
-            break
+
+    def step_fn(step: int) -> float:
         for group in opt.param_groups:
-            group["lr"] = _lr_at(task.lr, step, task.steps)
+            group["lr"] = warmup_cosine_lr(task.lr, step, task.steps)
         batch = task.batch(step)
         ctl.step(step, loss_fn=lambda b=batch: task.loss(model, b))
         loss = task.loss(model, batch)
@@ -202,26 +207,26 @@ def train_run(
         if task.name == "gru":
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        value = float(loss.detach())
+        return float(loss.detach())
+
+    def after_step(step: int, value: float) -> None:
         run["losses"].append(value)
         if not math.isfinite(value):
             log(f"    loss {value} at step {step}: run stopped")
             run["diverged_at"] = step
-            break
-        if (step + 1) % args.checkpoint_every == 0:
-            run["seconds"] += time.perf_counter() - tic
-            tic = time.perf_counter()
-            save_checkpoint(
-                ckpt_path,
-                {
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "controller": ctl.state_dict(),
-                    "run": run,
-                    "step": step + 1,
-                },
-            )
-    run["seconds"] += time.perf_counter() - tic
+            loop.end_early()
+
+    loop = TrainLoop(
+        step_fn, task.steps, state=state, load_state=load_state, checkpoint_path=ckpt_path,
+        checkpoint_every=args.checkpoint_every, at_boundary=at_boundary, after_step=after_step,
+        guard=guard, name=f"{task.name} {schedule_text}", progress=not args.quiet, log=log,
+        k_label=lambda: method_label(ctl.method),
+    )  # fmt: skip
+    loop.resume()
+    if loop.run() is not None:
+        return None
+    # training wall-clock: the steps (controller and probes included), not the evaluations
+    run["seconds"] = loop.train_seconds
     hist = ctl.history
     run["final"] = run["evals"][-1][task.metric] if "diverged_at" not in run else float("nan")
     run["train_sweeps"] = sum(h["sweeps"] or 0.0 for h in hist)
@@ -247,12 +252,6 @@ def train_run(
 # ---------------------------------------------------------------------------------------
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    if not values:
-        return float("nan"), float("nan")
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def summarise(results: dict[str, dict[str, dict[str, Any]]], metrics: dict[str, str]) -> dict:
     """Per task and arm: mean/std over seeds of final metric, sweeps and seconds; the verdict.
 
@@ -269,17 +268,17 @@ def summarise(results: dict[str, dict[str, dict[str, Any]]], metrics: dict[str, 
         for arm, by_seed in by_arm.items():
             seeds = sorted(by_seed)
             finals = [by_seed[s]["final"] for s in seeds]
-            mean, std = _mean_std(finals)
-            sweeps, _ = _mean_std([by_seed[s]["total_sweeps"] for s in seeds])
-            secs, _ = _mean_std([by_seed[s]["seconds"] for s in seeds])
+            mean, std = mean_std(finals)
+            sweeps, _ = mean_std([by_seed[s]["total_sweeps"] for s in seeds])
+            secs, _ = mean_std([by_seed[s]["seconds"] for s in seeds])
             common = [s for s in seeds if s in exact_runs]
             match, diff = None, (float("nan"), float("nan"))
             if common and arm != "exact":
-                em, es = _mean_std([exact_runs[s]["final"] for s in common])
-                am, _ = _mean_std([by_seed[s]["final"] for s in common])
+                em, es = mean_std([exact_runs[s]["final"] for s in common])
+                am, _ = mean_std([by_seed[s]["final"] for s in common])
                 gap = (em - am) if higher else (am - em)  # > 0: worse than exact
                 match = bool(math.isfinite(am) and gap <= es)
-                diff = _mean_std([by_seed[s]["final"] - exact_runs[s]["final"] for s in common])
+                diff = mean_std([by_seed[s]["final"] - exact_runs[s]["final"] for s in common])
             rows[arm] = {
                 "seeds": seeds,
                 "final_mean": mean,
@@ -395,12 +394,7 @@ def make_plot(results: dict, metrics: dict[str, str], out: Path) -> Path | None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    path = out / "kschedule.png"
-    tmp = out / ".kschedule.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, out / "kschedule.png")
 
 
 # ---------------------------------------------------------------------------------------
@@ -424,7 +418,7 @@ def run(args: argparse.Namespace) -> int:
     if args.tiny:
         apply_tiny(args)
     out = Path(args.out)
-    log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    log = (lambda s: None) if args.quiet else (lambda s: echo(s, sys.stderr))
     config = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG}
     check_resume_config(out, config)
     # the command that trains (a --report-only rerun records the same one)
@@ -445,7 +439,10 @@ def run(args: argparse.Namespace) -> int:
                 else:
                     log(f"{name} seed {seed} {arm} ({text}): {task.steps} steps")
                     ckpt = out / "checkpoints" / f"{name}_s{seed}_{arm}.pt"
-                    run_result = train_run(task, text, ckpt, args, log)
+                    with StopGuard() as guard:
+                        run_result = train_run(task, text, ckpt, args, log, guard)
+                    if run_result is None:
+                        return guard.exit_code()
                     run_result.update(task=name, seed=seed, arm=arm)
                     atomic_write_json(path, run_result)
                     ckpt.unlink(missing_ok=True)
@@ -472,9 +469,6 @@ def _report(out: Path, results, metrics, configs, command: str) -> None:
     make_plot(results, metrics, out)
 
 
-def _int_list(text: str) -> list[int]:
-    return [int(t) for t in text.split(",") if t.strip()]
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -484,38 +478,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--tasks", nargs="+", choices=TASK_NAMES, default=list(TASK_NAMES))
-    p.add_argument("--seeds", type=_int_list, default=[0, 1, 2])
-    p.add_argument("--ks", type=_int_list, default=[0, 1, 2, 3, 4, 5], help="constant-k arms")
-    p.add_argument("--target", type=float, default=0.9, help="Adaptive target cosine")
-    p.add_argument("--k-max", type=int, default=6, help="Adaptive k_max")
-    p.add_argument("--probes", type=int, default=6, help="Adaptive probes per run")
-    p.add_argument("--evals", type=int, default=8, help="metric evaluations per run")
-    p.add_argument("--checkpoint-every", type=int, default=25)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default="results/kschedule")
+    p.add_argument("--seeds", type=nonneg_int_list, default=[0, 1, 2])
+    p.add_argument("--ks", type=nonneg_int_list, default=[0, 1, 2, 3, 4, 5],
+                   help="constant-k arms")
+    p.add_argument("--target", type=positive_float, default=0.9, help="Adaptive target cosine")
+    p.add_argument("--k-max", type=nonneg_int, default=6, help="Adaptive k_max")
+    p.add_argument("--probes", type=positive_int, default=6, help="Adaptive probes per run")
+    p.add_argument("--evals", type=positive_int, default=8, help="metric evaluations per run")
+    p.add_argument("--checkpoint-every", type=positive_int, default=25)
+    p.add_argument("--threads", type=positive_int, default=1)
+    p.add_argument("--out", type=out_dir, default="results/kschedule")
     g = p.add_argument_group("resnet (digits)")
-    g.add_argument("--depth", type=int, default=20)
-    g.add_argument("--width", type=int, default=8)
-    g.add_argument("--image", type=int, default=8)
-    g.add_argument("--epochs", type=int, default=6)
-    g.add_argument("--batch", type=int, default=64)
-    g.add_argument("--lr", type=float, default=3e-3)
+    g.add_argument("--depth", type=positive_int, default=20)
+    g.add_argument("--width", type=positive_int, default=8)
+    g.add_argument("--image", type=positive_int, default=8)
+    g.add_argument("--epochs", type=positive_int, default=6)
+    g.add_argument("--batch", type=positive_int, default=64)
+    g.add_argument("--lr", type=positive_float, default=3e-3)
     g = p.add_argument_group("gpt (char LM)")
-    g.add_argument("--d-model", type=int, default=32)
-    g.add_argument("--n-layer", type=int, default=3)
-    g.add_argument("--n-head", type=int, default=2)
-    g.add_argument("--seq", type=int, default=32)
-    g.add_argument("--gpt-batch", type=int, default=16)
-    g.add_argument("--gpt-steps", type=int, default=150)
-    g.add_argument("--gpt-lr", type=float, default=3e-3)
-    g.add_argument("--eval-batches", type=int, default=4)
+    g.add_argument("--d-model", type=positive_int, default=32)
+    g.add_argument("--n-layer", type=positive_int, default=3)
+    g.add_argument("--n-head", type=positive_int, default=2)
+    g.add_argument("--seq", type=positive_int, default=32)
+    g.add_argument("--gpt-batch", type=positive_int, default=16)
+    g.add_argument("--gpt-steps", type=positive_int, default=150)
+    g.add_argument("--gpt-lr", type=positive_float, default=3e-3)
+    g.add_argument("--eval-batches", type=positive_int, default=4)
     g = p.add_argument_group("gru (char LM)")
-    g.add_argument("--gru-hidden", type=int, default=64)
-    g.add_argument("--gru-embed", type=int, default=16)
-    g.add_argument("--gru-seq", type=int, default=32)
-    g.add_argument("--gru-batch", type=int, default=16)
-    g.add_argument("--gru-steps", type=int, default=150)
-    g.add_argument("--gru-lr", type=float, default=5e-3)
+    g.add_argument("--gru-hidden", type=positive_int, default=64)
+    g.add_argument("--gru-embed", type=positive_int, default=16)
+    g.add_argument("--gru-seq", type=positive_int, default=32)
+    g.add_argument("--gru-batch", type=positive_int, default=16)
+    g.add_argument("--gru-steps", type=positive_int, default=150)
+    g.add_argument("--gru-lr", type=positive_float, default=5e-3)
     p.add_argument("--tiny", action="store_true", help="tiny CI setting (seconds)")
     p.add_argument("--report-only", action="store_true", help="rewrite the report, train nothing")
     p.add_argument("--quiet", action="store_true")

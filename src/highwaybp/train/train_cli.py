@@ -51,10 +51,8 @@ from highwaybp.train.io import (
     atomic_write_json,
     atomic_write_text,
     check_resume_config,
-    load_checkpoint,
-    save_checkpoint,
 )
-from highwaybp.train.loop import StopGuard, stopped_message
+from highwaybp.train.loop import StopGuard, TrainLoop, echo, method_label
 
 METHODS = ("exact", "highway", "fixedpoint", "ddg")
 # Settings that change the run: a resumed run must have the same ones.
@@ -214,7 +212,7 @@ def _config(args: argparse.Namespace, steps: int) -> dict[str, Any]:
 
 def _log(args: argparse.Namespace, msg: str) -> None:
     if not args.quiet:
-        print(msg, flush=True)
+        echo(msg)
 
 
 def _write_metrics(out: Optional[Path], rows: list[dict[str, Any]]) -> None:
@@ -277,99 +275,99 @@ def _run_single(args, data: TensorSplit, steps: int, out: Optional[Path], config
         opt = optimizer_factory(args)(model.parameters())
         make_sched = scheduler_factory(args, steps)
         sched = make_sched(opt) if make_sched is not None else None
-    start, rows, elapsed = 0, [], 0.0
-    window: list[float] = []
+    rows: list[dict[str, Any]] = []
+    window: list[float] = []  # train losses since the last evaluation
+    every = args.eval_every or max(1, steps // 10)
     if out is not None:
         check_resume_config(out, config)
-    ckpt = load_checkpoint(out / "checkpoint.pt") if out is not None else None
-    if ckpt is not None:
-        start, rows, elapsed = ckpt["step"], ckpt["rows"], ckpt["elapsed_s"]
-        window = list(ckpt.get("window", []))
+
+    def state() -> dict[str, Any]:
+        return {
+            "rows": rows,
+            "window": window,
+            "rng": torch.get_rng_state(),
+            "trainer": None if trainer is None else trainer.state_dict(),
+            "model": model.state_dict() if trainer is None else None,
+            "optimizer": None if opt is None else opt.state_dict(),
+            "scheduler": None if sched is None else sched.state_dict(),
+            "k_controller": None if ctl is None else ctl.state_dict(),
+        }
+
+    def load_state(saved: dict[str, Any]) -> None:
+        rows[:], window[:] = saved["rows"], saved.get("window", [])
         if trainer is not None:
-            trainer.load_state_dict(ckpt["trainer"])
+            trainer.load_state_dict(saved["trainer"])
         else:
-            model.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["optimizer"])
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["optimizer"])
             if sched is not None:
-                sched.load_state_dict(ckpt["scheduler"])
+                sched.load_state_dict(saved["scheduler"])
             if ctl is not None:
-                ctl.load_state_dict(ckpt["k_controller"])
-        _log(args, f"resumed from {out / 'checkpoint.pt'} at step {start}/{steps}")
-    torch.manual_seed(args.seed)  # global RNG of plain runs (DDG stages own theirs)
-    if ckpt is not None:
-        torch.set_rng_state(ckpt["rng"])
-    every = args.eval_every or max(1, steps // 10)
-    tic = time.perf_counter()
+                ctl.load_state_dict(saved["k_controller"])
+        torch.set_rng_state(saved["rng"])
 
-    def save(step: int) -> None:
-        if out is None:
-            return
-        save_checkpoint(
-            out / "checkpoint.pt",
+    def step(t: int) -> float:
+        x, y = batches(t)
+        if trainer is not None:
+            loss = trainer.step(x, y).loss
+        else:
+            if ctl is not None:  # the schedule's method for this step (probes call the loss)
+                ctl.step(t, loss_fn=lambda x=x, y=y: F.cross_entropy(model(x), y))
+            opt.zero_grad(set_to_none=True)
+            loss_t = F.cross_entropy(model(x), y)
+            loss_t.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            loss = float(loss_t.detach())
+        if not math.isfinite(loss):
+            raise SystemExit(f"training diverged at step {t} (loss {loss}); lower --lr")
+        return loss
+
+    def after_step(t: int, loss: float) -> bool:
+        """Metrics: an evaluation row every `every` steps (and at the end); checkpoint there."""
+        window.append(loss)
+        if (t + 1) % every != 0 and t + 1 != steps:
+            return False
+        now = loop.wall_seconds
+        test_loss, test_acc = evaluate(model, data.x_test, data.y_test)
+        rows.append(
             {
-                "config": config,
-                "step": step,
-                "rows": rows,
-                "window": window,  # train losses since the last evaluation
-                "elapsed_s": elapsed + time.perf_counter() - tic,
-                "rng": torch.get_rng_state(),
-                "trainer": None if trainer is None else trainer.state_dict(),
-                "model": model.state_dict() if trainer is None else None,
-                "optimizer": None if opt is None else opt.state_dict(),
-                "scheduler": None if sched is None else sched.state_dict(),
-                "k_controller": None if ctl is None else ctl.state_dict(),
-            },
+                "step": t + 1,
+                "epoch": round((t + 1) / batches.steps_per_epoch, 3),
+                "train_loss": sum(window) / len(window),
+                "test_loss": test_loss,
+                "test_acc": test_acc,
+                "time_s": round(now, 3),
+            }
         )
+        window.clear()
+        if ctl is not None:
+            rows[-1].update(method=repr(ctl.method), sweeps=ctl.total_sweeps())
+        _log(args, f"step {t + 1}/{steps} train {rows[-1]['train_loss']:.4f} "
+                   f"test {test_loss:.4f} acc {test_acc:.4f} ({now:.1f}s)"
+                   + _k_progress(ctl))  # fmt: skip
+        _write_metrics(out, rows)
+        if out is not None:
+            _write_k_history(out, ctl)
+        return True
 
-    stop_at = None if args.stop_after is None else start + args.stop_after
-    with StopGuard(stop_at) as guard:
-        for t in range(start, steps):
-            if guard.should_stop(t):
-                save(t)
-                if out is not None:
-                    _write_k_history(out, ctl)
-                _log(args, stopped_message(guard, t, steps)
-                     + ("" if out is not None else " (no --out: nothing was saved)"))
-                return guard.exit_code()
-            x, y = batches(t)
-            if trainer is not None:
-                loss = trainer.step(x, y).loss
-            else:
-                if ctl is not None:  # the schedule's method for this step (probes call the loss)
-                    ctl.step(t, loss_fn=lambda x=x, y=y: F.cross_entropy(model(x), y))
-                opt.zero_grad(set_to_none=True)
-                loss_t = F.cross_entropy(model(x), y)
-                loss_t.backward()
-                opt.step()
-                if sched is not None:
-                    sched.step()
-                loss = float(loss_t.detach())
-            if not math.isfinite(loss):
-                raise SystemExit(f"training diverged at step {t} (loss {loss}); lower --lr")
-            window.append(loss)
-            if (t + 1) % every == 0 or t + 1 == steps:
-                now = elapsed + time.perf_counter() - tic
-                test_loss, test_acc = evaluate(model, data.x_test, data.y_test)
-                rows.append(
-                    {
-                        "step": t + 1,
-                        "epoch": round((t + 1) / batches.steps_per_epoch, 3),
-                        "train_loss": sum(window) / len(window),
-                        "test_loss": test_loss,
-                        "test_acc": test_acc,
-                        "time_s": round(now, 3),
-                    }
-                )
-                window = []
-                if ctl is not None:
-                    rows[-1].update(method=repr(ctl.method), sweeps=ctl.total_sweeps())
-                _log(args, f"step {t + 1}/{steps} train {rows[-1]['train_loss']:.4f} "
-                           f"test {test_loss:.4f} acc {test_acc:.4f} ({now:.1f}s)"
-                           + _k_progress(ctl))  # fmt: skip
-                _write_metrics(out, rows)
-                if out is not None:
-                    _write_k_history(out, ctl)
-                save(t + 1)
+    loop = TrainLoop(
+        step, steps, state=state, load_state=load_state,
+        checkpoint_path=None if out is None else out / "checkpoint.pt", config=config,
+        after_step=after_step,
+        k_label=None if ctl is None else lambda: method_label(ctl.method),
+        progress=not args.quiet, log=lambda msg: _log(args, msg),
+    )  # fmt: skip
+    torch.manual_seed(args.seed)  # global RNG of plain runs (DDG stages own theirs)
+    loop.resume()  # (restores the global RNG too)
+    with StopGuard(None if args.stop_after is None else loop.step + args.stop_after) as guard:
+        loop.guard = guard
+        stopped = loop.run()
+    if stopped is not None:
+        if out is not None:
+            _write_k_history(out, ctl)
+        return stopped
     extra = None if ctl is None else {"k_schedule_sweeps": ctl.total_sweeps()}
     result = _final(args, config, rows, model, data, launcher="single-process", extra=extra)
     if out is not None:

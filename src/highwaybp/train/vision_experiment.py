@@ -21,7 +21,6 @@ folder is refused) and runs resume from `<out>/checkpoints/`.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,17 +28,26 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from highwaybp.core.methods import Exact, FixedPoint, Highway, Method
 from highwaybp.models.torchvision import from_torchvision
+from highwaybp.train.cli_types import (
+    nonneg_int,
+    nonneg_int_list,
+    out_dir,
+    positive_float,
+    positive_int,
+    positive_int_list,
+)
 from highwaybp.train.deep_experiment import (
     Task,
     digits_task,
-    make_plots,
-    make_table,
     method_name,
-    train_run,
+    methods_of,
+    start_results,
+    train_arms,
+    write_report,
 )
-from highwaybp.train.io import atomic_write_json, atomic_write_text, check_resume_config
+from highwaybp.train.io import check_resume_config
+from highwaybp.train.loop import echo
 
 # ---------------------------------------------------------------------------------------
 # The model: torchvision's ResNet-18 layout with narrow widths and a small-image stem
@@ -141,14 +149,6 @@ def vision_task(args: argparse.Namespace, seed: int) -> Task:
     )
 
 
-def _methods(args: argparse.Namespace) -> list[Method]:
-    return [Exact(), *(Highway(k=k) for k in args.ks), FixedPoint(k=args.fixedpoint_k)]
-
-
-def _diag_methods(args: argparse.Namespace) -> list[Method]:
-    return [*(Highway(k=k) for k in args.ks), *(FixedPoint(k=k) for k in args.ks)]
-
-
 def apply_tiny(args: argparse.Namespace) -> None:
     """The CI setting: widths 4 on 64 digits of 8x8, one epoch, k in {0, 1}."""
     args.widths, args.image, args.epochs, args.train_limit, args.batch = [4, 4, 4, 4], 8, 1, 64, 32
@@ -168,50 +168,21 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     check_resume_config(out, _config(args))
-    log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    log = (lambda s: None) if args.quiet else (lambda s: echo(s, sys.stderr))
     results_path = out / "vision_results.json"
-    results: dict[str, Any] = (
-        json.loads(results_path.read_text()) if results_path.exists() else {"tasks": {}}
-    )
-    results["command"] = "highwaybp " + " ".join(sys.argv[1:]) if args.record_argv else None
-    results["config"] = _config(args)
+    results = start_results(results_path, _config(args), args.record_argv)
     for seed in args.seeds:
         task = vision_task(args, seed)
         name = f"resnet18_seed{seed}"
         entry = results["tasks"].setdefault(name, {"runs": {}})
         entry.update(metric=task.metric, config=task.config)
-        for method in _methods(args):
-            mname = method_name(method)
-            if mname in entry["runs"]:
-                log(f"{name}/{mname}: done already, skipped")
-                continue
-            log(f"{name}/{mname}: training {task.steps} steps")
-            ckpt = out / "checkpoints" / f"{name}_{mname}.pt"
-            entry["runs"][mname] = train_run(
-                task, method, _diag_methods(args), ckpt, args.checkpoint_every, log
-            )
-            atomic_write_json(results_path, results)
-            ckpt.unlink(missing_ok=True)
-    atomic_write_json(results_path, results)
-    table = make_table(results)
-    atomic_write_text(out / "table.md", table + "\n")
-    plots = [_renamed(Path(p)) for p in make_plots(results, out)]
-    if not args.quiet:
-        print(table)
-        for p in [results_path, out / "table.md", *plots]:
-            print(f"wrote {p}")
+        arms = [(method_name(m), m, None) for m in methods_of(args)]
+        stopped = train_arms(task, name, arms, entry, results, results_path, args, log)
+        if stopped is not None:
+            return stopped
+    write_report(results, results_path, "vision_", args.quiet)
     return 0
 
-
-def _renamed(path: Path) -> Path:
-    """deep_experiment's plot names start with "deep_"; these are the vision ones."""
-    new = path.with_name("vision_" + path.name.removeprefix("deep_"))
-    path.replace(new)
-    return new
-
-
-def _int_list(text: str) -> list[int]:
-    return [int(t) for t in text.split(",") if t.strip()]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -219,20 +190,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "vision",
         help="torchvision-style ResNet-18 via from_torchvision: accuracy and gradient cosine vs k",
     )
-    p.add_argument("--ks", type=_int_list, default=[0, 1, 2, 3, 4])
-    p.add_argument("--fixedpoint-k", type=int, default=4)
-    p.add_argument("--seeds", type=_int_list, default=[0])
-    p.add_argument("--widths", type=_int_list, default=[8, 16, 32, 64])
-    p.add_argument("--image", type=int, default=16, help="upsampled side (divisible by 8)")
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--train-limit", type=int, default=0, help="use only the first N images")
+    p.add_argument("--ks", type=nonneg_int_list, default=[0, 1, 2, 3, 4])
+    p.add_argument("--fixedpoint-k", type=nonneg_int, default=4)
+    p.add_argument("--seeds", type=nonneg_int_list, default=[0])
+    p.add_argument("--widths", type=positive_int_list, default=[8, 16, 32, 64])
+    p.add_argument("--image", type=positive_int, default=16, help="upsampled side (divisible by 8)")
+    p.add_argument("--epochs", type=positive_int, default=4)
+    p.add_argument("--batch", type=positive_int, default=64)
+    p.add_argument("--lr", type=positive_float, default=2e-3)
+    p.add_argument("--train-limit", type=nonneg_int, default=0, help="use only the first N images")
     p.add_argument(
-        "--threads", type=int, default=1, help="torch threads (1 is kind to a shared box)"
+        "--threads", type=positive_int, default=1, help="torch threads (1 is kind to a shared box)"
     )
-    p.add_argument("--out", default="results/vision")
-    p.add_argument("--checkpoint-every", type=int, default=25, help="steps between checkpoints")
+    p.add_argument("--out", type=out_dir, default="results/vision")
+    p.add_argument("--checkpoint-every", type=positive_int, default=25,
+                   help="steps between checkpoints")
     p.add_argument("--tiny", action="store_true", help="tiny CI setting (seconds)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--no-record-argv", dest="record_argv", action="store_false")

@@ -171,6 +171,11 @@ def check_batchable(
     return groups
 
 
+def _same_layout(a: Tensor, b: Tensor) -> bool:
+    return (a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+            and a.stride() == b.stride())
+
+
 def _slice(tree: Any, i: int) -> Any:
     if isinstance(tree, Tensor):
         return tree[i]
@@ -253,7 +258,13 @@ class _Group:
             n: torch.stack([snap[n] for snap in snapshots])
             for n, _ in base.block.named_buffers()
         }
-        self.x = torch.stack([h.detach() for h in inputs]).requires_grad_(True)
+        # One spare row after the inputs: a group whose outputs are (but for the last) the
+        # inputs of a group shifted by one layer can keep them there (see _share_outputs).
+        n = len(inputs)
+        self.x_rows = inputs[0].new_empty((n + 1, *inputs[0].shape))
+        torch.stack([h.detach() for h in inputs], out=self.x_rows[:n])
+        self.x = self.x_rows[:n].detach().requires_grad_(True)
+        self.spare_row_free = True
         block, residual = base.block, base.residual
         slots = _tensor_slots(block)
 
@@ -348,6 +359,7 @@ class BatchedVJP:
         self.contexts: list[Any] = [None] * len(self.layers)
         for pos, i in enumerate(self.looped):
             self.xs[i], self.contexts[i] = self._apart.xs[pos], self._apart.contexts[pos]
+        self._share_outputs()
         self._owner: dict[int, list[tuple[int, str, int]]] = {}
         for g, (idx, run) in enumerate(zip(self.groups, self._runs)):
             for pos, i in enumerate(idx):
@@ -356,6 +368,37 @@ class BatchedVJP:
                 self.contexts[i] = run.contexts[pos]
                 for n in run.param_names:
                     self._owner.setdefault(id(layer.block.get_parameter(n)), []).append((g, n, pos))
+
+    def _share_outputs(self) -> None:
+        """Point each group's stacked output at the stacked inputs holding the same values.
+
+        A group's outputs are the inputs of the layers one further (an MLP: its own inputs
+        shifted by one row; a transformer's attention layers: the MLP layers' inputs). Kept
+        apart they would cost one state-sized tensor per layer; when bit-for-bit equal (a
+        deterministic re-run), the output's data becomes a view of those inputs (the last
+        row, h after the group's last layer, written into the spare row). Its own memory is
+        then freed unless a node of the graph saved it (that node keeps its copy).
+        """
+        by_layers = {tuple(idx): run for idx, run in zip(self.groups, self._runs)}
+        for idx, run in zip(self.groups, self._runs):
+            target = tuple(i + 1 for i in idx)
+            n = len(idx)
+            full = by_layers.get(target)
+            if full is not None and _same_layout(run.y, full.x):
+                if torch.equal(run.y, full.x):
+                    run.y.data = full.x.detach()
+                continue
+            for other_idx, other in zip(self.groups, self._runs):
+                if (len(other_idx) == n and tuple(other_idx[1:]) == target[:-1]
+                        and other.spare_row_free
+                        and _same_layout(run.y, other.x_rows[1:])
+                        and torch.equal(run.y[:-1], other.x_rows[1:n])):
+                    # through .data (its own version counter): the spare row overlaps no
+                    # saved tensor, and the inputs' graph must not see a version change
+                    other.x_rows.data[n].copy_(run.y[-1])
+                    other.spare_row_free = False
+                    run.y.data = other.x_rows[1:].detach()
+                    break
 
     def _live(self) -> list[int]:
         return [g for g, run in enumerate(self._runs) if run.y.requires_grad]
@@ -368,10 +411,10 @@ class BatchedVJP:
 
     def block_vjps(self, ws: Sequence[Tensor]) -> list[Tensor]:
         """[w_j @ J_j for j = 1..L] in one batched VJP call; ws = [w_1..w_L]."""
-        out = [torch.zeros_like(ws[i]) for i in range(len(self.layers))]
+        out: list[Any] = [None] * len(self.layers)
         live, apart = self._live(), self._live_apart()
         if not live and not apart:
-            return out
+            return [torch.zeros_like(x) for x in self.xs]
         grads = torch.autograd.grad(
             [self._runs[g].y for g in live] + [self._apart.ys[pos] for pos in apart],
             [self._runs[g].x for g in live] + [self._apart.xs[pos] for pos in apart],
@@ -387,7 +430,8 @@ class BatchedVJP:
         for pos, grad in zip(apart, grads[len(live):]):
             if grad is not None:
                 out[self.looped[pos]] = grad
-        return out
+        # zeros only where no gradient flows, allocated after the call (see LoopVJP)
+        return [torch.zeros_like(x) if v is None else v for v, x in zip(out, self.xs)]
 
     def layer_block_vjp(self, j: int, w: Tensor) -> Tensor:
         """w @ J_j for one layer (the sequential exact fallback): the per-layer backend's."""
