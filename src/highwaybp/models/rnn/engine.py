@@ -102,6 +102,10 @@ class PackedLinear:
     def __call__(self, a: Tensor) -> Tensor:
         return torch.ops.mkldnn._linear_pointwise(a, self.packed, None, "none", [], "")
 
+    def plus(self, a: Tensor, other: Tensor) -> Tensor:
+        """other + a @ W^T in one op (oneDNN's fused "add" post-op), a fresh tensor."""
+        return torch.ops.mkldnn._linear_pointwise.binary(a, other, self.packed, None, "add")
+
 
 # Below this many FLOPs per step, a loop keeps MKL's in-place addmm: oneDNN's linear returns
 # a fresh tensor that costs one more small elementwise op (the add into the gates) and an

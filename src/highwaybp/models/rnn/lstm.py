@@ -46,11 +46,14 @@ class LSTMEngine(Engine):
             a = rows[t]
             if linear is None:
                 a.addmm_(hs[t], w_t)
-            else:
-                a.add_(linear(hs[t]))
-            a[:, :h2].sigmoid_()
-            g = a[:, h2:h3].tanh_()
-            o = a[:, h3:].sigmoid_()
+                a[:, :h2].sigmoid_()
+                g = a[:, h2:h3].tanh_()
+                o = a[:, h3:].sigmoid_()
+            else:  # the pre-activations come fresh from oneDNN (add fused): gates into a
+                pre = linear.plus(hs[t], a)
+                torch.sigmoid(pre[:, :h2], out=a[:, :h2])
+                g = torch.tanh(pre[:, h2:h3], out=a[:, h2:h3])
+                o = torch.sigmoid(pre[:, h3:], out=a[:, h3:])
             c = cs[t + 1]
             torch.mul(a[:, H:h2], cs[t], out=c)
             c.addcmul_(a[:, :H], g)
