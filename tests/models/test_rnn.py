@@ -170,8 +170,8 @@ def test_cell_rnn_reference_equals_fast_engine_at_every_k(cell, iterate, chunk_b
     torch.manual_seed(4)
     lstm = cell == "lstm"
     ref_cell = (LSTMCellRef if lstm else GRUCellRef)(IN, H).double()
-    ref = CellRNN(ref_cell)
-    fast = (LSTM if lstm else GRU)(IN, H, iterate=iterate).double()
+    ref = CellRNN(ref_cell, record_step_norms=True)
+    fast = (LSTM if lstm else GRU)(IN, H, iterate=iterate, record_step_norms=True).double()
     fast.load_state_dict({f"{k}_l0": v for k, v in ref_cell.state_dict().items()})
     x = torch.randn(T, B, IN, dtype=torch.float64, requires_grad=True)
     h0 = torch.randn(B, H, dtype=torch.float64, requires_grad=True)

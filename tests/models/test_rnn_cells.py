@@ -144,9 +144,9 @@ def _iterate_both(cell: str, method, chunk=None):
     eng.forward()
     eng.prepare()
     eng.set_loss(torch.randn(T, B, H, dtype=DT), torch.randn(B, H, dtype=DT))
-    w_fast, d_fast = fast_iterate(eng, method)
+    w_fast, d_fast = fast_iterate(eng, method, record_steps=True)
     w_fast = w_fast.clone()
-    w_core, d_core = reference_iterate(eng, method)
+    w_core, d_core = reference_iterate(eng, method, record_steps=True)
     return w_fast, d_fast, w_core, d_core
 
 

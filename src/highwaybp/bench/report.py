@@ -103,9 +103,13 @@ def _rnn(path: Path, d: dict[str, Any]) -> list[str]:
     ]
     has_mem = any(r.get("peak_mem_mb") is not None for r in records)
     has_trained = any(r.get("fidelity_trained") for r in records)
+    has_floor = any("fwd_over_floor" in r for r in records)
+    has_mem_ratio = any(r.get("peak_mem_vs_torch") is not None for r in records)
     head = ["method", "fwd ms", "bwd ms", "total ms", "speedup vs fastest of torch/autograd-loop",
             "vs hbp-exact"]
+    head += ["fwd / matmul floor"] if has_floor else []
     head += ["peak MB"] if has_mem else []
+    head += ["peak / torch"] if has_mem_ratio else []
     head += ["grad rel. err. init"] + (["trained"] if has_trained else [])
     rows = []
     for r in records:
@@ -117,13 +121,23 @@ def _rnn(path: Path, d: dict[str, Any]) -> list[str]:
             f"{r['speedup_vs_fastest_exact']:.2f}",
             f"{r['speedup_vs_hbp_exact']:.2f}",
         ]
+        if has_floor:
+            row.append(_fmt(r.get("fwd_over_floor"), ".2f"))
         if has_mem:
             row.append(_fmt(r.get("peak_mem_mb"), ".0f"))
+        if has_mem_ratio:
+            row.append(_fmt(r.get("peak_mem_vs_torch"), ".2f"))
         row.append(f"{r['fidelity_init']['rel_error']:.1e}")
         if has_trained:
             row.append(_fmt((r.get("fidelity_trained") or {}).get("rel_error"), ".1e"))
         rows.append(row)
     lines += [*_table(head, rows), ""]
+    for seq_len, floor in (meta.get("matmul_floor") or {}).items():
+        lines += [f"Matmul floor at T={seq_len} (the recurrent matmuls alone, same rounds): "
+                  f"{floor['fwd_ms']:.0f} ms.", ""]
+    for seq_len, ratios in (meta.get("ratios") or {}).items():
+        lines += [f"Ratios at T={seq_len} (same run): "
+                  + ", ".join(f"{name} {value:.2f}x" for name, value in ratios.items()) + ".", ""]
     for seq_len, s in (meta.get("autograd_loop_scaling") or {}).items():
         lines += [
             f"autograd-loop scaling: T={seq_len}: {s['total_ms_T']:.0f} ms, T={s['T_big']}: "

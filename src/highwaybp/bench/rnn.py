@@ -100,9 +100,43 @@ def time_step(fn: Callable[[Tensor], Tensor], params: list[Tensor], x: Tensor, g
     t0 = time.perf_counter()
     y = fn(x)
     t1 = time.perf_counter()
-    y.backward(gy)
+    if y is not None:  # the matmul floor has no backward
+        y.backward(gy)
     t2 = time.perf_counter()
     return t1 - t0, t2 - t1
+
+
+FLOOR = "floor"  # the matmul-only loop, timed in the same rounds as the methods
+
+
+class MatmulFloor:
+    """The forward's floor: each layer's recurrent matmuls alone, h_t W_hh^T for t = 1..T
+    ([B, H] x [H, G*H]), in a Python loop like the methods', through the same matmul the
+    engines' loops use (`engine.packed_linear`: oneDNN with a prepacked weight for large
+    f32 steps, else torch.mm into a preallocated output).
+
+    Everything else a recurrent forward does per step (the gates' elementwise ops) costs on
+    top of this; the input projection (one batched matmul) is not included. Returns None:
+    nothing to differentiate.
+    """
+
+    def __init__(self, ref: nn.Module, seq_len: int, batch: int) -> None:
+        from highwaybp.models.rnn.engine import packed_linear
+
+        self.weights = [getattr(ref, f"weight_hh_l{i}").detach() for i in range(ref.num_layers)]
+        self.linears = [packed_linear(w, batch) for w in self.weights]
+        self.h = torch.randn(seq_len, batch, ref.hidden_size)
+        self.out = torch.empty(seq_len, batch, self.weights[0].shape[0])
+
+    def __call__(self, x: Tensor) -> None:
+        rows_h, rows_out = self.h.unbind(0), self.out.unbind(0)
+        for w, linear in zip(self.weights, self.linears):
+            w_t = w.t()
+            for h, out in zip(rows_h, rows_out):
+                if linear is None:
+                    torch.mm(h, w_t, out=out)
+                else:
+                    linear(h)
 
 
 def measure(fn, params, x, gy, repeats: int, warmup: int) -> dict[str, float]:
@@ -116,7 +150,7 @@ def measure_round_robin(
 ) -> dict[str, dict[str, float]]:
     """Time every method once per round, `repeats` rounds: a load change on a shared machine
     then hits all methods alike instead of whichever happened to run at the time."""
-    params = {name: _params(fn, ref) for name, fn in fns.items()}
+    params = {name: [] if name == FLOOR else _params(fn, ref) for name, fn in fns.items()}
     for name, fn in fns.items():
         for _ in range(warmup):
             time_step(fn, params[name], *inputs[name])
@@ -270,6 +304,8 @@ def peak_memory_mb(args: Any, name: str, seq_len: int) -> Optional[float]:
 SWEEP_OP_ROLES: dict[str, str] = {
     "aten::mm": "matmul",
     "aten::addmm": "matmul",
+    "mkldnn::_linear_pointwise": "matmul",  # the f32 path (engine.onednn_applies)
+    "aten::copy_": "matmul",  # oneDNN's fresh output copied into the state (+ one loss row)
     "aten::addcmul_": "scan rows",
     "aten::mul": "gate adjoints",
     "aten::sub": "step-norm difference",
@@ -280,7 +316,6 @@ SWEEP_OP_ROLES: dict[str, str] = {
     "aten::_local_scalar_dense": "step-norm difference",
     "aten::item": "step-norm difference",
     "aten::add_": "losses",
-    "aten::copy_": "losses",
 }
 VIEW_OPS = ("aten::unbind", "aten::slice", "aten::select", "aten::reshape", "aten::unsqueeze",
             "aten::view", "aten::as_strided", "aten::resolve_conj", "aten::resolve_neg")
@@ -299,7 +334,8 @@ def profile_gru_engine(args: Any, seq_len: int) -> dict:
     """Where a GRU Highway step's time goes, on the engine the model uses.
 
     Phase times (median of `--repeats`, no profiler): forward, prepare (gates ->
-    coefficients), one sweep (= one Highway iteration), parameter gradients, and the
+    coefficients), one sweep (= one fixed-k Highway iteration, no step norms), the same
+    sweep with step norms (adaptive methods, recording), parameter gradients, and the
     sequential exact backward for comparison. Then torch.profiler over `--repeats` sweeps:
     the inclusive CPU time of each top-level aten op, grouped by its role in the sweep
     (`SWEEP_OP_ROLES`), as a share of all top-level op time and of the non-view op time.
@@ -342,7 +378,10 @@ def profile_gru_engine(args: Any, seq_len: int) -> dict:
     nxt = eng.new_state()
     scratch = eng.new_state()
 
-    def sweep() -> None:
+    def sweep() -> None:  # one fixed-k Highway iteration: no step norms (nothing reads them)
+        eng.sweep(w, nxt, False, with_loss=True, scan=True, norms=False)
+
+    def sweep_with_norms() -> None:  # as an adaptive method's (or a recording) iteration
         eng.sweep(w, nxt, False, with_loss=True, scan=True, norms=True)
 
     phases = {}
@@ -351,6 +390,7 @@ def profile_gru_engine(args: Any, seq_len: int) -> dict:
     phases["forward_ms"] = _median_ms(forward, args.repeats)
     phases["prepare_ms"] = prepare_ms()
     phases["sweep_ms"] = _median_ms(sweep, args.repeats)
+    phases["sweep_with_norms_ms"] = _median_ms(sweep_with_norms, args.repeats)
     phases["param_grads_ms"] = _median_ms(lambda: eng.param_grads(w, True), args.repeats)
     phases["exact_backward_ms"] = _median_ms(lambda: eng.exact_backward(scratch), args.repeats)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -396,7 +436,8 @@ def print_profile(prof: dict) -> None:
     ph = prof["phases"]
     print(f"GRU engine T={prof['seq_len']} B={prof['batch']} H={prof['hidden']} "
           f"threads={prof['threads']} ({prof['chunks']} chunks of {prof['chunk_steps']} steps)")
-    for key in ("forward_ms", "prepare_ms", "sweep_ms", "param_grads_ms", "exact_backward_ms"):
+    for key in ("forward_ms", "prepare_ms", "sweep_ms", "sweep_with_norms_ms", "param_grads_ms",
+                "exact_backward_ms"):
         print(f"  {key[:-3]:16s} {ph[key]:9.2f} ms")
     print("  one sweep (Highway iteration), share of the non-view op time:")
     for role, share in prof["sweep_profile"]["share_of_non_view_op_time"].items():
@@ -428,7 +469,8 @@ def run_length(args: Any, seq_len: int, peak: float) -> tuple[list[dict], dict]:
     gy = torch.randn(seq_len, args.batch, args.hidden)
     records = []
     fns = {name: build(args, name, ref) for name in names}
-    inputs = {name: (x, gy) for name in names}
+    fns[FLOOR] = MatmulFloor(ref, seq_len, args.batch)
+    inputs = {name: (x, gy) for name in fns}
     big = seq_len * args.scaling_factor
     if args.scaling_factor > 1:  # the baseline at factor x T, timed in the same rounds
         fns["autograd-loop@big"] = build(args, "autograd-loop", ref)
@@ -437,6 +479,9 @@ def run_length(args: Any, seq_len: int, peak: float) -> tuple[list[dict], dict]:
             torch.randn(big, args.batch, args.hidden),
         )
     timings = measure_round_robin(fns, ref, inputs, args.repeats, args.warmup)
+    floor_ms = timings[FLOOR]["fwd_ms"]
+    print(f"  T={seq_len} {'floor (matmuls)':16s} fwd {floor_ms:9.1f} ms: the recurrent "
+          "matmuls alone, same rounds", flush=True)
     for name in names:
         timing = timings[name]
         flops = backward_matmul_flops(args, name, seq_len)
@@ -453,14 +498,18 @@ def run_length(args: Any, seq_len: int, peak: float) -> tuple[list[dict], dict]:
             "bwd_matmul_gflop": flops / 1e9,
             "bwd_matmul_gflops": gflops,
             "bwd_matmul_fraction_of_peak": gflops / peak,
+            "floor_fwd_ms": floor_ms,
+            "fwd_over_floor": timing["fwd_ms"] / floor_ms,
         }
         records.append(record)
         print(
             f"  T={seq_len} {name:16s} fwd {timing['fwd_ms']:9.1f} bwd {timing['bwd_ms']:9.1f} "
-            f"total {timing['total_ms']:9.1f} ms",
+            f"total {timing['total_ms']:9.1f} ms (fwd {record['fwd_over_floor']:.2f}x floor)",
             flush=True,
         )
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {
+        "floor": {"fwd_ms": floor_ms, "runs_ms": timings[FLOOR]["total_runs_ms"]}
+    }
     if args.scaling_factor > 1:
         t_big = timings["autograd-loop@big"]
         base = next(r for r in records if r["method"] == "autograd-loop")
@@ -485,6 +534,10 @@ def run_length(args: Any, seq_len: int, peak: float) -> tuple[list[dict], dict]:
     if args.memory:
         for r in records:
             r["peak_mem_mb"] = peak_memory_mb(args, r["method"], seq_len)
+        torch_mb = next(r for r in records if r["method"] == "torch")["peak_mem_mb"]
+        for r in records:
+            mine = r["peak_mem_mb"]
+            r["peak_mem_vs_torch"] = None if mine is None or not torch_mb else mine / torch_mb
     return records, extra
 
 
@@ -529,6 +582,25 @@ def _add_fidelity(
     }
 
 
+def headline_ratios(records: list[dict]) -> dict[str, dict[str, float]]:
+    """Per T, the issue's goal ratios within this run (total step times; > 1: faster)."""
+    out: dict[str, dict[str, float]] = {}
+    for seq_len in dict.fromkeys(r["seq_len"] for r in records):
+        by = {r["method"]: r for r in records if r["seq_len"] == seq_len}
+        exact, ratios = by["hbp-exact"], {}
+        for name in ("highway(k=0)", "highway(k=1)"):
+            if name in by:
+                ratios[f"{name} vs hbp-exact"] = exact["total_ms"] / by[name]["total_ms"]
+        for name in ("hbp-exact", "highway(k=1)"):
+            if name in by:
+                ratios[f"{name} vs torch"] = by["torch"]["total_ms"] / by[name]["total_ms"]
+        ratios["hbp forward / matmul floor"] = exact["fwd_over_floor"]
+        if exact.get("peak_mem_vs_torch") is not None:
+            ratios["hbp-exact peak memory / torch"] = exact["peak_mem_vs_torch"]
+        out[str(seq_len)] = ratios
+    return out
+
+
 def _fmt(v: Optional[float], spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
@@ -536,7 +608,8 @@ def _fmt(v: Optional[float], spec: str) -> str:
 def print_table(records: list[dict]) -> None:
     head = (
         f"{'T':>6} {'method':16s} {'fwd ms':>9} {'bwd ms':>9} {'total ms':>9} "
-        f"{'x fastest':>9} {'x hbpEx':>8} {'mem MB':>8} {'mm frac':>7} "
+        f"{'x fastest':>9} {'x hbpEx':>8} {'fwd/flr':>7} {'mem MB':>8} {'x torch':>7} "
+        f"{'mm frac':>7} "
         f"{'cos init':>9} {'rel init':>9} {'cos trn':>9} {'rel trn':>9}"
     )
     print(head)
@@ -546,7 +619,8 @@ def print_table(records: list[dict]) -> None:
         print(
             f"{r['seq_len']:>6} {r['method']:16s} {r['fwd_ms']:9.1f} {r['bwd_ms']:9.1f} "
             f"{r['total_ms']:9.1f} {r['speedup_vs_fastest_exact']:9.2f} "
-            f"{r['speedup_vs_hbp_exact']:8.2f} {_fmt(r.get('peak_mem_mb'), '8.0f')} "
+            f"{r['speedup_vs_hbp_exact']:8.2f} {r['fwd_over_floor']:7.2f} "
+            f"{_fmt(r.get('peak_mem_mb'), '8.0f')} {_fmt(r.get('peak_mem_vs_torch'), '7.2f')} "
             f"{r['bwd_matmul_fraction_of_peak']:7.2f} "
             f"{r['fidelity_init']['cosine']:9.6f} {r['fidelity_init']['rel_error']:9.2e} "
             f"{_fmt(ft.get('cosine'), '9.6f')} {_fmt(ft.get('rel_error'), '9.2e')}"
@@ -633,7 +707,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "op mix (torch.profiler); use --threads 1 on a shared machine",
     )
     p.add_argument("--seed", type=nonneg_int, default=0)
-    p.add_argument("--out", type=out_file, default="results/bench_rnn.json")
+    p.add_argument("--out", type=out_file, default="results/rnn/bench_rnn.json")
     p.set_defaults(func=run)
 
 
@@ -657,21 +731,28 @@ def run(args: argparse.Namespace) -> int:
         f"{peak:.1f} GFLOP/s; load average {load_before[0]:.2f}",
         flush=True,
     )
-    records, scaling, curves = [], {}, {}
+    records, scaling, curves, floors = [], {}, {}, {}
     for seq_len in args.seq_len:
         recs, extra = run_length(args, seq_len, peak)
         records += recs
         scaling[str(seq_len)] = extra.get("autograd_loop_scaling")
         curves[str(seq_len)] = extra["fidelity_curve"]
+        floors[str(seq_len)] = extra["floor"]
     print()
     print_table(records)
     print_curves(curves)
+    ratios = headline_ratios(records)
+    for seq_len, rs in ratios.items():
+        print(f"\nratios at T={seq_len} (same run): " + ", ".join(
+            f"{name} {value:.2f}x" for name, value in rs.items()))
     meta = {
         "command": "highwaybp bench rnn " + " ".join(sys.argv[3:]) if len(sys.argv) > 2 else "",
         "argv": sys.argv,
         "torch": torch.__version__,
         "threads": args.threads,
         "large_matmul_gflops": peak,
+        "matmul_floor": floors,
+        "ratios": ratios,
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
         "autograd_loop_scaling": scaling,

@@ -49,11 +49,80 @@ class BufferPool:
         return {"_free": {}}
 
 
-def _addmm_or_mm(bias: Optional[Tensor], a: Tensor, b: Tensor, out: Tensor) -> None:
-    if bias is None:
-        torch.mm(a, b, out=out)
+def _sum_or_none(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
+    """a + b, where a missing bias (None) counts as zero."""
+    if a is None:
+        return b
+    return a if b is None else a + b
+
+
+USE_ONEDNN = True  # False: every matmul through torch.mm/addmm (MKL); tests compare both
+
+
+def onednn_applies(like: Tensor) -> bool:
+    """Whether the engine's matmuls go through oneDNN for tensors like `like` (f32, CPU).
+
+    torch.mm on CPU is MKL's gemm; on the AMD calibration machine (Zen4) it ran at 40-50% of
+    oneDNN's matmul for the same f32 product, big or small (MKL picks slower code paths on
+    non-Intel CPUs), and torch.nn.LSTM's CPU forward is oneDNN's. Other dtypes (f64) and
+    builds without oneDNN use torch.mm.
+    """
+    return (USE_ONEDNN and like.dtype == torch.float32 and like.device.type == "cpu"
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+
+
+def linear(a: Tensor, weight: Tensor) -> Tensor:
+    """a [M, K] @ weight [N, K]^T through oneDNN (a fresh [M, N] tensor; any strides)."""
+    return torch.ops.mkldnn._linear_pointwise(a, weight, None, "none", [], "")
+
+
+def matmul_into(
+    a: Tensor, weight: Tensor, out: Tensor, bias: Optional[Tensor] = None, onednn: bool = False
+) -> None:
+    """out [M, N] <- a [M, K] @ weight [N, K]^T (+ bias [N]), through oneDNN if `onednn`."""
+    if onednn:
+        y = linear(a, weight)
+        if bias is None:
+            out.copy_(y)
+        else:
+            torch.add(y, bias, out=out)
+    elif bias is None:
+        torch.mm(a, weight.t(), out=out)
     else:
-        torch.addmm(bias, a, b, out=out)
+        torch.addmm(bias, a, weight.t(), out=out)
+
+
+class PackedLinear:
+    """y = a @ W^T through oneDNN with W packed once, for the per-step matmuls of a loop
+    (a small [rows, K] state times the same weight T times). A fresh [rows, N] tensor."""
+
+    def __init__(self, weight: Tensor, rows: int) -> None:
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), rows)
+
+    def __call__(self, a: Tensor) -> Tensor:
+        return torch.ops.mkldnn._linear_pointwise(a, self.packed, None, "none", [], "")
+
+    def plus(self, a: Tensor, other: Tensor) -> Tensor:
+        """other + a @ W^T in one op (oneDNN's fused "add" post-op), a fresh tensor."""
+        return torch.ops.mkldnn._linear_pointwise.binary(a, other, self.packed, None, "add")
+
+
+# Below this many FLOPs per step, a loop keeps MKL's in-place addmm: oneDNN's linear returns
+# a fresh tensor that costs one more small elementwise op (the add into the gates) and an
+# allocation per step. Measured (interleaved, 1-2 threads, loaded 2-core Zen4): the GRU at
+# B=128, H=64 (3 MFLOP/step) is faster with addmm_; the LSTM at B=32, H=512 (67 MFLOP/step)
+# 1.5-2x faster with oneDNN.
+STEP_ONEDNN_MIN_FLOPS = 1 << 24
+
+
+def packed_linear(weight: Tensor, rows: int) -> Optional[PackedLinear]:
+    """A `PackedLinear` for a loop's per-step `weight` [N, K] and [rows, K] inputs, or None
+    where oneDNN does not apply (`onednn_applies`) or the step is too small to gain from it
+    (`STEP_ONEDNN_MIN_FLOPS`); callers then use torch.mm/addmm."""
+    n, k = weight.shape
+    if not onednn_applies(weight) or 2 * rows * n * k < STEP_ONEDNN_MIN_FLOPS:
+        return None
+    return PackedLinear(weight, rows)
 
 
 class Engine:
@@ -86,6 +155,7 @@ class Engine:
         row_bytes = self.B * self.num_gates * self.H * x.element_size()
         self.chunk = max(1, min(self.T, -(-self.chunk_bytes // row_bytes)))
         self._owned: list[Tensor] = []
+        self.onednn = onednn_applies(x)
 
     # ---- buffers ------------------------------------------------------------------------
     def take(self, *shape: int) -> Tensor:
@@ -125,10 +195,22 @@ class Engine:
 
     def _chunk_buffers(self) -> None:
         c, B, H = self.chunk, self.B, self.H
+        # the sweeps' block VJP: gate adjoints [chunk * B, G*H] @ W_hh (weight W_hh^T [H, G*H])
+        self.w_hh_t = self.w_hh.t().contiguous()
+        self.sweep_linear = PackedLinear(self.w_hh_t, c * B) if self.onednn else None
         self.gate_adj = self.take(c, B, self.num_gates * H)  # [chunk, B, G*H] gate adjoints
         self.gate_adj_by_gate = self.gate_adj.view(c, B, self.num_gates, H)  # [chunk, B, G, H]
         self.chunk_scratch = self.take(c, B, H)  # [chunk, B, H] per-chunk scratch
         self.ones = self.x.new_ones(c * B)
+
+    def _block_matmul(self, n: int, out: Tensor) -> None:
+        """out [n, B, H] <- the first n chunk rows of gate adjoints @ W_hh (in place)."""
+        g2 = self.gate_adj[:n].view(n * self.B, self.num_gates * self.H)
+        out2 = out.view(n * self.B, self.H)
+        if self.sweep_linear is None:
+            torch.mm(g2, self.w_hh, out=out2)
+        else:
+            out2.copy_(self.sweep_linear(g2))
 
     def _add_loss_rows_(self, out_h: Tensor, s: int, e: int) -> None:
         """out_h (rows s..e-1 of the h part) += g_s..g_{e-1} (g_0 = 0, g_i = grad_y[i-1])."""
@@ -216,11 +298,15 @@ class Engine:
             rows = self.states_h()[s:e].reshape(n, self.H)
         else:
             rows = self.x[s:e].reshape(n, self.In)
+        # G^T rows: both operands transposed, which oneDNN's linear would copy first (half
+        # of param_grads' time when tried); MKL's gemm reads them as they are.
         acc[f"w_{side}"].addmm_(g2.t(), rows)
         if acc[f"b_{side}"] is not None:
             acc[f"b_{side}"].addmv_(g2.t(), self.ones[:n])
         if side == "ih" and acc["dx"] is not None:
-            torch.mm(g2, self.w_ih, out=acc["dx"][s:e].view(n, self.In))
+            if "w_ih_t" not in acc:  # oneDNN reads its weight [In, G*H] contiguous: copy once
+                acc["w_ih_t"] = self.w_ih.t().contiguous() if self.onednn else self.w_ih.t()
+            matmul_into(g2, acc["w_ih_t"], acc["dx"][s:e].view(n, self.In), onednn=self.onednn)
 
     @staticmethod
     def _result(acc: dict):

@@ -44,6 +44,7 @@ class _LayerRun:
     method: Method
     pool: BufferPool
     iterate: str = "fast"
+    record_steps: bool = False  # the owner's record_step_norms at this forward
     engine: Optional[Engine] = field(default=None, repr=False)
 
 
@@ -140,9 +141,9 @@ def _layer_backward(
         _check_finite(eng, w, 0)
         diag = Diagnostics(method=repr(method), stop_reason="exact")
     elif run.iterate == "reference":
-        w, diag = reference_iterate(eng, method)
+        w, diag = reference_iterate(eng, method, run.record_steps)
     else:
-        w, diag = fast_iterate(eng, method)
+        w, diag = fast_iterate(eng, method, run.record_steps)
     dx, d_w_ih, d_w_hh, d_b_ih, d_b_hh = eng.param_grads(w, need_x=needs[0])
     dh0 = (w[1, 0] if lstm else w[0]).clone() if needs[1] else None
     dc0 = w[0, 0].clone() if lstm and needs[2] else None

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from highwaybp.models.rnn.engine import Engine, _addmm_or_mm
+from highwaybp.models.rnn.engine import Engine, _sum_or_none, matmul_into, packed_linear
 
 
 class GRUEngine(Engine):
@@ -27,65 +27,89 @@ class GRUEngine(Engine):
     state_parts = 1
 
     def forward(self) -> Tensor:
-        """Run the recurrence; returns the states h_0..h_T [T+1, B, H] (a fresh tensor)."""
+        """Run the recurrence; returns the states h_0..h_T [T+1, B, H] (a fresh tensor).
+
+        The loop does only what the recurrence needs, in one matmul and four elementwise ops
+        per step (each small op costs several microseconds at these sizes, as much as a
+        third of the matmul): G_t = [x W_ir^T + b_ir + b_hr, x W_iz^T + b_iz + b_hz, b_hn]
+        is precomputed for all t, so one in-place addmm gives [pre_r, pre_z, hn] with
+        hn = h W_hn^T + b_hn; one sigmoid gives r and z; n = tanh(N_t + r hn) with
+        N_t = x W_in^T + b_in in place; h' = lerp(n, h, z) = n + z (h - n). What only the
+        backward needs (h - n, the coefficients) is computed by `prepare`, batched over T.
+        """
         T, B, H = self.T, self.B, self.H
-        x = self.x
-        states = x.new_empty((T + 1, B, H))
-        states[0] = self.h0
-        # A holds x W_ih^T + b_ih, then (in place) the gates [r, z, n]; HH holds h W_hh^T + b_hh.
-        A = self.take(T, B, 3 * H)
-        HH = self.take(T, B, 3 * H)
-        _addmm_or_mm(self.b_ih, x.reshape(T * B, self.In), self.w_ih.t(), A.view(T * B, 3 * H))
-        w_t = self.w_hh.t()
-        b_hh = self.b_hh
-        hs = states.unbind(0)
-        rows_a, rows_hh = A.unbind(0), HH.unbind(0)
         h2 = 2 * H
+        x2 = self.x.reshape(T * B, self.In)
+        states = self.x.new_empty((T + 1, B, H))
+        states[0] = self.h0
+        G = self.take(T, B, 3 * H)  # [pre_r, pre_z, hn] -> [r, z, hn] -> (prepare) coefficients
+        N = self.take(T, B, H)  # x W_in^T + b_in -> n -> (prepare) Pn
+        G2 = G.view(T * B, 3 * H)
+        w_ih, b_ih, b_hh = self.w_ih, self.b_ih, self.b_hh
+        bias_rz = _sum_or_none(None if b_ih is None else b_ih[:h2],
+                               None if b_hh is None else b_hh[:h2])  # fmt: skip
+        matmul_into(x2, w_ih[:h2], G2[:, :h2], bias_rz, self.onednn)
+        if b_hh is None:
+            G2[:, h2:].zero_()
+        else:
+            G2[:, h2:].copy_(b_hh[h2:].expand(T * B, H))
+        matmul_into(x2, w_ih[h2:], N.view(T * B, H), None if b_ih is None else b_ih[h2:],
+                    self.onednn)  # fmt: skip
+        w_t = self.w_hh.t()
+        step_linear = packed_linear(self.w_hh, B)
+        hs, rows_g, rows_n = states.unbind(0), G.unbind(0), N.unbind(0)
         for t in range(T):
-            a, hh, h = rows_a[t], rows_hh[t], hs[t]
-            _addmm_or_mm(b_hh, h, w_t, hh)
-            rz = a[:, :h2]
-            rz.add_(hh[:, :h2]).sigmoid_()
-            n = a[:, h2:]
-            n.addcmul_(a[:, :H], hh[:, h2:]).tanh_()
-            d = hh[:, H:h2]  # h W_hz^T + b_hz is used up: keep h - n there for the backward
-            torch.sub(h, n, out=d)
-            torch.addcmul(n, a[:, H:h2], d, out=hs[t + 1])
-        self.states, self.A, self.HH = states, A, HH
+            g, n, h = rows_g[t], rows_n[t], hs[t]
+            if step_linear is None:
+                g.addmm_(h, w_t)
+            else:
+                g.add_(step_linear(h))
+            g[:, :h2].sigmoid_()
+            n.addcmul_(g[:, :H], g[:, h2:]).tanh_()
+            torch.lerp(n, h, g[:, H:h2], out=hs[t + 1])
+        self.states, self.G, self.N = states, G, N
+        self.Z = None
         return states
 
     @property
     def z(self) -> Tensor:
         """Update gates z_1..z_T [T, B, H] (K_t = diag(z_t)); valid before and after prepare."""
-        return self.A[..., self.H : 2 * self.H]
+        return self.G[..., self.H : 2 * self.H] if self.Z is None else self.Z
 
     def prepare(self) -> None:
-        """Gates -> coefficients, in place: HH <- Ph = [Pr, Pz, Pn r], A's n slot <- Pn.
+        """Gates -> coefficients, in place: G <- [Pr, Pz, Pn r], N <- Pn, z into its own buffer.
 
         Pz = (h - n) z (1 - z), Pn = (1 - z)(1 - n^2), Pr = Pn hn r (1 - r). With
-        w = dLoss/dh_t the hh-side pre-activation adjoint is w * Ph (so the block VJP is
-        (w * Ph) @ W_hh) and the x-side one is [w Pr, w Pz, w Pn]. Nine memory passes.
+        w = dLoss/dh_t the hh-side pre-activation adjoint is w * [Pr, Pz, Pn r] (so the
+        block VJP is that @ W_hh) and the x-side one is [w Pr, w Pz, w Pn]. Eleven memory
+        passes, by chunks of time steps so that they run in cache.
         """
         if self.prepared:
             return
         H = self.H
         self._chunk_buffers()
-        for c0, c1 in self.chunks():  # by chunks of time steps: the 9 ops run in cache
-            A, HH = self.A[c0:c1], self.HH[c0:c1]
-            r, z, n = A[..., :H], A[..., H : 2 * H], A[..., 2 * H :]
-            pr, pz, pnr = HH[..., :H], HH[..., H : 2 * H], HH[..., 2 * H :]  # pz: h - n
-            s = self.chunk_scratch[: c1 - c0]
-            torch.addcmul(z, z, z, value=-1.0, out=s)  # z (1 - z)
-            pz.mul_(s)
-            torch.sub(self.one, z, out=s)  # 1 - z
+        Z = self.take(self.T, self.B, H)
+        s2 = self.take(self.chunk, self.B, H)
+        for c0, c1 in self.chunks():
+            G = self.G[c0:c1]
+            r, z, hn = G[..., :H], G[..., H : 2 * H], G[..., 2 * H :]
+            n, zc, h = self.N[c0:c1], Z[c0:c1], self.states[c0:c1]
+            s, t = self.chunk_scratch[: c1 - c0], s2[: c1 - c0]
+            zc.copy_(z)
+            torch.sub(h, n, out=s)  # h - n
+            torch.addcmul(z, z, z, value=-1.0, out=t)  # z (1 - z)
+            torch.mul(s, t, out=z)  # Pz
+            torch.sub(self.one, zc, out=t)  # 1 - z
             n.mul_(n)
-            torch.addcmul(s, s, n, value=-1.0, out=n)  # Pn
+            torch.addcmul(t, t, n, value=-1.0, out=n)  # Pn
             torch.addcmul(r, r, r, value=-1.0, out=s)  # r (1 - r)
-            torch.mul(n, pnr, out=pr)  # Pn hn (pnr still holds hn)
-            pr.mul_(s)
-            torch.mul(n, r, out=pnr)
-        self.pn = self.A[..., 2 * H :]
-        self.coeff_by_gate = self.HH.view(self.T, self.B, 3, H)  # [T, B, 3, H]: Pr, Pz, Pn r
+            s.mul_(hn)
+            torch.mul(n, r, out=hn)  # Pn r
+            torch.mul(s, n, out=r)  # Pr
+        self.give_back(s2)
+        self.Z = Z
+        self.pn = self.N
+        self.coeff_by_gate = self.G.view(self.T, self.B, 3, H)  # [T, B, 3, H]: Pr, Pz, Pn r
         self.prepared = True
 
     def sweep(
@@ -101,7 +125,7 @@ class GRUEngine(Engine):
         for i < T and v_T = 0, chunk by chunk from the end. With norms, returns
         (||out - w||, ||out||). One Highway iteration is sweep(w, out, False, True, True, True).
         """
-        T, B, H = self.T, self.B, self.H
+        T = self.T
         if with_loss:
             out[T].copy_(self.grad_y[T - 1])
         else:
@@ -115,7 +139,7 @@ class GRUEngine(Engine):
             gate_adj_g = self.gate_adj_by_gate[:n]
             torch.mul(w[s + 1 : e + 1].unsqueeze(2), self.coeff_by_gate[s:e], out=gate_adj_g)
             oc = out[s:e]
-            torch.mm(self.gate_adj[:n].view(n * B, 3 * H), self.w_hh, out=oc.view(n * B, H))
+            self._block_matmul(n, oc)
             if full:
                 oc.addcmul_(self.z[s:e], w[s + 1 : e + 1])
             if with_loss:
@@ -147,9 +171,13 @@ class GRUEngine(Engine):
         ws, zs, coeffs_t = out.unbind(0), self.z.unbind(0), self.coeff_by_gate.unbind(0)
         gate_adj_g, g2 = self.gate_adj_by_gate[0], self.gate_adj[0]
         w_hh = self.w_hh
+        linear = packed_linear(w_hh.t(), self.B)
         for t in range(self.T, 0, -1):
             torch.mul(ws[t].unsqueeze(1), coeffs_t[t - 1], out=gate_adj_g)
-            torch.addmm(gs[t - 1], g2, w_hh, out=ws[t - 1])
+            if linear is None:
+                torch.addmm(gs[t - 1], g2, w_hh, out=ws[t - 1])
+            else:
+                torch.add(gs[t - 1], linear(g2), out=ws[t - 1])
             ws[t - 1].addcmul_(zs[t - 1], ws[t])
         return out
 

@@ -17,16 +17,20 @@ from highwaybp.core.methods import FixedPoint, Highway
 from highwaybp.models.rnn.engine import Engine
 
 
-def fast_iterate(eng: Engine, method: Highway | FixedPoint) -> tuple[Tensor, Diagnostics]:
+def fast_iterate(
+    eng: Engine, method: Highway | FixedPoint, record_steps: bool = False
+) -> tuple[Tensor, Diagnostics]:
     """`highway_iterate` specialised to an engine: same estimate and diagnostics, no allocations.
 
     Uses w^{j+1} = w^0 + scan(v^j) = scan(g + v^j) (the scan is linear) and two preallocated
     state buffers swapped each iteration; each iteration is one chunked sweep (gate adjoints,
     matmul, losses, scan and step norm per chunk of time steps while it is in cache).
-    The per-layer losses g are the engine's (`set_loss`), added in place. NaN/Inf: checked by
-    the step norms and once on the returned estimate.
+    The per-layer losses g are the engine's (`set_loss`), added in place. The step norms
+    are computed only when `rule.needs_step_norms` (adaptive method, or record_steps).
+    NaN/Inf: checked by the step norms when computed, and once on the returned estimate.
     """
-    rule = StopRule(method, eng.T, record_steps=True)  # the RNN modules' switch: to wire
+    rule = StopRule(method, eng.T, record_steps=record_steps)
+    norms = rule.needs_step_norms
     full = not method.keeps_residual  # K = 0: the whole cell's VJP, no scan
     w = eng.init_loss_(eng.new_state())
     if not full:
@@ -34,10 +38,13 @@ def fast_iterate(eng: Engine, method: Highway | FixedPoint) -> tuple[Tensor, Dia
     best = eng.new_state().copy_(w) if rule.keep_best else None
     nxt = eng.new_state()
     for j in rule.iterations():
-        diff, norm = eng.sweep(w, nxt, full, with_loss=True, scan=not full, norms=True)
-        step = 0.0 if diff == 0.0 else diff / max(norm, 1e-300)
-        if not (math.isfinite(step) and math.isfinite(norm)):
-            _check_finite(eng, nxt, j)
+        measured = eng.sweep(w, nxt, full, with_loss=True, scan=not full, norms=norms)
+        step = None
+        if measured is not None:
+            diff, norm = measured
+            step = 0.0 if diff == 0.0 else diff / max(norm, 1e-300)
+            if not (math.isfinite(step) and math.isfinite(norm)):
+                _check_finite(eng, nxt, j)
         w, nxt = nxt, w
         if rule.record(j, step):
             best.copy_(w)
@@ -59,7 +66,9 @@ def _check_finite(eng: Engine, w: Tensor, iteration: int) -> None:
         raise_if_nonfinite(eng.layer_major(w), iteration)
 
 
-def reference_iterate(eng: Engine, method: Highway | FixedPoint) -> tuple[Tensor, Diagnostics]:
+def reference_iterate(
+    eng: Engine, method: Highway | FixedPoint, record_steps: bool = False
+) -> tuple[Tensor, Diagnostics]:
     """The same estimate through the core's generic `highway_iterate` (fresh tensors per step)."""
     full = not method.keeps_residual  # K = 0: the whole cell's VJP, no scan
 
@@ -77,8 +86,9 @@ def reference_iterate(eng: Engine, method: Highway | FixedPoint) -> tuple[Tensor
 
     g_lm = eng.layer_major(eng.loss_state())
     if full:
-        w, diag = highway_iterate(g_lm, block_vjp, lambda s: s, method, eng.T, record_steps=True)
+        w, diag = highway_iterate(g_lm, block_vjp, lambda s: s, method, eng.T,
+                                  record_steps=record_steps)
     else:
         w, diag = highway_iterate(g_lm, block_vjp, scan, method, eng.T, exact_backward=exact,
-                                  record_steps=True)
+                                  record_steps=record_steps)
     return eng.from_layer_major(w), diag

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from highwaybp.models.rnn.engine import Engine, _addmm_or_mm
+from highwaybp.models.rnn.engine import Engine, _sum_or_none, matmul_into, packed_linear
 
 
 class LSTMEngine(Engine):
@@ -36,17 +36,24 @@ class LSTMEngine(Engine):
         C[0] = self.c0
         TC = self.take(T, B, H)
         A = self.take(T, B, 4 * H)  # x W_ih^T + b_ih + b_hh, then + h W_hh^T, then the gates
-        bias = _lstm_bias(self.b_ih, self.b_hh)
-        _addmm_or_mm(bias, x.reshape(T * B, self.In), self.w_ih.t(), A.view(T * B, 4 * H))
+        bias = _sum_or_none(self.b_ih, self.b_hh)
+        matmul_into(x.reshape(T * B, self.In), self.w_ih, A.view(T * B, 4 * H), bias, self.onednn)
         w_t = self.w_hh.t()
+        linear = packed_linear(self.w_hh, B)
         hs, cs, tcs, rows = states.unbind(0), C.unbind(0), TC.unbind(0), A.unbind(0)
         h2, h3 = 2 * H, 3 * H
         for t in range(T):
             a = rows[t]
-            a.addmm_(hs[t], w_t)
-            a[:, :h2].sigmoid_()
-            g = a[:, h2:h3].tanh_()
-            o = a[:, h3:].sigmoid_()
+            if linear is None:
+                a.addmm_(hs[t], w_t)
+                a[:, :h2].sigmoid_()
+                g = a[:, h2:h3].tanh_()
+                o = a[:, h3:].sigmoid_()
+            else:  # the pre-activations come fresh from oneDNN (add fused): gates into a
+                pre = linear.plus(hs[t], a)
+                torch.sigmoid(pre[:, :h2], out=a[:, :h2])
+                g = torch.tanh(pre[:, h2:h3], out=a[:, h2:h3])
+                o = torch.sigmoid(pre[:, h3:], out=a[:, h3:])
             c = cs[t + 1]
             torch.mul(a[:, H:h2], cs[t], out=c)
             c.addcmul_(a[:, :H], g)
@@ -111,7 +118,7 @@ class LSTMEngine(Engine):
         norms: bool = False,
     ) -> Optional[tuple[float, float]]:
         """As GRUEngine.sweep on the (c, h) adjoints [2, T+1, B, H]."""
-        T, B, H = self.T, self.B, self.H
+        T = self.T
         if with_loss:
             out[1, T].copy_(self.grad_y[T - 1])
             if self.grad_c is None:
@@ -129,7 +136,7 @@ class LSTMEngine(Engine):
             n = e - s
             dc = self._gate_adjoints(w, s, e)
             oh, oc = out[1, s:e], out[0, s:e]
-            torch.mm(self.gate_adj[:n].view(n * B, 4 * H), self.w_hh, out=oh.view(n * B, H))
+            self._block_matmul(n, oh)
             if full:
                 torch.mul(dc, self.f[s:e], out=oc)
             else:  # c part of J: dc f - wc f = wh Q f
@@ -170,11 +177,15 @@ class LSTMEngine(Engine):
         qs, fs, coeffs_t = self.Q.unbind(0), self.f.unbind(0), self.coeff_by_gate.unbind(0)
         dc, gate_adj_g, g2 = self.cell_adj[0], self.gate_adj_by_gate[0], self.gate_adj[0]
         w_hh = self.w_hh
+        linear = packed_linear(w_hh.t(), self.B)
         for t in range(self.T, 0, -1):
             torch.addcmul(wcs[t], whs[t], qs[t - 1], out=dc)
             torch.mul(dc.unsqueeze(1), coeffs_t[t - 1][:, :3], out=gate_adj_g[:, :3])
             torch.mul(whs[t], coeffs_t[t - 1][:, 3], out=gate_adj_g[:, 3])
-            torch.addmm(ghs[t - 1], g2, w_hh, out=whs[t - 1])
+            if linear is None:
+                torch.addmm(ghs[t - 1], g2, w_hh, out=whs[t - 1])
+            else:
+                torch.add(ghs[t - 1], linear(g2), out=whs[t - 1])
             torch.mul(dc, fs[t - 1], out=wcs[t - 1])  # no loss on c_{t-1} for t - 1 < T
         return out
 
@@ -197,12 +208,3 @@ class LSTMEngine(Engine):
         if shared_bias:
             acc["b_ih"] = acc["b_hh"].clone()
         return self._result(acc)
-
-
-def _lstm_bias(b_ih: Optional[Tensor], b_hh: Optional[Tensor]) -> Optional[Tensor]:
-    if b_ih is None:
-        return b_hh
-    return b_ih if b_hh is None else b_ih + b_hh
-
-
-# ---- reference autograd cells ------------------------------------------------------------

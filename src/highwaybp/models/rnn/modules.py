@@ -40,6 +40,7 @@ class _HighwayRNNBase(nn.Module):
         method: Method | None = None,
         residual: bool = False,
         iterate: str = "fast",
+        record_step_norms: bool = False,
         device: Any = None,
         dtype: Any = None,
     ) -> None:
@@ -73,6 +74,7 @@ class _HighwayRNNBase(nn.Module):
         self.residual = residual
         self.method = check_method(Exact() if method is None else method)
         self.iterate = iterate
+        self.record_step_norms = record_step_norms
         self.last_diagnostics: Optional[Diagnostics] = None
         self.layer_diagnostics: list[Optional[Diagnostics]] = [None] * num_layers
         self._pools = [BufferPool() for _ in range(num_layers)]
@@ -259,7 +261,8 @@ class _HighwayRNNBase(nn.Module):
         for layer in range(self.num_layers):
             params = self.layer_params(layer)
             c_init = None if c0 is None else c0[layer]
-            run = _LayerRun(self, layer, method, self._pools[layer], self.iterate)
+            run = _LayerRun(self, layer, method, self._pools[layer], self.iterate,
+                            bool(getattr(self, "record_step_norms", False)))
             if needs_grad:
                 out = apply_layer(inp, h0[layer], c_init, run, *params)
             else:
@@ -304,6 +307,11 @@ class GRU(_HighwayRNNBase):
         iterate: "fast" (default, preallocated loop) or "reference" (the generic
             core.highway_iterate, the readable reference the fast loop is tested against;
             "core" is its deprecated old name).
+        record_step_norms: compute each iteration's relative step ||w^j - w^(j-1)|| /
+            ||w^j|| into `last_diagnostics.step_norms` for a fixed k too (adaptive methods
+            always compute them: their stop test reads them). Off by default: they cost a
+            full read of two estimates per iteration. An attribute, read at each forward;
+            `core.fidelity.step_norms_recorded(model)` and the k controllers switch it on.
 
     Parameters: weight_ih_l{k} [3H, In], weight_hh_l{k} [3H, H], bias_ih_l{k}, bias_hh_l{k}
     [3H] (gate order r, z, n), so torch.nn.GRU's state_dict loads as is.

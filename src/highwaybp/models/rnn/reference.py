@@ -101,10 +101,13 @@ class CellRNN(nn.Module):
     Call: rnn(x [T, B, In], h0 [B, S]) -> states h_1..h_T [T, B, S].
     """
 
-    def __init__(self, cell: nn.Module, method: Method | None = None) -> None:
+    def __init__(
+        self, cell: nn.Module, method: Method | None = None, record_step_norms: bool = False
+    ) -> None:
         super().__init__()
         self.cell = cell
         self.method = check_method(Exact() if method is None else method)
+        self.record_step_norms = record_step_norms  # as GRU/LSTM: fixed k records on request
         self.last_diagnostics: Optional[Diagnostics] = None
         _check_cell(cell, self.method)
 
@@ -147,6 +150,7 @@ class _CellFunction(torch.autograd.Function):
             states.append(owner.cell(x_t, states[-1]))
         stacked = torch.stack(states)
         ctx.owner, ctx.method = owner, method
+        ctx.record_steps = bool(getattr(owner, "record_step_norms", False))
         ctx.save_for_backward(x, stacked, *params)
         # The backward re-runs the cell; frozen parameters and buffers are not saved tensors,
         # so autograd would not notice an in-place change of them: keep their versions.
@@ -188,7 +192,8 @@ class _CellFunction(torch.autograd.Function):
 
         g = torch.cat([torch.zeros_like(grad_y[:1]), grad_y])
         if full:
-            w, diag = highway_iterate(g, block_vjp, lambda s: s, method, T, record_steps=True)
+            w, diag = highway_iterate(g, block_vjp, lambda s: s, method, T,
+                                      record_steps=ctx.record_steps)
         else:
             w, diag = highway_iterate(
                 g,
@@ -197,7 +202,7 @@ class _CellFunction(torch.autograd.Function):
                 method,
                 T,
                 exact_backward=exact,
-                record_steps=True,
+                record_steps=ctx.record_steps,
             )
         owner.last_diagnostics = diag
         inputs = [hp, *params] + ([xs] if ctx.needs_input_grad[0] else [])
