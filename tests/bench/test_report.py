@@ -68,3 +68,20 @@ def test_readme_table_is_spliced_between_markers_and_checked(tmp_path, capsys):
     assert main([*args, "--check"]) == 0
     readme.write_text(text.replace("0.78x", "1.50x"))
     assert main([*args, "--check"]) == 1
+
+
+def test_layer_parallel_predictions_block_lists_where_highway_beats_exact(tmp_path):
+    """The README's "where it pays" block: a cell lists exactly the P at which Highway(k)
+    is predicted faster than the best exact schedule, or says none up to the largest P."""
+    from highwaybp.bench.report import layer_parallel_summary
+
+    def row(p, speedups):
+        return {"model": "toy", "ranks": p, "highway": {
+            str(k): {"speedup_vs_best_exact": x} for k, x in speedups.items()}}
+
+    folder = tmp_path / "bench" / "layer_parallel"
+    folder.mkdir(parents=True)
+    (folder / "bench.json").write_text(json.dumps({"paper_predictions": {"rows": [
+        row(2, {0: 1.2, 1: 0.9}), row(4, {0: 0.99, 1: 0.95}), row(8, {0: 1.5, 1: 0.8})]}}))
+    text = layer_parallel_summary(tmp_path)
+    assert "| toy | P = 2, 8 (1.20x-1.50x) | no P <= 8 |" in text
