@@ -464,6 +464,11 @@ PAPER_MODELS: dict[str, dict[str, Any]] = {
         "flops": [2 * 2 * 9 * c * c * s * s for c, s in ((16, 32), (32, 16), (64, 8))
                   for _ in range(18)],
         "state": [c * s * s for c, s in ((16, 32), (32, 16), (64, 8)) for _ in range(18)],
+        # The parameter VJP of conv-BN-ReLU-conv-BN needs the gradient at the first conv's
+        # output, so it takes conv 2's input gradient and both weight gradients: 3 of the 4
+        # conv-sized products of the whole backward, 1.5 forwards; it skips only conv 1's
+        # input gradient.
+        "param_vjp_forwards": 1.5,
     },
     "GPT-2 small (12 blocks = 24 sub-layers, batch 8 x 1024 tokens)": {
         # per token: attention 8 d^2 + 4 T d, MLP 16 d^2 (d = 768, T = 1024).
@@ -471,12 +476,20 @@ PAPER_MODELS: dict[str, dict[str, Any]] = {
         "flops": [8 * 768 ** 2 + 4 * 1024 * 768 if i % 2 == 0 else 16 * 768 ** 2
                   for i in range(24)],
         "state": [768] * 24,
+        # Pre-LayerNorm sub-layers: LayerNorm's own weight and bias need the gradient at
+        # its output, so the parameter VJP takes every input gradient of the sub-layer but
+        # the LayerNorm's: as much as the whole backward (measured so for the MLP block of
+        # `highwaybp bench layer-parallel`: vjp_param = vjp_both).
+        "param_vjp_forwards": 2.0,
     },
     "GRU over 1024 steps split in time (hidden 64, batch 128)": {
         # per step and sample: 3 gates x (input 1 + hidden 64) x 64 x 2 FLOPs.
         "layers": 1024, "batch": 128,
         "flops": [3 * 65 * 64 * 2] * 1024,
         "state": [64] * 1024,
+        # One step: the weight gradients need only the gates' adjoints (elementwise) and
+        # one outer product; the hidden state's input gradient is the other product.
+        "param_vjp_forwards": 1.0,
     },
 }
 
@@ -484,14 +497,18 @@ PAPER_MODELS: dict[str, dict[str, Any]] = {
 def paper_layer_costs(model: dict[str, Any], device: Device, microbatches: int
                       ) -> list[cm.LayerCost]:
     """Per-layer, per-micro-batch costs from FLOPs: forward = F / throughput + overhead;
-    each VJP (input, parameter) costs one forward, both at once two (the usual 1:2 rule);
-    a scan step moves three states through memory at 1 TB/s."""
+    the input VJP costs one forward and both VJPs at once two (the usual 1:2 rule); the
+    parameter VJP alone costs the model's `param_vjp_forwards` forwards (1 to 2: what
+    the parameter gradients need of the backward, see PAPER_MODELS); a scan step moves
+    three states through memory at 1 TB/s."""
     out = []
     for f, state in zip(model["flops"], model["state"]):
         rows = model["batch"] / microbatches
         fwd = f * rows / device.flops + device.overhead_s
         nbytes = int(state * rows * device.bytes_per_value)
-        out.append(cm.LayerCost(fwd, fwd, fwd, 2 * fwd - device.overhead_s,
+        work = fwd - device.overhead_s
+        vjp_param = model["param_vjp_forwards"] * work + device.overhead_s
+        out.append(cm.LayerCost(fwd, fwd, vjp_param, 2 * work + device.overhead_s,
                                 scan=3 * nbytes / 1e12 + 5e-6, state_bytes=nbytes))
     return out
 
