@@ -36,9 +36,7 @@ from __future__ import annotations
 import datetime
 import os
 import resource
-import sys
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from highwaybp.ddg.stage import SEMANTICS, DDGStage, split_model
+from highwaybp.distributed.launch import rank_process
 from highwaybp.distributed.transport import Link, TransportError, Watchdog
 from highwaybp.files import load_checkpoint, save_checkpoint
 
@@ -358,47 +357,13 @@ def _spawn_entry(
 ) -> None:
     device = _setup_rank(rank, world, cfg)
 
-    def report(kind: str, msg: str) -> None:
-        # Flush the queue's feeder thread before the process ends, or the message is lost.
-        events.put((kind, rank, msg))
-        events.close()
-        events.join_thread()
+    def work(watchdog: Watchdog) -> dict:
+        return run_rank(rank, world, cfg, device,
+                        progress=lambda t: events.put(("step", rank, t)), watchdog=watchdog)
 
-    # The watchdog outlives the receive timeout, so a receive error (clearer) normally
-    # wins; it is the backstop for everything else (slow start-up included).
-    watchdog = Watchdog(2 * cfg.timeout + 10.0, rank, lambda msg: report("error", msg))
-    try:
-        dist.init_process_group(
-            _pick_backend(cfg),
-            init_method=init_method,
-            rank=rank,
-            world_size=world,
-            timeout=datetime.timedelta(seconds=cfg.timeout),
-        )
-        watchdog.beat()
-        result = run_rank(
-            rank,
-            world,
-            cfg,
-            device,
-            progress=lambda t: events.put(("step", rank, t)),
-            watchdog=watchdog,
-        )
-        torch.save(result, Path(result_dir) / f"rank{rank}.pt")
-        watchdog.beat()
-        dist.destroy_process_group()
-        events.put(("done", rank, None))
-        events.close()
-        events.join_thread()
-    except BaseException as err:  # report, then leave without waiting on dead peers
-        msg = f"{type(err).__name__}: {err}"
-        try:
-            report("error", msg)
-        finally:
-            sys.stderr.write(f"[ddg rank {rank}] {msg}\n{traceback.format_exc()}")
-            sys.stderr.flush()
-            os._exit(1)
-    watchdog.stop()
+    rank_process(rank, world, backend=_pick_backend(cfg), timeout=cfg.timeout,
+                 init_method=init_method, events=events, result_dir=result_dir, work=work,
+                 label="DDG")
 
 
 def check_config(cfg: DDGRunConfig, world: int) -> None:

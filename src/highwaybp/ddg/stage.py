@@ -53,6 +53,7 @@ from torch import nn
 from torch.func import functional_call
 
 from highwaybp.core.replay import rng_states, rng_states_used
+from highwaybp.distributed.pipeline import balanced_boundaries as pipeline_split
 
 Semantics = Literal["stash", "recompute"]
 SEMANTICS: tuple[str, ...] = ("stash", "recompute")
@@ -81,28 +82,12 @@ def _as_layers(model: Union[nn.Module, Sequence[nn.Module]]) -> list[nn.Module]:
 
 def balanced_boundaries(costs: Sequence[float], splits: int) -> list[int]:
     """Cut points 0 = b_0 < b_1 < ... < b_K = n of `costs` into `splits` contiguous groups,
-    minimising the largest group cost (exact dynamic programme; n is small)."""
+    minimising the largest group cost: the layer-parallel runtime's split
+    (`highwaybp.distributed.balanced_boundaries`), in DDG's argument order."""
     n = len(costs)
     if not 1 <= splits <= n:
         raise ValueError(f"cannot split {n} layers into {splits} non-empty modules")
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + float(c))
-    inf = float("inf")
-    # best[k][i]: minimal max-cost of splitting the first i layers into k groups.
-    best = [[inf] * (n + 1) for _ in range(splits + 1)]
-    arg = [[0] * (n + 1) for _ in range(splits + 1)]
-    best[0][0] = 0.0
-    for k in range(1, splits + 1):
-        for i in range(k, n - (splits - k) + 1):
-            for j in range(k - 1, i):
-                cost = max(best[k - 1][j], prefix[i] - prefix[j])
-                if cost < best[k][i]:
-                    best[k][i], arg[k][i] = cost, j
-    cuts = [n]
-    for k in range(splits, 0, -1):
-        cuts.append(arg[k][cuts[-1]])
-    return cuts[::-1]
+    return pipeline_split(n, splits, costs)
 
 
 def split_model(

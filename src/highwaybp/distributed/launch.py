@@ -201,13 +201,15 @@ def _pick_device(backend: str, rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def _spawn_entry(rank: int, world: int, fn: Callable[..., Any], args: tuple, backend: str,
-                 timeout: float, threads: Optional[int], init_method: str, events: Any,
-                 result_dir: str) -> None:
-    from highwaybp.distributed import pipeline
-
-    if threads is not None:
-        torch.set_num_threads(threads)
+def rank_process(rank: int, world: int, *, backend: str, timeout: float, init_method: str,
+                 events: Any, result_dir: str, work: Callable[[Watchdog], Any],
+                 label: str = "HighwayPipeline") -> None:
+    """What every locally spawned rank runs (the layer-parallel runtime's and DDG's): join
+    the process group, run `work(watchdog)`, save its result as rank{r}.pt in
+    `result_dir` and report "done" on `events`; on any error report it and leave at once,
+    without waiting on peers that may be dead. A watchdog ends a rank silent for
+    2 * timeout + 10 s: the backstop for hangs outside a bounded wait (receives time out
+    first, with a clearer error)."""
 
     def report(kind: str, msg: str) -> None:
         # Flush the queue's feeder thread before the process ends, or the message is lost.
@@ -215,16 +217,13 @@ def _spawn_entry(rank: int, world: int, fn: Callable[..., Any], args: tuple, bac
         events.close()
         events.join_thread()
 
-    # The backstop for hangs outside a bounded wait; receives time out first (clearer).
     watchdog = Watchdog(2 * timeout + 10.0, rank, lambda msg: report("error", msg),
-                        label="HighwayPipeline")
-    pipeline.set_heartbeat(watchdog.beat)
+                        label=label)
     try:
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout))
         watchdog.beat()
-        ctx = RankContext(rank, world, _pick_device(backend, rank), timeout, watchdog.beat)
-        result = fn(ctx, *args)
+        result = work(watchdog)
         torch.save(result, Path(result_dir) / f"rank{rank}.pt")
         watchdog.beat()
         dist.destroy_process_group()
@@ -236,10 +235,27 @@ def _spawn_entry(rank: int, world: int, fn: Callable[..., Any], args: tuple, bac
         try:
             report("error", msg)
         finally:
-            sys.stderr.write(f"[rank {rank}] {msg}\n{traceback.format_exc()}")
+            sys.stderr.write(f"[{label} rank {rank}] {msg}\n{traceback.format_exc()}")
             sys.stderr.flush()
             os._exit(1)
     watchdog.stop()
+
+
+def _spawn_entry(rank: int, world: int, fn: Callable[..., Any], args: tuple, backend: str,
+                 timeout: float, threads: Optional[int], init_method: str, events: Any,
+                 result_dir: str) -> None:
+    from highwaybp.distributed import pipeline
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+    def work(watchdog: Watchdog) -> Any:
+        pipeline.set_heartbeat(watchdog.beat)
+        ctx = RankContext(rank, world, _pick_device(backend, rank), timeout, watchdog.beat)
+        return fn(ctx, *args)
+
+    rank_process(rank, world, backend=backend, timeout=timeout, init_method=init_method,
+                 events=events, result_dir=result_dir, work=work)
 
 
 def spawn(fn: Callable[..., Any], world: int, args: tuple = (), *, backend: str = "gloo",
