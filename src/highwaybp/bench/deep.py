@@ -120,8 +120,10 @@ def build_stack(
 
 
 def _step(stack: Stack, method: Method, vjp: str) -> tuple[float, float, list[Tensor]]:
-    """One training step: (forward s, backward s, parameter gradients)."""
-    stack.chain.vjp = vjp
+    """One training step: (forward s, backward s, parameter gradients). `vjp`: "loop",
+    "batched" or LAYERWISE (the loop backend with layerwise sweeps)."""
+    stack.chain.vjp = "loop" if vjp == LAYERWISE else vjp
+    stack.chain.layerwise_sweeps = vjp == LAYERWISE
     params = [p for p in stack.chain.parameters()]
     for p in params:
         p.grad = None
@@ -173,7 +175,8 @@ def memory_probe(spec: dict[str, Any]) -> dict[str, float]:
         spec["image"],
         getattr(torch, spec["dtype"]),
     )
-    stack.chain.vjp = spec["vjp"]
+    stack.chain.vjp = "loop" if spec["vjp"] == LAYERWISE else spec["vjp"]
+    stack.chain.layerwise_sweeps = spec["vjp"] == LAYERWISE
     method = _method(spec["k"])
     stack.loss(method).backward()  # warm-up: lazy initialisation is not the step's memory
     for p in stack.chain.parameters():
@@ -293,7 +296,7 @@ def memory_rows(args: argparse.Namespace, model: str) -> list[dict]:
     depth = len(stack.chain)
     rows = [{"method": "exact", "k": None, "vjp": "autograd"}]
     rows += [{"method": f"highway(k={k})", "k": k, "vjp": vjp}
-             for k in args.ks if k <= depth for vjp in [*args.vjps, LAYERWISE]]
+             for k in args.ks if k <= depth for vjp in dict.fromkeys([*args.vjps, LAYERWISE])]
     _add_tensor_memory(stack, rows)
     for row in rows:
         row.update(model=model, depth=depth, width=args.width,
@@ -440,7 +443,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--ks", type=nonneg_int_list, default=[0, 1, 2, 3], help="comma list, e.g. 0,1,2,3"
     )
-    p.add_argument("--vjps", nargs="+", choices=("loop", "batched"), default=["loop", "batched"])
+    p.add_argument("--vjps", nargs="+", choices=("loop", "batched", LAYERWISE),
+                   default=["loop", "batched"],
+                   help=f"VJP backends to time ({LAYERWISE}: ResidualChain(layerwise_sweeps"
+                        "=True), the lower-memory option)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--repeats", type=positive_int, default=5)
     p.add_argument("--warmup", type=nonneg_int, default=1)
