@@ -187,3 +187,19 @@ def test_layerwise_sweeps_give_the_same_estimate(method, per_layer_loss):
 def test_layerwise_sweeps_need_the_loop_backend():
     with pytest.raises(ValueError, match="vjp='loop'"):
         hbp.ResidualChain([make_layer("identity", 4)], vjp="batched", layerwise_sweeps=True)
+
+
+def test_layerwise_sweeps_refuse_a_backend_or_scan_they_would_ignore():
+    """layerwise_sweeps scans sequentially with per-layer VJPs: another scan or VJP backend
+    would be silently ignored (found on 6b9be67 + chainmem), so both are refused, at
+    construction and when the attributes change before a backward."""
+    layers = [make_layer("identity", 5) for _ in range(3)]
+    with pytest.raises(ValueError, match="cannot use scan='hillis_steele'"):
+        hbp.ResidualChain(layers, scan="hillis_steele", layerwise_sweeps=True)
+    with pytest.raises(ValueError, match="needs vjp='loop'"):
+        hbp.ResidualChain(layers, vjp="batched", layerwise_sweeps=True)
+    chain = hbp.ResidualChain(layers, method=Highway(k=1), layerwise_sweeps=True).double()
+    chain.scan_name = "hillis_steele"
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="cannot use scan='hillis_steele'"):
+        chain(x).sum().backward()

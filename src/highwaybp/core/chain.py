@@ -103,9 +103,9 @@ class ResidualChain(nn.Module):
         self.preserve_rng_state = preserve_rng_state
         self.recompute = recompute
         self.record_step_norms = record_step_norms
-        if layerwise_sweeps and vjp != "loop":
-            raise ValueError("layerwise_sweeps=True takes per-layer VJPs: it needs vjp='loop'")
         self.layerwise_sweeps = layerwise_sweeps
+        if layerwise_sweeps:
+            _check_layerwise(self)
         self.last_diagnostics: Optional[Diagnostics] = None
 
     def __len__(self) -> int:
@@ -203,6 +203,19 @@ class _Run:
     record_step_norms: bool = False  # the chain's setting at this forward
     forward_states: Optional[list[ForwardState]] = None
     last_state: Optional[Tensor] = None  # an empty tensor shaped like h_L (dtype, device)
+
+
+def _check_layerwise(chain: ResidualChain) -> None:
+    """layerwise_sweeps takes one VJP per layer and scans sequentially as it goes: another
+    VJP backend or scan would be ignored, so it is refused (at construction and at each
+    backward, since both are attributes)."""
+    if chain.vjp != "loop":
+        raise ValueError("layerwise_sweeps=True takes per-layer VJPs: it needs vjp='loop', "
+                         f"got vjp={chain.vjp!r}")
+    if chain.scan_name not in (None, "sequential"):
+        raise ValueError("layerwise_sweeps=True scans sequentially, layer by layer: it "
+                         f"cannot use scan={chain.scan_name!r}; pass scan=None or "
+                         "'sequential', or layerwise_sweeps=False")
 
 
 def _check_layer(index: int, layer: Any) -> None:
@@ -412,6 +425,8 @@ def _backward(
     full = not method.keeps_residual  # K = 0: the whole layer's VJP, no scan
     layerwise = None
     if chain.layerwise_sweeps:
+        _check_layerwise(chain)
+
         def layerwise(w: list, g_rows: dict) -> list:
             return ops.layerwise_sweep(w, g_rows, full)
     options = dict(inplace=True, record_steps=run.record_step_norms,
