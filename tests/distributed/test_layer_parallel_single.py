@@ -280,3 +280,39 @@ def test_micro_batch_gradients_are_the_full_batch_mean_by_default(method):
     torch.testing.assert_close(loss, ref_loss.detach(), rtol=0, atol=1e-12)
     for p, q in zip(chain.parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", [hbp.Exact(), hbp.Highway(k=2)])
+def test_a_tensor_the_stage_does_not_own_is_refused_under_every_method(method):
+    """A module captured in a LinearShortcut's closure: the stage cannot update it. Under
+    Exact() the pipeline left its .grad empty without a word (6b9be67 + lpruntime); now
+    both methods refuse it with what to do."""
+    torch.manual_seed(0)
+    outside = nn.Linear(5, 5, bias=False).double()
+    shortcut = hbp.LinearShortcut(lambda u: outside(u), lambda v: v @ outside.weight)
+    chain = chain_of([mlp() for _ in range(2)], residual=shortcut)
+    x, y = xy()
+    with pytest.raises(RuntimeError, match="not a parameter of the chain's layers"):
+        HighwayPipeline(chain, 1, 0, method, mse).step(x, target=y)
+    assert outside.weight.grad is None
+
+
+def test_tensors_inside_a_structured_target_are_split_into_micro_batches():
+    """target=(y, {"w": weights}) with M = 2: each micro-batch's loss gets its own rows
+    (6b9be67 + lpruntime passed the whole tuple to every micro-batch)."""
+    x, y = xy()
+    weights = torch.rand(6, dtype=torch.float64)
+    torch.manual_seed(0)
+    chain = chain_of([mlp() for _ in range(2)])
+    ref = chain_of([mlp() for _ in range(2)], method=hbp.Highway(k=1))
+    ref.load_state_dict(chain.state_dict())
+
+    def weighted(h, target):
+        rows, extra = target
+        return (extra["w"][:, None] * (h - rows) ** 2).sum()
+
+    HighwayPipeline(chain, 1, 0, hbp.Highway(k=1), weighted, num_microbatches=2,
+                    scale_grads=False).step(x, target=(y, {"w": weights}))
+    weighted(ref(x), (y, {"w": weights})).backward()
+    for p, q in zip(chain.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-12)

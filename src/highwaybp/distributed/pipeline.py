@@ -7,7 +7,7 @@ seed), wraps it with its own `stage_index`, and calls `step()` once per training
     pipe = HighwayPipeline(chain, num_stages=P, stage_index=rank, method=Highway(k=1),
                            loss_fn=loss_fn)
     loss = pipe.step(x)             # first stage (returns None unless it owns a loss)
-    loss = pipe.step(target=y)      # last stage: the loss (summed over micro-batches)
+    loss = pipe.step(target=y)      # last stage: the loss (mean over micro-batches)
     pipe.step()                     # middle stages
     opt.step()                      # each rank, on pipe.parameters()
 
@@ -24,9 +24,11 @@ dLoss/d(its output), runs one `torch.autograd.backward` over its layers (inputs 
 parameters together) and sends dLoss/d(its input) on.
 
 Gradients accumulate into `.grad` as `loss.backward()` does (parameter hooks run once per
-step); with M micro-batches they are the sum over micro-batches of each micro-batch's
-gradient, as in torch.distributed.pipelining (a mean loss over a micro-batch gives M times
-the full-batch mean's gradient: divide, or use reduction="sum").
+step); with M micro-batches they are, as in torch.distributed.pipelining, those of the mean
+of the micro-batch losses (`scale_grads=True`; False: their sum). For a mean loss and
+blocks that treat samples independently that is the full batch's gradient; a block that
+mixes samples (BatchNorm in training mode) sees each micro-batch alone, as under any
+pipeline schedule.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from highwaybp.core.backends.loop import LoopVJP
+from highwaybp.core.backends.loop import LoopVJP, check_no_foreign_leaves
 from highwaybp.core.chain import (
     ResidualChain,
     _apply_layer,
@@ -166,8 +168,9 @@ class HighwayPipeline:
             equal micro-batches (the batch must divide by M).
         scale_grads: True (default, as torch.distributed.pipelining's schedules): the
             gradients are those of the mean of the micro-batch losses, which for a
-            mean-reduced loss equals the full batch's gradient, and `step` returns that
-            mean. False: the sum over micro-batches (gradients and returned loss).
+            mean-reduced loss and per-sample blocks equals the full batch's gradient (a
+            BatchNorm in training mode normalizes each micro-batch alone), and `step`
+            returns that mean. False: the sum over micro-batches (gradients and loss).
         boundaries: P+1 increasing layer counts [0, b_1, ..., L]: stage s holds layers
             b_s+1..b_{s+1}. Default: `balanced_boundaries(L, P)` (equal layer counts;
             `balanced_boundaries(L, P, costs)` balances measured per-layer costs).
@@ -344,7 +347,7 @@ class HighwayPipeline:
                              "pipe.step() without x (pass target=... if it owns a loss)")
         m = self.num_microbatches
         xs = self._split(x, "x") if x is not None else [None] * m
-        targets = self._split(target, "target") if isinstance(target, Tensor) else [target] * m
+        targets = self._split_target(target)
         step = self.step_index
         try:
             with self.tracer.phase("step", step):
@@ -367,6 +370,24 @@ class HighwayPipeline:
             raise ValueError(f"{what} of shape {tuple(t.shape)} does not split into "
                              f"num_microbatches={m} equal micro-batches along dim 0")
         return list(t.chunk(m)) if m > 1 else [t]
+
+    def _split_target(self, target: Any) -> list[Any]:
+        """The target for each micro-batch: every tensor in it (alone, or inside tuples,
+        lists and dicts) split along dim 0 like x; anything else given to every one."""
+        m = self.num_microbatches
+
+        def split(t: Any, where: str) -> list[Any]:
+            if isinstance(t, Tensor):
+                return self._split(t, where)
+            if isinstance(t, (tuple, list)):
+                parts = [split(v, f"{where}[{i}]") for i, v in enumerate(t)]
+                return [type(t)(p[j] for p in parts) for j in range(m)]
+            if isinstance(t, dict):
+                parts = {k: split(v, f"{where}[{k!r}]") for k, v in t.items()}
+                return [{k: p[j] for k, p in parts.items()} for j in range(m)]
+            return [t] * m
+
+        return split(target, "target")
 
     def _receive_input(self, m: int) -> Tensor:
         with self.tracer.phase("comm", self.step_index, m, peer=self.stage_index - 1,
@@ -418,6 +439,18 @@ class HighwayPipeline:
     def _total(self, values: list[Tensor]) -> Optional[Tensor]:
         return torch.stack(values).sum() * self._loss_scale if values else None
 
+    def _check_owned_leaves(self, states: list[Tensor], leaf: Tensor) -> None:
+        """Refuse a tensor requiring grad that the layers use but this stage does not own
+        (a module captured in a closure): exact backprop would fill its .grad with only this
+        rank's part, and another rank using it would update its own copy (the Highway
+        path refuses it through its VJP backend)."""
+        try:
+            check_no_foreign_leaves(states, [leaf, *self.params], self.params)
+        except RuntimeError as err:
+            raise RuntimeError(
+                f"HighwayPipeline stage {self.stage_index}: {err} A pipeline stage can only "
+                "update the parameters of its own layers, under Exact() too.") from None
+
     def _push_input_grad(self, x: Tensor | None, grads: list[Tensor]) -> None:
         """dLoss/dx into x (its .grad, or the module that produced it)."""
         if x is None or not x.requires_grad:
@@ -442,6 +475,8 @@ class HighwayPipeline:
                     for layer in self.layers:
                         h = layer(h)
                         states.append(h)
+            if m == 0:
+                self._check_owned_leaves(states, leaf)
             if not self.is_last:
                 self._send_output(h.detach(), m)
             g, v = self._state_loss_grads(states, targets[m], m)
