@@ -150,7 +150,9 @@ def test_bench_rnn_profile_writes_phases_and_the_sweep_op_mix(tmp_path):
     assert main(argv) == 0
     (prof,) = json.loads(out.read_text())["profiles"]
     assert set(prof["phases"]) >= {"forward_ms", "prepare_ms", "sweep_ms", "sweep_with_norms_ms",
-                                   "param_grads_ms", "exact_backward_ms"}  # fmt: skip
+                                   "param_grads_ms", "exact_backward_ms", "torch_forward_ms",
+                                   "torch_forward_backward_ms"}  # fmt: skip
+    assert prof["cell"] == "gru"
     sweep = prof["sweep_profile"]
     repeats, chunks = sweep["repeats"], prof["chunks"]
     # the attribution follows GRUEngine.sweep: one scan row (addcmul_) per time step, one
@@ -169,3 +171,17 @@ def test_bench_rnn_profile_writes_phases_and_the_sweep_op_mix(tmp_path):
 
 def test_bench_rnn_rejects_few_repeats(tmp_path):
     assert main(["bench", "rnn", "--repeats", "2", "--out", str(tmp_path / "x.json")]) == 2
+
+
+def test_bench_rnn_profile_runs_the_lstm_engine(tmp_path):
+    """--profile --cell lstm times the LSTM engine's phases beside torch.nn.LSTM's (it was
+    refused before): the sweep runs one scan row per time step on each of c and h."""
+    out = tmp_path / "profile.json"
+    argv = ["bench", "rnn", "--profile", "--cell", "lstm", "--seq-len", "30", "--batch", "2",
+            "--hidden", "4", "--input-size", "3", "--threads", "1", "--out", str(out)]
+    assert main(argv) == 0
+    (prof,) = json.loads(out.read_text())["profiles"]
+    assert prof["cell"] == "lstm"
+    assert all(prof["phases"][k] > 0 for k in ("forward_ms", "sweep_ms", "torch_forward_ms"))
+    assert prof["sweep_profile"]["op_calls"]["aten::addcmul_"] >= 30 * prof["sweep_profile"][
+        "repeats"]

@@ -330,22 +330,25 @@ def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def profile_gru_engine(args: Any, seq_len: int) -> dict:
-    """Where a GRU Highway step's time goes, on the engine the model uses.
+def profile_engine(args: Any, seq_len: int) -> dict:
+    """Where a GRU or LSTM Highway step's time goes, on the engine the model uses.
 
     Phase times (median of `--repeats`, no profiler): forward, prepare (gates ->
     coefficients), one sweep (= one fixed-k Highway iteration, no step norms), the same
     sweep with step norms (adaptive methods, recording), parameter gradients, and the
-    sequential exact backward for comparison. Then torch.profiler over `--repeats` sweeps:
+    sequential exact backward for comparison, and torch.nn's own forward and backward
+    (its fused kernels, oneDNN for the LSTM) on the same weights and input. Then
+    torch.profiler over `--repeats` sweeps:
     the inclusive CPU time of each top-level aten op, grouped by its role in the sweep
     (`SWEEP_OP_ROLES`), as a share of all top-level op time and of the non-view op time.
     """
     from torch.profiler import ProfilerActivity, profile
 
-    from highwaybp.models.rnn import BufferPool, GRUEngine
+    from highwaybp.models.rnn import BufferPool, GRUEngine, LSTMEngine
 
     torch.manual_seed(args.seed)
-    ref = nn.GRU(args.input_size, args.hidden)
+    lstm = args.cell == "lstm"
+    ref = (nn.LSTM if lstm else nn.GRU)(args.input_size, args.hidden)
     weights = [t.detach() for t in (ref.weight_ih_l0, ref.weight_hh_l0, ref.bias_ih_l0,
                                     ref.bias_hh_l0)]  # fmt: skip
     x = torch.randn(seq_len, args.batch, args.input_size)
@@ -353,11 +356,22 @@ def profile_gru_engine(args: Any, seq_len: int) -> dict:
     h0 = torch.zeros(args.batch, args.hidden)
     pool = BufferPool()
 
-    def engine() -> GRUEngine:
-        eng = GRUEngine(pool, x, h0, *weights)
+    def engine() -> GRUEngine | LSTMEngine:
+        if lstm:
+            eng = LSTMEngine(pool, x, h0, torch.zeros_like(h0), *weights)
+        else:
+            eng = GRUEngine(pool, x, h0, *weights)
         eng.forward()
         eng.set_loss(gy)
         return eng
+
+    x_ref = x.clone().requires_grad_(True)
+
+    def torch_forward() -> Tensor:
+        return ref(x_ref)[0]
+
+    def torch_step() -> None:  # torch.nn's forward and backward, for the same shapes
+        torch_forward().backward(gy)
 
     def forward() -> None:
         engine().release()
@@ -393,6 +407,9 @@ def profile_gru_engine(args: Any, seq_len: int) -> dict:
     phases["sweep_with_norms_ms"] = _median_ms(sweep_with_norms, args.repeats)
     phases["param_grads_ms"] = _median_ms(lambda: eng.param_grads(w, True), args.repeats)
     phases["exact_backward_ms"] = _median_ms(lambda: eng.exact_backward(scratch), args.repeats)
+    with torch.no_grad():
+        phases["torch_forward_ms"] = _median_ms(torch_forward, args.repeats)
+    phases["torch_forward_backward_ms"] = _median_ms(torch_step, args.repeats)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(args.repeats):
             sweep()
@@ -410,7 +427,7 @@ def profile_gru_engine(args: Any, seq_len: int) -> dict:
         roles[role] = roles.get(role, 0.0) + t
     eng.release()
     return {
-        "cell": "gru",
+        "cell": args.cell,
         "seq_len": seq_len,
         "batch": args.batch,
         "hidden": args.hidden,
@@ -768,12 +785,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_profile(args: argparse.Namespace, load_before: tuple[float, float, float]) -> int:
-    if args.cell != "gru":
-        print("error: --profile is implemented for --cell gru", file=sys.stderr)
-        return 2
     profiles = []
     for seq_len in args.seq_len:
-        profiles.append(profile_gru_engine(args, seq_len))
+        profiles.append(profile_engine(args, seq_len))
         print_profile(profiles[-1])
     meta = {
         "command": "highwaybp bench rnn " + " ".join(sys.argv[3:]) if len(sys.argv) > 2 else "",
