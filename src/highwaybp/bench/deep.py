@@ -119,11 +119,19 @@ def build_stack(
     return Stack(chain, x, target)
 
 
+LAYERWISE = "loop+layerwise"  # the loop backend with ResidualChain(layerwise_sweeps=True)
+
+
+def use_vjp(chain: Any, vjp: str) -> None:
+    """Set a bench VJP choice on the chain: "loop", "batched" or LAYERWISE."""
+    chain.vjp = "loop" if vjp == LAYERWISE else vjp
+    chain.layerwise_sweeps = vjp == LAYERWISE
+
+
 def _step(stack: Stack, method: Method, vjp: str) -> tuple[float, float, list[Tensor]]:
     """One training step: (forward s, backward s, parameter gradients). `vjp`: "loop",
     "batched" or LAYERWISE (the loop backend with layerwise sweeps)."""
-    stack.chain.vjp = "loop" if vjp == LAYERWISE else vjp
-    stack.chain.layerwise_sweeps = vjp == LAYERWISE
+    use_vjp(stack.chain, vjp)
     params = [p for p in stack.chain.parameters()]
     for p in params:
         p.grad = None
@@ -175,8 +183,7 @@ def memory_probe(spec: dict[str, Any]) -> dict[str, float]:
         spec["image"],
         getattr(torch, spec["dtype"]),
     )
-    stack.chain.vjp = "loop" if spec["vjp"] == LAYERWISE else spec["vjp"]
-    stack.chain.layerwise_sweeps = spec["vjp"] == LAYERWISE
+    use_vjp(stack.chain, spec["vjp"])
     method = _method(spec["k"])
     stack.loss(method).backward()  # warm-up: lazy initialisation is not the step's memory
     for p in stack.chain.parameters():
@@ -185,16 +192,12 @@ def memory_probe(spec: dict[str, Any]) -> dict[str, float]:
     return {"peak_rss_growth_bytes": float(growth), "state_bytes": stack.state_bytes}
 
 
-LAYERWISE = "loop+layerwise"  # the loop backend with ResidualChain(layerwise_sweeps=True)
-
-
 def tensor_memory_peak(stack: Stack, method: Method, vjp: str) -> int:
     """Peak bytes of tensors alive during one training step (forward + backward), counted
     by `TensorMemory` (deterministic: the same on every run and machine load), after one
     warm-up step; parameters and the input, allocated before, are not counted."""
     previous = stack.chain.vjp, stack.chain.layerwise_sweeps
-    stack.chain.vjp = "loop" if vjp == LAYERWISE else vjp
-    stack.chain.layerwise_sweeps = vjp == LAYERWISE
+    use_vjp(stack.chain, vjp)
     try:
         stack.loss(method).backward()  # warm-up (lazy initialisation)
         stack.chain.zero_grad(set_to_none=True)

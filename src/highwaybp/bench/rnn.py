@@ -763,15 +763,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nratios at T={seq_len} (same run): " + ", ".join(
             f"{name} {value:.2f}x" for name, value in rs.items()))
     meta = {
-        "command": "highwaybp bench rnn " + " ".join(sys.argv[3:]) if len(sys.argv) > 2 else "",
-        "argv": sys.argv,
-        "torch": torch.__version__,
-        "threads": args.threads,
+        **_run_meta(args, load_before),
         "large_matmul_gflops": peak,
         "matmul_floor": floors,
         "ratios": ratios,
-        "load_average_before": load_before,
-        "load_average_after": os.getloadavg(),
         "autograd_loop_scaling": scaling,
         "fidelity_curve": curves,
         "notes": "medians of --repeats runs after --warmup; a step is forward + backward of a "
@@ -784,18 +779,25 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_profile(args: argparse.Namespace, load_before: tuple[float, float, float]) -> int:
-    profiles = []
-    for seq_len in args.seq_len:
-        profiles.append(profile_engine(args, seq_len))
-        print_profile(profiles[-1])
-    meta = {
+def _run_meta(args: argparse.Namespace, load_before: tuple[float, float, float]) -> dict:
+    """What every `bench rnn` JSON records of its run: command, versions, threads, load."""
+    return {
         "command": "highwaybp bench rnn " + " ".join(sys.argv[3:]) if len(sys.argv) > 2 else "",
         "argv": sys.argv,
         "torch": torch.__version__,
         "threads": args.threads,
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
+    }
+
+
+def run_profile(args: argparse.Namespace, load_before: tuple[float, float, float]) -> int:
+    profiles = []
+    for seq_len in args.seq_len:
+        profiles.append(profile_engine(args, seq_len))
+        print_profile(profiles[-1])
+    meta = {
+        **_run_meta(args, load_before),
         "notes": "phase times: medians of --repeats runs after --warmup, no profiler; op "
         "shares: torch.profiler over --repeats sweeps (top-level aten ops, inclusive CPU "
         "time). Shares are noisy on a loaded machine (see load averages); run with "
