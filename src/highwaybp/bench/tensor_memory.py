@@ -39,33 +39,31 @@ class TensorMemory(TorchDispatchMode):
         super().__init__()
         self.live_bytes = 0
         self.peak_bytes = 0
-        self._refs: dict[int, Any] = {}  # storage address -> weak reference
+        self._refs: dict[int, Any] = {}  # storage address (or id) -> weak reference
 
     def _count(self, tensor: torch.Tensor, input_addresses: set[int]) -> None:
         if tensor.device.type == "meta":
             return
-        storage = tensor.untyped_storage()
-        address, size = storage.data_ptr(), storage.nbytes()
+        owner = _owner(tensor)
+        address, size = _address(tensor), _nbytes(owner)
         # a view or an in-place result shares an input's storage: not a new allocation
         if size == 0 or address in self._refs or address in input_addresses:
             return
         def freed(_: Any, address: int = address) -> None:
             self._refs.pop(address, None)
 
-        self._refs[address] = weakref.ref(storage, freed)
+        self._refs[address] = weakref.ref(owner, freed)
 
     def _update(self) -> None:
         # Summed afresh (not kept as a running total): a storage can also be resized
         # without being freed (an out= op growing it, storage.resize_).
-        storages = [ref() for ref in list(self._refs.values())]
-        self.live_bytes = sum(s.nbytes() for s in storages if s is not None)
+        owners = [ref() for ref in list(self._refs.values())]
+        self.live_bytes = sum(_nbytes(o) for o in owners if o is not None)
         self.peak_bytes = max(self.peak_bytes, self.live_bytes)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        input_addresses = {
-            t.untyped_storage().data_ptr() for t in inputs if t.device.type != "meta"
-        }
+        input_addresses = {_address(t) for t in inputs if t.device.type != "meta"}
         self._update()  # what was freed or shrunk since the last op
         out = func(*args, **(kwargs or {}))
         for item in tree_flatten(out)[0]:
@@ -73,3 +71,20 @@ class TensorMemory(TorchDispatchMode):
                 self._count(item, input_addresses)
         self._update()
         return out
+
+
+# oneDNN's opaque tensors (e.g. a weight packed for its matmuls, torch.nn.LSTM's CPU
+# workspace) have no storage to read: they are counted by their size, the tensor itself
+# being the object whose release frees them.
+def _owner(tensor: torch.Tensor) -> Any:
+    return tensor if tensor.is_mkldnn else tensor.untyped_storage()
+
+
+def _address(tensor: torch.Tensor) -> int:
+    return id(tensor) if tensor.is_mkldnn else tensor.untyped_storage().data_ptr()
+
+
+def _nbytes(owner: Any) -> int:
+    if isinstance(owner, torch.Tensor):
+        return owner.numel() * owner.element_size()
+    return owner.nbytes()

@@ -64,37 +64,47 @@ class LSTMEngine(Engine):
 
     @property
     def f(self) -> Tensor:
-        """Forget gates f_1..f_T [T, B, H] (K_t = diag(f_t) on c)."""
+        """Forget gates f_1..f_T [T, B, H] (K_t = diag(f_t) on c): in the gates until
+        `prepare`, which moves them into the c_0..c_{T-1} rows it no longer needs."""
+        if self.prepared:
+            return self.C[: self.T]
         return self.A[..., self.H : 2 * self.H]
 
     def prepare(self) -> None:
-        """Gates -> P = [g i(1-i), c_prev f(1-f), i(1-g^2), tanh(c) o(1-o)], Q = o(1-tanh(c)^2).
+        """Gates -> P = [g i(1-i), c_prev f(1-f), i(1-g^2), tanh(c) o(1-o)], Q = o(1-tanh(c)^2),
+        in place: P over the gates A, Q over tanh(c), and f over c_0..c_{T-1} (row t of C is
+        read only by step t+1's P_f). No [T, B, 4H] buffer of its own: torch.nn.LSTM keeps
+        about as much (its workspace), so the engine's memory stays below it.
 
         With (wc, wh) the adjoints of (c_t, h_t): dc = wc + wh Q and the pre-activation
         adjoint is [dc P_i, dc P_f, dc P_g, wh P_o]; dLoss/dc_{t-1} = dc f.
         """
+        self._check_live()
         if self.prepared:
             return
-        T, B, H = self.T, self.B, self.H
-        P = self.take(T, B, 4 * H)
+        H = self.H
         self._chunk_buffers()
         for c0, c1 in self.chunks():  # by chunks of time steps: the ops run in cache
-            A, PC, tc = self.A[c0:c1], P[c0:c1], self.TC[c0:c1]
+            A, tc, c_prev = self.A[c0:c1], self.TC[c0:c1], self.C[c0:c1]
             i, f, g, o = A[..., :H], A[..., H : 2 * H], A[..., 2 * H : 3 * H], A[..., 3 * H :]
-            pi, pf, pg, po = (PC[..., k * H : (k + 1) * H] for k in range(4))
-            torch.addcmul(i, i, i, value=-1.0, out=pi)  # i (1 - i)
-            pi.mul_(g)
-            torch.addcmul(f, f, f, value=-1.0, out=pf)
-            pf.mul_(self.C[c0:c1])  # c_{t-1}
-            torch.mul(g, g, out=pg)
-            torch.addcmul(i, i, pg, value=-1.0, out=pg)
-            torch.addcmul(o, o, o, value=-1.0, out=po)
-            po.mul_(tc)
-            tc.mul_(tc)
-            torch.addcmul(o, o, tc, value=-1.0, out=tc)  # Q
-        self.P, self.Q = P, self.TC
-        self.coeff_by_gate = P.view(T, B, 4, H)  # [T, B, 4, H]: P_i, P_f, P_g, P_o
-        self.cell_adj = self.take(self.chunk, B, H)  # [chunk, B, H] adjoint of c
+            s = self.chunk_scratch[: c1 - c0]
+            s.copy_(f)
+            torch.addcmul(f, f, f, value=-1.0, out=f)  # f (1 - f)
+            f.mul_(c_prev)  # P_f
+            c_prev.copy_(s)  # f, where `self.f` reads it from now on
+            torch.mul(g, g, out=s)
+            torch.addcmul(i, i, s, value=-1.0, out=s)  # i (1 - g^2) = P_g
+            torch.addcmul(i, i, i, value=-1.0, out=i)
+            i.mul_(g)  # P_i
+            g.copy_(s)
+            torch.mul(tc, tc, out=s)
+            torch.addcmul(o, o, s, value=-1.0, out=s)  # o (1 - tanh(c)^2) = Q
+            torch.addcmul(o, o, o, value=-1.0, out=o)
+            o.mul_(tc)  # P_o
+            tc.copy_(s)
+        self.P, self.Q = self.A, self.TC
+        self.coeff_by_gate = self.A.view(self.T, self.B, 4, H)  # [T, B, 4, H]: P_i, P_f, P_g, P_o
+        self.cell_adj = self.take(self.chunk, self.B, H)  # [chunk, B, H] adjoint of c
         self.prepared = True
 
     def _gate_adjoints(self, w: Tensor, s: int, e: int) -> Tensor:
@@ -118,6 +128,7 @@ class LSTMEngine(Engine):
         norms: bool = False,
     ) -> Optional[tuple[float, float]]:
         """As GRUEngine.sweep on the (c, h) adjoints [2, T+1, B, H]."""
+        self._check_live()
         T = self.T
         if with_loss:
             out[1, T].copy_(self.grad_y[T - 1])
@@ -167,6 +178,7 @@ class LSTMEngine(Engine):
 
     def exact_backward(self, out: Tensor) -> Tensor:
         """Sequential BPTT on the stored gates."""
+        self._check_live()
         ghs = self._loss_rows()
         out[1, -1].copy_(ghs[-1])
         if self.grad_c is None:
@@ -190,21 +202,28 @@ class LSTMEngine(Engine):
         return out
 
     def param_grads(self, w: Tensor, need_x: bool):
-        """(dx, dW_ih, dW_hh, db_ih, db_hh) from the adjoints w [2, T+1, B, H], by chunks.
+        """(dx, dW_ih, dW_hh, db_ih, db_hh) from the adjoints w [2, T+1, B, H], by blocks.
 
-        Both biases see the same adjoint, so one sum serves both.
+        The gate adjoints are written over the coefficients (P and Q, which nothing reads
+        after this): the engine is then spent (`consumed`) and can only be released. Both
+        sides see the same adjoints (one transpose serves both), and so do both biases.
         """
+        self._check_live()
+        self.consumed = True
         B, H = self.B, self.H
         acc = self._param_accumulators(need_x)
         shared_bias = acc["b_ih"] is not None and acc["b_hh"] is not None
         if shared_bias:
             acc["b_ih"] = None
-        for s, e in self.chunks():
+        for s, e in self.weight_grad_blocks():
             n = e - s
-            self._gate_adjoints(w, s, e)
-            g2 = self.gate_adj[:n].view(n * B, 4 * H)
-            self._accumulate(acc, "hh", g2, s, e)
-            self._accumulate(acc, "ih", g2, s, e)
+            wc, wh = w[0, s + 1 : e + 1], w[1, s + 1 : e + 1]
+            dc = torch.addcmul(wc, wh, self.Q[s:e], out=self.Q[s:e])  # dLoss/dc_t
+            coeff = self.coeff_by_gate[s:e]
+            coeff[:, :, :3].mul_(dc.unsqueeze(2))
+            coeff[:, :, 3].mul_(wh)
+            g2 = self.A[s:e].view(n * B, 4 * H)
+            self._accumulate(acc, ("hh", "ih"), g2, s, e)
         if shared_bias:
             acc["b_ih"] = acc["b_hh"].clone()
         return self._result(acc)
