@@ -76,16 +76,25 @@ def linear(a: Tensor, weight: Tensor) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(a, weight, None, "none", [], "")
 
 
+# oneDNN's linear returns a fresh output: above glibc's largest mmap threshold (32 MB) each
+# call would map, page-fault and unmap a new region (the LSTM's input projection at T=256,
+# B=32, H=512 is 64 MB), so `matmul_into` works in row blocks whose outputs the allocator reuses
+MATMUL_BLOCK_BYTES = 4 << 20
+
+
 def matmul_into(
     a: Tensor, weight: Tensor, out: Tensor, bias: Optional[Tensor] = None, onednn: bool = False
 ) -> None:
-    """out [M, N] <- a [M, K] @ weight [N, K]^T (+ bias [N]), through oneDNN if `onednn`."""
+    """out [M, N] <- a [M, K] @ weight [N, K]^T (+ bias [N]), through oneDNN if `onednn`
+    (in blocks of rows, `MATMUL_BLOCK_BYTES` of output each)."""
     if onednn:
-        y = linear(a, weight)
-        if bias is None:
-            out.copy_(y)
-        else:
-            torch.add(y, bias, out=out)
+        rows = max(1, MATMUL_BLOCK_BYTES // (out.shape[1] * out.element_size()))
+        for s in range(0, a.shape[0], rows):
+            y = linear(a[s : s + rows], weight)
+            if bias is None:
+                out[s : s + rows].copy_(y)
+            else:
+                torch.add(y, bias, out=out[s : s + rows])
     elif bias is None:
         torch.mm(a, weight.t(), out=out)
     else:
