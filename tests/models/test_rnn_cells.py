@@ -22,9 +22,7 @@ T, B, IN, H = 6, 3, 4, 5
 DT = torch.float64
 
 
-def _setup(
-    cell: str, seed: int = 0, bias: bool = True, chunk: int | None = None, block: int | None = None
-):
+def _setup(cell: str, seed: int = 0, bias: bool = True, chunk: int | None = None):
     torch.manual_seed(seed)
     ref_cls = GRUCellRef if cell == "gru" else LSTMCellRef
     ref = ref_cls(IN, H, bias=bias).double()
@@ -45,8 +43,6 @@ def _setup(
         s0 = torch.cat([c0, h0], -1)
     if chunk is not None:  # several chunks of time steps (the default is one chunk at this size)
         eng.chunk = chunk
-    if block is not None:  # several param_grads blocks, the last one shorter (T = 6)
-        eng.weight_grad_steps = block
     return ref, eng, x, s0
 
 
@@ -119,9 +115,8 @@ def test_inplace_scan_matches_core_scan(cell):
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
 @pytest.mark.parametrize("chunk", CHUNKS)
-@pytest.mark.parametrize("block", [None, 1, 4])
-def test_exact_backward_and_param_grads_match_autograd(cell, chunk, block):
-    ref, eng, x, s0 = _setup(cell, chunk=chunk, block=block)
+def test_exact_backward_and_param_grads_match_autograd(cell, chunk):
+    ref, eng, x, s0 = _setup(cell, chunk=chunk)
     x.requires_grad_(True)
     s0 = s0.clone().requires_grad_(True)
     states = _ref_states(ref, x, s0)
@@ -142,23 +137,6 @@ def test_exact_backward_and_param_grads_match_autograd(cell, chunk, block):
     ds0 = w[0] if cell == "gru" else torch.cat([w[0, 0], w[1, 0]], -1)
     for got, exp in zip([dx, ds0, *dparams], want):
         torch.testing.assert_close(got, exp, rtol=0, atol=1e-10)
-
-
-@pytest.mark.parametrize("cell", ["gru", "lstm"])
-def test_engine_is_spent_after_param_grads(cell):
-    # param_grads writes the gate adjoints over the coefficients: any later use must raise
-    # rather than read them as coefficients (a silently wrong second backward)
-    _, eng, _, _ = _setup(cell)
-    eng.forward()
-    eng.prepare()
-    eng.set_loss(torch.randn(T, B, H, dtype=DT), torch.randn(B, H, dtype=DT))
-    w = eng.exact_backward(eng.new_state())
-    eng.param_grads(w, need_x=True)
-    for use in (lambda: eng.param_grads(w, need_x=True), eng.prepare,
-                lambda: eng.exact_backward(eng.new_state()),
-                lambda: eng.sweep(w, eng.new_state(), False)):  # fmt: skip
-        with pytest.raises(RuntimeError, match="overwritten by param_grads"):
-            use()
 
 
 def _iterate_both(cell: str, method, chunk=None):

@@ -13,7 +13,7 @@ import torch
 
 import highwaybp as hbp
 import highwaybp.models.rnn.engine as engine_mod
-from highwaybp.models.rnn import GRU, LSTM, GRUEngine
+from highwaybp.models.rnn import GRU, LSTM
 
 T, B, IN, H = 9, 4, 3, 8
 CELLS = {"gru": (GRU, torch.nn.GRU), "lstm": (LSTM, torch.nn.LSTM)}
@@ -42,13 +42,6 @@ def _run(cell: str, method, dtype, h0: bool = True):
 @needs_onednn
 def test_f32_takes_onednn_and_f64_does_not():
     assert engine_mod.onednn_applies(torch.zeros(1))
-    pool, w = engine_mod.BufferPool(), torch.zeros(12, 4)
-    x, h0 = torch.zeros(3, 2, 4), torch.zeros(2, 4)
-    narrow = GRUEngine(pool, x, h0, w, w, None, None)
-    assert narrow.onednn and not narrow.weight_grad_onednn  # In + H = 8: MKL's chunks
-    wide = GRUEngine(pool, torch.zeros(3, 2, 508), h0, w, w, None, None)
-    assert wide.weight_grad_onednn  # In + H = 512
-    assert not GRUEngine(pool, x.double(), h0.double(), w, w, None, None).onednn
     assert not engine_mod.onednn_applies(torch.zeros(1, dtype=torch.float64))
     assert engine_mod.packed_linear(torch.zeros(4, 4), 2) is None  # below the step threshold
     assert engine_mod.packed_linear(torch.zeros(512, 512), 64) is not None
@@ -59,14 +52,12 @@ def test_f32_takes_onednn_and_f64_does_not():
 @pytest.mark.parametrize("method", [hbp.Exact(), hbp.Highway(k=1), hbp.FixedPoint(k=2),
                                     hbp.Highway(tol=1e-4, max_k=T)], ids=repr)  # fmt: skip
 @pytest.mark.parametrize("per_step", [False, True])
-@pytest.mark.parametrize("weight_grads", ["mkl", "onednn", "onednn-blocks"])
-def test_onednn_path_equals_mm_path_and_f64(cell, method, per_step, weight_grads, monkeypatch):
+@pytest.mark.parametrize("chunks", [False, True])
+def test_onednn_path_equals_mm_path_and_f64(cell, method, per_step, chunks, monkeypatch):
     if per_step:  # also the loops' prepacked per-step matmuls (off at these tiny sizes)
         monkeypatch.setattr(engine_mod, "STEP_ONEDNN_MIN_FLOPS", 0)
-    if weight_grads != "mkl":  # the weight gradients' oneDNN path (off for narrow layers)
-        monkeypatch.setattr(engine_mod, "WEIGHT_GRAD_ONEDNN_MIN_WIDTH", 0)
-    if weight_grads == "onednn-blocks":  # in blocks of 4, 4 and 1 steps (LSTM; GRU 5 and 4)
-        monkeypatch.setattr(engine_mod.Engine, "weight_grad_bytes", 4 * B * 4 * H * 4)
+    if chunks:  # sweeps and weight gradients by chunks of 4, 4 and 1 steps (GRU: 5 and 4)
+        monkeypatch.setattr(engine_mod.Engine, "chunk_bytes", 4 * B * 4 * H * 4)
     y_dnn, g_dnn = _run(cell, method, torch.float32)
     monkeypatch.setattr(engine_mod, "USE_ONEDNN", False)
     y_mm, g_mm = _run(cell, method, torch.float32)

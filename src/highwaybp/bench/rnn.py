@@ -376,19 +376,12 @@ def profile_engine(args: Any, seq_len: int) -> dict:
     def forward() -> None:
         engine().release()
 
-    def on_fresh_engine_ms(
-        phase: Callable[[GRUEngine | LSTMEngine], Any], prepared: bool = True
-    ) -> float:
-        """Median ms of `phase(eng)` on a freshly run and prepared engine (neither timed):
-        prepare works in place on the gates, and param_grads in place on the coefficients,
-        so neither can be repeated on one engine."""
+    def prepare_ms() -> float:
         times = []
         for _ in range(args.repeats):
-            eng = engine()
-            if prepared:
-                eng.prepare()
+            eng = engine()  # not timed: only prepare is
             t0 = time.perf_counter()
-            phase(eng)
+            eng.prepare()
             times.append(time.perf_counter() - t0)
             eng.release()
         return 1e3 * statistics.median(times)
@@ -405,17 +398,14 @@ def profile_engine(args: Any, seq_len: int) -> dict:
     def sweep_with_norms() -> None:  # as an adaptive method's (or a recording) iteration
         eng.sweep(w, nxt, False, with_loss=True, scan=True, norms=True)
 
-    def param_grads(fresh: GRUEngine | LSTMEngine) -> None:  # from this engine's estimate w
-        fresh.param_grads(w, True)
-
     phases = {}
     for _ in range(args.warmup):
-        forward(), sweep(), eng.exact_backward(scratch), on_fresh_engine_ms(param_grads)
+        forward(), sweep(), eng.param_grads(w, True), eng.exact_backward(scratch)
     phases["forward_ms"] = _median_ms(forward, args.repeats)
-    phases["prepare_ms"] = on_fresh_engine_ms(lambda e: e.prepare(), prepared=False)
+    phases["prepare_ms"] = prepare_ms()
     phases["sweep_ms"] = _median_ms(sweep, args.repeats)
     phases["sweep_with_norms_ms"] = _median_ms(sweep_with_norms, args.repeats)
-    phases["param_grads_ms"] = on_fresh_engine_ms(param_grads)
+    phases["param_grads_ms"] = _median_ms(lambda: eng.param_grads(w, True), args.repeats)
     phases["exact_backward_ms"] = _median_ms(lambda: eng.exact_backward(scratch), args.repeats)
     with torch.no_grad():
         phases["torch_forward_ms"] = _median_ms(torch_forward, args.repeats)

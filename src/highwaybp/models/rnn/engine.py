@@ -134,25 +134,12 @@ def packed_linear(weight: Tensor, rows: int) -> Optional[PackedLinear]:
     return PackedLinear(weight, rows)
 
 
-# The oneDNN path of the weight gradients transposes every block of gate adjoints and inputs
-# first (oneDNN's linear wants the summed rows contiguous), a memory-bound copy per element
-# of the gate adjoints, while the matmul it speeds up does 2 (In + H) FLOPs per element.
-# Measured (1 thread, CPU time, Zen4): MKL's transposed gemm on in-cache chunks was faster at
-# In + H = 67 (GRU pixel, H=64) and 256 (GRU long, H=128); the oneDNN blocks were 1.1-1.3x
-# faster at 512 (GRU, H=256) and 1.4-1.7x at 1024 (LSTM and GRU char, H=512).
-WEIGHT_GRAD_ONEDNN_MIN_WIDTH = 512
-
-
 class Engine:
     """What the GRU and LSTM engines share: buffers, losses, chunking, parameter gradients."""
 
     num_gates: int
     state_parts: int  # 1 (h) or 2 (c, h)
     chunk_bytes = 2 << 20  # target size of one chunk of gate adjoints (fits a CPU's L2/L3)
-    # target size of one block of gate adjoints in `param_grads` on the oneDNN path: its
-    # weight gradients are one matmul per block, and oneDNN needs thousands of rows to run
-    # at full speed (the MKL path works on the in-cache chunks instead)
-    weight_grad_bytes = 8 << 20
 
     def __init__(
         self,
@@ -177,15 +164,7 @@ class Engine:
         row_bytes = self.B * self.num_gates * self.H * x.element_size()
         self.chunk = max(1, min(self.T, -(-self.chunk_bytes // row_bytes)))
         self._owned: list[Tensor] = []
-        self._transposed_buffers: dict[str, Tensor] = {}
-        self._ones_buffer: Optional[Tensor] = None
         self.onednn = onednn_applies(x)
-        self.weight_grad_onednn = self.onednn and self.In + self.H >= WEIGHT_GRAD_ONEDNN_MIN_WIDTH
-        if self.weight_grad_onednn:
-            self.weight_grad_steps = max(1, min(self.T, self.weight_grad_bytes // row_bytes))
-        else:
-            self.weight_grad_steps = self.chunk
-        self.consumed = False  # set by param_grads, which overwrites the coefficients
 
     # ---- buffers ------------------------------------------------------------------------
     def take(self, *shape: int) -> Tensor:
@@ -202,15 +181,6 @@ class Engine:
         """Return every pooled buffer (the engine must not be used afterwards)."""
         self.pool.give(*self._owned)
         self._owned = []
-        self._transposed_buffers = {}
-
-    def _check_live(self) -> None:
-        if self.consumed:
-            raise RuntimeError(
-                "this RNN engine's coefficients were overwritten by param_grads (it writes the "
-                "gate adjoints in their place, to save a [T, B, gates*H] buffer): param_grads "
-                "is the last step of a backward. Run the forward again for another backward."
-            )
 
     def state_shape(self) -> tuple[int, ...]:
         base = (self.T + 1, self.B, self.H)
@@ -232,11 +202,6 @@ class Engine:
         """[(s, e)]: time rows s..e-1 in chunks of `chunk`, newest first."""
         return [(max(0, e - self.chunk), e) for e in range(self.T, 0, -self.chunk)]
 
-    def weight_grad_blocks(self) -> list[tuple[int, int]]:
-        """[(s, e)]: time rows s..e-1 in blocks of `weight_grad_steps` (param_grads' unit)."""
-        step = self.weight_grad_steps
-        return [(s, min(self.T, s + step)) for s in range(0, self.T, step)]
-
     def _chunk_buffers(self) -> None:
         c, B, H = self.chunk, self.B, self.H
         # the sweeps' block VJP: gate adjoints [chunk * B, G*H] @ W_hh (weight W_hh^T [H, G*H])
@@ -245,6 +210,7 @@ class Engine:
         self.gate_adj = self.take(c, B, self.num_gates * H)  # [chunk, B, G*H] gate adjoints
         self.gate_adj_by_gate = self.gate_adj.view(c, B, self.num_gates, H)  # [chunk, B, G, H]
         self.chunk_scratch = self.take(c, B, H)  # [chunk, B, H] per-chunk scratch
+        self.ones = self.x.new_ones(c * B)
 
     def _block_matmul(self, n: int, out: Tensor) -> None:
         """out [n, B, H] <- the first n chunk rows of gate adjoints @ W_hh (in place)."""
@@ -325,62 +291,48 @@ class Engine:
     def _param_accumulators(self, need_x: bool) -> dict:
         gw = self.num_gates * self.H
         new = lambda *shape: self.x.new_zeros(shape)
-        acc = {
-            "w_hh": new(gw, self.H),
-            "w_ih": new(gw, self.In),
+        acc = {  # oneDNN accumulates the transposed weight gradients instead (`_accumulate`)
+            "w_hh": None if self.onednn else new(gw, self.H),
+            "w_ih": None if self.onednn else new(gw, self.In),
             "b_hh": new(gw) if self.b_hh is not None else None,
             "b_ih": new(gw) if self.b_ih is not None else None,
             "dx": self.x.new_empty((self.T, self.B, self.In)) if need_x else None,
         }
         return acc
 
-    def _accumulate(self, acc: dict, sides: tuple[str, ...], g2: Tensor, s: int, e: int) -> None:
-        """Add block s..e-1's contribution to each side's gradients ("hh" and/or "ih", which
-        read the same pre-activation adjoints g2 [n, G*H], n = (e - s) * B, contiguous):
-        dW += g2^T rows, db += g2^T 1, and on the "ih" side dx = g2 W_ih.
+    def _accumulate(self, acc: dict, side: str, g2: Tensor, s: int, e: int) -> None:
+        """Add chunk s..e-1's contribution to the `side` ("hh" or "ih") gradients from its
+        pre-activation adjoints g2 [n, G*H] (n = (e - s) * B): dW += g2^T rows, db += g2^T 1,
+        and on the "ih" side dx = g2 W_ih.
 
-        Reference (f64, other devices, oneDNN off, narrow layers): dW.addmm_(g2^T, rows), MKL's
-        gemm reading both transposes in place. oneDNN path (`weight_grad_onednn`: f32 CPU and
-        In + H >= WEIGHT_GRAD_ONEDNN_MIN_WIDTH): oneDNN's linear computes a @ W^T and
-        wants the summed dimension (the n rows) contiguous in both operands, so g2 and the
-        rows are copied transposed (g2 once for both sides) into pooled buffers, and each
-        weight gradient is one matmul per block.
+        The weight gradient is a product of two transposed operands. MKL's gemm (torch.mm:
+        f64, other devices, oneDNN off) reads them in place. oneDNN (f32 CPU) reads them as
+        strided views and accumulates dW^T = rows^T g2 [K, G*H] (`_result` transposes it once):
+        on the Zen4 calibration machine that was 1.4x (GRU, H=128) to 2.2x (GRU, H=64)
+        faster than MKL per chunk, and 1.6x for the LSTM at H=512, with no buffer of its own.
         """
         n = (e - s) * self.B
-        g2_t = None
-        for side in sides:
-            rows = (self.states_h() if side == "hh" else self.x)[s:e].reshape(n, -1)
-            if self.weight_grad_onednn:
-                if g2_t is None:
-                    g2_t = self._transposed("g2", g2)
-                acc[f"w_{side}"].add_(linear(g2_t, self._transposed(side, rows)))
+        rows = (self.states_h() if side == "hh" else self.x)[s:e].reshape(n, -1)
+        if self.onednn:
+            key = f"dw_{side}_t"
+            if key not in acc:
+                acc[key] = linear(rows.t(), g2.t())
             else:
-                acc[f"w_{side}"].addmm_(g2.t(), rows)
-            if acc[f"b_{side}"] is not None:
-                acc[f"b_{side}"].addmv_(g2.t(), self._ones(n))  # a gemv: faster than sum(0)
-            if side == "ih" and acc["dx"] is not None:
-                if "w_ih_t" not in acc:  # oneDNN reads its weight [In, G*H] contiguous: copy once
-                    acc["w_ih_t"] = self.w_ih.t().contiguous() if self.onednn else self.w_ih.t()
-                matmul_into(g2, acc["w_ih_t"], acc["dx"][s:e].view(n, self.In),
-                            onednn=self.onednn)  # fmt: skip
-
-    def _ones(self, n: int) -> Tensor:
-        if self._ones_buffer is None:
-            self._ones_buffer = self.x.new_ones(self.weight_grad_steps * self.B)
-        return self._ones_buffer[:n]
-
-    def _transposed(self, key: str, a: Tensor) -> Tensor:
-        """a [n, K] copied into a contiguous [K, n] (a pooled buffer per key, sized for the
-        largest block; the view is overwritten by the next call with the same key)."""
-        n, k = a.shape
-        buf = self._transposed_buffers.get(key)
-        if buf is None:
-            buf = self.take(k * self.weight_grad_steps * self.B)
-            self._transposed_buffers[key] = buf
-        return buf[: k * n].view(k, n).copy_(a.t())
+                acc[key].add_(linear(rows.t(), g2.t()))
+        else:
+            acc[f"w_{side}"].addmm_(g2.t(), rows)
+        if acc[f"b_{side}"] is not None:
+            acc[f"b_{side}"].addmv_(g2.t(), self.ones[:n])
+        if side == "ih" and acc["dx"] is not None:
+            if "w_ih_t" not in acc:  # oneDNN reads its weight [In, G*H] contiguous: copy once
+                acc["w_ih_t"] = self.w_ih.t().contiguous() if self.onednn else self.w_ih.t()
+            matmul_into(g2, acc["w_ih_t"], acc["dx"][s:e].view(n, self.In), onednn=self.onednn)
 
     @staticmethod
     def _result(acc: dict):
+        for side in ("ih", "hh"):
+            if f"dw_{side}_t" in acc:  # oneDNN's dW^T
+                acc[f"w_{side}"] = acc[f"dw_{side}_t"].t().contiguous()
         return acc["dx"], acc["w_ih"], acc["w_hh"], acc["b_ih"], acc["b_hh"]
 
     def states_h(self) -> Tensor:

@@ -84,7 +84,6 @@ class GRUEngine(Engine):
         block VJP is that @ W_hh) and the x-side one is [w Pr, w Pz, w Pn]. Eleven memory
         passes, by chunks of time steps so that they run in cache.
         """
-        self._check_live()
         if self.prepared:
             return
         H = self.H
@@ -126,7 +125,6 @@ class GRUEngine(Engine):
         for i < T and v_T = 0, chunk by chunk from the end. With norms, returns
         (||out - w||, ||out||). One Highway iteration is sweep(w, out, False, True, True, True).
         """
-        self._check_live()
         T = self.T
         if with_loss:
             out[T].copy_(self.grad_y[T - 1])
@@ -168,7 +166,6 @@ class GRUEngine(Engine):
 
     def exact_backward(self, out: Tensor) -> Tensor:
         """Sequential BPTT on the stored gates (one step's gate adjoints in a scratch row)."""
-        self._check_live()
         gs = self._loss_rows()
         out[-1].copy_(gs[-1])
         ws, zs, coeffs_t = out.unbind(0), self.z.unbind(0), self.coeff_by_gate.unbind(0)
@@ -185,23 +182,16 @@ class GRUEngine(Engine):
         return out
 
     def param_grads(self, w: Tensor, need_x: bool):
-        """(dx, dW_ih, dW_hh, db_ih, db_hh) from the adjoints w [T+1, B, H], by blocks.
-
-        The gate adjoints are written over the coefficients (G, which nothing reads after
-        this): the engine is then spent (`consumed`) and can only be released.
-        """
-        self._check_live()
-        self.consumed = True
+        """(dx, dW_ih, dW_hh, db_ih, db_hh) from the adjoints w [T+1, B, H], by chunks."""
         B, H = self.B, self.H
         acc = self._param_accumulators(need_x)
-        for s, e in self.weight_grad_blocks():
+        for s, e in self.chunks():
             n = e - s
-            ws = w[s + 1 : e + 1]
-            coeff = self.coeff_by_gate[s:e]  # [n, B, 3, H]: Pr, Pz, Pn r
-            coeff.mul_(ws.unsqueeze(2))  # the hh-side adjoints [w Pr, w Pz, w Pn r]
-            g2 = self.G[s:e].view(n * B, 3 * H)
-            self._accumulate(acc, ("hh",), g2, s, e)
+            gate_adj_g = self.gate_adj_by_gate[:n]
+            g2 = self.gate_adj[:n].view(n * B, 3 * H)
+            torch.mul(w[s + 1 : e + 1].unsqueeze(2), self.coeff_by_gate[s:e], out=gate_adj_g)
+            self._accumulate(acc, "hh", g2, s, e)
             # the x side differs only in the n block: w Pn instead of w Pn r
-            torch.mul(ws, self.pn[s:e], out=coeff[:, :, 2])
-            self._accumulate(acc, ("ih",), g2, s, e)
+            torch.mul(w[s + 1 : e + 1], self.pn[s:e], out=gate_adj_g[:, :, 2])
+            self._accumulate(acc, "ih", g2, s, e)
         return self._result(acc)

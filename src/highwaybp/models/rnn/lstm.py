@@ -79,7 +79,6 @@ class LSTMEngine(Engine):
         With (wc, wh) the adjoints of (c_t, h_t): dc = wc + wh Q and the pre-activation
         adjoint is [dc P_i, dc P_f, dc P_g, wh P_o]; dLoss/dc_{t-1} = dc f.
         """
-        self._check_live()
         if self.prepared:
             return
         H = self.H
@@ -128,7 +127,6 @@ class LSTMEngine(Engine):
         norms: bool = False,
     ) -> Optional[tuple[float, float]]:
         """As GRUEngine.sweep on the (c, h) adjoints [2, T+1, B, H]."""
-        self._check_live()
         T = self.T
         if with_loss:
             out[1, T].copy_(self.grad_y[T - 1])
@@ -178,7 +176,6 @@ class LSTMEngine(Engine):
 
     def exact_backward(self, out: Tensor) -> Tensor:
         """Sequential BPTT on the stored gates."""
-        self._check_live()
         ghs = self._loss_rows()
         out[1, -1].copy_(ghs[-1])
         if self.grad_c is None:
@@ -202,28 +199,21 @@ class LSTMEngine(Engine):
         return out
 
     def param_grads(self, w: Tensor, need_x: bool):
-        """(dx, dW_ih, dW_hh, db_ih, db_hh) from the adjoints w [2, T+1, B, H], by blocks.
+        """(dx, dW_ih, dW_hh, db_ih, db_hh) from the adjoints w [2, T+1, B, H], by chunks.
 
-        The gate adjoints are written over the coefficients (P and Q, which nothing reads
-        after this): the engine is then spent (`consumed`) and can only be released. Both
-        sides see the same adjoints (one transpose serves both), and so do both biases.
+        Both biases see the same adjoint, so one sum serves both.
         """
-        self._check_live()
-        self.consumed = True
         B, H = self.B, self.H
         acc = self._param_accumulators(need_x)
         shared_bias = acc["b_ih"] is not None and acc["b_hh"] is not None
         if shared_bias:
             acc["b_ih"] = None
-        for s, e in self.weight_grad_blocks():
+        for s, e in self.chunks():
             n = e - s
-            wc, wh = w[0, s + 1 : e + 1], w[1, s + 1 : e + 1]
-            dc = torch.addcmul(wc, wh, self.Q[s:e], out=self.Q[s:e])  # dLoss/dc_t
-            coeff = self.coeff_by_gate[s:e]
-            coeff[:, :, :3].mul_(dc.unsqueeze(2))
-            coeff[:, :, 3].mul_(wh)
-            g2 = self.A[s:e].view(n * B, 4 * H)
-            self._accumulate(acc, ("hh", "ih"), g2, s, e)
+            self._gate_adjoints(w, s, e)
+            g2 = self.gate_adj[:n].view(n * B, 4 * H)
+            self._accumulate(acc, "hh", g2, s, e)
+            self._accumulate(acc, "ih", g2, s, e)
         if shared_bias:
             acc["b_ih"] = acc["b_hh"].clone()
         return self._result(acc)
