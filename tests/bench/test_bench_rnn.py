@@ -161,6 +161,8 @@ def _check_floors(data: dict, cell: str) -> None:
         assert fwd["elementwise_ops_per_step"] == (4 if cell == "gru" else 7)
         assert ratios["hbp forward / (matmul + elementwise floor)"] == pytest.approx(
             fwd["hbp_forward_ms"] / fwd["matmul_plus_elementwise_floor_ms"])
+        assert ratios["(matmul + elementwise floor) / matmul floor"] == pytest.approx(
+            fwd["matmul_plus_elementwise_floor_ms"] / fwd["matmul_floor_ms"])
 
 
 def by_method(records: list[dict], seq_len: int, method: str) -> dict:

@@ -3,7 +3,8 @@ through time against exact baselines, all measured in the same run.
 
 Methods (one JSON record each, per sequence length):
 
-- `torch`: torch.nn.GRU / torch.nn.LSTM (the native op; its CPU backward is autograd).
+- `torch`: torch.nn.GRU / torch.nn.LSTM (the native op; the LSTM's CPU forward and
+  backward are oneDNN's fused RNN, `aten::mkldnn_rnn_layer`).
 - `autograd-loop`: autograd through the same cell math looped over time, written well: the
   input projection for all steps is one matmul, the loop iterates with `unbind` (indexing a
   precomputed tensor per step would make the backward O(T^2)) and fuses the r/z sigmoids.
@@ -20,6 +21,24 @@ achieved matmul throughput as a fraction of a large matmul's measured in the sam
 the cosine / relative error of the RNN parameter gradient against exact backprop, at init
 and after `--train-steps` exact training steps on a delayed-copy task (the model state is
 named in the record: accuracy at small k is good at init and can be poor once trained).
+
+Floors, timed as extra entries in the same rounds (meta, per T; the input x needs no
+gradient, for torch.nn and our methods alike):
+
+- `matmul_floor`: the forward's recurrent matmuls alone (T per-step matmuls per layer).
+- `forward_floor`: that plus the forward's per-step elementwise ops alone (the engines'
+  loop without its matmul) and the cost of a do-nothing op; our forward over their sum,
+  and their sum over the matmul floor (the least forward / matmul floor an eager loop of
+  these ops reaches).
+- `step_floor`: the matmuls one training step must do, each part through oneDNN f32 with
+  its operands prepared outside the timing: input projection, recurrent forward,
+  recurrent backward (T sequential steps, or one batched matmul per Highway sweep),
+  weight gradients (one G^T [G*H, T*B] matmul per weight), input gradient (layers above
+  the first). exact = all with the sequential backward; Highway(k) = k batched backwards
+  (none at k = 0). torch.nn's step over a floor is the best speedup over torch.nn that a
+  method doing these matmuls, and nothing else, could reach in this run.
+- `large_matmul`: a large matmul's GFLOP/s through oneDNN and through torch.mm (MKL);
+  the records' `bwd_matmul_fraction_of_peak` is against oneDNN's.
 """
 
 from __future__ import annotations
@@ -834,6 +853,8 @@ def _forward_floor(
         "matmul_plus_elementwise_floor_ms": both,
         "hbp_forward_ms": forward_ms,
         "hbp_forward_over_matmul_plus_elementwise": forward_ms / both,
+        # the smallest forward / matmul floor an eager loop of these ops can reach
+        "matmul_plus_elementwise_over_matmul_floor": both / matmul_ms,
         "elementwise_ops_per_step": ops,
         "dispatch_us_per_op": 1e3 * dispatch_ms / seq_len,
         "elementwise_us_per_op": 1e3 * elementwise_ms / (seq_len * elementwise.layers * ops),
@@ -916,6 +937,8 @@ def headline_ratios(
         if fwd:
             ratios["hbp forward / (matmul + elementwise floor)"] = fwd[
                 "hbp_forward_over_matmul_plus_elementwise"]
+            ratios["(matmul + elementwise floor) / matmul floor"] = fwd[
+                "matmul_plus_elementwise_over_matmul_floor"]
         step = (step_floors or {}).get(str(seq_len))
         if step:
             ratios["torch step / exact step floor"] = step["torch_over_exact_step_floor"]
