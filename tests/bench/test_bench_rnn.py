@@ -134,6 +134,8 @@ def _check_floors(data: dict, cell: str) -> None:
                                                     layers=2), seq_len)  # fmt: skip
         for name, part in parts.items():
             assert part["ms"] > 0, name  # two layers: the lower one needs its input gradient
+            if "batched" in name or name in ("input_projection", "weight_grads", "input_grad"):
+                assert set(part["paths"]) <= {"onednn", "torch.mm"} and part["paths"], name
             assert part["gflop"] == flops[name] / 1e9
             assert part["gflops"] == pytest.approx(flops[name] / part["ms"] * 1e-6)
         assert parts["recurrent_forward"]["ms"] == meta["matmul_floor"][key]["fwd_ms"]
@@ -207,7 +209,7 @@ def _matmul_flops(part) -> int:
     if isinstance(part, SequentialMatmuls):
         return sum(2 * a.numel() * w.shape[0] for a, w in zip(part.inputs, part.weights))
     assert isinstance(part, BatchedMatmuls)
-    return sum(2 * a.shape[0] * a.shape[1] * fn(a).shape[1] for fn, a in part.products)
+    return sum(2 * m.a.shape[0] * m.a.shape[1] * m().shape[1] for m in part.products)
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
@@ -222,14 +224,18 @@ def test_step_floor_parts_run_the_counted_matmuls_with_the_models_weights(cell, 
     flops = step_floor_flops(args, 2)
     for name, part in parts.items():
         assert _matmul_flops(part) == flops[name], name
-    # the products use the model's weights: x W_ih^T, G W_hh (batched) and G W_ih (dx)
+    # the products use the model's weights: x W_ih^T, G W_hh (batched) and G W_ih (dx),
+    # by either path (oneDNN, or torch.mm into a preallocated output)
     for name, weight in (("input_projection", "weight_ih_l0"),
                          ("recurrent_backward_batched", "weight_hh_l0"),
                          ("input_grad", "weight_ih_l1")):  # fmt: skip
-        fn, a = parts[name].products[0]
+        matmul = parts[name].products[0]
         w = getattr(ref, weight).detach()
-        expected = a @ (w.t() if name == "input_projection" else w)
-        torch.testing.assert_close(fn(a), expected, rtol=1e-4, atol=1e-4)
+        expected = matmul.a @ (w.t() if name == "input_projection" else w)
+        assert set(matmul.paths) == {"onednn", "torch.mm"} and matmul.path in matmul.paths
+        for path in matmul.paths.values():
+            torch.testing.assert_close(path(), expected, rtol=1e-4, atol=1e-4)
+    assert parts["weight_grads"].products[0]().shape == (ref.weight_ih_l0.shape[0], 3)
 
 
 def _per_step_ops(run, seq_lens: tuple[int, int]) -> dict[str, float]:

@@ -102,8 +102,9 @@ def test_bench_rnn_floors_are_rendered_from_the_file(tmp_path):
     ratios = meta["ratios"]["6"]
     assert f"{meta['large_matmul']['onednn_gflops']:.0f} GFLOP/s through oneDNN" in text
     assert "Step matmul floor at T=6" in text
-    assert (f"| recurrent backward batched | "
-            f"{step['parts']['recurrent_backward_batched']['ms']:.1f} |") in text
+    batched = step["parts"]["recurrent_backward_batched"]
+    assert (f"| recurrent backward batched | {batched['ms']:.1f} | {batched['gflop']:.2f} | "
+            f"{batched['gflops']:.0f} | {batched['paths'][0]} |") in text
     assert (f"exact {step['torch_over_exact_step_floor']:.2f}x, Highway "
             f"{step['torch_over_highway_step_floor']['0']:.2f}x at k=0") in text
     assert f"= {fwd['hbp_forward_over_matmul_plus_elementwise']:.2f}x that sum" in text

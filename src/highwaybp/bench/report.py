@@ -187,16 +187,18 @@ def _large_matmul(meta: dict[str, Any]) -> str:
 def _step_floor_lines(seq_len: str, step: dict[str, Any]) -> list[str]:
     """The matmul floor of a training step, part by part, and what it allows against
     torch.nn (`bench rnn`'s step_floor)."""
-    head = ["step matmul floor part", "ms", "GFLOP", "GFLOP/s"]
+    head = ["step matmul floor part", "ms", "GFLOP", "GFLOP/s", "matmuls through"]
     rows = [[part.replace("_", " "), f"{p['ms']:.1f}", f"{p['gflop']:.2f}",
-             _fmt(p["gflops"], ".0f", "-")] for part, p in step["parts"].items()]
+             _fmt(p["gflops"], ".0f", "-"),
+             ", ".join(dict.fromkeys(p["paths"])) if "paths" in p else "T steps, as the engines"]
+            for part, p in step["parts"].items()]
     highway = ", ".join(f"Highway k={k} {ms:.0f} ms"
                         for k, ms in step["highway_step_floor_ms"].items())
     best = ", ".join(f"{x:.2f}x at k={k}"
                      for k, x in step["torch_over_highway_step_floor"].items())
     return [
-        f"Step matmul floor at T={seq_len} (the matmuls one training step must do, through "
-        "oneDNN, same rounds):",
+        f"Step matmul floor at T={seq_len} (the matmuls one training step must do, operands "
+        "prepared outside the timing, same rounds):",
         "",
         *_table(head, rows),
         "",

@@ -140,21 +140,6 @@ def _is_floor(name: str) -> bool:
     return name == FLOOR or name.startswith("floor:")
 
 
-def _onednn_matmul(weight: Tensor, rows: int, packed: bool) -> Callable[[Tensor], Tensor]:
-    """a [rows, K] -> a @ weight^T (weight [N, K]) through oneDNN f32 (`engine.linear`), with
-    the weight packed once outside the timed region if `packed`; torch.mm where oneDNN does
-    not apply (`engine.onednn_applies`)."""
-    from highwaybp.models.rnn.engine import PackedLinear, linear, onednn_applies
-
-    w = weight.detach().contiguous()
-    if not onednn_applies(w):
-        w_t = w.t()
-        return lambda a: torch.mm(a, w_t)
-    if packed:
-        return PackedLinear(w, rows)
-    return lambda a: linear(a, w)
-
-
 class SequentialMatmuls:
     """T per-step matmuls a_t [B, K] x W^T (W [N, K]) for each weight, in a Python loop like
     the engines', through the matmul the engines' loops use (`engine.packed_linear`: oneDNN
@@ -193,16 +178,57 @@ class MatmulFloor(SequentialMatmuls):
         super().__init__(weights, seq_len, batch)
 
 
-class BatchedMatmuls:
-    """Large matmuls, each `fn(a)` on an operand `a` prepared contiguous at construction (the
-    floor of work done batched over T*B rows). Returns None."""
+class LargeMatmul:
+    """a [M, K] @ weight^T (weight [N, K]), operands prepared contiguous outside the timing,
+    by the faster of two CPU paths, timed at construction (`path`): "onednn" (oneDNN f32,
+    `engine.linear`, the weight packed once if `packed`; a fresh output) and "torch.mm"
+    (MKL into a preallocated output; faster where the output is large and K small, as the
+    GRU's x projection with In = 3: a fresh output's page faults cost more than the
+    product). Only "torch.mm" where oneDNN does not apply (`engine.onednn_applies`)."""
 
-    def __init__(self, products: list[tuple[Callable[[Tensor], Tensor], Tensor]]) -> None:
+    def __init__(self, a: Tensor, weight: Tensor, packed: bool, trials: int = 3) -> None:
+        from highwaybp.models.rnn.engine import PackedLinear, linear, onednn_applies
+
+        self.a, self.weight = a.contiguous(), weight.detach().contiguous()
+        out = a.new_empty((a.shape[0], self.weight.shape[0]))
+        w_t = self.weight.t()
+        self.paths: dict[str, Callable[[], Tensor]] = {
+            "torch.mm": lambda: torch.mm(self.a, w_t, out=out)}
+        if onednn_applies(self.weight):
+            onednn = (PackedLinear(self.weight, a.shape[0]) if packed
+                      else lambda x: linear(x, self.weight))  # fmt: skip
+            self.paths["onednn"] = lambda: onednn(self.a)
+        best = {name: min(_once(fn) for _ in range(trials)) for name, fn in self.paths.items()}
+        self.path = min(best, key=best.__getitem__)
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.a.shape[0] * self.a.shape[1] * self.weight.shape[0]
+
+    def __call__(self) -> Tensor:
+        return self.paths[self.path]()
+
+
+def _once(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+class BatchedMatmuls:
+    """Large matmuls (`LargeMatmul`), the floor of work done batched over T*B rows. Returns
+    None."""
+
+    def __init__(self, products: list[LargeMatmul]) -> None:
         self.products = products
 
+    @property
+    def paths(self) -> list[str]:
+        return [m.path for m in self.products]
+
     def __call__(self, x: Optional[Tensor] = None) -> None:
-        for fn, a in self.products:
-            fn(a)
+        for matmul in self.products:
+            matmul()
 
 
 def _layer_inputs(args: Any) -> list[int]:
@@ -243,8 +269,8 @@ def step_floor_parts(ref: nn.Module, args: Any, seq_len: int) -> dict[str, Calla
     runs them with the operands prepared outside it: the weights packed for oneDNN, the
     data operands (x, h, the gate adjoints G, G^T) contiguous. The per-step parts loop over
     time as the engines do (`SequentialMatmuls`), the batched ones are one matmul per
-    weight and layer through oneDNN (`_onednn_matmul`). Values are random: matmul time
-    does not depend on them."""
+    weight and layer (`LargeMatmul`: oneDNN, or MKL into a preallocated output where that
+    is faster). Values are random: matmul time does not depend on them."""
     T, B, H = seq_len, args.batch, args.hidden
     rows = T * B
     projection, backward_batched, weight_grads, input_grad = [], [], [], []
@@ -254,15 +280,13 @@ def step_floor_parts(ref: nn.Module, args: Any, seq_len: int) -> dict[str, Calla
         w_hh = getattr(ref, f"weight_hh_l{layer}").detach()
         gh = w_hh.shape[0]
         w_hh_t.append(w_hh.t().contiguous())  # [H, G*H]: adjoint [B, G*H] -> [B, H]
-        projection.append((_onednn_matmul(w_ih, rows, packed=True), torch.randn(rows, in_size)))
-        backward_batched.append((_onednn_matmul(w_hh_t[-1], rows, packed=True),
-                                 torch.randn(rows, gh)))  # fmt: skip
-        g_t = torch.randn(gh, rows)  # G^T [G*H, T*B]; x^T and h^T [In or H, T*B]
-        for k in (in_size, H):
-            weight_grads.append((_onednn_matmul(torch.randn(k, rows), gh, packed=False), g_t))
+        projection.append(LargeMatmul(torch.randn(rows, in_size), w_ih, packed=True))
+        backward_batched.append(LargeMatmul(torch.randn(rows, gh), w_hh_t[-1], packed=True))
+        g_t = torch.randn(gh, rows)  # G^T [G*H, T*B] times x and h [T*B, In or H]: the
+        for k in (in_size, H):  # "weight" operand is x^T / h^T [In or H, T*B] (data: unpacked)
+            weight_grads.append(LargeMatmul(g_t, torch.randn(k, rows), packed=False))
         if _needs_input_grad(layer):
-            input_grad.append((_onednn_matmul(w_ih.t(), rows, packed=True),
-                               torch.randn(rows, gh)))  # fmt: skip
+            input_grad.append(LargeMatmul(torch.randn(rows, gh), w_ih.t(), packed=True))
     return {
         "input_projection": BatchedMatmuls(projection),
         "recurrent_forward": MatmulFloor(ref, T, B),
@@ -397,23 +421,18 @@ def large_matmul_gflops(
     shape: tuple[int, int, int] = (2048, 1024, 4096), repeats: int = 5
 ) -> dict[str, float]:
     """Throughput of a large fp32 matmul [n, k] x [k, m] on this machine, now (GFLOP/s), by
-    the two CPU paths: "onednn" (oneDNN's linear with the weight packed, what the engines'
-    large matmuls and torch.nn.LSTM use; torch.mm where oneDNN does not apply) and
-    "torch_mm" (torch.mm, MKL's gemm; 40-50% of oneDNN's on the AMD calibration CPU)."""
+    the two CPU paths of `LargeMatmul`: "onednn" (oneDNN's linear with the weight packed,
+    what the engines' large matmuls and torch.nn.LSTM use; torch.mm's figure where oneDNN
+    does not apply) and "torch_mm" (torch.mm, MKL's gemm, into a preallocated output; 40-50%
+    of oneDNN's on the AMD calibration CPU)."""
     n, k, m = shape
-    a, b = torch.randn(n, k), torch.randn(k, m)
-    out = torch.empty(n, m)
-    onednn = _onednn_matmul(b.t(), n, packed=True)
-    runs = {"onednn": lambda: onednn(a), "torch_mm": lambda: torch.mm(a, b, out=out)}
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for fn in runs.values():
-        fn()
+    matmul = LargeMatmul(torch.randn(n, k), torch.randn(m, k), packed=True, trials=1)
+    times: dict[str, list[float]] = {name: [] for name in matmul.paths}
     for _ in range(repeats):  # interleaved: a load change hits both alike
-        for name, fn in runs.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: 2 * n * k * m / statistics.median(ts) / 1e9 for name, ts in times.items()}
+        for name, fn in matmul.paths.items():
+            times[name].append(_once(fn))
+    gflops = {name: matmul.flops / statistics.median(ts) / 1e9 for name, ts in times.items()}
+    return {"onednn": gflops.get("onednn", gflops["torch.mm"]), "torch_mm": gflops["torch.mm"]}
 
 
 def backward_matmul_flops(args: Any, name: str, seq_len: int) -> float:
@@ -724,7 +743,7 @@ def run_length(args: Any, seq_len: int, peak: float) -> tuple[list[dict], dict]:
     floor_ms = timings[FLOOR]["fwd_ms"]
     print(f"  T={seq_len} {'floor (matmuls)':16s} fwd {floor_ms:9.1f} ms: the recurrent "
           "matmuls alone, same rounds", flush=True)
-    step_floor = _step_floor(args, seq_len, timings)
+    step_floor = _step_floor(args, seq_len, timings, fns)
     for name in names:
         timing = timings[name]
         flops = backward_matmul_flops(args, name, seq_len)
@@ -794,9 +813,10 @@ def _has_work(fn: Callable) -> bool:
     return not isinstance(fn, BatchedMatmuls) or bool(fn.products)
 
 
-def _step_floor(args: Any, seq_len: int, timings: dict) -> dict[str, dict[str, float]]:
+def _step_floor(args: Any, seq_len: int, timings: dict, fns: dict) -> dict[str, dict]:
     """Per part of `STEP_FLOOR_PARTS`: its median time (ms, 0 for a part with no work),
-    FLOPs and achieved GFLOP/s, from this run's rounds."""
+    FLOPs, achieved GFLOP/s (from this run's rounds) and, for the batched parts, the path
+    of each matmul (`LargeMatmul.path`)."""
     flops = step_floor_flops(args, seq_len)
     out = {}
     for part in STEP_FLOOR_PARTS:
@@ -807,6 +827,8 @@ def _step_floor(args: Any, seq_len: int, timings: dict) -> dict[str, dict[str, f
             "gflop": flops[part] / 1e9,
             "gflops": flops[part] / (ms / 1e3) / 1e9 if ms > 0 else None,
         }
+        if isinstance(fns.get(name), BatchedMatmuls):
+            out[part]["paths"] = fns[name].paths
     return out
 
 
