@@ -315,11 +315,14 @@ class ElementwiseFloor:
         self.fresh = [packed_linear(getattr(ref, f"weight_hh_l{i}").detach(), B) is not None
                       for i in range(ref.num_layers)]  # fmt: skip
         self.gates = torch.randn(T, B, gh)  # GRU: [pre_r, pre_z, hn]; LSTM: A (gates)
-        self.product = torch.randn(T, B, gh)  # oneDNN's h W_hh^T (+ x-projection, LSTM)
-        self.n = torch.randn(T, B, H)  # GRU: N
+        # oneDNN's fresh h W_hh^T (+ the x projection, LSTM), where the engine has one
+        self.product = torch.randn(T, B, gh) if any(self.fresh) else None
         self.states = torch.randn(T + 1, B, H)  # h
-        self.cells = torch.randn(T + 1, B, H)  # LSTM: c
-        self.tanh_c = torch.randn(T, B, H)  # LSTM: TC
+        if cell == "gru":
+            self.n = torch.randn(T, B, H)  # N
+        else:
+            self.cells = torch.randn(T + 1, B, H)  # c
+            self.tanh_c = torch.randn(T, B, H)  # TC
 
     @property
     def ops_per_step(self) -> int:
@@ -340,7 +343,7 @@ class ElementwiseFloor:
     def _gru(self, fresh: bool) -> None:
         H, h2 = self.H, 2 * self.H
         hs, rows_g, rows_n = self.states.unbind(0), self.gates.unbind(0), self.n.unbind(0)
-        products = self.product.unbind(0)
+        products = self.product.unbind(0) if fresh else ()
         for t in range(len(rows_g)):
             g, n, h = rows_g[t], rows_n[t], hs[t]
             if fresh:
@@ -352,7 +355,8 @@ class ElementwiseFloor:
     def _lstm(self, fresh: bool) -> None:
         H, h2, h3 = self.H, 2 * self.H, 3 * self.H
         hs, cs, tcs = self.states.unbind(0), self.cells.unbind(0), self.tanh_c.unbind(0)
-        rows, products = self.gates.unbind(0), self.product.unbind(0)
+        rows = self.gates.unbind(0)
+        products = self.product.unbind(0) if fresh else ()
         for t in range(len(rows)):
             a = rows[t]
             if fresh:
