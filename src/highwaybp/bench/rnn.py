@@ -30,8 +30,9 @@ gradient, for torch.nn and our methods alike):
   loop without its matmul) and the cost of a do-nothing op; our forward over their sum,
   and their sum over the matmul floor (the least forward / matmul floor an eager loop of
   these ops reaches).
-- `step_floor`: the matmuls one training step must do, each part through oneDNN f32 with
-  its operands prepared outside the timing: input projection, recurrent forward,
+- `step_floor`: the matmuls one training step must do, each part alone with its operands
+  prepared outside the timing (batched parts through oneDNN f32, or torch.mm into a
+  preallocated output where that is faster): input projection, recurrent forward,
   recurrent backward (T sequential steps, or one batched matmul per Highway sweep),
   weight gradients (one G^T [G*H, T*B] matmul per weight), input gradient (layers above
   the first). exact = all with the sequential backward; Highway(k) = k batched backwards
