@@ -147,8 +147,14 @@ def _check_floors(data: dict, cell: str) -> None:
         assert step["highway_step_floor_ms"]["0"] == pytest.approx(common, rel=1e-12)
         assert step["highway_step_floor_ms"]["1"] == pytest.approx(
             common + ms["recurrent_backward_batched"], rel=1e-12)
-        torch_ms = by_method(records, seq_len, "torch")["total_ms"]
+        torch_rec = by_method(records, seq_len, "torch")
+        torch_ms = torch_rec["total_ms"]
         assert step["torch_total_ms"] == torch_ms
+        forward = ms["input_projection"] + ms["recurrent_forward"]
+        assert step["torch_fwd_over_forward_floor"] == pytest.approx(torch_rec["fwd_ms"] / forward)
+        assert step["torch_bwd_over_exact_backward_floor"] == pytest.approx(
+            torch_rec["bwd_ms"] / (ms["recurrent_backward_sequential"] + ms["weight_grads"]
+                                   + ms["input_grad"]))
         ratios = meta["ratios"][key]
         assert ratios["torch step / exact step floor"] == pytest.approx(
             torch_ms / step["exact_step_floor_ms"])

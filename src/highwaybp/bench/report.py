@@ -205,7 +205,9 @@ def _step_floor_lines(seq_len: str, step: dict[str, Any]) -> list[str]:
         f"Exact step floor {step['exact_step_floor_ms']:.0f} ms, {highway}; torch.nn step "
         f"{step['torch_total_ms']:.0f} ms. Best speedup over torch.nn that a method doing "
         f"only these matmuls could reach: exact {step['torch_over_exact_step_floor']:.2f}x, "
-        f"Highway {best}.",
+        f"Highway {best}. torch.nn's forward / the floor's forward part (projection + "
+        f"recurrent forward): {step['torch_fwd_over_forward_floor']:.2f}x; its backward / the "
+        f"floor's exact backward part: {step['torch_bwd_over_exact_backward_floor']:.2f}x.",
         "",
     ]
 

@@ -777,9 +777,9 @@ def run_length(args: Any, seq_len: int, peak: float) -> tuple[list[dict], dict]:
     extra: dict[str, Any] = {
         "floor": {"fwd_ms": floor_ms, "runs_ms": timings[FLOOR]["total_runs_ms"]}
     }
-    torch_ms = next(r for r in records if r["method"] == "torch")["total_ms"]
+    torch_timing = next(r for r in records if r["method"] == "torch")
     exact_fwd_ms = next(r for r in records if r["method"] == "hbp-exact")["fwd_ms"]
-    extra["step_floor"] = _step_floor_summary(step_floor, torch_ms, args.k, seq_len)
+    extra["step_floor"] = _step_floor_summary(step_floor, torch_timing, args.k, seq_len)
     extra["forward_floor"] = _forward_floor(seq_len, timings, fns[ELEMENTWISE_FLOOR],
                                             exact_fwd_ms)
     _print_floors(seq_len, extra["step_floor"], extra["forward_floor"])
@@ -838,7 +838,7 @@ def _step_floor(args: Any, seq_len: int, timings: dict, fns: dict) -> dict[str, 
 
 
 def _step_floor_summary(
-    parts: dict[str, dict[str, float]], torch_ms: float, ks: list[int], seq_len: int
+    parts: dict[str, dict[str, float]], torch: dict[str, float], ks: list[int], seq_len: int
 ) -> dict[str, Any]:
     """The matmul floor of a whole training step, exact and Highway(k), against torch.nn.
 
@@ -846,13 +846,18 @@ def _step_floor_summary(
     gradients + input gradient; Highway(k) = the same with min(k, T) batched recurrent
     backwards (one per sweep: k = 0 runs none, `loop.fast_iterate`) in place of the
     sequential one. torch.nn's step over a floor is the best speedup over torch.nn that a
-    method doing these matmuls at this run's oneDNN speed, and nothing else, could reach.
+    method doing these matmuls at this run's matmul speed, and nothing else, could reach.
+    torch.nn's forward and backward are also compared with the floor's forward part
+    (projection + recurrent forward) and exact backward part (the rest): a ratio below 1
+    means its fused kernel runs those FLOPs faster than separate matmul calls do.
     """
     ms = {part: p["ms"] for part, p in parts.items()}
-    common = (ms["input_projection"] + ms["recurrent_forward"] + ms["weight_grads"]
-              + ms["input_grad"])  # fmt: skip
-    exact = common + ms["recurrent_backward_sequential"]
-    highway = {str(k): common + min(k, seq_len) * ms["recurrent_backward_batched"] for k in ks}
+    forward = ms["input_projection"] + ms["recurrent_forward"]
+    params = ms["weight_grads"] + ms["input_grad"]
+    exact = forward + ms["recurrent_backward_sequential"] + params
+    highway = {str(k): forward + min(k, seq_len) * ms["recurrent_backward_batched"] + params
+               for k in ks}  # fmt: skip
+    torch_ms = torch["total_ms"]
     return {
         "parts": parts,
         "exact_step_floor_ms": exact,
@@ -860,6 +865,8 @@ def _step_floor_summary(
         "torch_total_ms": torch_ms,
         "torch_over_exact_step_floor": torch_ms / exact,
         "torch_over_highway_step_floor": {k: torch_ms / v for k, v in highway.items()},
+        "torch_fwd_over_forward_floor": torch["fwd_ms"] / forward,
+        "torch_bwd_over_exact_backward_floor": torch["bwd_ms"] / (exact - forward),
     }
 
 
