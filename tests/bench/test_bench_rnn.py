@@ -171,6 +171,11 @@ def _check_floors(data: dict, cell: str) -> None:
             fwd["hbp_forward_ms"] / fwd["matmul_plus_elementwise_floor_ms"])
         assert ratios["(matmul + elementwise floor) / matmul floor"] == pytest.approx(
             fwd["matmul_plus_elementwise_floor_ms"] / fwd["matmul_floor_ms"])
+        assert fwd["input_projection_ms"] == parts["input_projection"]["ms"]
+        assert fwd["forward_floor_ms"] == pytest.approx(
+            fwd["matmul_plus_elementwise_floor_ms"] + fwd["input_projection_ms"])
+        assert ratios["hbp forward / (projection + matmul + elementwise floor)"] == (
+            pytest.approx(fwd["hbp_forward_ms"] / fwd["forward_floor_ms"]))
 
 
 def by_method(records: list[dict], seq_len: int, method: str) -> dict:

@@ -107,7 +107,8 @@ def test_bench_rnn_floors_are_rendered_from_the_file(tmp_path):
             f"{batched['gflops']:.0f} | {batched['paths'][0]} |") in text
     assert (f"exact {step['torch_over_exact_step_floor']:.2f}x, Highway "
             f"{step['torch_over_highway_step_floor']['0']:.2f}x at k=0") in text
-    assert f"= {fwd['hbp_forward_over_matmul_plus_elementwise']:.2f}x that sum" in text
+    assert (f"= {fwd['hbp_forward_over_matmul_plus_elementwise']:.2f}x that sum, "
+            f"{fwd['hbp_forward_over_forward_floor']:.2f}x with the input projection") in text
     assert f"its backward / the floor's exact backward part: " \
         f"{step['torch_bwd_over_exact_backward_floor']:.2f}x." in text
     assert (f"torch step / highway(k=1) step floor "

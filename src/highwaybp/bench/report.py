@@ -142,7 +142,9 @@ def _rnn(path: Path, d: dict[str, Any]) -> list[str]:
             f"{fwd['elementwise_us_per_op']:.1f} us each; an op doing nothing: "
             f"{fwd['dispatch_us_per_op']:.1f} us) = {fwd['matmul_plus_elementwise_floor_ms']:.0f}"
             f" ms; hbp-exact forward {fwd['hbp_forward_ms']:.0f} ms = "
-            f"{fwd['hbp_forward_over_matmul_plus_elementwise']:.2f}x that sum.", ""]
+            f"{fwd['hbp_forward_over_matmul_plus_elementwise']:.2f}x that sum, "
+            f"{fwd['hbp_forward_over_forward_floor']:.2f}x with the input projection's "
+            f"{fwd['input_projection_ms']:.0f} ms.", ""]
     for seq_len, step in (meta.get("step_floor") or {}).items():
         lines += _step_floor_lines(seq_len, step)
     for seq_len, ratios in (meta.get("ratios") or {}).items():

@@ -27,9 +27,9 @@ gradient, for torch.nn and our methods alike):
 
 - `matmul_floor`: the forward's recurrent matmuls alone (T per-step matmuls per layer).
 - `forward_floor`: that plus the forward's per-step elementwise ops alone (the engines'
-  loop without its matmul) and the cost of a do-nothing op; our forward over their sum,
-  and their sum over the matmul floor (the least forward / matmul floor an eager loop of
-  these ops reaches).
+  loop without its matmul) and the cost of a do-nothing op; our forward over their sum
+  (and over their sum plus the input projection), and their sum over the matmul floor
+  (the least forward / matmul floor an eager loop of these ops reaches).
 - `step_floor`: the matmuls one training step must do, each part alone with its operands
   prepared outside the timing (batched parts through oneDNN f32, or torch.mm into a
   preallocated output where that is faster): input projection, recurrent forward,
@@ -781,7 +781,7 @@ def run_length(args: Any, seq_len: int, peak: float) -> tuple[list[dict], dict]:
     exact_fwd_ms = next(r for r in records if r["method"] == "hbp-exact")["fwd_ms"]
     extra["step_floor"] = _step_floor_summary(step_floor, torch_timing, args.k, seq_len)
     extra["forward_floor"] = _forward_floor(seq_len, timings, fns[ELEMENTWISE_FLOOR],
-                                            exact_fwd_ms)
+                                            step_floor["input_projection"]["ms"], exact_fwd_ms)
     _print_floors(seq_len, extra["step_floor"], extra["forward_floor"])
     if args.scaling_factor > 1:
         t_big = timings["autograd-loop@big"]
@@ -871,11 +871,13 @@ def _step_floor_summary(
 
 
 def _forward_floor(
-    seq_len: int, timings: dict, elementwise: ElementwiseFloor, forward_ms: float
+    seq_len: int, timings: dict, elementwise: ElementwiseFloor, projection_ms: float,
+    forward_ms: float,
 ) -> dict:
     """Our exact forward against its floor: the recurrent matmuls alone plus the per-step
-    elementwise ops alone (`ElementwiseFloor`), both from this run's rounds, and the cost
-    of one do-nothing elementwise op (`DispatchFloor`)."""
+    elementwise ops alone (`ElementwiseFloor`: the loop's floor), plus the input projection
+    (the step floor's part: the whole forward's floor), all from this run's rounds, and the
+    cost of one do-nothing elementwise op (`DispatchFloor`)."""
     matmul_ms = timings[FLOOR]["fwd_ms"]
     elementwise_ms = timings[ELEMENTWISE_FLOOR]["fwd_ms"]
     dispatch_ms = timings[DISPATCH_FLOOR]["fwd_ms"]
@@ -885,8 +887,12 @@ def _forward_floor(
         "matmul_floor_ms": matmul_ms,
         "elementwise_floor_ms": elementwise_ms,
         "matmul_plus_elementwise_floor_ms": both,
+        "input_projection_ms": projection_ms,
+        "forward_floor_ms": both + projection_ms,
         "hbp_forward_ms": forward_ms,
         "hbp_forward_over_matmul_plus_elementwise": forward_ms / both,
+        # what our forward loses beyond every floor (Python, views, allocations, copies)
+        "hbp_forward_over_forward_floor": forward_ms / (both + projection_ms),
         # the smallest forward / matmul floor an eager loop of these ops can reach
         "matmul_plus_elementwise_over_matmul_floor": both / matmul_ms,
         "elementwise_ops_per_step": ops,
@@ -905,7 +911,9 @@ def _print_floors(seq_len: int, step: dict, fwd: dict) -> None:
           f"{fwd['elementwise_floor_ms']:.1f} ms ({fwd['elementwise_ops_per_step']} ops/step, "
           f"{fwd['elementwise_us_per_op']:.1f} us/op; a do-nothing op "
           f"{fwd['dispatch_us_per_op']:.1f} us); hbp forward "
-          f"{fwd['hbp_forward_over_matmul_plus_elementwise']:.2f}x their sum", flush=True)
+          f"{fwd['hbp_forward_over_matmul_plus_elementwise']:.2f}x their sum, "
+          f"{fwd['hbp_forward_over_forward_floor']:.2f}x with the input projection "
+          f"({fwd['input_projection_ms']:.1f} ms)", flush=True)
 
 
 def _add_ratios(records: list[dict]) -> None:
@@ -973,6 +981,8 @@ def headline_ratios(
                 "hbp_forward_over_matmul_plus_elementwise"]
             ratios["(matmul + elementwise floor) / matmul floor"] = fwd[
                 "matmul_plus_elementwise_over_matmul_floor"]
+            ratios["hbp forward / (projection + matmul + elementwise floor)"] = fwd[
+                "hbp_forward_over_forward_floor"]
         step = (step_floors or {}).get(str(seq_len))
         if step:
             ratios["torch step / exact step floor"] = step["torch_over_exact_step_floor"]
