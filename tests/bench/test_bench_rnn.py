@@ -360,3 +360,20 @@ def test_bench_rnn_profile_runs_the_lstm_engine(tmp_path):
     assert all(prof["phases"][k] > 0 for k in ("forward_ms", "sweep_ms", "torch_forward_ms"))
     assert prof["sweep_profile"]["op_calls"]["aten::addcmul_"] >= 30 * prof["sweep_profile"][
         "repeats"]
+
+
+def test_large_matmul_names_its_paths_and_has_no_onednn_figure_without_onednn(monkeypatch):
+    """The large-matmul figure says which path it is: oneDNN's and torch.mm's, and None for
+    oneDNN where the engines would not use it (not torch.mm's number under oneDNN's name)."""
+    from highwaybp.bench.rnn import LargeMatmul, large_matmul_gflops
+    from highwaybp.models.rnn import engine
+
+    both = large_matmul_gflops((32, 16, 8), repeats=1)
+    assert set(both) == {"onednn", "torch_mm"} and both["onednn"] > 0 and both["torch_mm"] > 0
+    monkeypatch.setattr(engine, "USE_ONEDNN", False)
+    only_mm = large_matmul_gflops((32, 16, 8), repeats=1)
+    assert only_mm["onednn"] is None and only_mm["torch_mm"] > 0
+    a, w = torch.randn(5, 3), torch.randn(4, 3)
+    matmul = LargeMatmul(a, w, packed=True)
+    assert list(matmul.paths) == ["torch.mm"] and matmul.path == "torch.mm"
+    torch.testing.assert_close(matmul(), a @ w.t())

@@ -182,6 +182,9 @@ def _large_matmul(meta: dict[str, Any]) -> str:
     if large is None:
         return f"large-matmul {meta['large_matmul_gflops']:.0f} GFLOP/s"
     shape = "x".join(str(n) for n in large["shape"])
+    if large["onednn_gflops"] is None:
+        return (f"large matmul ({shape}) {large['torch_mm_gflops']:.0f} GFLOP/s through "
+                "torch.mm (oneDNN not available)")
     return (f"large matmul ({shape}) {large['onednn_gflops']:.0f} GFLOP/s through oneDNN, "
             f"{large['torch_mm_gflops']:.0f} through torch.mm (MKL)")
 
