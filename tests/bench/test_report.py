@@ -85,3 +85,32 @@ def test_layer_parallel_predictions_block_lists_where_highway_beats_exact(tmp_pa
         row(2, {0: 1.2, 1: 0.9}), row(4, {0: 0.99, 1: 0.95}), row(8, {0: 1.5, 1: 0.8})]}}))
     text = layer_parallel_summary(tmp_path)
     assert "| toy | P = 2, 8 (1.20x-1.50x) | no P <= 8 |" in text
+
+
+def test_bench_rnn_floors_are_rendered_from_the_file(tmp_path):
+    """A `bench rnn` run's step and forward floors reach docs/benchmarks.md, numbers from the
+    file; a run with --scaling-factor 1 (no autograd-loop scaling) renders too (it raised a
+    TypeError before)."""
+    out = tmp_path / "results" / "rnn" / "bench.json"
+    assert main(["bench", "rnn", "--cell", "lstm", "--seq-len", "6", "--batch", "2",
+                 "--hidden", "4", "--input-size", "3", "--k", "0,1", "--repeats", "5",
+                 "--fidelity-k", "0", "--train-steps", "0", "--scaling-factor", "1",
+                 "--no-memory", "--peak-matmul", "64,64,64", "--out", str(out)]) == 0
+    meta = json.loads(out.read_text())["meta"]
+    text = render(tmp_path / "results")
+    step, fwd = meta["step_floor"]["6"], meta["forward_floor"]["6"]
+    ratios = meta["ratios"]["6"]
+    assert f"{meta['large_matmul']['onednn_gflops']:.0f} GFLOP/s through oneDNN" in text
+    assert "Step matmul floor at T=6" in text
+    batched = step["parts"]["recurrent_backward_batched"]
+    assert (f"| recurrent backward batched | {batched['ms']:.1f} | {batched['gflop']:.2f} | "
+            f"{batched['gflops']:.0f} | {batched['paths'][0]} |") in text
+    assert (f"exact {step['torch_over_exact_step_floor']:.2f}x, Highway "
+            f"{step['torch_over_highway_step_floor']['0']:.2f}x at k=0") in text
+    assert (f"= {fwd['hbp_forward_over_matmul_plus_elementwise']:.2f}x that sum, "
+            f"{fwd['hbp_forward_over_forward_floor']:.2f}x with the input projection") in text
+    assert f"its backward / the floor's exact backward part: " \
+        f"{step['torch_bwd_over_exact_backward_floor']:.2f}x." in text
+    assert (f"torch step / highway(k=1) step floor "
+            f"{ratios['torch step / highway(k=1) step floor']:.2f}x") in text
+    assert "autograd-loop scaling" not in text

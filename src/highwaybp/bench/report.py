@@ -97,8 +97,7 @@ def _rnn(path: Path, d: dict[str, Any]) -> list[str]:
         f"### {r0['cell'].upper()}, T={r0['seq_len']}, batch {r0['batch']}, hidden "
         f"{r0['hidden']}, input {r0['input_size']}, layers {r0['layers']}: `{path}`",
         "",
-        f"{meta['threads']} thread(s), large-matmul {meta['large_matmul_gflops']:.0f} GFLOP/s "
-        f"in this run{load}.",
+        f"{meta['threads']} thread(s), {_large_matmul(meta)} in this run{load}.",
         *_command_line(meta.get("command")),
     ]
     has_mem = any(r.get("peak_mem_mb") is not None for r in records)
@@ -135,10 +134,25 @@ def _rnn(path: Path, d: dict[str, Any]) -> list[str]:
     for seq_len, floor in (meta.get("matmul_floor") or {}).items():
         lines += [f"Matmul floor at T={seq_len} (the recurrent matmuls alone, same rounds): "
                   f"{floor['fwd_ms']:.0f} ms.", ""]
+    for seq_len, fwd in (meta.get("forward_floor") or {}).items():
+        lines += [
+            f"Forward floor at T={seq_len} (same rounds): recurrent matmuls "
+            f"{fwd['matmul_floor_ms']:.0f} ms + the forward's elementwise ops alone "
+            f"{fwd['elementwise_floor_ms']:.0f} ms ({fwd['elementwise_ops_per_step']} per step, "
+            f"{fwd['elementwise_us_per_op']:.1f} us each; an op doing nothing: "
+            f"{fwd['dispatch_us_per_op']:.1f} us) = {fwd['matmul_plus_elementwise_floor_ms']:.0f}"
+            f" ms; hbp-exact forward {fwd['hbp_forward_ms']:.0f} ms = "
+            f"{fwd['hbp_forward_over_matmul_plus_elementwise']:.2f}x that sum, "
+            f"{fwd['hbp_forward_over_forward_floor']:.2f}x with the input projection's "
+            f"{fwd['input_projection_ms']:.0f} ms.", ""]
+    for seq_len, step in (meta.get("step_floor") or {}).items():
+        lines += _step_floor_lines(seq_len, step)
     for seq_len, ratios in (meta.get("ratios") or {}).items():
         lines += [f"Ratios at T={seq_len} (same run): "
                   + ", ".join(f"{name} {value:.2f}x" for name, value in ratios.items()) + ".", ""]
     for seq_len, s in (meta.get("autograd_loop_scaling") or {}).items():
+        if s is None:  # --scaling-factor 1: not timed
+            continue
         lines += [
             f"autograd-loop scaling: T={seq_len}: {s['total_ms_T']:.0f} ms, T={s['T_big']}: "
             f"{s['total_ms_T_big']:.0f} ms (x{s['ratio']:.2f}; linear = x{s['linear_ratio']:.0f}).",
@@ -159,6 +173,48 @@ def _rnn(path: Path, d: dict[str, Any]) -> list[str]:
                                        for p in points])
         lines += [*_table(head, rows), ""]
     return lines
+
+
+def _large_matmul(meta: dict[str, Any]) -> str:
+    """The run's large-matmul throughput: oneDNN's and torch.mm's (MKL) where the run timed
+    both, else the older runs' single figure (it was torch.mm's; rendered as it was)."""
+    large = meta.get("large_matmul")
+    if large is None:
+        return f"large-matmul {meta['large_matmul_gflops']:.0f} GFLOP/s"
+    shape = "x".join(str(n) for n in large["shape"])
+    if large["onednn_gflops"] is None:
+        return (f"large matmul ({shape}) {large['torch_mm_gflops']:.0f} GFLOP/s through "
+                "torch.mm (oneDNN not available)")
+    return (f"large matmul ({shape}) {large['onednn_gflops']:.0f} GFLOP/s through oneDNN, "
+            f"{large['torch_mm_gflops']:.0f} through torch.mm (MKL)")
+
+
+def _step_floor_lines(seq_len: str, step: dict[str, Any]) -> list[str]:
+    """The matmul floor of a training step, part by part, and what it allows against
+    torch.nn (`bench rnn`'s step_floor)."""
+    head = ["step matmul floor part", "ms", "GFLOP", "GFLOP/s", "matmuls through"]
+    rows = [[part.replace("_", " "), f"{p['ms']:.1f}", f"{p['gflop']:.2f}",
+             _fmt(p["gflops"], ".0f", "-"),
+             ", ".join(dict.fromkeys(p["paths"])) if "paths" in p else "T steps, as the engines"]
+            for part, p in step["parts"].items()]
+    highway = ", ".join(f"Highway k={k} {ms:.0f} ms"
+                        for k, ms in step["highway_step_floor_ms"].items())
+    best = ", ".join(f"{x:.2f}x at k={k}"
+                     for k, x in step["torch_over_highway_step_floor"].items())
+    return [
+        f"Step matmul floor at T={seq_len} (the matmuls one training step must do, operands "
+        "prepared outside the timing, same rounds):",
+        "",
+        *_table(head, rows),
+        "",
+        f"Exact step floor {step['exact_step_floor_ms']:.0f} ms, {highway}; torch.nn step "
+        f"{step['torch_total_ms']:.0f} ms. Best speedup over torch.nn that a method doing "
+        f"only these matmuls could reach: exact {step['torch_over_exact_step_floor']:.2f}x, "
+        f"Highway {best}. torch.nn's forward / the floor's forward part (projection + "
+        f"recurrent forward): {step['torch_fwd_over_forward_floor']:.2f}x; its backward / the "
+        f"floor's exact backward part: {step['torch_bwd_over_exact_backward_floor']:.2f}x.",
+        "",
+    ]
 
 
 def _rnn_profile(path: Path, d: dict[str, Any]) -> list[str]:

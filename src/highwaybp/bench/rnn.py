@@ -3,7 +3,8 @@ through time against exact baselines, all measured in the same run.
 
 Methods (one JSON record each, per sequence length):
 
-- `torch`: torch.nn.GRU / torch.nn.LSTM (the native op; its CPU backward is autograd).
+- `torch`: torch.nn.GRU / torch.nn.LSTM (the native op; the LSTM's CPU forward and
+  backward are oneDNN's fused RNN, `aten::mkldnn_rnn_layer`).
 - `autograd-loop`: autograd through the same cell math looped over time, written well: the
   input projection for all steps is one matmul, the loop iterates with `unbind` (indexing a
   precomputed tensor per step would make the backward O(T^2)) and fuses the r/z sigmoids.
@@ -20,6 +21,25 @@ achieved matmul throughput as a fraction of a large matmul's measured in the sam
 the cosine / relative error of the RNN parameter gradient against exact backprop, at init
 and after `--train-steps` exact training steps on a delayed-copy task (the model state is
 named in the record: accuracy at small k is good at init and can be poor once trained).
+
+Floors, timed as extra entries in the same rounds (meta, per T; the input x needs no
+gradient, for torch.nn and our methods alike):
+
+- `matmul_floor`: the forward's recurrent matmuls alone (T per-step matmuls per layer).
+- `forward_floor`: that plus the forward's per-step elementwise ops alone (the engines'
+  loop without its matmul) and the cost of a do-nothing op; our forward over their sum
+  (and over their sum plus the input projection), and their sum over the matmul floor
+  (the least forward / matmul floor an eager loop of these ops reaches).
+- `step_floor`: the matmuls one training step must do, each part alone with its operands
+  prepared outside the timing (batched parts through oneDNN f32, or torch.mm into a
+  preallocated output where that is faster): input projection, recurrent forward,
+  recurrent backward (T sequential steps, or one batched matmul per Highway sweep),
+  weight gradients (one G^T [G*H, T*B] matmul per weight), input gradient (layers above
+  the first). exact = all with the sequential backward; Highway(k) = k batched backwards
+  (none at k = 0). torch.nn's step over a floor is the best speedup over torch.nn that a
+  method doing these matmuls, and nothing else, could reach in this run.
+- `large_matmul`: a large matmul's GFLOP/s through oneDNN and through torch.mm (MKL);
+  the records' `bwd_matmul_fraction_of_peak` is against oneDNN's.
 """
 
 from __future__ import annotations
@@ -107,36 +127,265 @@ def time_step(fn: Callable[[Tensor], Tensor], params: list[Tensor], x: Tensor, g
 
 
 FLOOR = "floor"  # the matmul-only loop, timed in the same rounds as the methods
+# The parts of a training step's matmul floor, the forward's elementwise floor and the per-op
+# dispatch floor: each a callable returning None, timed as a "forward" in the same rounds.
+STEP_FLOOR_PARTS = ("input_projection", "recurrent_forward", "recurrent_backward_sequential",
+                    "recurrent_backward_batched", "weight_grads", "input_grad")
+ELEMENTWISE_FLOOR = "floor:elementwise"
+DISPATCH_FLOOR = "floor:dispatch"
+# top-level ops that are a step's matmul (and the add oneDNN fuses into it), not elementwise
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "mkldnn::_linear_pointwise")
 
 
-class MatmulFloor:
+def _is_floor(name: str) -> bool:
+    return name == FLOOR or name.startswith("floor:")
+
+
+class SequentialMatmuls:
+    """T per-step matmuls a_t [B, K] x W^T (W [N, K]) for each weight, in a Python loop like
+    the engines', through the matmul the engines' loops use (`engine.packed_linear`: oneDNN
+    with a prepacked weight for large f32 steps, else torch.mm into a preallocated output).
+    Returns None: nothing to differentiate."""
+
+    def __init__(self, weights: list[Tensor], seq_len: int, batch: int) -> None:
+        from highwaybp.models.rnn.engine import packed_linear
+
+        self.weights = [w.detach().contiguous() for w in weights]
+        self.linears = [packed_linear(w, batch) for w in self.weights]
+        self.inputs = [torch.randn(seq_len, batch, w.shape[1]) for w in self.weights]
+        self.outs = [torch.empty(seq_len, batch, w.shape[0]) for w in self.weights]
+
+    def __call__(self, x: Optional[Tensor] = None) -> None:
+        for w, linear, a, out in zip(self.weights, self.linears, self.inputs, self.outs):
+            w_t = w.t()
+            for a_t, out_t in zip(a.unbind(0), out.unbind(0)):
+                if linear is None:
+                    torch.mm(a_t, w_t, out=out_t)
+                else:
+                    linear(a_t)
+
+
+class MatmulFloor(SequentialMatmuls):
     """The forward's floor: each layer's recurrent matmuls alone, h_t W_hh^T for t = 1..T
-    ([B, H] x [H, G*H]), in a Python loop like the methods', through the same matmul the
-    engines' loops use (`engine.packed_linear`: oneDNN with a prepacked weight for large
-    f32 steps, else torch.mm into a preallocated output).
+    ([B, H] x [H, G*H]), as the engines' forward loops run them (`SequentialMatmuls`).
 
-    Everything else a recurrent forward does per step (the gates' elementwise ops) costs on
-    top of this; the input projection (one batched matmul) is not included. Returns None:
-    nothing to differentiate.
+    Everything else a recurrent forward does per step (the gates' elementwise ops,
+    `ElementwiseFloor`) costs on top of this; the input projection (one batched matmul) is
+    not included.
     """
 
     def __init__(self, ref: nn.Module, seq_len: int, batch: int) -> None:
+        weights = [getattr(ref, f"weight_hh_l{i}") for i in range(ref.num_layers)]
+        super().__init__(weights, seq_len, batch)
+
+
+class LargeMatmul:
+    """a [M, K] @ weight^T (weight [N, K]), operands prepared contiguous outside the timing,
+    by the faster of two CPU paths, timed at construction (`path`): "onednn" (oneDNN f32,
+    `engine.linear`, the weight packed once if `packed`; a fresh output) and "torch.mm"
+    (MKL into a preallocated output; faster where the output is large and K small, as the
+    GRU's x projection with In = 3: a fresh output's page faults cost more than the
+    product). Only "torch.mm" where oneDNN does not apply (`engine.onednn_applies`)."""
+
+    def __init__(self, a: Tensor, weight: Tensor, packed: bool, trials: int = 3) -> None:
+        from highwaybp.models.rnn.engine import PackedLinear, linear, onednn_applies
+
+        self.a, self.weight = a.contiguous(), weight.detach().contiguous()
+        out = a.new_empty((a.shape[0], self.weight.shape[0]))
+        w_t = self.weight.t()
+        self.paths: dict[str, Callable[[], Tensor]] = {
+            "torch.mm": lambda: torch.mm(self.a, w_t, out=out)}
+        if onednn_applies(self.weight):
+            onednn = (PackedLinear(self.weight, a.shape[0]) if packed
+                      else lambda x: linear(x, self.weight))  # fmt: skip
+            self.paths["onednn"] = lambda: onednn(self.a)
+        best = {name: min(_once(fn) for _ in range(trials)) for name, fn in self.paths.items()}
+        self.path = min(best, key=best.__getitem__)
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.a.shape[0] * self.a.shape[1] * self.weight.shape[0]
+
+    def __call__(self) -> Tensor:
+        return self.paths[self.path]()
+
+
+def _once(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+class BatchedMatmuls:
+    """Large matmuls (`LargeMatmul`), the floor of work done batched over T*B rows. Returns
+    None."""
+
+    def __init__(self, products: list[LargeMatmul]) -> None:
+        self.products = products
+
+    @property
+    def paths(self) -> list[str]:
+        return [m.path for m in self.products]
+
+    def __call__(self, x: Optional[Tensor] = None) -> None:
+        for matmul in self.products:
+            matmul()
+
+
+def _layer_inputs(args: Any) -> list[int]:
+    return [args.input_size if layer == 0 else args.hidden for layer in range(args.layers)]
+
+
+def _needs_input_grad(layer: int) -> bool:
+    """Whether a step computes dLoss/d(input) of `layer`: the bench's x needs no gradient
+    (for torch.nn and our methods alike), a layer above the first feeds the one below."""
+    return layer > 0
+
+
+def step_floor_flops(args: Any, seq_len: int) -> dict[str, float]:
+    """Matmul FLOPs of each part of one training step (all layers), by `STEP_FLOOR_PARTS`:
+    the input projection x W_ih^T ([T*B, In] x [In, G*H], batched), the recurrent forward
+    (T steps of [B, H] x [H, G*H]), the recurrent backward (the same FLOPs, sequential for
+    exact or in one batch for one Highway sweep), the weight gradients G^T x and G^T h
+    ([G*H, T*B] x [T*B, In] and x [T*B, H]) and the input gradient G W_ih ([T*B, G*H] x
+    [G*H, In], only for layers whose input needs it)."""
+    G = 3 if args.cell == "gru" else 4
+    H, rows = args.hidden, seq_len * args.batch
+    recurrent = 2 * rows * G * H * H
+    out = dict.fromkeys(STEP_FLOOR_PARTS, 0.0)
+    for layer, in_size in enumerate(_layer_inputs(args)):
+        projection = 2 * rows * G * H * in_size
+        out["input_projection"] += projection
+        out["recurrent_forward"] += recurrent
+        out["recurrent_backward_sequential"] += recurrent
+        out["recurrent_backward_batched"] += recurrent
+        out["weight_grads"] += projection + recurrent  # dW_ih, dW_hh
+        if _needs_input_grad(layer):
+            out["input_grad"] += projection
+    return out
+
+
+def step_floor_parts(ref: nn.Module, args: Any, seq_len: int) -> dict[str, Callable]:
+    """The matmuls a training step must do (`step_floor_flops`), each part a callable that
+    runs them with the operands prepared outside it: the weights packed for oneDNN, the
+    data operands (x, h, the gate adjoints G, G^T) contiguous. The per-step parts loop over
+    time as the engines do (`SequentialMatmuls`), the batched ones are one matmul per
+    weight and layer (`LargeMatmul`: oneDNN, or MKL into a preallocated output where that
+    is faster). Values are random: matmul time does not depend on them."""
+    T, B, H = seq_len, args.batch, args.hidden
+    rows = T * B
+    projection, backward_batched, weight_grads, input_grad = [], [], [], []
+    w_hh_t = []
+    for layer, in_size in enumerate(_layer_inputs(args)):
+        w_ih = getattr(ref, f"weight_ih_l{layer}").detach()
+        w_hh = getattr(ref, f"weight_hh_l{layer}").detach()
+        gh = w_hh.shape[0]
+        w_hh_t.append(w_hh.t().contiguous())  # [H, G*H]: adjoint [B, G*H] -> [B, H]
+        projection.append(LargeMatmul(torch.randn(rows, in_size), w_ih, packed=True))
+        backward_batched.append(LargeMatmul(torch.randn(rows, gh), w_hh_t[-1], packed=True))
+        g_t = torch.randn(gh, rows)  # G^T [G*H, T*B] times x and h [T*B, In or H]: the
+        for k in (in_size, H):  # "weight" operand is x^T / h^T [In or H, T*B] (data: unpacked)
+            weight_grads.append(LargeMatmul(g_t, torch.randn(k, rows), packed=False))
+        if _needs_input_grad(layer):
+            input_grad.append(LargeMatmul(torch.randn(rows, gh), w_ih.t(), packed=True))
+    return {
+        "input_projection": BatchedMatmuls(projection),
+        "recurrent_forward": MatmulFloor(ref, T, B),
+        "recurrent_backward_sequential": SequentialMatmuls(w_hh_t, T, B),
+        "recurrent_backward_batched": BatchedMatmuls(backward_batched),
+        "weight_grads": BatchedMatmuls(weight_grads),
+        "input_grad": BatchedMatmuls(input_grad),
+    }
+
+
+class ElementwiseFloor:
+    """The forward's per-step elementwise ops alone, at the bench's shapes, without the
+    matmul: what each step of GRUEngine.forward / LSTMEngine.forward does after its matmul,
+    op for op (tests/bench/test_bench_rnn.py checks the per-step op counts against the
+    engines'), in the same Python loop over T and layers. Where the engine adds oneDNN's
+    fresh product in a separate op (GRU) or reads it fused into the gates' ops (LSTM), the
+    product is a preallocated random tensor here. Returns None."""
+
+    def __init__(self, ref: nn.Module, cell: str, seq_len: int, batch: int) -> None:
         from highwaybp.models.rnn.engine import packed_linear
 
-        self.weights = [getattr(ref, f"weight_hh_l{i}").detach() for i in range(ref.num_layers)]
-        self.linears = [packed_linear(w, batch) for w in self.weights]
-        self.h = torch.randn(seq_len, batch, ref.hidden_size)
-        self.out = torch.empty(seq_len, batch, self.weights[0].shape[0])
+        T, B, H = seq_len, batch, ref.hidden_size
+        self.cell, self.H, self.layers = cell, H, ref.num_layers
+        gh = (3 if cell == "gru" else 4) * H
+        # the engines take the oneDNN path (a fresh product) iff packed_linear applies
+        self.fresh = [packed_linear(getattr(ref, f"weight_hh_l{i}").detach(), B) is not None
+                      for i in range(ref.num_layers)]  # fmt: skip
+        self.gates = torch.randn(T, B, gh)  # GRU: [pre_r, pre_z, hn]; LSTM: A (gates)
+        # oneDNN's fresh h W_hh^T (+ the x projection, LSTM), where the engine has one
+        self.product = torch.randn(T, B, gh) if any(self.fresh) else None
+        self.states = torch.randn(T + 1, B, H)  # h
+        if cell == "gru":
+            self.n = torch.randn(T, B, H)  # N
+        else:
+            self.cells = torch.randn(T + 1, B, H)  # c
+            self.tanh_c = torch.randn(T, B, H)  # TC
 
-    def __call__(self, x: Tensor) -> None:
-        rows_h, rows_out = self.h.unbind(0), self.out.unbind(0)
-        for w, linear in zip(self.weights, self.linears):
-            w_t = w.t()
-            for h, out in zip(rows_h, rows_out):
-                if linear is None:
-                    torch.mm(h, w_t, out=out)
-                else:
-                    linear(h)
+    @property
+    def ops_per_step(self) -> int:
+        """Elementwise ops per step and layer: GRU 4 (sigmoid, addcmul, tanh, lerp) plus the
+        add of oneDNN's fresh product where the engine takes that path; LSTM 7 (three gate
+        activations, mul, addcmul, tanh, mul)."""
+        if self.cell == "lstm":
+            return 7
+        return 4 + int(self.fresh[0])
+
+    def __call__(self, x: Optional[Tensor] = None) -> None:
+        for fresh in self.fresh:
+            if self.cell == "gru":
+                self._gru(fresh)
+            else:
+                self._lstm(fresh)
+
+    def _gru(self, fresh: bool) -> None:
+        H, h2 = self.H, 2 * self.H
+        hs, rows_g, rows_n = self.states.unbind(0), self.gates.unbind(0), self.n.unbind(0)
+        products = self.product.unbind(0) if fresh else ()
+        for t in range(len(rows_g)):
+            g, n, h = rows_g[t], rows_n[t], hs[t]
+            if fresh:
+                g.add_(products[t])
+            g[:, :h2].sigmoid_()
+            n.addcmul_(g[:, :H], g[:, h2:]).tanh_()
+            torch.lerp(n, h, g[:, H:h2], out=hs[t + 1])
+
+    def _lstm(self, fresh: bool) -> None:
+        H, h2, h3 = self.H, 2 * self.H, 3 * self.H
+        hs, cs, tcs = self.states.unbind(0), self.cells.unbind(0), self.tanh_c.unbind(0)
+        rows = self.gates.unbind(0)
+        products = self.product.unbind(0) if fresh else ()
+        for t in range(len(rows)):
+            a = rows[t]
+            if fresh:
+                pre = products[t]
+                torch.sigmoid(pre[:, :h2], out=a[:, :h2])
+                g = torch.tanh(pre[:, h2:h3], out=a[:, h2:h3])
+                o = torch.sigmoid(pre[:, h3:], out=a[:, h3:])
+            else:
+                a[:, :h2].sigmoid_()
+                g = a[:, h2:h3].tanh_()
+                o = a[:, h3:].sigmoid_()
+            c = cs[t + 1]
+            torch.mul(a[:, H:h2], cs[t], out=c)
+            c.addcmul_(a[:, :H], g)
+            torch.tanh(c, out=tcs[t])
+            torch.mul(o, tcs[t], out=hs[t + 1])
+
+
+class DispatchFloor:
+    """T in-place `add_` of a scalar on a [B, H] row: the cost of one elementwise op per
+    step when the op does almost nothing (dispatch and setup). Returns None."""
+
+    def __init__(self, seq_len: int, batch: int, hidden: int) -> None:
+        self.rows = torch.zeros(seq_len, batch, hidden).unbind(0)
+
+    def __call__(self, x: Optional[Tensor] = None) -> None:
+        for row in self.rows:
+            row.add_(1.0)
 
 
 def measure(fn, params, x, gy, repeats: int, warmup: int) -> dict[str, float]:
@@ -150,7 +399,7 @@ def measure_round_robin(
 ) -> dict[str, dict[str, float]]:
     """Time every method once per round, `repeats` rounds: a load change on a shared machine
     then hits all methods alike instead of whichever happened to run at the time."""
-    params = {name: [] if name == FLOOR else _params(fn, ref) for name, fn in fns.items()}
+    params = {name: [] if _is_floor(name) else _params(fn, ref) for name, fn in fns.items()}
     for name, fn in fns.items():
         for _ in range(warmup):
             time_step(fn, params[name], *inputs[name])
@@ -173,37 +422,33 @@ def _summary(runs: list[tuple[float, float]]) -> dict[str, float]:
     }
 
 
-def matmul_peak_gflops(shape: tuple[int, int, int] = (2048, 1024, 4096), repeats: int = 5) -> float:
-    """Throughput of a large fp32 matmul [n, k] x [k, m] on this machine, now (GFLOP/s)."""
+def large_matmul_gflops(
+    shape: tuple[int, int, int] = (2048, 1024, 4096), repeats: int = 5
+) -> dict[str, float]:
+    """Throughput of a large fp32 matmul [n, k] x [k, m] on this machine, now (GFLOP/s), by
+    the two CPU paths of `LargeMatmul`: "onednn" (oneDNN's linear with the weight packed,
+    what the engines' large matmuls and torch.nn.LSTM use; None where oneDNN does not
+    apply) and "torch_mm" (torch.mm, MKL's gemm, into a preallocated output; 40-50% of
+    oneDNN's on the AMD calibration CPU)."""
     n, k, m = shape
-    a, b = torch.randn(n, k), torch.randn(k, m)
-    out = torch.empty(n, m)
-    torch.mm(a, b, out=out)
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.mm(a, b, out=out)
-        ts.append(time.perf_counter() - t0)
-    return 2 * n * k * m / statistics.median(ts) / 1e9
+    matmul = LargeMatmul(torch.randn(n, k), torch.randn(m, k), packed=True, trials=1)
+    times: dict[str, list[float]] = {name: [] for name in matmul.paths}
+    for _ in range(repeats):  # interleaved: a load change hits both alike
+        for name, fn in matmul.paths.items():
+            times[name].append(_once(fn))
+    gflops = {name: matmul.flops / statistics.median(ts) / 1e9 for name, ts in times.items()}
+    return {"onednn": gflops.get("onednn"), "torch_mm": gflops["torch.mm"]}
 
 
 def backward_matmul_flops(args: Any, name: str, seq_len: int) -> float:
-    """Matmul FLOPs of one backward: recurrent input-VJPs (T sequential steps for exact
-    methods, k batched sweeps for Highway/FixedPoint) plus the parameter/input VJPs."""
-    G = 3 if args.cell == "gru" else 4
-    H, B = args.hidden, args.batch
-    per_sweep = 2 * seq_len * B * G * H * H
-    total = 0.0
-    for layer in range(args.layers):
-        in_size = args.input_size if layer == 0 else H
-        _, method = _parse_method(name)
-        exact = method is None or method.exact
-        sweeps = 1 if exact else min(method.k, seq_len)
-        total += sweeps * per_sweep
-        total += per_sweep + 2 * seq_len * B * G * H * in_size  # dW_hh, dW_ih
-        if layer > 0:
-            total += 2 * seq_len * B * G * H * in_size  # dx for the layer below
-    return total
+    """Matmul FLOPs of one backward (`step_floor_flops`' backward parts): recurrent
+    input-VJPs (T sequential steps for exact methods, k batched sweeps for Highway /
+    FixedPoint) plus the weight gradients and the input gradient where a layer needs it."""
+    parts = step_floor_flops(args, seq_len)
+    _, method = _parse_method(name)
+    sweeps = 1 if method is None or method.exact else min(method.k, seq_len)
+    return (sweeps * parts["recurrent_backward_sequential"] + parts["weight_grads"]
+            + parts["input_grad"])
 
 
 # ---- gradient fidelity --------------------------------------------------------------------
@@ -486,7 +731,11 @@ def run_length(args: Any, seq_len: int, peak: float) -> tuple[list[dict], dict]:
     gy = torch.randn(seq_len, args.batch, args.hidden)
     records = []
     fns = {name: build(args, name, ref) for name in names}
-    fns[FLOOR] = MatmulFloor(ref, seq_len, args.batch)
+    parts = step_floor_parts(ref, args, seq_len)
+    fns[FLOOR] = parts.pop("recurrent_forward")  # the forward's matmul floor (MatmulFloor)
+    fns.update({f"floor:{part}": fn for part, fn in parts.items() if _has_work(fn)})
+    fns[ELEMENTWISE_FLOOR] = ElementwiseFloor(ref, args.cell, seq_len, args.batch)
+    fns[DISPATCH_FLOOR] = DispatchFloor(seq_len, args.batch, args.hidden)
     inputs = {name: (x, gy) for name in fns}
     big = seq_len * args.scaling_factor
     if args.scaling_factor > 1:  # the baseline at factor x T, timed in the same rounds
@@ -499,6 +748,7 @@ def run_length(args: Any, seq_len: int, peak: float) -> tuple[list[dict], dict]:
     floor_ms = timings[FLOOR]["fwd_ms"]
     print(f"  T={seq_len} {'floor (matmuls)':16s} fwd {floor_ms:9.1f} ms: the recurrent "
           "matmuls alone, same rounds", flush=True)
+    step_floor = _step_floor(args, seq_len, timings, fns)
     for name in names:
         timing = timings[name]
         flops = backward_matmul_flops(args, name, seq_len)
@@ -514,7 +764,7 @@ def run_length(args: Any, seq_len: int, peak: float) -> tuple[list[dict], dict]:
             **timing,
             "bwd_matmul_gflop": flops / 1e9,
             "bwd_matmul_gflops": gflops,
-            "bwd_matmul_fraction_of_peak": gflops / peak,
+            "bwd_matmul_fraction_of_peak": gflops / peak,  # of oneDNN's large matmul if any
             "floor_fwd_ms": floor_ms,
             "fwd_over_floor": timing["fwd_ms"] / floor_ms,
         }
@@ -527,6 +777,12 @@ def run_length(args: Any, seq_len: int, peak: float) -> tuple[list[dict], dict]:
     extra: dict[str, Any] = {
         "floor": {"fwd_ms": floor_ms, "runs_ms": timings[FLOOR]["total_runs_ms"]}
     }
+    torch_timing = next(r for r in records if r["method"] == "torch")
+    exact_fwd_ms = next(r for r in records if r["method"] == "hbp-exact")["fwd_ms"]
+    extra["step_floor"] = _step_floor_summary(step_floor, torch_timing, args.k, seq_len)
+    extra["forward_floor"] = _forward_floor(seq_len, timings, fns[ELEMENTWISE_FLOOR],
+                                            step_floor["input_projection"]["ms"], exact_fwd_ms)
+    _print_floors(seq_len, extra["step_floor"], extra["forward_floor"])
     if args.scaling_factor > 1:
         t_big = timings["autograd-loop@big"]
         base = next(r for r in records if r["method"] == "autograd-loop")
@@ -556,6 +812,108 @@ def run_length(args: Any, seq_len: int, peak: float) -> tuple[list[dict], dict]:
             mine = r["peak_mem_mb"]
             r["peak_mem_vs_torch"] = None if mine is None or not torch_mb else mine / torch_mb
     return records, extra
+
+
+def _has_work(fn: Callable) -> bool:
+    return not isinstance(fn, BatchedMatmuls) or bool(fn.products)
+
+
+def _step_floor(args: Any, seq_len: int, timings: dict, fns: dict) -> dict[str, dict]:
+    """Per part of `STEP_FLOOR_PARTS`: its median time (ms, 0 for a part with no work),
+    FLOPs, achieved GFLOP/s (from this run's rounds) and, for the batched parts, the path
+    of each matmul (`LargeMatmul.path`)."""
+    flops = step_floor_flops(args, seq_len)
+    out = {}
+    for part in STEP_FLOOR_PARTS:
+        name = FLOOR if part == "recurrent_forward" else f"floor:{part}"
+        ms = timings[name]["fwd_ms"] if name in timings else 0.0
+        out[part] = {
+            "ms": ms,
+            "gflop": flops[part] / 1e9,
+            "gflops": flops[part] / (ms / 1e3) / 1e9 if ms > 0 else None,
+        }
+        if isinstance(fns.get(name), BatchedMatmuls):
+            out[part]["paths"] = fns[name].paths
+    return out
+
+
+def _step_floor_summary(
+    parts: dict[str, dict[str, float]], torch: dict[str, float], ks: list[int], seq_len: int
+) -> dict[str, Any]:
+    """The matmul floor of a whole training step, exact and Highway(k), against torch.nn.
+
+    exact = input projection + recurrent forward + sequential recurrent backward + weight
+    gradients + input gradient; Highway(k) = the same with min(k, T) batched recurrent
+    backwards (one per sweep: k = 0 runs none, `loop.fast_iterate`) in place of the
+    sequential one. torch.nn's step over a floor is the best speedup over torch.nn that a
+    method doing these matmuls at this run's matmul speed, and nothing else, could reach.
+    torch.nn's forward and backward are also compared with the floor's forward part
+    (projection + recurrent forward) and exact backward part (the rest): a ratio below 1
+    means its fused kernel runs those FLOPs faster than separate matmul calls do.
+    """
+    ms = {part: p["ms"] for part, p in parts.items()}
+    forward = ms["input_projection"] + ms["recurrent_forward"]
+    params = ms["weight_grads"] + ms["input_grad"]
+    exact = forward + ms["recurrent_backward_sequential"] + params
+    highway = {str(k): forward + min(k, seq_len) * ms["recurrent_backward_batched"] + params
+               for k in ks}  # fmt: skip
+    torch_ms = torch["total_ms"]
+    return {
+        "parts": parts,
+        "exact_step_floor_ms": exact,
+        "highway_step_floor_ms": highway,
+        "torch_total_ms": torch_ms,
+        "torch_over_exact_step_floor": torch_ms / exact,
+        "torch_over_highway_step_floor": {k: torch_ms / v for k, v in highway.items()},
+        "torch_fwd_over_forward_floor": torch["fwd_ms"] / forward,
+        "torch_bwd_over_exact_backward_floor": torch["bwd_ms"] / (exact - forward),
+    }
+
+
+def _forward_floor(
+    seq_len: int, timings: dict, elementwise: ElementwiseFloor, projection_ms: float,
+    forward_ms: float,
+) -> dict:
+    """Our exact forward against its floor: the recurrent matmuls alone plus the per-step
+    elementwise ops alone (`ElementwiseFloor`: the loop's floor), plus the input projection
+    (the step floor's part: the whole forward's floor), all from this run's rounds, and the
+    cost of one do-nothing elementwise op (`DispatchFloor`)."""
+    matmul_ms = timings[FLOOR]["fwd_ms"]
+    elementwise_ms = timings[ELEMENTWISE_FLOOR]["fwd_ms"]
+    dispatch_ms = timings[DISPATCH_FLOOR]["fwd_ms"]
+    ops = elementwise.ops_per_step
+    both = matmul_ms + elementwise_ms
+    return {
+        "matmul_floor_ms": matmul_ms,
+        "elementwise_floor_ms": elementwise_ms,
+        "matmul_plus_elementwise_floor_ms": both,
+        "input_projection_ms": projection_ms,
+        "forward_floor_ms": both + projection_ms,
+        "hbp_forward_ms": forward_ms,
+        "hbp_forward_over_matmul_plus_elementwise": forward_ms / both,
+        # what our forward loses beyond every floor (Python, views, allocations, copies)
+        "hbp_forward_over_forward_floor": forward_ms / (both + projection_ms),
+        # the smallest forward / matmul floor an eager loop of these ops can reach
+        "matmul_plus_elementwise_over_matmul_floor": both / matmul_ms,
+        "elementwise_ops_per_step": ops,
+        "dispatch_us_per_op": 1e3 * dispatch_ms / seq_len,
+        "elementwise_us_per_op": 1e3 * elementwise_ms / (seq_len * elementwise.layers * ops),
+    }
+
+
+def _print_floors(seq_len: int, step: dict, fwd: dict) -> None:
+    parts = ", ".join(f"{part} {p['ms']:.1f}" for part, p in step["parts"].items())
+    highway = ", ".join(f"k={k} {v:.1f}" for k, v in step["highway_step_floor_ms"].items())
+    print(f"  T={seq_len} step matmul floor (ms): {parts}; exact {step['exact_step_floor_ms']:.1f}"
+          f", highway {highway}; torch.nn step / exact floor "
+          f"{step['torch_over_exact_step_floor']:.2f}x", flush=True)
+    print(f"  T={seq_len} forward floor: matmuls {fwd['matmul_floor_ms']:.1f} + elementwise "
+          f"{fwd['elementwise_floor_ms']:.1f} ms ({fwd['elementwise_ops_per_step']} ops/step, "
+          f"{fwd['elementwise_us_per_op']:.1f} us/op; a do-nothing op "
+          f"{fwd['dispatch_us_per_op']:.1f} us); hbp forward "
+          f"{fwd['hbp_forward_over_matmul_plus_elementwise']:.2f}x their sum, "
+          f"{fwd['hbp_forward_over_forward_floor']:.2f}x with the input projection "
+          f"({fwd['input_projection_ms']:.1f} ms)", flush=True)
 
 
 def _add_ratios(records: list[dict]) -> None:
@@ -599,8 +957,13 @@ def _add_fidelity(
     }
 
 
-def headline_ratios(records: list[dict]) -> dict[str, dict[str, float]]:
-    """Per T, the issue's goal ratios within this run (total step times; > 1: faster)."""
+def headline_ratios(
+    records: list[dict], step_floors: Optional[dict] = None, forward_floors: Optional[dict] = None
+) -> dict[str, dict[str, float]]:
+    """Per T, the issue's goal ratios within this run (total step times; > 1: faster), and
+    the floors that bound them: our forward over its matmul + elementwise floor, torch.nn's
+    step over the exact and Highway(k) step matmul floors (the best speedup over torch.nn
+    any method doing those matmuls could reach)."""
     out: dict[str, dict[str, float]] = {}
     for seq_len in dict.fromkeys(r["seq_len"] for r in records):
         by = {r["method"]: r for r in records if r["seq_len"] == seq_len}
@@ -612,6 +975,19 @@ def headline_ratios(records: list[dict]) -> dict[str, dict[str, float]]:
             if name in by:
                 ratios[f"{name} vs torch"] = by["torch"]["total_ms"] / by[name]["total_ms"]
         ratios["hbp forward / matmul floor"] = exact["fwd_over_floor"]
+        fwd = (forward_floors or {}).get(str(seq_len))
+        if fwd:
+            ratios["hbp forward / (matmul + elementwise floor)"] = fwd[
+                "hbp_forward_over_matmul_plus_elementwise"]
+            ratios["(matmul + elementwise floor) / matmul floor"] = fwd[
+                "matmul_plus_elementwise_over_matmul_floor"]
+            ratios["hbp forward / (projection + matmul + elementwise floor)"] = fwd[
+                "hbp_forward_over_forward_floor"]
+        step = (step_floors or {}).get(str(seq_len))
+        if step:
+            ratios["torch step / exact step floor"] = step["torch_over_exact_step_floor"]
+            for k, v in step["torch_over_highway_step_floor"].items():
+                ratios[f"torch step / highway(k={k}) step floor"] = v
         if exact.get("peak_mem_vs_torch") is not None:
             ratios["hbp-exact peak memory / torch"] = exact["peak_mem_vs_torch"]
         out[str(seq_len)] = ratios
@@ -741,31 +1117,38 @@ def run(args: argparse.Namespace) -> int:
     load_before = os.getloadavg()
     if args.profile:
         return run_profile(args, load_before)
-    peak = matmul_peak_gflops(tuple(args.peak_matmul))
+    large = large_matmul_gflops(tuple(args.peak_matmul))
+    peak = large["onednn"] or large["torch_mm"]  # the faster path where oneDNN applies
     print(
         f"bench rnn: cell={args.cell} B={args.batch} H={args.hidden} In={args.input_size} "
-        f"layers={args.layers} k={args.k} threads={args.threads}; large-matmul peak "
-        f"{peak:.1f} GFLOP/s; load average {load_before[0]:.2f}",
+        f"layers={args.layers} k={args.k} threads={args.threads}; large matmul "
+        f"{_fmt(large['onednn'], '.1f')} GFLOP/s (oneDNN), {large['torch_mm']:.1f} "
+        f"(torch.mm); load average {load_before[0]:.2f}",
         flush=True,
     )
-    records, scaling, curves, floors = [], {}, {}, {}
+    records, scaling, curves, floors, step_floors, forward_floors = [], {}, {}, {}, {}, {}
     for seq_len in args.seq_len:
         recs, extra = run_length(args, seq_len, peak)
         records += recs
         scaling[str(seq_len)] = extra.get("autograd_loop_scaling")
         curves[str(seq_len)] = extra["fidelity_curve"]
         floors[str(seq_len)] = extra["floor"]
+        step_floors[str(seq_len)] = extra["step_floor"]
+        forward_floors[str(seq_len)] = extra["forward_floor"]
     print()
     print_table(records)
     print_curves(curves)
-    ratios = headline_ratios(records)
+    ratios = headline_ratios(records, step_floors, forward_floors)
     for seq_len, rs in ratios.items():
         print(f"\nratios at T={seq_len} (same run): " + ", ".join(
             f"{name} {value:.2f}x" for name, value in rs.items()))
     meta = {
         **_run_meta(args, load_before),
-        "large_matmul_gflops": peak,
+        "large_matmul": {"shape": list(args.peak_matmul), "onednn_gflops": large["onednn"],
+                         "torch_mm_gflops": large["torch_mm"]},
         "matmul_floor": floors,
+        "step_floor": step_floors,
+        "forward_floor": forward_floors,
         "ratios": ratios,
         "autograd_loop_scaling": scaling,
         "fidelity_curve": curves,
