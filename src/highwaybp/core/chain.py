@@ -168,6 +168,7 @@ class ResidualChain(nn.Module):
                 f"grad_out must have shape {expected} (dLoss/d of {what}), "
                 f"got {tuple(grad_out.shape)}"
             )
+        grad_out = grad_out.clone()  # the returned w_L would otherwise be the caller's tensor
         backend = VJP_BACKENDS[self.vjp](self.layers, inputs, run.forward_states)
         if method.exact:
             g = _upstream_grads(inputs, grad_out, return_states)
@@ -461,18 +462,26 @@ def _upstream_grads(inputs: list[Tensor], grad_out: Any, return_states: Any,
     """g_i = dLoss/dh_i for i = 0..L (g_0 = 0: the chain input has no loss of its own).
 
     `grad_out`: dLoss/dh_L, the stacked [L, ...] gradients (`return_states=True`), or one
-    gradient per selected state (a tuple of indices). Fresh tensors (grad_out is copied):
-    the iteration overwrites them in place.
+    gradient per selected state (a tuple of indices). Rows 0..L-1 are fresh tensors (the
+    iteration overwrites them in place); row L is the incoming dLoss/dh_L itself when it
+    arrives alone, not a copy: the iteration never writes into g_L (the scan leaves y_L =
+    x_L, and every later sum is formed in a fresh VJP), so a copy would only be one more
+    state-sized tensor alive through the whole backward.
     """
     if return_states is True:
         return [torch.zeros_like(inputs[0]), *grad_out.clone().unbind(0)]
     if return_states is False:
-        return [*(torch.zeros_like(h) for h in inputs), grad_out.clone()]
-    like = [*inputs[1:], last_state]  # h_1..h_L
-    g = [torch.zeros_like(inputs[0]), *(torch.zeros_like(h) for h in like)]
+        return [*(torch.zeros_like(h) for h in inputs), grad_out]
+    num_layers = len(inputs)
+    like = inputs[1:]  # h_1..h_{L-1}
+    g = [torch.zeros_like(inputs[0]), *(torch.zeros_like(h) for h in like), None]
     for i, grad in zip(return_states, grad_out):
-        if grad is not None:
+        if i == num_layers and grad is not None:
+            g[i] = grad
+        elif grad is not None:
             g[i].add_(grad)
+    if g[-1] is None:  # no gradient reached h_L
+        g[-1] = torch.zeros_like(last_state)
     return g
 
 
@@ -517,8 +526,9 @@ class _ChainOps:
         full = [_as_tensor(c, like) for c in coeffs]
         return torch.stack([*full, torch.zeros_like(like)])
 
-    def block_vjp(self, w: list[Tensor]) -> list[Tensor]:
-        v = _unaliased(self.backend.block_vjps(w[1:]), w)
+    def block_vjp(self, w: list[Any]) -> list[Tensor]:
+        """v_i = w_{i+1} J_{i+1}, v_L = 0; w_0 is not read (the iteration may free it)."""
+        v = _unaliased(self.backend.block_vjps(w[1:]), [t for t in w if t is not None])
         return [*v, torch.zeros_like(w[-1])]
 
     def full_vjp(self, w: list[Tensor]) -> list[Tensor]:

@@ -230,7 +230,9 @@ def highway_iterate(
         exact_backward: g -> exact gradients (sequential), used by the adaptive fallback.
         inplace: the caller hands over `g` (a list of states, which is emptied) and fresh
             outputs of `block_vjp` and `scan`, which the iteration may then overwrite, so
-            that only two or three estimates are alive at once (see below).
+            that only two or three estimates are alive at once (see below). g_L alone is
+            only read (the caller may pass a tensor it does not own there). In the sparse
+            form `block_vjp` may receive w[0] = None (it never reads w_0).
         record_steps: compute the relative step of every iteration into
             `diag.step_norms` even for a fixed k (adaptive methods always do; see
             `StopRule.needs_step_norms`).
@@ -274,11 +276,15 @@ def highway_iterate(
     w = best_w = w0
     if sparse:
         del w0  # not needed by the iterations: freed as soon as w^1 replaces it
+    # The previous estimate is read after the next one is formed only by the step norm and
+    # the "best" fallback; otherwise the sparse forms release it while forming the next.
+    keep_old = rule.needs_step_norms or rule.keep_best
     for j in rule.iterations():
         if sparse and layerwise_sweep is not None:
-            keep_old = rule.needs_step_norms or rule.keep_best
             w_new = layerwise_sweep(list(w) if keep_old else w, g_rows)
         elif sparse:
+            if not keep_old:
+                w[0] = None  # no VJP reads w_0: one state-sized tensor less during the VJPs
             v = block_vjp(w)
             for i, g_i in g_rows.items():
                 v[i].add_(g_i)
