@@ -2,8 +2,8 @@
 
 A backend is built once per backward from the forward's saved layer inputs; it re-runs
 every layer once with autograd (under the replayed RNG/autocast state) and keeps those L
-small graphs for the k iterations and the final parameter sweep, so each iteration is
-pure VJPs (no re-forward). Each layer's graph is built on r(stop_grad(x), g(x)):
+small graphs (their roots as autograd edges, not the re-run outputs) for the k iterations
+and the final parameter sweep, so each iteration is pure VJPs (no re-forward). Each layer's graph is built on r(stop_grad(x), g(x)):
 
     autograd VJP w.r.t. x       = w @ J       (K's part is excluded, not subtracted)
     autograd VJP w.r.t. theta   = w @ df/dtheta
@@ -28,7 +28,6 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
-
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from highwaybp.core.replay import ForwardState, modes_and_buffers_replayed, replayed
@@ -221,12 +220,14 @@ def check_no_foreign_leaves(
 def share_equal_values(y: Tensor, h: Tensor) -> None:
     """Point a re-run's output y at the forward's saved copy h of the same values.
 
-    The backward needs y only as the root of its graph (autograd.grad reads its shape and
-    grad_fn); its values are the next layer's saved input h, recomputed. Keeping both would
-    cost a state-sized tensor per layer over exact backprop. When they are bit-for-bit
-    equal (a deterministic re-run: always on CPU), y's data becomes h's, and y's own memory
-    is freed unless a node of the graph saved it (that node keeps its copy: ReLU saves its
-    output). Anything reading y afterwards reads the same values.
+    The backward needs y only as the root of its graph (`LoopVJP` keeps its autograd edge,
+    not y); its values are the next layer's saved input h, recomputed. y itself is then
+    freed with the re-run, unless something else holds it: a custom autograd Function
+    keeping its output as a ctx attribute, a module caching its last output. Keeping both
+    would cost a state-sized tensor per layer over exact backprop, so when they are
+    bit-for-bit equal (a deterministic re-run: always on CPU), y's data becomes h's and
+    y's own memory is freed (a node that saved y through save_for_backward keeps its own
+    copy: ReLU saves its output). Anything reading y afterwards reads the same values.
     """
     if (y.shape == h.shape and y.dtype == h.dtype and y.device == h.device
             and y.untyped_storage().data_ptr() != h.untyped_storage().data_ptr()
