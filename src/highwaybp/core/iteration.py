@@ -218,6 +218,7 @@ def highway_iterate(
     record_steps: bool = False,
     loss_rows: Sequence[int] | None = None,
     layerwise_sweep: Callable[[list, dict], list] | None = None,
+    always_sweep: bool = False,
 ) -> tuple[States, Diagnostics]:
     """Run the iteration for `method` and return (w, diagnostics).
 
@@ -243,10 +244,12 @@ def highway_iterate(
             instead of 3 for k >= 2) and the L-row addition of w^0 disappears. Otherwise
             w^{j+1} = w^0 + scan(v^j). The two forms agree to rounding.
         layerwise_sweep: (w, {i: g_i}) -> scan(g + block_vjp(w)) computed from the top
-            layer down, setting w[i + 1] to None once its VJP is taken (so about one
-            estimate is alive instead of two). With it the first form is always used
-            (with `inplace`). The old rows are kept (a copy of the list is passed) when
-            the step norms or the "best" fallback need the previous estimate.
+            layer down, setting w[i + 1] to None once its VJP is taken (so fewer than two
+            estimates are alive). It computes every iteration of the first form (with
+            `inplace`). The old rows are kept (a copy of the list is passed) when the step
+            norms or the "best" fallback need the previous estimate.
+        always_sweep: use the first form with `layerwise_sweep` whatever `loss_rows` says
+            (otherwise only when the losses sit on at most half the states).
 
     NaN/Inf: w^0 is checked, then each iteration through its step norm when computed,
     otherwise once on the returned estimate.
@@ -261,7 +264,8 @@ def highway_iterate(
     if rule.adaptive and method.fallback == "exact":
         g_for_fallback = clone_states(g) if inplace else g
     sparse = inplace and not isinstance(g, Tensor) and (
-        layerwise_sweep is not None or (loss_rows is not None and 2 * len(loss_rows) <= len(g)))
+        (always_sweep and layerwise_sweep is not None)
+        or (loss_rows is not None and 2 * len(loss_rows) <= len(g)))
     if loss_rows is None:
         loss_rows = range(len(g))
     g_rows: dict[int, Tensor] = {}

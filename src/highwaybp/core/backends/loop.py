@@ -99,28 +99,27 @@ class LoopVJP:
 
     def block_vjps(self, ws: Sequence[Tensor]) -> list[Tensor]:
         """[w_j @ J_j for j = 1..L] given ws = [w_1..w_L] (each of layer j's output shape)."""
-        out: list[Any] = [None] * len(self.xs)
-        live, roots, live_ws = self._live(ws)
-        if live:
-            xs = [self.xs[i] for i in live]
-            grads = torch.autograd.grad(
-                roots, xs, grad_outputs=live_ws, retain_graph=True, allow_unused=True
-            )
-            for i, g in zip(live, grads):
-                out[i] = g
-        # zeros only where no gradient flows (allocated after the call: not all at once
-        # with the VJPs, which would be a whole state-sized tensor per layer more)
-        return [torch.zeros_like(x) if g is None else g for g, x in zip(out, self.xs)]
+        return self.layers_block_vjps(range(1, len(self.xs) + 1), ws)
 
     def layer_block_vjp(self, j: int, w: Tensor) -> Tensor:
         """w @ J_j for one layer (1-based j), for the sequential exact backward."""
-        root = self.roots[j - 1]
-        if root is None:
-            return torch.zeros_like(self.xs[j - 1])
-        (g,) = torch.autograd.grad(
-            [root], self.xs[j - 1], grad_outputs=w, retain_graph=True, allow_unused=True
-        )
-        return torch.zeros_like(self.xs[j - 1]) if g is None else g
+        return self.layers_block_vjps([j], [w])[0]
+
+    def layers_block_vjps(self, js: Sequence[int], ws: Sequence[Tensor]) -> list[Tensor]:
+        """[w @ J_j for j, w in zip(js, ws)] (1-based layers j) in one autograd call."""
+        js = list(js)
+        out: list[Any] = [None] * len(js)
+        live = [n for n, j in enumerate(js) if self.roots[j - 1] is not None]
+        if live:
+            grads = torch.autograd.grad(
+                [self.roots[js[n] - 1] for n in live], [self.xs[js[n] - 1] for n in live],
+                grad_outputs=[ws[n] for n in live], retain_graph=True, allow_unused=True,
+            )
+            for n, g in zip(live, grads):
+                out[n] = g
+        # zeros only where no gradient flows (allocated after the call: not all at once
+        # with the VJPs, which would be a whole state-sized tensor per layer more)
+        return [torch.zeros_like(self.xs[j - 1]) if g is None else g for g, j in zip(out, js)]
 
     def param_vjps(self, ws: Sequence[Tensor], params: Sequence[Tensor]) -> list[Optional[Tensor]]:
         """sum_j w_j @ df_j/dtheta for each parameter (None if unused); frees the graphs.
