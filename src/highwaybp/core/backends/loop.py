@@ -3,7 +3,8 @@
 A backend is built once per backward from the forward's saved layer inputs; it re-runs
 every layer once with autograd (under the replayed RNG/autocast state) and keeps those L
 small graphs (their roots as autograd edges, not the re-run outputs) for the k iterations
-and the final parameter sweep, so each iteration is pure VJPs (no re-forward). Each layer's graph is built on r(stop_grad(x), g(x)):
+and the final parameter sweep, so each iteration is pure VJPs (no re-forward). Each
+layer's graph is built on r(stop_grad(x), g(x)):
 
     autograd VJP w.r.t. x       = w @ J       (K's part is excluded, not subtracted)
     autograd VJP w.r.t. theta   = w @ df/dtheta
