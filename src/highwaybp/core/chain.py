@@ -42,10 +42,12 @@ class ResidualChain(nn.Module):
             saves that re-run (about a third of a Highway step at k = 1 on the demo model).
             Needs vjp="loop"; allows one backward per forward.
         layerwise_sweeps: take each sweep's VJPs layer by layer from the top (L autograd
-            calls instead of one), releasing each row of the old estimate as soon as its
+            calls instead of two), releasing each row of the old estimate as soon as its
             VJP is taken: about 1 extra state-sized tensor per layer over exact backprop
-            instead of 2 (less when the step norms or the "best" fallback keep the old
-            estimate). Same estimate to rounding. Needs vjp="loop".
+            instead of 1.5 (not when the step norms or the "best" fallback keep the old
+            estimate), and for every loss, also on most states (return_states=True,
+            otherwise w^0 + scan(v), ~3). Same estimate: bit for bit with a loss on few
+            states, to rounding otherwise. Needs vjp="loop" and the sequential scan.
         record_step_norms: compute each iteration's relative step into
             `last_diagnostics.step_norms` for a fixed k too (adaptive methods always do).
             Off by default: it is a full pass over two estimates per iteration that nothing
