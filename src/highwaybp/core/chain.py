@@ -554,8 +554,10 @@ class _ChainOps:
         w[j] is set to None as soon as layer j's VJP is taken: the old estimate is released
         chunk by chunk while the new one grows, so about (1 + chunk / L) estimates are
         alive instead of two (the caller passes a copy of the list when it needs the old
-        rows). Each row is summed in the same order as block_vjp, the g rows and the
-        sequential scan: the same estimate, bit for bit.
+        rows). Each chunk's rows get their g rows, then the chain's sequential scan
+        (`reverse_scan_list_`, continuing from the row above the chunk): each row is summed
+        in the same order as with block_vjp, the g rows and one scan over all rows, so the
+        estimate is the same bit for bit.
         """
         num_layers = len(self.layers)
         new: list[Any] = [None] * (num_layers + 1)
@@ -570,14 +572,15 @@ class _ChainOps:
             # a VJP may be its own grad_output (a pass-through block) or the row above
             vs = _unaliased(vs, [w[j] for j in js] + [new[top]])
             for j, v in zip(js, vs):
-                i = j - 1
                 w[j] = None
-                if i in g_rows:
-                    v.add_(g_rows[i])
-                if not full:
-                    v.add_(self._apply_k(j, new[j]))
-                new[i] = v
+                if j - 1 in g_rows:
+                    v.add_(g_rows[j - 1])
+                new[j - 1] = v
             del vs
+            if not full:  # the chain's sequential scan on this chunk's rows, from new[top]
+                low = js[-1] - 1
+                maps = [self._k_map(j) for j in range(low + 1, top + 1)]
+                reverse_scan_list_(new[low : top + 1], [*maps, None])
         return new
 
     def exact_backward(self, g: list[Tensor]) -> list[Tensor]:
