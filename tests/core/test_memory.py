@@ -310,3 +310,19 @@ def test_sweeps_in_chunks_equal_one_call_and_scan_bit_for_bit(full, dtype):
         got = ops.layerwise_sweep(rows, g_rows, full, chunk)
         assert all(row is None for row in rows), chunk  # the old rows are released
         assert all(torch.equal(a, b) for a, b in zip(got, want)), chunk
+
+
+def test_tensor_memory_tells_what_is_alive_at_the_peak():
+    def make_pair():
+        a = torch.ones(1000, dtype=torch.float64)  # 8000 bytes, from this function
+        return a, a * 2
+
+    with TensorMemory(record_peak=True) as mem:
+        a, b = make_pair()
+        del a, b
+        torch.zeros(10)  # after the peak: not in it
+    rows = mem.peak_allocations
+    assert sum(n * size for n, size, _, _ in rows) == mem.peak_bytes == 16000
+    assert {(n, size, op) for n, size, op, _ in rows} == {
+        (1, 8000, "aten.ones.default"), (1, 8000, "aten.mul.Tensor")}
+    assert all(where.startswith("make_pair (test_memory.py:") for *_, where in rows)
