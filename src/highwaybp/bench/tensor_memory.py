@@ -15,11 +15,17 @@ Tensors that existed before the block (parameters, the input) are not counted. T
 are summed afresh at each op (a storage freed or resized between two ops counts from the
 next). The autograd engine runs a CPU backward on the calling thread, so the backward's
 tensors are seen too.
+
+To find out what makes a peak, `TensorMemory(record_peak=True)` also keeps, for the
+storages alive at the peak, which op allocated each and from where (the innermost frame
+outside torch): `mem.peak_allocations`, largest first. Slower (a stack walk per storage).
 """
 
 from __future__ import annotations
 
+import traceback
 import weakref
+from collections import Counter
 from typing import Any
 
 import torch
@@ -30,16 +36,26 @@ from torch.utils._pytree import tree_flatten
 class TensorMemory(TorchDispatchMode):
     """Counts the bytes of tensor storages created in the block; see the module docstring.
 
+    Args:
+        record_peak: also record what is alive at the peak (`peak_allocations`).
+
     Attributes:
         live_bytes: bytes of counted storages alive now.
         peak_bytes: the largest `live_bytes` seen in the block.
+        peak_allocations: with `record_peak`, the storages alive at the peak grouped by
+            (bytes, op, where): a list of (count, bytes each, op, where), largest total
+            first. `where` is "function (file:line)" of the innermost frame outside torch.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, record_peak: bool = False) -> None:
         super().__init__()
         self.live_bytes = 0
         self.peak_bytes = 0
         self._refs: dict[int, Any] = {}  # storage address (or id) -> weak reference
+        self.record_peak = record_peak
+        self.peak_allocations: list[tuple[int, int, str, str]] = []
+        self._origin: dict[int, tuple[str, str]] = {}  # address -> (op, where)
+        self._op = ""
 
     def _count(self, tensor: torch.Tensor, input_addresses: set[int]) -> None:
         if tensor.device.type == "meta":
@@ -53,24 +69,45 @@ class TensorMemory(TorchDispatchMode):
             self._refs.pop(address, None)
 
         self._refs[address] = weakref.ref(owner, freed)
+        if self.record_peak:
+            self._origin[address] = (self._op, _caller())
 
     def _update(self) -> None:
         # Summed afresh (not kept as a running total): a storage can also be resized
         # without being freed (an out= op growing it, storage.resize_).
         owners = [ref() for ref in list(self._refs.values())]
         self.live_bytes = sum(_nbytes(o) for o in owners if o is not None)
+        if self.record_peak and self.live_bytes > self.peak_bytes:
+            groups: Counter = Counter()
+            for address, ref in list(self._refs.items()):
+                owner = ref()
+                if owner is not None:
+                    op, where = self._origin.get(address, ("?", "?"))
+                    groups[(_nbytes(owner), op, where)] += 1
+            self.peak_allocations = sorted(
+                ((n, size, op, where) for (size, op, where), n in groups.items()),
+                key=lambda row: -row[0] * row[1])
         self.peak_bytes = max(self.peak_bytes, self.live_bytes)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         input_addresses = {_address(t) for t in inputs if t.device.type != "meta"}
         self._update()  # what was freed or shrunk since the last op
+        self._op = str(func)
         out = func(*args, **(kwargs or {}))
         for item in tree_flatten(out)[0]:
             if isinstance(item, torch.Tensor):
                 self._count(item, input_addresses)
         self._update()
         return out
+
+
+def _caller() -> str:
+    """The innermost frame outside torch (and this module): where an op was called from."""
+    for frame in reversed(traceback.extract_stack()[:-3]):
+        if "/torch/" not in frame.filename and not frame.filename.endswith("tensor_memory.py"):
+            return f"{frame.name} ({frame.filename.rsplit('/', 1)[-1]}:{frame.lineno})"
+    return "?"
 
 
 # oneDNN's opaque tensors (e.g. a weight packed for its matmuls, torch.nn.LSTM's CPU

@@ -42,10 +42,12 @@ class ResidualChain(nn.Module):
             saves that re-run (about a third of a Highway step at k = 1 on the demo model).
             Needs vjp="loop"; allows one backward per forward.
         layerwise_sweeps: take each sweep's VJPs layer by layer from the top (L autograd
-            calls instead of one), releasing each row of the old estimate as soon as its
+            calls instead of two), releasing each row of the old estimate as soon as its
             VJP is taken: about 1 extra state-sized tensor per layer over exact backprop
-            instead of 2 (less when the step norms or the "best" fallback keep the old
-            estimate). Same estimate to rounding. Needs vjp="loop".
+            instead of 1.5 (not when the step norms or the "best" fallback keep the old
+            estimate), and for every loss, also on most states (return_states=True,
+            otherwise w^0 + scan(v), ~3). Same estimate: bit for bit with a loss on few
+            states, to rounding otherwise. Needs vjp="loop" and the sequential scan.
         record_step_norms: compute each iteration's relative step into
             `last_diagnostics.step_norms` for a fixed k too (adaptive methods always do).
             Off by default: it is a full pass over two estimates per iteration that nothing
@@ -168,6 +170,7 @@ class ResidualChain(nn.Module):
                 f"grad_out must have shape {expected} (dLoss/d of {what}), "
                 f"got {tuple(grad_out.shape)}"
             )
+        grad_out = grad_out.clone()  # the returned w_L would otherwise be the caller's tensor
         backend = VJP_BACKENDS[self.vjp](self.layers, inputs, run.forward_states)
         if method.exact:
             g = _upstream_grads(inputs, grad_out, return_states)
@@ -423,15 +426,22 @@ def _backward(
     method = run.method
     num_layers = len(chain.layers)
     full = not method.keeps_residual  # K = 0: the whole layer's VJP, no scan
-    layerwise = None
+    sweep, chunk = None, 0
     if chain.layerwise_sweeps:
         _check_layerwise(chain)
-
-        def layerwise(w: list, g_rows: dict) -> list:
-            return ops.layerwise_sweep(w, g_rows, full)
+        chunk = 1  # one autograd call per layer: about one extra estimate alive
+    elif isinstance(backend, LoopVJP) and ops.stacked_scan is None:
+        # Sparse losses, per-layer VJPs and the sequential scan: the sweep in two autograd
+        # calls (top half, bottom half) releases the old estimate's top rows before the
+        # bottom half's VJPs: 1.5 estimates alive at the VJPs' peak instead of 2, for one
+        # autograd call more per iteration. Same estimate, bit for bit.
+        chunk = (num_layers + 1) // 2
+    if chunk:
+        def sweep(w: list, g_rows: dict) -> list:
+            return ops.layerwise_sweep(w, g_rows, full, chunk)
     options = dict(inplace=True, record_steps=run.record_step_norms,
                    loss_rows=_loss_rows(run.return_states, num_layers),
-                   layerwise_sweep=layerwise)
+                   layerwise_sweep=sweep, always_sweep=chain.layerwise_sweeps)
     if full:
         w, diag = highway_iterate(g, ops.full_vjp, lambda s: s, method, num_layers, **options)
     else:
@@ -461,18 +471,26 @@ def _upstream_grads(inputs: list[Tensor], grad_out: Any, return_states: Any,
     """g_i = dLoss/dh_i for i = 0..L (g_0 = 0: the chain input has no loss of its own).
 
     `grad_out`: dLoss/dh_L, the stacked [L, ...] gradients (`return_states=True`), or one
-    gradient per selected state (a tuple of indices). Fresh tensors (grad_out is copied):
-    the iteration overwrites them in place.
+    gradient per selected state (a tuple of indices). Rows 0..L-1 are fresh tensors (the
+    iteration overwrites them in place); row L is the incoming dLoss/dh_L itself when it
+    arrives alone, not a copy: the iteration never writes into g_L (the scan leaves y_L =
+    x_L, and every later sum is formed in a fresh VJP), so a copy would only be one more
+    state-sized tensor alive through the whole backward.
     """
     if return_states is True:
         return [torch.zeros_like(inputs[0]), *grad_out.clone().unbind(0)]
     if return_states is False:
-        return [*(torch.zeros_like(h) for h in inputs), grad_out.clone()]
-    like = [*inputs[1:], last_state]  # h_1..h_L
-    g = [torch.zeros_like(inputs[0]), *(torch.zeros_like(h) for h in like)]
+        return [*(torch.zeros_like(h) for h in inputs), grad_out]
+    num_layers = len(inputs)
+    like = inputs[1:]  # h_1..h_{L-1}
+    g = [torch.zeros_like(inputs[0]), *(torch.zeros_like(h) for h in like), None]
     for i, grad in zip(return_states, grad_out):
-        if grad is not None:
+        if i == num_layers and grad is not None:
+            g[i] = grad
+        elif grad is not None:
             g[i].add_(grad)
+    if g[-1] is None:  # no gradient reached h_L
+        g[-1] = torch.zeros_like(last_state)
     return g
 
 
@@ -517,8 +535,9 @@ class _ChainOps:
         full = [_as_tensor(c, like) for c in coeffs]
         return torch.stack([*full, torch.zeros_like(like)])
 
-    def block_vjp(self, w: list[Tensor]) -> list[Tensor]:
-        v = _unaliased(self.backend.block_vjps(w[1:]), w)
+    def block_vjp(self, w: list[Any]) -> list[Tensor]:
+        """v_i = w_{i+1} J_{i+1}, v_L = 0; w_0 is not read (the iteration may free it)."""
+        v = _unaliased(self.backend.block_vjps(w[1:]), [t for t in w if t is not None])
         return [*v, torch.zeros_like(w[-1])]
 
     def full_vjp(self, w: list[Tensor]) -> list[Tensor]:
@@ -528,31 +547,40 @@ class _ChainOps:
         return v
 
     def layerwise_sweep(self, w: list[Any], g_rows: dict[int, Tensor],
-                        full: bool = False) -> list[Tensor]:
+                        full: bool = False, chunk: int = 1) -> list[Tensor]:
         """scan(g + block_vjp(w)) from the top layer down (full: g + full_vjp(w), no scan).
 
-        Each layer's VJP is its own autograd call, and w[i+1] is set to None as soon as
-        it is taken: the old estimate is released row by row while the new one grows, so
-        about one estimate is alive instead of two (the caller passes a copy of the list
-        when it needs the old rows).
+        The VJPs are taken `chunk` layers per autograd call (1: one call per layer), and
+        w[j] is set to None as soon as layer j's VJP is taken: the old estimate is released
+        chunk by chunk while the new one grows, so about (1 + chunk / L) estimates are
+        alive instead of two (the caller passes a copy of the list when it needs the old
+        rows). Each chunk's rows get their g rows, then the chain's sequential scan
+        (`reverse_scan_list_`, continuing from the row above the chunk): each row is summed
+        in the same order as with block_vjp, the g rows and one scan over all rows, so the
+        estimate is the same bit for bit.
         """
         num_layers = len(self.layers)
         new: list[Any] = [None] * (num_layers + 1)
         last = g_rows.get(num_layers)
         new[-1] = torch.zeros_like(w[-1]) if last is None else last  # v_L = 0
         w[0] = None  # no VJP reads w_0
-        for i in range(num_layers - 1, -1, -1):
-            j = i + 1
-            v = self.backend.layer_block_vjp(j, w[j])
+        for top in range(num_layers, 0, -chunk):
+            js = list(range(top, max(top - chunk, 0), -1))  # this chunk's layers, top first
+            vs = self.backend.layers_block_vjps(js, [w[j] for j in js])
             if full:
-                v = v + self._apply_k(j, w[j])
-            (v,) = _unaliased([v], [t for t in (w[j], new[j]) if t is not None])
-            w[j] = None
-            if i in g_rows:
-                v.add_(g_rows[i])
-            if not full:
-                v.add_(self._apply_k(j, new[j]))
-            new[i] = v
+                vs = [v + self._apply_k(j, w[j]) for j, v in zip(js, vs)]
+            # a VJP may be its own grad_output (a pass-through block) or the row above
+            vs = _unaliased(vs, [w[j] for j in js] + [new[top]])
+            for j, v in zip(js, vs):
+                w[j] = None
+                if j - 1 in g_rows:
+                    v.add_(g_rows[j - 1])
+                new[j - 1] = v
+            del vs
+            if not full:  # the chain's sequential scan on this chunk's rows, from new[top]
+                low = js[-1] - 1
+                maps = [self._k_map(j) for j in range(low + 1, top + 1)]
+                reverse_scan_list_(new[low : top + 1], [*maps, None])
         return new
 
     def exact_backward(self, g: list[Tensor]) -> list[Tensor]:

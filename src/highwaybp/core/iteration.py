@@ -218,6 +218,7 @@ def highway_iterate(
     record_steps: bool = False,
     loss_rows: Sequence[int] | None = None,
     layerwise_sweep: Callable[[list, dict], list] | None = None,
+    always_sweep: bool = False,
 ) -> tuple[States, Diagnostics]:
     """Run the iteration for `method` and return (w, diagnostics).
 
@@ -230,7 +231,9 @@ def highway_iterate(
         exact_backward: g -> exact gradients (sequential), used by the adaptive fallback.
         inplace: the caller hands over `g` (a list of states, which is emptied) and fresh
             outputs of `block_vjp` and `scan`, which the iteration may then overwrite, so
-            that only two or three estimates are alive at once (see below).
+            that only two or three estimates are alive at once (see below). g_L alone is
+            only read (the caller may pass a tensor it does not own there). In the sparse
+            form `block_vjp` may receive w[0] = None (it never reads w_0).
         record_steps: compute the relative step of every iteration into
             `diag.step_norms` even for a fixed k (adaptive methods always do; see
             `StopRule.needs_step_norms`).
@@ -241,10 +244,12 @@ def highway_iterate(
             instead of 3 for k >= 2) and the L-row addition of w^0 disappears. Otherwise
             w^{j+1} = w^0 + scan(v^j). The two forms agree to rounding.
         layerwise_sweep: (w, {i: g_i}) -> scan(g + block_vjp(w)) computed from the top
-            layer down, setting w[i + 1] to None once its VJP is taken (so about one
-            estimate is alive instead of two). With it the first form is always used
-            (with `inplace`). The old rows are kept (a copy of the list is passed) when
-            the step norms or the "best" fallback need the previous estimate.
+            layer down, setting w[i + 1] to None once its VJP is taken (so fewer than two
+            estimates are alive). It computes every iteration of the first form (with
+            `inplace`). The old rows are kept (a copy of the list is passed) when the step
+            norms or the "best" fallback need the previous estimate.
+        always_sweep: use the first form with `layerwise_sweep` whatever `loss_rows` says
+            (otherwise only when the losses sit on at most half the states).
 
     NaN/Inf: w^0 is checked, then each iteration through its step norm when computed,
     otherwise once on the returned estimate.
@@ -259,7 +264,8 @@ def highway_iterate(
     if rule.adaptive and method.fallback == "exact":
         g_for_fallback = clone_states(g) if inplace else g
     sparse = inplace and not isinstance(g, Tensor) and (
-        layerwise_sweep is not None or (loss_rows is not None and 2 * len(loss_rows) <= len(g)))
+        (always_sweep and layerwise_sweep is not None)
+        or (loss_rows is not None and 2 * len(loss_rows) <= len(g)))
     if loss_rows is None:
         loss_rows = range(len(g))
     g_rows: dict[int, Tensor] = {}
@@ -274,11 +280,15 @@ def highway_iterate(
     w = best_w = w0
     if sparse:
         del w0  # not needed by the iterations: freed as soon as w^1 replaces it
+    # The previous estimate is read after the next one is formed only by the step norm and
+    # the "best" fallback; otherwise the sparse forms release it while forming the next.
+    keep_old = rule.needs_step_norms or rule.keep_best
     for j in rule.iterations():
         if sparse and layerwise_sweep is not None:
-            keep_old = rule.needs_step_norms or rule.keep_best
             w_new = layerwise_sweep(list(w) if keep_old else w, g_rows)
         elif sparse:
+            if not keep_old:
+                w[0] = None  # no VJP reads w_0: one state-sized tensor less during the VJPs
             v = block_vjp(w)
             for i, g_i in g_rows.items():
                 v[i].add_(g_i)

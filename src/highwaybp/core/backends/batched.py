@@ -404,7 +404,7 @@ class BatchedVJP:
         return [g for g, run in enumerate(self._runs) if run.y.requires_grad]
 
     def _live_apart(self) -> list[int]:
-        return [pos for pos, y in enumerate(self._apart.ys) if y.requires_grad]
+        return self._apart.live_layers()
 
     def _stacked_ws(self, g: int, ws: Sequence[Tensor]) -> Tensor:
         return torch.stack([ws[i] for i in self.groups[g]])
@@ -416,7 +416,7 @@ class BatchedVJP:
         if not live and not apart:
             return [torch.zeros_like(x) for x in self.xs]
         grads = torch.autograd.grad(
-            [self._runs[g].y for g in live] + [self._apart.ys[pos] for pos in apart],
+            [self._runs[g].y for g in live] + [self._apart.roots[pos] for pos in apart],
             [self._runs[g].x for g in live] + [self._apart.xs[pos] for pos in apart],
             grad_outputs=[self._stacked_ws(g, ws) for g in live]
             + [ws[self.looped[pos]] for pos in apart],

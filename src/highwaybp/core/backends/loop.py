@@ -2,8 +2,9 @@
 
 A backend is built once per backward from the forward's saved layer inputs; it re-runs
 every layer once with autograd (under the replayed RNG/autocast state) and keeps those L
-small graphs for the k iterations and the final parameter sweep, so each iteration is
-pure VJPs (no re-forward). Each layer's graph is built on r(stop_grad(x), g(x)):
+small graphs (their roots as autograd edges, not the re-run outputs) for the k iterations
+and the final parameter sweep, so each iteration is pure VJPs (no re-forward). Each
+layer's graph is built on r(stop_grad(x), g(x)):
 
     autograd VJP w.r.t. x       = w @ J       (K's part is excluded, not subtracted)
     autograd VJP w.r.t. theta   = w @ df/dtheta
@@ -28,6 +29,7 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from highwaybp.core.replay import ForwardState, modes_and_buffers_replayed, replayed
 
@@ -42,6 +44,12 @@ class LoopVJP:
 
     Attributes after construction:
         contexts: L K-contexts (what each residual map's K needs), from the re-run.
+        xs: the L re-run inputs (leaves requiring grad, sharing the saved inputs' memory).
+        roots: each layer's graph root, the autograd edge of its output (None when the
+            output depends on neither its input nor a parameter). The outputs themselves
+            are not kept: the VJPs need only their graph, and keeping the last one would
+            cost a state-sized tensor nobody reads (the others share the next layer's
+            saved input, see `share_equal_values`).
     """
 
     def __init__(
@@ -53,7 +61,7 @@ class LoopVJP:
         # shared by several layers gets one gradient summed over them.
         self._aliases: dict[int, tuple[Tensor, Tensor]] = {}
         self.xs: list[Tensor] = []
-        self.ys: list[Tensor] = []
+        self.roots: list[GradientEdge | None] = []
         self.contexts: list[Any] = []
         inputs = list(inputs)
         for index, (layer, h, state) in enumerate(zip(self.layers, inputs, states)):
@@ -77,37 +85,42 @@ class LoopVJP:
             y, context = layer.residual.combine_for_backward(x, z)
         self.contexts.append(context)
         self.xs.append(x)
-        self.ys.append(y)
+        self.roots.append(get_gradient_edge(y) if y.requires_grad else None)
         return y
 
-    def _live(self, ws: Sequence[Tensor]) -> tuple[list[int], list[Tensor], list[Tensor]]:
+    def _live(self, ws: Sequence[Tensor]) -> tuple[list[int], list[GradientEdge], list[Tensor]]:
         # A layer whose output depends on neither its input nor a parameter has no graph.
-        live = [i for i, y in enumerate(self.ys) if y.requires_grad]
-        return live, [self.ys[i] for i in live], [ws[i] for i in live]
+        live = self.live_layers()
+        return live, [self.roots[i] for i in live], [ws[i] for i in live]  # type: ignore
+
+    def live_layers(self) -> list[int]:
+        """Indices of the layers whose output has a graph (depends on its input or a
+        parameter); the others' VJPs are zero."""
+        return [i for i, root in enumerate(self.roots) if root is not None]
 
     def block_vjps(self, ws: Sequence[Tensor]) -> list[Tensor]:
         """[w_j @ J_j for j = 1..L] given ws = [w_1..w_L] (each of layer j's output shape)."""
-        out: list[Any] = [None] * len(self.xs)
-        live, ys, live_ws = self._live(ws)
-        if live:
-            xs = [self.xs[i] for i in live]
-            grads = torch.autograd.grad(
-                ys, xs, grad_outputs=live_ws, retain_graph=True, allow_unused=True
-            )
-            for i, g in zip(live, grads):
-                out[i] = g
-        # zeros only where no gradient flows (allocated after the call: not all at once
-        # with the VJPs, which would be a whole state-sized tensor per layer more)
-        return [torch.zeros_like(x) if g is None else g for g, x in zip(out, self.xs)]
+        return self.layers_block_vjps(range(1, len(self.xs) + 1), ws)
 
     def layer_block_vjp(self, j: int, w: Tensor) -> Tensor:
         """w @ J_j for one layer (1-based j), for the sequential exact backward."""
-        if not self.ys[j - 1].requires_grad:
-            return torch.zeros_like(self.xs[j - 1])
-        (g,) = torch.autograd.grad(
-            self.ys[j - 1], self.xs[j - 1], grad_outputs=w, retain_graph=True, allow_unused=True
-        )
-        return torch.zeros_like(self.xs[j - 1]) if g is None else g
+        return self.layers_block_vjps([j], [w])[0]
+
+    def layers_block_vjps(self, js: Sequence[int], ws: Sequence[Tensor]) -> list[Tensor]:
+        """[w @ J_j for j, w in zip(js, ws)] (1-based layers j) in one autograd call."""
+        js = list(js)
+        out: list[Any] = [None] * len(js)
+        live = [n for n, j in enumerate(js) if self.roots[j - 1] is not None]
+        if live:
+            grads = torch.autograd.grad(
+                [self.roots[js[n] - 1] for n in live], [self.xs[js[n] - 1] for n in live],
+                grad_outputs=[ws[n] for n in live], retain_graph=True, allow_unused=True,
+            )
+            for n, g in zip(live, grads):
+                out[n] = g
+        # zeros only where no gradient flows (allocated after the call: not all at once
+        # with the VJPs, which would be a whole state-sized tensor per layer more)
+        return [torch.zeros_like(self.xs[j - 1]) if g is None else g for g, j in zip(out, js)]
 
     def param_vjps(self, ws: Sequence[Tensor], params: Sequence[Tensor]) -> list[Optional[Tensor]]:
         """sum_j w_j @ df_j/dtheta for each parameter (None if unused); frees the graphs.
@@ -115,13 +128,13 @@ class LoopVJP:
         The gradients are taken w.r.t. the parameters' aliases (hooks not run: the caller
         hands them to autograd, which runs each parameter's hooks once).
         """
-        _, ys, live_ws = self._live(ws)
+        _, roots, live_ws = self._live(ws)
         aliases = [self._aliases[id(p)][1] if id(p) in self._aliases else p for p in params]
-        direct = check_no_foreign_leaves(ys, [*aliases, *self.xs], params)
-        if not params or not ys:
+        direct = check_no_foreign_leaves(roots, [*aliases, *self.xs], params)
+        if not params or not roots:
             return [None] * len(params)
         targets = [*aliases, *(params[i] for i in direct)]
-        grads = torch.autograd.grad(ys, targets, grad_outputs=live_ws, allow_unused=True)
+        grads = torch.autograd.grad(roots, targets, grad_outputs=live_ws, allow_unused=True)
         out = list(grads[: len(params)])
         for i, g in zip(direct, grads[len(params):]):
             if g is not None:
@@ -153,7 +166,8 @@ def parameters_aliased(
 
 
 def check_no_foreign_leaves(
-    outputs: Sequence[Tensor], allowed: Sequence[Tensor], params: Sequence[Tensor] = ()
+    outputs: Sequence[Tensor | GradientEdge], allowed: Sequence[Tensor],
+    params: Sequence[Tensor] = (),
 ) -> list[int]:
     """Raise if the layers' graphs reach a tensor requiring grad that the chain does not own.
 
@@ -169,7 +183,8 @@ def check_no_foreign_leaves(
     allowed_ids = {id(t) for t in allowed}
     param_index = {id(p): i for i, p in enumerate(params)}
     direct: list[int] = []
-    stack = [y.grad_fn for y in outputs if y.grad_fn is not None]
+    stack = [y.node if isinstance(y, GradientEdge) else y.grad_fn for y in outputs]
+    stack = [node for node in stack if node is not None]
     seen: set[int] = set()
     while stack:
         node = stack.pop()
@@ -205,12 +220,14 @@ def check_no_foreign_leaves(
 def share_equal_values(y: Tensor, h: Tensor) -> None:
     """Point a re-run's output y at the forward's saved copy h of the same values.
 
-    The backward needs y only as the root of its graph (autograd.grad reads its shape and
-    grad_fn); its values are the next layer's saved input h, recomputed. Keeping both would
-    cost a state-sized tensor per layer over exact backprop. When they are bit-for-bit
-    equal (a deterministic re-run: always on CPU), y's data becomes h's, and y's own memory
-    is freed unless a node of the graph saved it (that node keeps its copy: ReLU saves its
-    output). Anything reading y afterwards reads the same values.
+    The backward needs y only as the root of its graph (`LoopVJP` keeps its autograd edge,
+    not y); its values are the next layer's saved input h, recomputed. y itself is then
+    freed with the re-run, unless something else holds it: a custom autograd Function
+    keeping its output as a ctx attribute, a module caching its last output. Keeping both
+    would cost a state-sized tensor per layer over exact backprop, so when they are
+    bit-for-bit equal (a deterministic re-run: always on CPU), y's data becomes h's and
+    y's own memory is freed (a node that saved y through save_for_backward keeps its own
+    copy: ReLU saves its output). Anything reading y afterwards reads the same values.
     """
     if (y.shape == h.shape and y.dtype == h.dtype and y.device == h.device
             and y.untyped_storage().data_ptr() != h.untyped_storage().data_ptr()
