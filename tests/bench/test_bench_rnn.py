@@ -307,15 +307,16 @@ def test_memory_probe_sees_the_stored_gates_and_one_extra_state():
     8 MiB: the engine stores the gates ([T, B, 3H] and two [T, B, H] buffers at the backward,
     5 states) and the outputs for any method;
     Highway keeps one more adjoint state than the sequential exact backward (two buffers
-    swapped each iteration), and no more at k = 3 than at k = 1."""
+    swapped each iteration). The resident set moves by up to a state from run to run (the
+    allocator), so "no more at k = 3 than at k = 1" is asserted on the deterministic tensor
+    count instead (tests/models/test_rnn_memory.py)."""
     args = argparse.Namespace(cell="gru", batch=64, hidden=128, input_size=128, layers=1,
                               threads=1, memory_timeout=600.0, seed=0, k=[1])  # fmt: skip
     state_mb = 256 * 64 * 128 * 4 / 2**20
-    mem = {n: peak_memory_mb(args, n, 256) for n in ("hbp-exact", "highway(k=1)", "highway(k=3)")}
+    mem = {n: peak_memory_mb(args, n, 256) for n in ("hbp-exact", "highway(k=1)")}
     assert all(v is not None for v in mem.values()), mem
     assert mem["hbp-exact"] > 6 * state_mb, mem
     assert 0.5 * state_mb < mem["highway(k=1)"] - mem["hbp-exact"] < 2.5 * state_mb, mem
-    assert abs(mem["highway(k=3)"] - mem["highway(k=1)"]) < 0.5 * state_mb, mem
 
 
 def test_bench_rnn_profile_writes_phases_and_the_sweep_op_mix(tmp_path):
