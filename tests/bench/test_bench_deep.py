@@ -42,8 +42,10 @@ def test_bench_deep_quick_writes_json(tmp_path):
 def test_memory_probe_measures_the_extra_state_of_highway():
     """Replaces `peak >= 0` (true of any value). The subprocess probe must see exact
     backprop hold more than one state per layer (its saved activations), and Highway(k=1)'s
-    loop backend above exact by 1-8 state tensors per layer (measured 4.05 for this MLP at
-    L=32 in results/deep/bench_mlp_k1_memory.json; the paper's Appendix D says about 2)."""
+    loop backend above exact by w^0 at least and below the ~4 of the code before issue #12
+    (1.35-1.42 here in three runs; the deterministic count is 1.47 for this MLP at L=32, in
+    results/deep/memory_mlp.json, and tests/core/test_memory.py pins it). The resident set
+    moves by up to a few MB between runs, hence the wide band."""
     spec = {"model": "mlp", "depth": 8, "width": 256, "batch": 512, "seq": 8, "image": 6,
             "dtype": "float32", "threads": 1, "vjp": "loop"}  # fmt: skip
     exact = _probe_in_subprocess({**spec, "k": None})
@@ -56,7 +58,7 @@ def test_memory_probe_measures_the_extra_state_of_highway():
     extra_per_layer = (highway["peak_rss_growth_bytes"] - exact["peak_rss_growth_bytes"]) / (
         depth * state
     )
-    assert 1.0 < extra_per_layer < 8.0, extra_per_layer
+    assert 0.5 < extra_per_layer < 3.5, extra_per_layer
 
 
 def test_memory_probe_in_process_counts_the_state():
