@@ -70,6 +70,25 @@ def test_tensor_memory_counts_allocations_frees_and_views():
     del view
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN")
+def test_tensor_memory_counts_an_onednn_allocation_once_while_any_alias_lives():
+    # oneDNN's opaque tensors have no storage; a detach is an alias of the same buffer
+    dense, before = torch.randn(256, 256), torch.randn(64, 64).to_mkldnn()
+    with TensorMemory() as mem:
+        a = dense.to_mkldnn()  # 256 KiB
+        b = a.detach()
+        c = b.detach()
+        before.detach()  # an alias of a tensor from before the block: not counted
+        assert mem.live_bytes == 256 * 256 * 4
+        del a, b
+        torch.zeros(1)  # the next op sees the frees
+        assert mem.live_bytes == 256 * 256 * 4 + 4  # c still holds the buffer
+        del c
+        torch.zeros(1)
+        assert mem.live_bytes == 4  # only the new zeros(1): the oneDNN buffer is freed
+    assert mem.peak_bytes == 256 * 256 * 4 + 4
+
+
 class _TanhKeepingOutput(torch.autograd.Function):
     """tanh whose backward reads its output from a ctx attribute (not save_for_backward)."""
 

@@ -51,7 +51,7 @@ class TensorMemory(TorchDispatchMode):
         super().__init__()
         self.live_bytes = 0
         self.peak_bytes = 0
-        self._refs: dict[int, Any] = {}  # storage address (or id) -> weak reference
+        self._refs: dict[int, list[Any]] = {}  # data address -> weak references to its owners
         self.record_peak = record_peak
         self.peak_allocations: list[tuple[int, int, str, str]] = []
         self._origin: dict[int, tuple[str, str]] = {}  # address -> (op, where)
@@ -62,28 +62,46 @@ class TensorMemory(TorchDispatchMode):
             return
         owner = _owner(tensor)
         address, size = _address(tensor), _nbytes(owner)
-        # a view or an in-place result shares an input's storage: not a new allocation
-        if size == 0 or address in self._refs or address in input_addresses:
+        if size == 0:
             return
-        def freed(_: Any, address: int = address) -> None:
-            self._refs.pop(address, None)
-
-        self._refs[address] = weakref.ref(owner, freed)
+        if address in self._refs:  # a view or in-place result of a counted allocation
+            if tensor.is_mkldnn:  # an alias of a counted oneDNN tensor keeps it alive too
+                self._refs[address].append(weakref.ref(owner, self._freed(address)))
+            return
+        if address in input_addresses:  # shares the storage of a tensor from before the block
+            return
+        self._refs[address] = [weakref.ref(owner, self._freed(address))]
         if self.record_peak:
             self._origin[address] = (self._op, _caller())
+
+    def _freed(self, address: int) -> Any:
+        def freed(ref: Any) -> None:  # the allocation is gone when its last owner is
+            refs = self._refs.get(address)
+            if refs is not None:
+                refs[:] = [r for r in refs if r is not ref]
+                if not refs:
+                    self._refs.pop(address, None)
+
+        return freed
+
+    def _live_owners(self) -> list[tuple[int, Any]]:
+        owners = []
+        for address, refs in list(self._refs.items()):
+            owner = next((o for o in (r() for r in refs) if o is not None), None)
+            if owner is not None:
+                owners.append((address, owner))
+        return owners
 
     def _update(self) -> None:
         # Summed afresh (not kept as a running total): a storage can also be resized
         # without being freed (an out= op growing it, storage.resize_).
-        owners = [ref() for ref in list(self._refs.values())]
-        self.live_bytes = sum(_nbytes(o) for o in owners if o is not None)
+        owners = self._live_owners()
+        self.live_bytes = sum(_nbytes(o) for _, o in owners)
         if self.record_peak and self.live_bytes > self.peak_bytes:
             groups: Counter = Counter()
-            for address, ref in list(self._refs.items()):
-                owner = ref()
-                if owner is not None:
-                    op, where = self._origin.get(address, ("?", "?"))
-                    groups[(_nbytes(owner), op, where)] += 1
+            for address, owner in owners:
+                op, where = self._origin.get(address, ("?", "?"))
+                groups[(_nbytes(owner), op, where)] += 1
             self.peak_allocations = sorted(
                 ((n, size, op, where) for (size, op, where), n in groups.items()),
                 key=lambda row: -row[0] * row[1])
@@ -110,18 +128,20 @@ def _caller() -> str:
     return "?"
 
 
-# oneDNN's opaque tensors (e.g. a weight packed for its matmuls, torch.nn.LSTM's CPU
-# workspace) have no storage to read: they are counted by their size, the tensor itself
-# being the object whose release frees them.
+# oneDNN's opaque tensors (e.g. a weight packed for its matmuls) have no storage to read:
+# they are identified by their data pointer and sized by oneDNN; the tensor objects are the
+# owners (an alias, e.g. a detach, is another owner of the same allocation).
 def _owner(tensor: torch.Tensor) -> Any:
     return tensor if tensor.is_mkldnn else tensor.untyped_storage()
 
 
 def _address(tensor: torch.Tensor) -> int:
-    return id(tensor) if tensor.is_mkldnn else tensor.untyped_storage().data_ptr()
+    if tensor.is_mkldnn:
+        return torch.ops.mkldnn.data_ptr(tensor)
+    return tensor.untyped_storage().data_ptr()
 
 
 def _nbytes(owner: Any) -> int:
     if isinstance(owner, torch.Tensor):
-        return owner.numel() * owner.element_size()
+        return torch.ops.mkldnn._nbytes(owner)
     return owner.nbytes()
