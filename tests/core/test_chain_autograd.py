@@ -213,3 +213,29 @@ def test_pass_through_block_vjp_is_not_overwritten_in_place():
     exact = grads_of(chain, x, hbp.Exact(), per_layer_loss=True)
     for method in (hbp.Highway(k=4), hbp.FixedPoint(k=4)):
         assert max_rel_diff(grads_of(chain, x, method, per_layer_loss=True), exact) < 1e-10
+
+
+@pytest.mark.parametrize("vjp", ["loop", "batched"])
+@pytest.mark.parametrize("method", [hbp.Highway(k=1), hbp.Highway(k=3), hbp.FixedPoint(k=2),
+                                    hbp.Highway(tol=1e-6, max_k=3)], ids=repr)  # fmt: skip
+def test_layers_above_the_highest_returned_state_get_none_like_autograd(method, vjp):
+    # a zero .grad (as before) is still moved by weight decay or momentum; autograd leaves None.
+    # Layer 3 ties its weight to layer 1's: that one keeps layer 1's gradient.
+    def grads(chain_method):
+        torch.manual_seed(0)
+        blocks = [nn.Sequential(nn.Linear(4, 4), nn.Tanh()).double() for _ in range(3)]
+        blocks[2][0].weight = blocks[0][0].weight
+        chain = hbp.ResidualChain([hbp.ResidualLayer(b) for b in blocks], method=chain_method,
+                                  vjp=vjp)  # fmt: skip
+        x = torch.randn(5, 4, dtype=torch.float64)
+        (h1,) = chain(x, return_states=(1,))
+        (h1**2).sum().backward()
+        return {name: p.grad for name, p in chain.named_parameters()}
+
+    got, want = grads(method), grads(hbp.Exact())
+    assert [n for n, g in want.items() if g is None] == [
+        "layers.1.block.0.weight", "layers.1.block.0.bias", "layers.2.block.0.bias"]
+    assert {n for n, g in got.items() if g is None} == {n for n, g in want.items() if g is None}
+    for name, g in want.items():
+        if g is not None:
+            torch.testing.assert_close(got[name], g, rtol=1e-12, atol=0)

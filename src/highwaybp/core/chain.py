@@ -358,7 +358,8 @@ class _HighwayFunction(torch.autograd.Function):
         inputs = [x.detach() for x in backend.xs]
         grad_out = grad_outs if isinstance(run.return_states, tuple) else grad_outs[0]
         grad_x, ws, diag = _backward(chain, run, backend, inputs, grad_out)
-        param_grads = backend.param_vjps(ws, ctx.params)
+        param_grads = _none_above_the_losses(chain, run, ctx.params,
+                                             backend.param_vjps(ws, ctx.params))
         chain.last_diagnostics = diag
         return (grad_x if ctx.needs_input_grad[0] else None, None, *param_grads)
 
@@ -448,6 +449,20 @@ def _backward(
         w, diag = highway_iterate(g, ops.block_vjp, ops.scan, method, num_layers,
                                   exact_backward=ops.exact_backward, **options)
     return w[0], w[1:], diag
+
+
+def _none_above_the_losses(
+    chain: ResidualChain, run: _Run, params: Sequence[Tensor], grads: list[Optional[Tensor]]
+) -> list[Optional[Tensor]]:
+    """None for the parameters used only by layers above the highest returned state, as
+    autograd leaves them (their VJPs are zero): a zero .grad would still be updated by an
+    optimizer with weight decay or momentum. A parameter tied to a lower layer keeps its
+    gradient."""
+    top = max(_loss_rows(run.return_states, len(chain.layers)))
+    if top == len(chain.layers):
+        return grads
+    reaching = {id(p) for layer in chain.layers[:top] for p in layer.parameters()}
+    return [g if id(p) in reaching else None for p, g in zip(params, grads)]
 
 
 def _loss_rows(return_states: bool | tuple[int, ...], num_layers: int) -> list[int]:
