@@ -84,10 +84,13 @@ class LocalProcesses:
         self._tmp = tempfile.TemporaryDirectory(prefix="hbp_ranks_")
         self.result_dir = self._tmp.name
         ctx = mp_context(preload)
-        self._queue = ctx.Queue()
+        # One queue per rank: a multiprocessing queue's writers share one lock, and a rank
+        # stopped (SIGSTOP) while its feeder thread held it blocked every other rank's
+        # report, so the neighbours' errors never arrived (seen in a CI run)
+        self._queues = [ctx.Queue() for _ in range(world)]
         init = f"tcp://127.0.0.1:{free_port()}"
         self.procs = [
-            ctx.Process(target=target, args=args_of(r, init, self._queue, self.result_dir),
+            ctx.Process(target=target, args=args_of(r, init, self._queues[r], self.result_dir),
                         daemon=True)
             for r in range(world)
         ]
@@ -100,18 +103,23 @@ class LocalProcesses:
 
     def poll(self, wait: float = 0.1) -> None:
         """Move queued messages into .events (waits at most `wait` s for the first)."""
-        try:
-            item = self._queue.get(timeout=wait)
-        except queue_mod.Empty:
-            return
+        end = time.monotonic() + wait
         while True:
-            self.events.append(item)
-            if item[0] == "step":
-                self.last_step[item[1]] = item[2]
-            try:
-                item = self._queue.get_nowait()
-            except queue_mod.Empty:
+            received = False
+            for q in self._queues:
+                while True:
+                    try:
+                        item = q.get_nowait()
+                    except queue_mod.Empty:
+                        break
+                    received = True
+                    self.events.append(item)
+                    if item[0] == "step":
+                        self.last_step[item[1]] = item[2]
+            left = end - time.monotonic()
+            if received or left <= 0:
                 return
+            time.sleep(min(0.01, left))
 
     def errors(self) -> dict[int, str]:
         return {r: msg for kind, r, msg in self.events if kind == "error"}
