@@ -101,7 +101,7 @@ class LSTMEngine(Engine):
             torch.addcmul(o, o, o, value=-1.0, out=o)
             o.mul_(tc)  # P_o
             tc.copy_(s)
-        self.P, self.Q = self.A, self.TC
+        self.Q = self.TC
         self.coeff_by_gate = self.A.view(self.T, self.B, 4, H)  # [T, B, 4, H]: P_i, P_f, P_g, P_o
         self.cell_adj = self.take(self.chunk, self.B, H)  # [chunk, B, H] adjoint of c
         self.prepared = True
