@@ -313,8 +313,8 @@ def _demo(path: Path, d: dict[str, Any]) -> list[str]:
             f"Residual MLP depth {c['depth']} width {c['width']} on MNIST-1D, {c['steps']} "
             f"Adam steps per method; GRU hidden {c['rnn_hidden']} on digits read pixel by "
             f"pixel (T = {c['rnn_side'] ** 2}), batch {c['rnn_batch']}, {c['rnn_steps']} "
-            "steps round-robin. The files are the README's first command's output "
-            "(`runs/demo`) from a fresh clone, copied here.", "",
+            "steps round-robin. The README's first command writes the same files to "
+            "`runs/demo`; these come from `highwaybp demo --out results/demo`.", "",
             make_table(d), ""]
 
 
