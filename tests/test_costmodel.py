@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
@@ -160,3 +161,202 @@ def test_deadlock_is_reported():
     b = cm.Task("b", 1, "forward", 1.0, [("a", None)])
     with pytest.raises(RuntimeError, match="deadlock"):
         cm.simulate([[a], [b]], NO_COMM)
+
+
+# --------------------------------------------------------------------------- torch's orders
+# The modelled per-rank action order of every exact schedule, pinned against the actions
+# torch's own schedule objects run for the same P and M (no processes are started).
+
+
+class _RecordingStage:
+    """Just enough of a torch PipelineStage for a single-stage schedule's runtime loop
+    (`_step_microbatches`) to run without a process group: no P2P ops, and every
+    forward/backward call is recorded as (kind, stage, micro-batch)."""
+
+    def __init__(self, stage_index: int, num_stages: int) -> None:
+        self.stage_index, self.num_stages = stage_index, num_stages
+        self.is_last = stage_index == num_stages - 1
+        self.log: list[tuple[str, int, int]] = []
+
+    def __getattr__(self, name: str):
+        if name.startswith("get_") and name.endswith("_ops"):  # get_fwd_recv_ops, ...
+            return lambda *args, **kwargs: []
+        raise AttributeError(name)
+
+    def forward_one_chunk(self, mb: int, *args, **kwargs) -> None:
+        self.log.append(("F", self.stage_index, mb))
+
+    def backward_one_chunk(self, mb: int, **kwargs) -> None:
+        self.log.append(("B", self.stage_index, mb))
+
+    def perform_reduce_grad(self, *args) -> None:
+        pass
+
+
+def _torch_single_stage_order(cls_name: str, P: int, M: int) -> list[list[tuple[str, int, int]]]:
+    """What torch's ScheduleGPipe / Schedule1F1B runtime loop runs on each rank. Read from
+    the loop itself, not from `pipeline_order`: torch 2.13's Schedule1F1B.pipeline_order
+    numbers the last rank's forwards 1..M instead of 0..M-1, while its loop runs 0..M-1."""
+    from torch.distributed import pipelining
+
+    orders = []
+    for r in range(P):
+        stage = _RecordingStage(r, P)
+        schedule = getattr(pipelining, cls_name)(stage, M)
+        schedule._initialize_stage = lambda *args, **kwargs: None  # shape inference: no peers
+        schedule._step_microbatches()
+        orders.append(stage.log)
+    return orders
+
+
+def _torch_multi_stage_order(cls_name: str, per_rank: int, P: int, M: int
+                             ) -> list[list[tuple[str, int, int]]]:
+    """The compute actions, in order, of each rank's `pipeline_order_with_comms`: the list
+    torch's _PipelineScheduleRuntime walks (overlapped F/B pairs in their sub-action order,
+    as it runs them)."""
+    from unittest import mock
+
+    from torch.distributed import pipelining
+    from torch.distributed.pipelining.stage import PipelineStage
+
+    stage = mock.create_autospec(PipelineStage, instance=True)
+    stage.group_rank, stage.group_size, stage.submod = 0, P, None
+    stage.num_stages = P * per_rank
+    schedule = getattr(pipelining, cls_name)([stage] * per_rank, M)
+    orders = []
+    for r in range(P):
+        order = []
+        for action in schedule.pipeline_order_with_comms[r]:
+            for a in action.sub_actions or (action,):
+                if a.computation_type.value in ("F", "B", "I", "W"):
+                    order.append((a.computation_type.value, a.stage_index, a.microbatch_index))
+        orders.append(order)
+    return orders
+
+
+def _modelled_order(t: cm.Timeline) -> list[list[tuple[str, int, int]]]:
+    """(kind, stage, micro-batch) of each rank's simulated tasks, in the order it runs them:
+    F{s}.{m}, W{s}.{m}; G{s}.{m} is a full backward B or an input backward I (its phase)."""
+    out = []
+    for tasks in t.ranks:
+        order = []
+        for task in tasks:
+            stage, mb = task.id[1:].split(".")
+            kind = task.id[0] if task.id[0] != "G" else ("B" if task.phase == "backward" else "I")
+            order.append((kind, int(stage), int(mb)))
+        out.append(order)
+    return out
+
+
+_TORCH_SCHEDULES = {"gpipe": ("ScheduleGPipe", 1), "1f1b": ("Schedule1F1B", 1),
+                    "interleaved-zb": ("ScheduleInterleavedZeroBubble", 1),
+                    "interleaved-zb-2": ("ScheduleInterleavedZeroBubble", 2),
+                    "zbv": ("ScheduleZBVZeroBubble", 2), "dualpipev": ("ScheduleDualPipeV", 2)}
+
+
+def _order_cases():
+    for schedule in _TORCH_SCHEDULES:
+        for P in (2, 3, 4):
+            for M in (1, 2, P, P + 1, 2 * P, 2 * P + 3):
+                if schedule == "1f1b" and M < P:  # torch: 1F1B needs M >= P
+                    continue
+                if schedule == "dualpipev" and M < 2 * P:  # DualPipeV needs M >= 2P
+                    continue
+                yield schedule, P, M
+
+
+@pytest.mark.parametrize("schedule,P,M", sorted(set(_order_cases())))
+def test_modelled_order_is_the_order_torch_runs(schedule, P, M):
+    cls_name, per_rank = _TORCH_SCHEDULES[schedule]
+    layers = cm.uniform_layers(P * per_rank, forward=1.0, vjp_input=1.0, vjp_param=1.0)
+    if schedule in ("gpipe", "1f1b"):
+        expected = _torch_single_stage_order(cls_name, P, M)
+    else:
+        try:
+            expected = _torch_multi_stage_order(cls_name, per_rank, P, M)
+        except ValueError as err:  # e.g. looped zero bubble: M a multiple of its rounds
+            with pytest.raises(ValueError, match=re.escape(str(err)[:40])):
+                cm.exact(layers, P, M, NO_COMM, schedule)  # the model refuses it too
+            return
+    modelled = _modelled_order(cm.exact(layers, P, M, NO_COMM, schedule))
+    for r in range(P):
+        assert modelled[r] == expected[r], f"rank {r}"
+
+
+# One layer per stage, f = 1, I = v_in = 1, v_both = B = 3 (so a zero-bubble W costs
+# B - I = 2; v_par = 0.5 is what Highway's parameter sweep would cost, not W), and a link of
+# 0.5 + 1000 B / 1000 B/s = 1.5 per message (m).
+HAND_LINK = cm.Link(latency=0.5, bandwidth=1000.0)
+
+
+def _hand_layers(num_stages: int) -> list[cm.LayerCost]:
+    return cm.uniform_layers(num_stages, forward=1.0, vjp_input=1.0, vjp_param=0.5,
+                             vjp_both=3.0, state_bytes=1000)
+
+
+@pytest.mark.parametrize("schedule,P,M,stages,rank_ends", [
+    ("gpipe", 2, 2, 2, [15.0, 10.5]),
+    ("1f1b", 4, 4, 4, [43.0, 38.5, 34.0, 29.5]),
+    ("interleaved-zb", 2, 2, 2, [12.0, 10.5]),
+    ("interleaved-zb-2", 2, 2, 4, [23.0, 21.5]),
+    ("zbv", 2, 2, 4, [24.0, 21.5]),
+    ("dualpipev", 2, 4, 4, [40.0, 39.5]),
+])
+def test_step_time_with_a_link_computed_by_hand(schedule, P, M, stages, rank_ends):
+    """Each schedule once, by hand: f = 1, I = 1, W = B - I = 2, B = 3, m = 1.5 per message.
+    A task starts when its rank is free and its input has arrived: F(s, m) after F(s-1, m),
+    B/I(s, m) after B/I(s+1, m) (the last stage: after its own F(s, m)), W after its I; a
+    dependency on another rank adds m. Tasks as [start, end], per rank in torch's order
+    (rN: rank N; Fs.m, Bs.m, Is.m, Ws.m):
+
+    gpipe P=2 M=2: r0 F0.0[0,1] F0.1[1,2]; r1 F1.0[2.5,3.5] F1.1[3.5,4.5] B1.0[4.5,7.5]
+      B1.1[7.5,10.5]; r0 B0.0[7.5+m=9,12] B0.1[10.5+m=12,15]. Step 15.
+
+    1f1b P=4 M=4 (warm-up min(M, P-r) = 4, 3, 2, 1 forwards; the issue's example; a warm-up
+    of P-r+1 gives 40):
+      r0 F0.0[0,1] F0.1[1,2] F0.2[2,3] F0.3[3,4]
+      r1 F1.0[2.5,3.5] F1.1[3.5,4.5] F1.2[4.5,5.5]
+      r2 F2.0[5,6] F2.1[6,7]
+      r3 F3.0[7.5,8.5] B3.0[8.5,11.5] F3.1[11.5,12.5] B3.1[12.5,15.5]
+      r2 B2.0[13,16] F2.2[16,17] B2.1[17,20]
+      r1 B1.0[17.5,20.5] F1.3[20.5,21.5] B1.1[21.5,24.5]
+      r3 F3.2[18.5,19.5] B3.2[19.5,22.5]
+      r2 F2.3[21.5+m=23,24] B2.2[24,27]
+      r3 F3.3[25.5,26.5] B3.3[26.5,29.5]
+      r2 B2.3[31,34]; r1 B1.2[28.5,31.5] B1.3[35.5,38.5]
+      r0 B0.0[22,25] B0.1[26,29] B0.2[33,36] B0.3[40,43]. Step 43.
+
+    interleaved-zb P=2 M=2 (r0: F F I W I W; r1: F I F I W W):
+      r0 F0.0[0,1] F0.1[1,2]; r1 F1.0[2.5,3.5] I1.0[3.5,4.5] F1.1[4.5,5.5] I1.1[5.5,6.5]
+      W1.0[6.5,8.5] W1.1[8.5,10.5]; r0 I0.0[4.5+m=6,7] W0.0[7,9] I0.1[9,10] W0.1[10,12].
+      Step 12 (with W = v_par = 0.5 it would be 9.5).
+
+    interleaved-zb-2 P=2 M=2 (stages 0, 2 on r0; 1, 3 on r1):
+      r0 F0.0[0,1] F0.1[1,2]; r1 F1.0[2.5,3.5] F1.1[3.5,4.5]
+      r0 F2.0[5,6] F2.1[6,7]; r1 F3.0[7.5,8.5] I3.0[8.5,9.5] F3.1[9.5,10.5] I3.1[10.5,11.5]
+      W3.0[11.5,13.5]
+      r0 I2.0[11,12] W2.0[12,14] I2.1[13+wait=14,15] W2.1[15,17]
+      r1 I1.0[13.5,14.5] W3.1[14.5,16.5] I1.1[16.5,17.5] W1.0[17.5,19.5] W1.1[19.5,21.5]
+      r0 I0.0[16+wait=17,18] W0.0[18,20] I0.1[20,21] W0.1[21,23]. Step 23.
+
+    zbv P=2 M=2 (V: stages 0, 3 on r0; 1, 2 on r1; 1 -> 2 and 2 -> 1 stay on r1):
+      r0 F0.0[0,1] F0.1[1,2]; r1 F1.0[2.5,3.5] F2.0[3.5,4.5] F1.1[4.5,5.5] F2.1[5.5,6.5]
+      r0 F3.0[6,7] I3.0[7,8] W3.0[8,10] F3.1[10,11] I3.1[11,12] W3.1[12,14]
+      r1 I2.0[9.5,10.5] W2.0[10.5,12.5] I1.0[12.5,13.5] W1.0[13.5,15.5] I2.1[15.5,16.5]
+      W2.1[16.5,18.5] I1.1[18.5,19.5] W1.1[19.5,21.5]
+      r0 I0.0[15,16] W0.0[16,18] I0.1[21,22] W0.1[22,24]. Step 24.
+
+    dualpipev P=2 M=4 (V as zbv; torch's overlapped (F;B) pairs run one after the other):
+      r0 F0.0[0,1] F0.1[1,2] F0.2[2,3]
+      r1 F1.0[2.5,3.5] F2.0[3.5,4.5] F1.1[4.5,5.5] F2.1[5.5,6.5] F1.2[6.5,7.5]
+      r0 F3.0[6,7] I3.0[7,8] W3.0[8,10] F3.1[10,11] F0.3[11,12] B3.1[12,15]
+      r1 B2.0[9.5,12.5] F2.2[12.5,13.5] B1.0[13.5,16.5] F1.3[16.5,17.5] B2.1[17.5,20.5]
+      F2.3[20.5,21.5] B1.1[21.5,24.5]
+      r0 F3.2[15,16] B0.0[18,21] B3.2[21,24] F3.3[24,25] B0.1[26,29] B3.3[29,32]
+      r1 B2.2[25.5,28.5] B1.2[28.5,31.5] I2.3[33.5,34.5] I1.3[34.5,35.5] W2.3[35.5,37.5]
+      W1.3[37.5,39.5]
+      r0 I0.2[33,34] W0.2[34,36] I0.3[37,38] W0.3[38,40]. Step 40.
+    """
+    t = cm.exact(_hand_layers(stages), P, M, HAND_LINK, schedule)
+    assert t.step_time == pytest.approx(max(rank_ends))
+    assert [max(task.end for task in tasks) for tasks in t.ranks] == pytest.approx(rank_ends)
