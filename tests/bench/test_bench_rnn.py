@@ -302,21 +302,22 @@ def test_elementwise_floor_runs_the_engine_forwards_ops_per_step(cell, hidden):
     assert sum(floor_ops.values()) == floors[3].ops_per_step
 
 
-def test_memory_probe_sees_the_stored_gates_and_one_extra_state():
+def test_memory_probe_sees_the_stored_gates():
     """Replaces `peak >= 0` (true of any value). At T=256, B=64, H=128 a state [T, B, H] is
     8 MiB: the engine stores the gates ([T, B, 3H] and two [T, B, H] buffers at the backward,
-    5 states) and the outputs for any method;
-    Highway keeps one more adjoint state than the sequential exact backward (two buffers
-    swapped each iteration). The resident set moves by up to a state from run to run (the
-    allocator), so "no more at k = 3 than at k = 1" is asserted on the deterministic tensor
-    count instead (tests/models/test_rnn_memory.py)."""
+    5 states) and the outputs for any method, so each probe reads more than 6 states
+    (measured here: 9.1 for the exact backward, 10.1 for Highway(k=1), three runs each
+    within 0.1 of that). The resident set moves by up to a state from run to run (the
+    allocator; the fresh-clone CI once read 88.9 and 81.0 MB for two equal peaks), which
+    cannot take a probe from 9 states below 6, but can erase the one state Highway holds
+    over the exact backward: that difference, and "no more at k = 3 than at k = 1", are
+    asserted on the deterministic tensor count (tests/models/test_rnn_memory.py)."""
     args = argparse.Namespace(cell="gru", batch=64, hidden=128, input_size=128, layers=1,
                               threads=1, memory_timeout=600.0, seed=0, k=[1])  # fmt: skip
     state_mb = 256 * 64 * 128 * 4 / 2**20
     mem = {n: peak_memory_mb(args, n, 256) for n in ("hbp-exact", "highway(k=1)")}
     assert all(v is not None for v in mem.values()), mem
-    assert mem["hbp-exact"] > 6 * state_mb, mem
-    assert 0.5 * state_mb < mem["highway(k=1)"] - mem["hbp-exact"] < 2.5 * state_mb, mem
+    assert all(v > 6 * state_mb for v in mem.values()), mem
 
 
 def test_bench_rnn_profile_writes_phases_and_the_sweep_op_mix(tmp_path):

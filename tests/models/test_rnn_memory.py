@@ -66,3 +66,12 @@ def test_highway_holds_one_adjoint_state_more_than_exact_at_any_k(cell):
     state = (2 if cell == "lstm" else 1) * (T + 1) * B * H * 4
     assert abs((peaks["k1"] - peaks["exact"]) - state) <= 0.05 * state, peaks
     assert peaks["k3"] == peaks["k1"], peaks
+
+
+def test_gru_step_holds_the_stored_gates_and_outputs():
+    # The deterministic side of tests/bench/test_bench_rnn.py's resident-set probe: the
+    # engine stores the gates ([T, B, 3H] and two [T, B, H] buffers at the backward) and
+    # the outputs [T, B, H], 6 states, for any method (10.7 states counted at this size).
+    peaks = _peaks("gru")
+    state = T * B * H * 4
+    assert min(peaks["exact"], peaks["k1"], peaks["k3"]) > 6 * state, peaks
