@@ -1,6 +1,7 @@
-"""DDG (delayed gradients) across processes with torchrun: one rank per module.
+"""DDG (delayed gradients) across processes: one rank per module.
 
-    torchrun --nproc-per-node 2 examples/ddg_torchrun.py
+    python examples/ddg_torchrun.py                           # spawns 2 local processes
+    torchrun --nproc-per-node 2 examples/ddg_torchrun.py      # or under torchrun
 
 Each rank builds the same model, keeps its own part (a module), and trains it with
 gradients delayed by the number of modules after it (Huo et al. 2018); activations go
@@ -8,15 +9,19 @@ forward and errors backward between ranks (gloo on CPU, NCCL on GPU). Rank 0 the
 assembles the trained model and evaluates it. Data: scikit-learn's digits (offline).
 """
 
+from __future__ import annotations
+
 import functools
 import os
+import shutil
 import tempfile
 
 import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
-from highwaybp.ddg import DDGRunConfig, EpochBatches, assemble_model, run_from_env
+from highwaybp.ddg import DDGRunConfig, EpochBatches, assemble_model, run_from_env, spawn_ddg
+from highwaybp.distributed import under_torchrun
 
 
 def build_model() -> nn.Sequential:
@@ -38,18 +43,33 @@ def main() -> None:
         threads=1,
         timeout=120.0,
     )
-    # Every rank writes its trained module here; rank 0 reads them all (one folder for the
-    # whole job: torchrun gives every rank the same run id).
+    if under_torchrun():  # this process is one rank; rank 0 evaluates every rank's module
+        results = _results_under_torchrun(cfg)
+        if results is None:
+            return
+    else:
+        results = spawn_ddg(cfg, 2)
+    model = assemble_model(cfg, results)
+    with torch.no_grad():
+        accuracy = (model(x[1400:]).argmax(1) == y[1400:]).float().mean().item()
+    print(f"DDG on {len(results)} ranks: test accuracy {accuracy:.3f}")
+
+
+def _results_under_torchrun(cfg: DDGRunConfig) -> list[dict] | None:
+    """Every rank's result on rank 0 (None on the others). Every rank writes its trained
+    module into one folder for the whole job (torchrun gives every rank the same run id);
+    rank 0 reads them after the ranks' barrier, then removes the folder."""
     result_dir = os.path.join(tempfile.gettempdir(),
                               f"ddg-example-{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}")
-    result = run_from_env(cfg, result_dir=result_dir)   # every rank runs its module
-    if result["rank"] == 0:
-        results = [torch.load(os.path.join(result_dir, f"rank{r}.pt"), weights_only=False)
-                   for r in range(result["world"])]
-        model = assemble_model(cfg, results)
-        with torch.no_grad():
-            accuracy = (model(x[1400:]).argmax(1) == y[1400:]).float().mean().item()
-        print(f"DDG on {result['world']} ranks: test accuracy {accuracy:.3f}")
+    try:
+        result = run_from_env(cfg, result_dir=result_dir)   # every rank runs its module
+        if result["rank"] != 0:
+            return None
+        return [torch.load(os.path.join(result_dir, f"rank{r}.pt"), weights_only=False)
+                for r in range(result["world"])]
+    finally:
+        if int(os.environ["RANK"]) == 0:  # the others are done with it: they wrote before
+            shutil.rmtree(result_dir, ignore_errors=True)  # the barrier rank 0 passed
 
 
 if __name__ == "__main__":

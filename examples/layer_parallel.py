@@ -12,14 +12,12 @@ trains on scikit-learn's digits (offline).
 
 from __future__ import annotations
 
-import os
-
 import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
 import highwaybp as hbp
-from highwaybp.distributed import HighwayPipeline, init_from_env, spawn
+from highwaybp.distributed import HighwayPipeline, init_from_env, spawn, under_torchrun
 
 WIDTH, LAYERS, STEPS, BATCH = 64, 8, 40, 128
 
@@ -78,7 +76,7 @@ def single_process_first_grads() -> list[torch.Tensor]:
 
 
 def main() -> None:
-    if "RANK" in os.environ:  # under torchrun: this process is one rank
+    if under_torchrun():  # this process is one rank
         ctx = init_from_env()
         out = train(ctx)
         if out["losses"]:

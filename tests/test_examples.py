@@ -14,8 +14,8 @@ EXAMPLES = ROOT / "examples"
 TIMEOUT = 600
 
 
-def _run(*args: str) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+def _run(*args: str, **env_vars: str) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src"), **env_vars}
     proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -56,10 +56,20 @@ def test_huggingface_gpt2_step():
     assert "fine-tuning step done" in out
 
 
-def test_ddg_with_torchrun():
+def test_ddg_with_torchrun_leaves_no_folder_behind(tmp_path):
+    # The ranks hand their trained modules to rank 0 through a folder in the temporary
+    # directory; it was left there after every run.
     out = _run("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               str(EXAMPLES / "ddg_torchrun.py"))
+               str(EXAMPLES / "ddg_torchrun.py"), TMPDIR=str(tmp_path))
     assert _number(r"DDG on 2 ranks: test accuracy ([\d.]+)", out) > 0.5
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("ddg-example")]
+
+
+def test_ddg_example_without_torchrun_spawns_its_ranks(tmp_path):
+    # `python examples/ddg_torchrun.py` failed with a bare KeyError: 'RANK'.
+    out = _run(str(EXAMPLES / "ddg_torchrun.py"), TMPDIR=str(tmp_path))
+    assert _number(r"DDG on 2 ranks: test accuracy ([\d.]+)", out) > 0.5
+    assert not list(tmp_path.iterdir())
 
 
 def test_layer_parallel_example_matches_the_single_process_chain_and_learns():

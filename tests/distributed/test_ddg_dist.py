@@ -20,6 +20,7 @@ from highwaybp.ddg import (
     DDGTrainer,
     EpochBatches,
     assemble_model,
+    run_from_env,
     spawn_ddg,
     spawn_ddg_many,
 )
@@ -139,6 +140,18 @@ def test_bad_config_is_a_clear_error_before_spawning():
         spawn_ddg(_config("nope", steps=2), 2, deadline=60)
     with pytest.raises(ValueError, match="timeout must be"):
         spawn_ddg(_config("stash", steps=2, timeout=0), 2, deadline=60)
+
+
+@pytest.mark.parametrize("missing", ["RANK", "MASTER_PORT"])
+def test_run_from_env_outside_torchrun_says_what_to_do(monkeypatch, missing):
+    # It raised a bare KeyError: 'RANK' (examples/ddg_torchrun.py run with python).
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"),
+                       ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv(missing)
+    with pytest.raises(RuntimeError, match=rf"run_from_env: \${missing} is not set; launch "
+                       r"with torchrun .* or use highwaybp\.ddg\.spawn_ddg"):
+        run_from_env(_config("stash", steps=2), result_dir=None)
 
 
 def test_a_stopped_rank_is_named_and_killed_once_its_neighbours_failed(monkeypatch):

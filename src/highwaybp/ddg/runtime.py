@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from highwaybp.ddg.stage import SEMANTICS, DDGStage, split_model
-from highwaybp.distributed.launch import rank_process
+from highwaybp.distributed.launch import rank_process, torchrun_rank_world
 from highwaybp.distributed.transport import Link, TransportError, Watchdog
 from highwaybp.files import load_checkpoint, save_checkpoint
 
@@ -327,7 +327,7 @@ def run_from_env(cfg: DDGRunConfig, result_dir: Optional[str] = None) -> dict[st
     With `result_dir`, every rank saves its result there as rank{r}.pt and all ranks
     meet at a (bounded) barrier, so rank 0 can then read every module.
     """
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    rank, world = torchrun_rank_world("run_from_env", "highwaybp.ddg.spawn_ddg(cfg, world)")
     check_config(cfg, world)
     device = _setup_rank(rank, world, cfg)
     watchdog = Watchdog(cfg.timeout + 30.0, rank)

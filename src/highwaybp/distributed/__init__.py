@@ -2,12 +2,12 @@
 
 - `HighwayPipeline`: a `ResidualChain` split across ranks, one stage per rank, whose
   backward is Highway-BP run layer-parallel (or FixedPoint, or an exact GPipe backward).
-- `spawn` / `init_from_env`: local processes or torchrun.
+- `spawn` / `init_from_env`: local processes or torchrun (`under_torchrun` tells which).
 - `Tracer`, `critical_path`, `phase_breakdown`, `merge_traces`: per-phase timings.
 - `transport`: the point-to-point links with bounded waits shared with DDG.
 """
 
-from highwaybp.distributed.launch import RankContext, init_from_env, spawn
+from highwaybp.distributed.launch import RankContext, init_from_env, spawn, under_torchrun
 from highwaybp.distributed.pipeline import HighwayPipeline, balanced_boundaries
 from highwaybp.distributed.trace import (
     Tracer,
@@ -28,4 +28,5 @@ __all__ = [
     "merge_traces",
     "phase_breakdown",
     "spawn",
+    "under_torchrun",
 ]

@@ -292,16 +292,31 @@ def spawn(fn: Callable[..., Any], world: int, args: tuple = (), *, backend: str 
         procs.close()
 
 
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def under_torchrun() -> bool:
+    """Whether this process is one rank of a torchrun job (torchrun sets $RANK): how a
+    script chooses between its torchrun path and starting local processes itself."""
+    return "RANK" in os.environ
+
+
+def torchrun_rank_world(caller: str, instead: str) -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment. Outside torchrun: a RuntimeError that
+    names the missing variable and what to use instead (`instead`), not a bare KeyError."""
+    for key in TORCHRUN_VARIABLES:
+        if key not in os.environ:
+            raise RuntimeError(f"{caller}: ${key} is not set; launch with torchrun "
+                               f"(torchrun --nproc-per-node P script.py) or use {instead}")
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+
 def init_from_env(timeout: float = 60.0, backend: Optional[str] = None) -> RankContext:
     """Initialize the default process group from torchrun's environment (RANK, WORLD_SIZE,
     MASTER_ADDR, MASTER_PORT); NCCL when CUDA is available, else gloo."""
-    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        if key not in os.environ:
-            raise RuntimeError(f"init_from_env: ${key} is not set; launch with torchrun "
-                               "(torchrun --nproc-per-node P script.py) or use spawn()")
+    rank, world = torchrun_rank_world("init_from_env", "spawn()")
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     device = _pick_device(backend, rank)
     if not dist.is_initialized():
         dist.init_process_group(backend, init_method="env://",
