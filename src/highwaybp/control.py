@@ -21,8 +21,8 @@ not counted):
   beyond k = 1, and the case for small k is latency on a layer-parallel machine.
 - A model with several chains/RNN layers: the mean over them, weighted by their number of
   layers (an adapted model's by the layers of the chain it runs: 2 per GPT-2/BERT block,
-  1 per ResNet block; an RNN layer counts as one unit; a model mixing RNNs and ResidualChains weights
-  each RNN layer like one ResidualChain layer).
+  1 per ResNet block; an RNN layer counts as one unit; a model mixing RNNs and
+  ResidualChains weights each RNN layer like one ResidualChain layer).
 - Probes (Adaptive): each gradient a probe computes costs 1 forward sweep + its backward
   sweeps as above; these are reported separately (`probe_sweeps`) and in `total_sweeps`.
 """
