@@ -269,6 +269,20 @@ def test_switches_given_to_the_adapter_function_reach_the_chain(kind):
     assert case.adapter.scan is None and not case.adapter.layerwise_sweeps  # unchanged
 
 
+@pytest.mark.parametrize("switches", [
+    {"layerwise_sweeps": True}, {"recompute": False}, {"scan": "hillis_steele"},
+    {"record_step_norms": True, "recompute": False, "layerwise_sweeps": True},
+], ids=["layerwise", "no-recompute", "hillis-steele", "three"])  # fmt: skip
+@pytest.mark.parametrize("kind", ADAPTERS)
+def test_with_any_switch_k_equal_L_is_exact(kind, switches):
+    case = _case(kind, **switches)
+    report = hbp.gradient_fidelity(case.model, case.loss, {"L": Highway(k=case.length)})
+    assert report["L"]["rel_error"] < 1e-10
+    assert all(getattr(case.adapter.last_chain, name) == value
+               for name, value in switches.items() if name != "scan")  # fmt: skip
+    assert case.adapter.last_chain.scan_name == switches.get("scan")
+
+
 # ---- item 4: gradient_fidelity and KController on every adapter -------------------------
 
 
@@ -368,6 +382,9 @@ def test_kcontroller_adaptive_watch_raises_k_between_probes_and_resumes(kind):
     probed_k = int(probe["method"].split("=")[1].rstrip(")"))
     raised = [(h["step"], h["raised_to"]) for h in history if "raised_to" in h]
     assert raised and raised[0][1] == probed_k + 1, history
+    # the probe's exact gradient counts 1 forward + 2 sweeps, as on a chain (the adapter
+    # reports an exact backward), each Highway(k) 1 + k + 1
+    assert probe["probe_sweeps"] == 3 + sum(k + 2 for k in probe["probed"])
     assert all(h["iterations"] for h in history)
     # the watch reads the step norms of the chain the adapter built: off, no raise
     quiet, _, _ = _adaptive_run(kind, steps=10, rise=float("inf"))
