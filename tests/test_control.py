@@ -4,6 +4,8 @@ diverges)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -288,6 +290,52 @@ def test_state_dict_resume_gives_the_same_sequence_of_methods():
         assert _resumable_run(stop) == straight
 
 
+def _watch_run(stop_at: int | None = None, steps: int = 30):
+    """The between-probes watch run of the test above (one probe, at step 0; growing
+    Jacobians raise the last step norm). At `stop_at` the chain and the controller are
+    rebuilt from their state_dicts. Returns (history, the controller's saved state, its
+    AdaptiveState when saved)."""
+    chain = _linear_chain(8, 0.05)
+    scales = [0.05 * 1.15**t for t in range(steps + 1)]
+    schedule = Adaptive(target_cosine=0.9, probe_every=1000, k_min=1, k_max=6, rise=1.5, window=2)
+    ctl = KController(chain, schedule)
+    x = torch.randn(4, D, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    t = torch.randn(4, D, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    saved, state = None, None
+    for step in range(steps):
+        if step == stop_at:
+            saved, state = ctl.state_dict(), copy.deepcopy(ctl.state)
+            weights = chain.state_dict()
+            chain = _linear_chain(8, 0.3, seed=9)
+            chain.load_state_dict(weights)
+            ctl = KController(chain, schedule)
+            ctl.load_state_dict(copy.deepcopy(saved))
+            # the FULL controller state, Adaptive's included, is what it was
+            assert ctl.state == state
+            assert ctl.state_dict() == saved
+        _train_step(chain, ctl, step, x, t)
+        chain.zero_grad()
+        _set_scale(chain, scales[step], scales[step + 1])
+    return ctl.history, saved, state
+
+
+def test_resume_between_probes_keeps_the_watchs_reference_and_raises_at_the_same_step():
+    """Stopped after the window has filled since the last raise (Adaptive's reference_step
+    set, recent_steps full): the resumed run must raise k at the step the straight run
+    does. A state_dict without reference_step re-measures it from the rising norms after
+    the resume, and raises later (issue 18, item 7)."""
+    straight, _, _ = _watch_run()
+    raises = [h["step"] for h in straight if "raised_to" in h]
+    assert len(raises) >= 2
+    stop = raises[1]  # a raise whose window refilled after the one before
+    assert stop - raises[0] >= 3
+    resumed, saved, state = _watch_run(stop_at=stop)
+    assert state.reference_step is not None and len(state.recent_steps) == 2
+    assert saved["adaptive"]["reference_step"] == state.reference_step
+    assert [h["step"] for h in resumed if "raised_to" in h] == raises
+    assert resumed == straight
+
+
 def test_load_state_dict_refuses_another_schedule():
     model = Nested()
     state = KController(model, "linear:0,4,100").state_dict()
@@ -355,11 +403,12 @@ def test_train_cli_adaptive_resumes_to_the_same_run(tmp_path):
         (["--k-schedule", "exact", "--method", "ddg"], "not with ddg"),
     ],
 )
-def test_train_cli_refuses_a_bad_schedule(tmp_path, extra, message):
+def test_train_cli_refuses_a_bad_schedule(tmp_path, capsys, extra, message):
     from highwaybp.cli import main
 
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(SystemExit) as info:  # a bad text: argparse's usage error (exit 2)
         main([*TRAIN_TINY, *extra, "--out", str(tmp_path)])
+    assert message in str(info.value.code) + capsys.readouterr().err
 
 
 def test_kschedule_experiment_tiny_runs_reports_and_refuses_another_config(tmp_path, capsys):

@@ -20,8 +20,9 @@ not counted):
   one after the other (the paper's Eq. 13), so on one device exact is the cheapest in work
   beyond k = 1, and the case for small k is latency on a layer-parallel machine.
 - A model with several chains/RNN layers: the mean over them, weighted by their number of
-  layers (an RNN layer counts as one unit; a model mixing RNNs and ResidualChains weights
-  each RNN layer like one ResidualChain layer).
+  layers (an adapted model's by the layers of the chain it runs: 2 per GPT-2/BERT block,
+  1 per ResNet block; an RNN layer counts as one unit; a model mixing RNNs and
+  ResidualChains weights each RNN layer like one ResidualChain layer).
 - Probes (Adaptive): each gradient a probe computes costs 1 forward sweep + its backward
   sweeps as above; these are reported separately (`probe_sweeps`) and in `total_sweeps`.
 """
@@ -36,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from highwaybp.core.adapter import ChainAdapter
 from highwaybp.core.chain import ResidualChain
 from highwaybp.core.fidelity import (
     chains_in,
@@ -306,6 +308,8 @@ def _units(model: nn.Module) -> list[tuple[Diagnostics | None, int]]:
         layer_diags = getattr(chain, "layer_diagnostics", None)
         if isinstance(chain, ResidualChain):
             units.append((chain.last_diagnostics, len(chain)))
+        elif isinstance(chain, ChainAdapter):  # from_huggingface / from_torchvision
+            units.append((chain.last_diagnostics, chain.num_chain_layers))
         elif isinstance(layer_diags, list):
             units.extend((d, 1) for d in layer_diags)
         else:

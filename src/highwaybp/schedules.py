@@ -311,11 +311,17 @@ _ADAPTIVE_KEYS = {
 
 def _parse_adaptive(args: str) -> Adaptive:
     kwargs: dict[str, object] = {}
+    given: dict[str, str] = {}  # option -> the key that set it
     for item in filter(None, (s.strip() for s in args.split(","))):
         key, eq, value = item.partition("=")
-        if not eq or key.strip() not in _ADAPTIVE_KEYS:
+        key = key.strip()
+        if not eq or key not in _ADAPTIVE_KEYS:
             raise ValueError(f"adaptive option {item!r} not understood; {GRAMMAR}")
-        name, kind = _ADAPTIVE_KEYS[key.strip()]
+        name, kind = _ADAPTIVE_KEYS[key]
+        if name in kwargs:  # as method texts: a repeat is a typo, not "the last one wins"
+            keys = key if given[name] == key else f"{given[name]}/{key}"
+            raise ValueError(f"adaptive option {keys!r} given twice in {args!r}")
+        given[name] = key
         kwargs[name] = kind(value)
     return Adaptive(**kwargs)
 

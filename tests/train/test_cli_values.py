@@ -55,6 +55,12 @@ def _usage_error(capsys, argv: list[str]) -> str:
         ([*TRAIN, "--num-samples", "5"], "--num-samples"),
         ([*DEMO, "--samples", "9"], "--samples"),
         ([*TRAIN, "--stop-after", "0"], "--stop-after"),
+        ([*TRAIN, "--momentum", "2"], "--momentum"),
+        ([*TRAIN, "--momentum", "1"], "--momentum"),  # the velocity never decays
+        ([*TRAIN, "--momentum", "-0.1"], "--momentum"),
+        ([*TRAIN, "--eval-every", "0"], "--eval-every"),
+        ([*TRAIN, "--k-schedule", "linear:0,4"], "--k-schedule"),
+        ([*TRAIN, "--k-schedule", "adaptive:target=0.99,every=10,target=0.5"], "--k-schedule"),
         ([*CHARLM, "--methods", "exact,bogus"], "--methods"),
         ([*CHARLM, "--threads", "-1"], "--threads"),
         ([*DEEP, "--threads", "-1"], "--threads"),
@@ -92,6 +98,32 @@ def test_out_that_is_a_file_is_refused(capsys, tmp_path):
     blocker.write_text("x")
     err = _usage_error(capsys, [*DEMO, "--out", str(blocker)])
     assert "existing file" in err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--k-schedule", "linear:0,4"], "argument --k-schedule"),
+    (["--k-schedule", "exact", "--method", "ddg"], "not with ddg"),
+])  # fmt: skip
+def test_train_refuses_a_bad_k_schedule_before_loading_the_data(
+        capsys, tmp_path, monkeypatch, extra, message):
+    from highwaybp.train import train_cli
+
+    def load_data(args):
+        raise AssertionError("the data was loaded before --k-schedule was checked")
+
+    monkeypatch.setattr(train_cli, "load_data", load_data)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main([*TRAIN, *extra, "--out", str(tmp_path / "out")])
+    assert message in str(info.value.code) + capsys.readouterr().err
+
+
+def test_momentum_type():
+    assert cli_types.momentum_value("0") == 0.0
+    assert cli_types.momentum_value("0.99") == 0.99
+    for bad in ("1", "1.5", "-0.5", "nan", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            cli_types.momentum_value(bad)
 
 
 def test_method_and_list_types():

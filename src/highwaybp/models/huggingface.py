@@ -40,8 +40,8 @@ from typing import Any, Optional
 from torch import Tensor, nn
 
 import highwaybp._compat as _compat
+from highwaybp.core.adapter import ChainAdapter
 from highwaybp.core.chain import ResidualChain
-from highwaybp.core.iteration import Diagnostics
 from highwaybp.core.methods import Exact, Method, check_method
 from highwaybp.core.residual import Gated, ResidualLayer, Scaled
 from highwaybp.models.transformer import _check_gamma, post_ln_gate
@@ -113,11 +113,14 @@ class _BertFeedForward(nn.Module):
 # ---------------------------------------------------------------------------------------
 
 
-class HighwayStack(nn.ModuleList):
+class HighwayStack(ChainAdapter, nn.ModuleList):
     """The HF block list, unchanged as modules, whose iteration runs Highway-BP.
 
-    `method` (switchable, also by `highwaybp.use_method`), `vjp`, `scan` configure the
-    chain built for each forward call; `last_diagnostics` reports the last backward.
+    `method` (switchable, also by `highwaybp.use_method`) and every `ResidualChain` switch
+    (`vjp`, `scan`, `record_step_norms`, `layerwise_sweeps`, `recompute`,
+    `preserve_rng_state`: attributes of the same names, read at each forward) configure
+    the chain built for each forward call; `last_diagnostics` reports the last backward
+    (see `highwaybp.core.adapter.ChainAdapter`).
     """
 
     def __init__(
@@ -126,29 +129,28 @@ class HighwayStack(nn.ModuleList):
         kind: str,
         gamma: float,
         method: Method,
-        vjp: str = "loop",
-        scan: Optional[str] = None,
         returns_tuple: bool = False,
+        **switches: Any,
     ) -> None:
         super().__init__(list(blocks))
         self.kind = kind
         self.gamma = gamma
-        self.method = method
-        self.vjp = vjp
-        self.scan = scan
+        self._configure(method, **switches)
         self.returns_tuple = returns_tuple  # how this transformers release's blocks return
         self._signature = inspect.signature(blocks[0].forward)
-        self._last_chain: list[ResidualChain] = []  # a list: not registered as a submodule
         self._warned_cache = False
 
     @property
-    def last_diagnostics(self) -> Optional[Diagnostics]:
-        return self._last_chain[0].last_diagnostics if self._last_chain else None
+    def num_chain_layers(self) -> int:
+        return 2 * len(self)  # attention and MLP of each block (see build_chain)
 
     def __iter__(self) -> Iterator[nn.Module]:
         import torch
 
         if self.method.exact or not torch.is_grad_enabled():
+            self._ran_original(
+                torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+            )
             return super().__iter__()
         return iter([self._run_chain])
 
@@ -157,8 +159,7 @@ class HighwayStack(nn.ModuleList):
         extra = dict(bound.pop("kwargs", {}))
         named = dict(list(bound.items())[1:])  # every argument but the hidden states
         self._check_unsupported(named, extra)
-        chain = self.build_chain(named.get("attention_mask"), extra)
-        self._last_chain[:] = [chain]
+        chain = self._running(self.build_chain(named.get("attention_mask"), extra))
         out = chain(hidden_states)
         # transformers 4.x blocks (and some 5.x ones) return (hidden, present, attentions,
         # cross-attentions) and the model reads outputs[0], outputs[1], ...: a bare tensor
@@ -215,7 +216,7 @@ class HighwayStack(nn.ModuleList):
                     ResidualLayer(_BertAttention(block, self.gamma, mask, kwargs), Gated()),
                     ResidualLayer(_BertFeedForward(block, self.gamma), Gated()),
                 ]
-        return ResidualChain(layers, method=self.method, vjp=self.vjp, scan=self.scan)
+        return self._chain_of(layers)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, gamma={self.gamma}, method={self.method!r}, vjp={self.vjp}"
@@ -295,9 +296,7 @@ def from_huggingface(
     model: nn.Module,
     gamma: Optional[float] = None,
     method: Optional[Method] = None,
-    *,
-    vjp: str = "loop",
-    scan: Optional[str] = None,
+    **switches: Any,
 ) -> nn.Module:
     """Make `model`'s transformer stack train with Highway-BP (in place; returns `model`).
 
@@ -308,10 +307,13 @@ def from_huggingface(
             (K = diag(0.2 alpha / sigma)). gamma = 1 gives the fixed-point baseline.
         method: the gradient method (default `Exact()`); switch later with
             `highwaybp.use_method(model, ...)` or `stack.method = ...`.
-        vjp, scan: the chain's VJP backend and scan.
+        **switches: any keyword switch of `ResidualChain` (vjp, scan, recompute,
+            record_step_norms, layerwise_sweeps, preserve_rng_state; defaults as there),
+            for the chain built at each forward; also attributes of the stack.
 
     Returns the same model; `highwaybp.models.huggingface.highway_stack(model)` gives the
-    `HighwayStack` (for `last_diagnostics`). Calling it twice re-configures the stack.
+    `HighwayStack` (for `last_diagnostics`). Calling it twice re-configures the stack
+    (switches not given return to their defaults).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"from_huggingface needs a torch nn.Module, got {type(model).__name__}")
@@ -319,18 +321,18 @@ def from_huggingface(
     existing = highway_stack(model, required=False)
     if existing is not None:
         g = DEFAULT_GAMMA[existing.kind] if gamma is None else _check_gamma(gamma)
-        existing.gamma, existing.method, existing.vjp, existing.scan = g, method, vjp, scan
+        existing._configure(method, **switches)
+        existing.gamma = g
         return model
     parent, attr, kind = _find_stack(model)
     # Refuse a transformers release outside the tested range (see highwaybp._compat).
     _compat.require_tested("transformers", "highwaybp.from_huggingface")
     g = DEFAULT_GAMMA[kind] if gamma is None else _check_gamma(gamma)
-    ResidualChain([ResidualLayer(nn.Identity())], vjp=vjp, scan=scan)  # validate names now
     blocks = getattr(parent, attr)
     first = blocks[0]
     ln = first.ln_1 if kind == "gpt2" else first.attention.output.LayerNorm
     returns_tuple = _block_returns_tuple(first, ln.normalized_shape[-1])
-    stack = HighwayStack(blocks, kind, g, method, vjp, scan, returns_tuple=returns_tuple)
+    stack = HighwayStack(blocks, kind, g, method, returns_tuple=returns_tuple, **switches)
     setattr(parent, attr, stack)
     return model
 

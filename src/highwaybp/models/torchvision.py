@@ -42,16 +42,15 @@ backend is "loop" (projection shortcuts have a general K; vjp="batched" is refus
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
+from highwaybp.core.adapter import ChainAdapter
 from highwaybp.core.chain import ResidualChain
-from highwaybp.core.iteration import Diagnostics
 from highwaybp.core.methods import Exact, Method, check_method
 from highwaybp.core.residual import ModuleShortcut, ReLUResidual, ResidualLayer
-from highwaybp.core.scan import get_scan
 
 STAGE_NAMES = ("layer1", "layer2", "layer3", "layer4")
 
@@ -135,13 +134,16 @@ def _layout(block: nn.Module, name: str) -> tuple[tuple[str, ...], str]:
     return steps, final
 
 
-class ResNetStage(nn.Sequential):
+class ResNetStage(ChainAdapter, nn.Sequential):
     """One stage (`layer1`..`layer4`) of an adapted ResNet: the same blocks, same names.
 
     The first stage owns the configuration: `method` (switchable, also by
-    `highwaybp.use_method`), `vjp`, `scan`, and reports `last_diagnostics`. Under a
-    non-exact method with gradients enabled, the first stage runs the blocks of all stages
-    as one `ResidualChain`; the later stages pass that output through.
+    `highwaybp.use_method`) and every `ResidualChain` switch (`vjp`, `scan`,
+    `record_step_norms`, `layerwise_sweeps`, `recompute`, `preserve_rng_state`: attributes
+    of the same names, read at each forward), and reports `last_diagnostics` (any stage
+    reads the first's; see `highwaybp.core.adapter.ChainAdapter`). Under a non-exact
+    method with gradients enabled, the first stage runs the blocks of all stages as one
+    `ResidualChain`; the later stages pass that output through.
     """
 
     def __init__(self, stage: nn.Sequential, index: int, head: Optional[ResNetStage]) -> None:
@@ -151,11 +153,8 @@ class ResNetStage(nn.Sequential):
         self._head: list[ResNetStage] = [] if head is None else [head]
         self._stages: list[ResNetStage] = []
         self._pending: list[tuple[Tensor, int, int]] = []  # (output, version, next index)
-        self._last_chain: list[ResidualChain] = []
         if head is None:
-            self.method: Method = Exact()
-            self.vjp = "loop"
-            self.scan: Optional[str] = None
+            self._configure(Exact())
 
     def __getitem__(self, idx: int | slice) -> nn.Module:
         if isinstance(idx, slice):  # a plain Sequential of those blocks (not a stage)
@@ -168,24 +167,23 @@ class ResNetStage(nn.Sequential):
     def head(self) -> ResNetStage:
         return self._head[0] if self._head else self
 
+    def _owner(self) -> ResNetStage:
+        return self.head
+
     @property
-    def last_diagnostics(self) -> Optional[Diagnostics]:
-        chains = self.head._last_chain
-        return chains[0].last_diagnostics if chains else None
+    def num_chain_layers(self) -> int:
+        return len(self.blocks())  # one chain layer per block, all stages
 
-    @last_diagnostics.setter
-    def last_diagnostics(self, value: Optional[Diagnostics]) -> None:
-        for chain in self.head._last_chain:
-            chain.last_diagnostics = value
-
-    def configure(self, method: Method, vjp: str, scan: Optional[str]) -> None:
-        if vjp != "loop":
+    def _check_switches(self, switches: dict) -> None:
+        if switches["vjp"] != "loop":
             raise ValueError(
-                f"from_torchvision: vjp={vjp!r} is not supported: the projection shortcuts "
-                "have a general (shape-changing) K, which only vjp='loop' handles"
+                f"from_torchvision: vjp={switches['vjp']!r} is not supported: the projection "
+                "shortcuts have a general (shape-changing) K, which only vjp='loop' handles"
             )
-        get_scan(scan)  # fail now on an unknown name
-        self.method, self.vjp, self.scan = check_method(method), vjp, scan
+
+    def configure(self, method: Method, **switches: Any) -> None:
+        """Set the method and the chain switches (those not given: their defaults)."""
+        self.head._configure(method, **switches)
 
     def blocks(self) -> list[tuple[str, nn.Module]]:
         """(qualified name, block) of every block of every stage, in order."""
@@ -196,9 +194,7 @@ class ResNetStage(nn.Sequential):
 
     def build_chain(self) -> ResidualChain:
         """The `ResidualChain` of all blocks (built per call: it reflects the current blocks)."""
-        head = self.head
-        layers = [cast_block(b, n) for n, b in self.blocks()]
-        return ResidualChain(layers, method=head.method, vjp=head.vjp, scan=head.scan)
+        return self._chain_of([cast_block(b, n) for n, b in self.blocks()])
 
     # -- forward ------------------------------------------------------------------------
 
@@ -207,10 +203,11 @@ class ResNetStage(nn.Sequential):
         if self.index == 0:
             head._pending.clear()
             if head.method.exact or not torch.is_grad_enabled():
+                self._ran_original(torch.is_grad_enabled() and (x.requires_grad or any(
+                    p.requires_grad for s in head._stages for p in s.parameters())))
                 return super().forward(x)
             self._check_no_hooks()
-            chain = self.build_chain()
-            head._last_chain[:] = [chain]
+            chain = self._running(self.build_chain())
             # Every stage's output is a state of the one chain (returned by the chain's
             # Function, so a loss that also reads layer1's output, as feature extractors
             # do, is a per-state loss of the iteration, not a silently dropped one).
@@ -283,9 +280,7 @@ def _find_stages(model: nn.Module) -> list[nn.Module]:
 def from_torchvision(
     model: nn.Module,
     method: Optional[Method] = None,
-    *,
-    vjp: str = "loop",
-    scan: Optional[str] = None,
+    **switches: Any,
 ) -> nn.Module:
     """Make a torchvision-style ResNet's residual stages train with Highway-BP (in place).
 
@@ -295,22 +290,25 @@ def from_torchvision(
             ReLU activations).
         method: the gradient method (default `Exact()`); switch later with
             `highwaybp.use_method(model, ...)` or `resnet_stages(model).method = ...`.
-        vjp, scan: the chain's VJP backend ("loop" only) and scan.
+        **switches: any keyword switch of `ResidualChain` (scan, recompute,
+            record_step_norms, layerwise_sweeps, preserve_rng_state; vjp: "loop" only;
+            defaults as there), for the chain built at each forward; also attributes of
+            the first stage.
 
     Returns the same model; `highwaybp.models.torchvision.resnet_stages(model)` gives its
     first `ResNetStage` (configuration, `last_diagnostics`, `build_chain()`). Calling it
-    twice re-configures the model.
+    twice re-configures the model (switches not given return to their defaults).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"from_torchvision needs a torch nn.Module, got {type(model).__name__}")
     method = Exact() if method is None else check_method(method)
     existing = resnet_stages(model, required=False)
     if existing is not None:
-        existing.configure(method, vjp, scan)
+        existing.configure(method, **switches)
         return model
     stages = _find_stages(model)
     head = ResNetStage(stages[0], 0, None)
-    head.configure(method, vjp, scan)
+    head.configure(method, **switches)
     new = [head] + [ResNetStage(s, i, head) for i, s in enumerate(stages[1:], start=1)]
     head._stages = new
     for name, stage in zip(STAGE_NAMES, new):

@@ -76,6 +76,15 @@ def nonneg_float(text: str) -> float:
     return value
 
 
+def momentum_value(text: str) -> float:
+    """An SGD momentum: a finite number in [0, 1) (at 1 or above the velocity, a sum of
+    the gradients weighted by its powers, no longer decays: the run diverges)."""
+    value = _float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
 def nonneg_int_list(text: str) -> list[int]:
     """'0,1,3' -> [0, 1, 3]: at least one integer, each >= 0."""
     try:
