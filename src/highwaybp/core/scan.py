@@ -144,7 +144,17 @@ def reverse_scan_blocked(x: Tensor, a: Tensor | None = None, block: int | None =
     Out of place (x and a are not modified) and differentiable as written.
     """
     _check(x, a)
+    return reverse_scan_blocked_rows(x, None if a is None else a[:-1], block)
+
+
+def reverse_scan_blocked_rows(
+    x: Tensor, a_head: Tensor | None, block: int | None = None
+) -> Tensor:
+    """`reverse_scan_blocked` given only the coefficients that are read, a_head = a[:N-1]
+    ([N-1, *S']): what the RNN engines hold (the gates of steps 1..T for states 0..T)."""
     n = x.shape[0]
+    if a_head is not None and a_head.shape[0] != n - 1:
+        raise ValueError(f"scan needs {n - 1} coefficients for {n} rows, got {a_head.shape[0]}")
     size = max(1, math.ceil(math.log2(n))) if block is None else int(block)
     if size < 1:
         raise ValueError(f"scan block must be >= 1, got {block!r}")
@@ -153,9 +163,9 @@ def reverse_scan_blocked(x: Tensor, a: Tensor | None = None, block: int | None =
     xb = x if pad == 0 else torch.cat([x, x.new_zeros((pad, *x.shape[1:]))])
     xb = xb.reshape(nb, size, *x.shape[1:])
     ab = None
-    if a is not None:  # a_{N-1} is never read: zero it (and the padding) so P stays finite
-        ab = torch.cat([a[: n - 1], a.new_zeros((pad + 1, *a.shape[1:]))])
-        ab = ab.reshape(nb, size, *a.shape[1:])
+    if a_head is not None:  # a_{N-1} is never read: zero (and the padding) so P stays finite
+        ab = torch.cat([a_head, a_head.new_zeros((pad + 1, *a_head.shape[1:]))])
+        ab = ab.reshape(nb, size, *a_head.shape[1:])
     local: list = [None] * size
     prod: list = [None] * size
     local[-1] = xb[:, -1]
