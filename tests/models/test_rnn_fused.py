@@ -175,6 +175,21 @@ def test_fused_backward_refuses_h0_changed_in_place(cell):
         y.sum().backward()
 
 
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_fused_exact_is_torch_autograd_and_reference_iterate_agrees(cell):
+    """Exact() on the fused path is autograd through torch's kernel (not our Function); the
+    other methods run our Function, and iterate="reference" gives the fast loop's result."""
+    m, _ = _model(cell, 1, torch.float64, forward="fused", scan="log", method=hbp.Exact())
+    x, hx, extra, weights = _data(cell, 1, torch.float64, False, True, seed=3)
+    assert "_LayerFunction" not in type(m(x, hx)[0].grad_fn).__name__
+    m.method = hbp.Highway(k=2)
+    assert "_LayerFunction" in type(m(x, hx)[0].grad_fn).__name__
+    fast = _grads(cell, m, x, hx, extra, weights)
+    m.iterate = "reference"
+    for g, w in zip(_grads(cell, m, x, hx, extra, weights), fast):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-13)
+
+
 def test_auto_resolves_to_the_loop_on_cpu_and_fused_log_on_cuda():
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     assert fused.resolve_paths("auto", "auto", cpu) == ("loop", "sequential")
