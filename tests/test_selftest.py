@@ -63,6 +63,12 @@ def test_full_selftest_covers_what_matters(full_run):
     for rnn in ("gru", "lstm"):
         for check in ("forward", "exact-grad", "highway-k=T-grad", "dropout-train/highway-k=T"):
             assert f"rnn/{rnn}/{check}" in names
+        for path in ("loop+sequential", "loop+log", "fused+sequential", "fused+log"):
+            assert f"rnn/{rnn}/{path}/highway-k=T-grad" in names
+        for check in ("fused/exact-grad", "fused+log/fixedpoint-k=T-grad",
+                      "fused+log/adaptive-reaches-T", "fused+log/dropout-train/highway-k=T",
+                      "fused+log-vs-loop/highway-k=1"):
+            assert f"rnn/{rnn}/{check}" in names
     assert "hf/gpt2/highway-k=L" in names and "hf/bert/highway-k=L" in names
     assert "ddg/2-process-vs-oracle" in names
 
@@ -153,6 +159,42 @@ def test_planted_bug_in_the_rnn_iteration_fails(monkeypatch):
     assert statuses["rnn/gru/highway-k=T-grad"] == "FAIL"
     assert statuses["rnn/lstm/highway-k=T-grad"] == "FAIL"
     assert statuses["chain/gated/highway-k=L/loop"] == "PASS"
+
+
+def test_planted_bugs_in_the_log_scan_and_the_gate_recompute_fail(monkeypatch):
+    import highwaybp.models.rnn.engine as engine_module
+    import highwaybp.models.rnn.gru as gru_module
+
+    real_scan = engine_module.reverse_scan_blocked_rows
+
+    def carries_dropped(x, a_head, block=None):  # each block scanned on its own
+        size = 2
+        return torch.cat([real_scan(x[s : s + size], None if a_head is None else
+                                    a_head[s : s + size - 1]) for s in range(0, len(x), size)])
+
+    monkeypatch.setattr(engine_module, "reverse_scan_blocked_rows", carries_dropped)
+    statuses = _statuses(selftest.run("cpu", quick=True))
+    for rnn in ("gru", "lstm"):
+        assert statuses[f"rnn/{rnn}/fused+log/highway-k=T-grad"] == "FAIL"
+        assert statuses[f"rnn/{rnn}/highway-k=T-grad"] == "PASS"  # CPU auto: loop+sequential
+    monkeypatch.undo()
+
+    real_recompute = gru_module.GRUEngine._recompute_gates
+
+    def stale_reset_gate(self):  # r from the input side only: h W_hr^T left out
+        real_recompute(self)
+        H = self.H
+        gi = torch.nn.functional.linear(self.x, self.w_ih[:H], self.b_ih[:H] + self.b_hh[:H])
+        self.G[..., :H] = torch.sigmoid(gi)
+        self.N.copy_(torch.tanh(torch.nn.functional.linear(self.x, self.w_ih[2 * H :],
+                                                           self.b_ih[2 * H :])
+                                + self.G[..., :H] * self.G[..., 2 * H :]))
+
+    monkeypatch.setattr(gru_module.GRUEngine, "_recompute_gates", stale_reset_gate)
+    statuses = _statuses(selftest.run("cpu", quick=True))
+    assert statuses["rnn/gru/fused+log-vs-loop/highway-k=1"] == "FAIL"
+    assert statuses["rnn/gru/fused+log/highway-k=T-grad"] == "FAIL"
+    assert statuses["rnn/lstm/fused+log-vs-loop/highway-k=1"] == "PASS"
 
 
 def test_planted_bug_rerun_without_rng_and_buffer_replay_fails(monkeypatch):

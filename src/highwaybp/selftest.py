@@ -21,7 +21,10 @@ has it) and compares, gradient by gradient, each method against plain autograd:
 - rnn/...: highwaybp.GRU/LSTM (2 layers, batch_first) against torch.nn.GRU/LSTM with the
   same state_dict: the forward, and the gradients (input, initial state, parameters) at
   Exact() and Highway(k=T) (fast and reference iteration); dropout in train mode (CPU only: the
-  GPU kernels of torch.nn draw their own masks; elsewhere Highway against Exact).
+  GPU kernels of torch.nn draw their own masks; elsewhere Highway against Exact). Each
+  forward path x scan (loop/fused x sequential/log) at Highway(k=T), the fused path's
+  Exact (torch autograd through its kernel), FixedPoint, adaptive and dropout on fused +
+  log, and fused + log against loop + sequential at a truncated Highway(k=1).
 - hf/...: `from_huggingface` on a tiny GPT-2 and BERT built from a config (no download),
   Highway(k=L) against the unadapted model's autograd; SKIP if transformers is missing.
 - ddg/...: a 2-process DDG run (gloo, or NCCL with 2 GPUs) against the single-process
@@ -577,14 +580,21 @@ def _output_names(kind: str) -> list[str]:
 
 
 def rnn_grad_check(
-    kind: str, method: Callable[[int], Method], iterate: str = "fast", dropout: float = 0.0
+    kind: str,
+    method: Callable[[int], Method],
+    iterate: str = "fast",
+    dropout: float = 0.0,
+    forward: str = "auto",
+    scan: str = "auto",
 ) -> Callable[[Setup], Measured]:
-    """highwaybp.{GRU,LSTM} with method(T) against torch.nn: outputs and all gradients."""
+    """highwaybp.{GRU,LSTM} with method(T) against torch.nn: outputs and all gradients.
+    forward/scan: the module's paths ("auto": fused + log on CUDA, loop + sequential on CPU)."""
 
     def check(setup: Setup) -> Measured:
         layers = 3 if dropout else 2
         ours, ref = _rnn_pair(kind, setup, dropout, layers)
         ours.iterate = iterate
+        ours.forward_path, ours.scan = forward, scan
         x, state, leaves = _rnn_inputs(kind, setup, layers)
         note = ""
         versus_torch = not dropout or setup.device.type == "cpu"
@@ -611,8 +621,52 @@ def rnn_grad_check(
     return check
 
 
+def rnn_paths_check(kind: str, k: int) -> Callable[[Setup], Measured]:
+    """Highway(k) (truncated: not exact) on the fused forward + log scan against the loop +
+    sequential scan: the same estimate to rounding (outputs and all gradients)."""
+
+    def check(setup: Setup) -> Measured:
+        results, notes = [], []
+        for forward, scan in (("fused", "log"), ("loop", "sequential")):
+            ours, _ = _rnn_pair(kind, setup)
+            ours.forward_path, ours.scan = forward, scan
+            x, state, leaves = _rnn_inputs(kind, setup)
+            chosen = Highway(k=k)
+            out = _rnn_outputs(kind, ours, x, state, method=chosen)
+            results.append([*out, *_grads(_rnn_loss(out, setup), [*leaves, *ours.parameters()])])
+            notes.append(ran_method(ours.last_diagnostics, chosen, k, f"{forward}+{scan}"))
+            names = [*_output_names(kind), "dL/dx", "dL/dh0", *(["dL/dc0"] if kind == "lstm"
+                     else []), *(f"dL/d{n}" for n, _ in ours.named_parameters())]  # fmt: skip
+        return Measured(results[0], results[1], notes[0], names)
+
+    return check
+
+
+RNN_PATHS = (("loop", "sequential"), ("loop", "log"), ("fused", "sequential"), ("fused", "log"))
+
+
 def _rnn_checks() -> list[Check]:
     checks = []
+    for kind in ("gru", "lstm"):
+        for forward, scan in RNN_PATHS:  # explicit: "auto" picks one pair per device
+            path = f"rnn/{kind}/{forward}+{scan}"
+            gpu_shaped = (forward, scan) == ("fused", "log")
+            checks.append(Check(f"{path}/highway-k=T-grad", rnn_grad_check(
+                kind, lambda t: Highway(k=t), forward=forward, scan=scan), quick=gpu_shaped))
+        checks += [
+            Check(f"rnn/{kind}/fused/exact-grad",
+                  rnn_grad_check(kind, lambda t: Exact(), forward="fused")),
+            Check(f"rnn/{kind}/fused+log/fixedpoint-k=T-grad",
+                  rnn_grad_check(kind, lambda t: FixedPoint(k=t), forward="fused", scan="log")),
+            Check(f"rnn/{kind}/fused+log/adaptive-reaches-T",
+                  rnn_grad_check(kind, lambda t: Highway(tol=1e-300, max_k=t), forward="fused",
+                                 scan="log")),
+            Check(f"rnn/{kind}/fused+log/dropout-train/highway-k=T",
+                  rnn_grad_check(kind, lambda t: Highway(k=t), dropout=0.3, forward="fused",
+                                 scan="log")),
+            Check(f"rnn/{kind}/fused+log-vs-loop/highway-k=1", rnn_paths_check(kind, 1),
+                  quick=True),
+        ]
     for kind in ("gru", "lstm"):
         checks += [
             Check(f"rnn/{kind}/forward", rnn_forward_check(kind)),

@@ -1,4 +1,5 @@
-"""The two stacked scans agree with each other and with a float64 loop; the list scan too."""
+"""The stacked scans (sequential, Hillis-Steele, blocked) agree with each other and with a
+float64 loop; the list scan too."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from highwaybp.core.scan import (
     get_scan,
     reverse_scan,
+    reverse_scan_blocked,
     reverse_scan_hillis_steele,
     reverse_scan_list,
     reverse_scan_sequential,
@@ -51,6 +53,10 @@ def test_scans_agree(dtype, n, kind):
     hs = reverse_scan_hillis_steele(x, a)
     torch.testing.assert_close(seq, expected, **TOL[dtype])
     torch.testing.assert_close(hs, expected, **TOL[dtype])
+    for block in (None, 1, 2, 5, n + 3):  # default ~log2 N; degenerate, padded, one block
+        got = reverse_scan_blocked(x, a, block)
+        assert got.shape == x.shape
+        torch.testing.assert_close(got, expected, **TOL[dtype])
     assert torch.isfinite(hs).all() and torch.isfinite(seq).all()
 
 
@@ -59,7 +65,7 @@ def test_last_coefficient_is_never_read():
     a = torch.rand(5, 4, dtype=torch.float64)
     b = a.clone()
     b[-1] = float("nan")
-    for scan in (reverse_scan_sequential, reverse_scan_hillis_steele):
+    for scan in (reverse_scan_sequential, reverse_scan_hillis_steele, reverse_scan_blocked):
         torch.testing.assert_close(scan(x, a), scan(x, b))
 
 
@@ -68,7 +74,7 @@ def test_long_products_do_not_underflow():
     n = 2000
     x = torch.randn(n, 8)
     a = torch.full((n, 8), 1e-3)
-    for scan in (reverse_scan_sequential, reverse_scan_hillis_steele):
+    for scan in (reverse_scan_sequential, reverse_scan_hillis_steele, reverse_scan_blocked):
         y = scan(x, a)
         assert torch.isfinite(y).all()
         torch.testing.assert_close(y, loop_reference(x, a).float(), rtol=1e-5, atol=1e-5)
@@ -87,6 +93,7 @@ def test_default_scan_and_registry():
     torch.testing.assert_close(reverse_scan(x), reverse_scan_sequential(x))
     assert get_scan(None) is reverse_scan_sequential
     assert get_scan("hillis_steele") is reverse_scan_hillis_steele
+    assert get_scan("blocked") is reverse_scan_blocked
     with pytest.raises(ValueError, match="unknown scan"):
         get_scan("nope")
 
@@ -145,3 +152,43 @@ def test_hillis_steele_leaves_inputs_alone_and_is_differentiable(kind):
     want = torch.autograd.grad((reverse_scan_sequential(xg, ag) * w).sum(), leaves)
     for g, r in zip(got, want):
         torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["none", "uniform", "scalar"])
+def test_blocked_scan_leaves_inputs_alone_and_is_differentiable(kind):
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(13, 3, 4, generator=gen, dtype=torch.float64).transpose(1, 2)  # strided
+    a = coefficients(kind, (13, 4, 3), torch.float64, gen)
+    x0, a0 = x.clone(), None if a is None else a.clone()
+    torch.testing.assert_close(reverse_scan_blocked(x, a), loop_reference(x, a))
+    assert torch.equal(x, x0) and (a is None or torch.equal(a, a0))
+    xg = x.clone().requires_grad_(True)
+    ag = None if a is None else a.clone().requires_grad_(True)
+    leaves = [xg] if ag is None else [xg, ag]
+    w = torch.randn(13, 4, 3, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad((reverse_scan_blocked(xg, ag) * w).sum(), leaves)
+    want = torch.autograd.grad((reverse_scan_sequential(xg, ag) * w).sum(), leaves)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+
+
+def test_blocked_scan_is_log_depth():
+    """O(log N) ops, not O(N): the op count at N = 4096 is at most 3x that at N = 64
+    (a sequential scan's is 64x)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = {}
+    for n in (64, 4096):
+        x, a = torch.randn(n, 2), torch.rand(n, 2)
+        Count.n = 0
+        with Count():
+            reverse_scan_blocked(x, a)
+        counts[n] = Count.n
+    assert counts[4096] <= 3 * counts[64], counts

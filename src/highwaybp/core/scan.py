@@ -13,6 +13,10 @@ paper's Algorithm 1 read literally starts from P_i = K_i; the correct start is K
   is memory-bound, so this is also the fastest (see `highwaybp bench scan`); it is the default.
 - `reverse_scan_hillis_steele`: the paper's log-depth scan (O(N log N) work, log N steps),
   the one to use where many cores or a GPU are idle during the scan.
+- `reverse_scan_blocked`: work-efficient log-depth scan (O(N) work, about 2 log2 N steps):
+  sequential inside blocks of ~log2 N rows, all blocks at once, Hillis-Steele over the
+  block carries, one fix-up. What the RNN engines run with scan="log" (a GPU's path:
+  O(log N) kernel launches instead of N).
 
 Never compute a scan as cumsum(x / cumprod(a)) * cumprod(a): the products underflow (NaN
 for gates near 0). Both scans here are recurrence forms, stable for |a| <= 1.
@@ -20,6 +24,7 @@ for gates near 0). Both scans here are recurrence forms, stable for |a| <= 1.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -124,9 +129,64 @@ def _hillis_steele_differentiable(x: Tensor, a: Tensor | None) -> Tensor:
     return acc
 
 
+def reverse_scan_blocked(x: Tensor, a: Tensor | None = None, block: int | None = None) -> Tensor:
+    """Work-efficient log-depth scan with the same result as `reverse_scan_sequential`.
+
+    Rows are cut into nb blocks of L = `block` rows (default ceil(log2 N), so the depth is
+    about L + log2(N / L) ~ 2 log2 N dependent steps and the work O(N)); the last block is
+    padded with zero rows. Three phases, each op over all blocks at once:
+    1. in each block, from its end: local_i = x_i + a_i local_{i+1} and the products
+       P_i = a_i a_{i+1} ... a_{end} (L - 1 steps), so that y_i = local_i + P_i Y_{b+1}
+       with Y_b = y at block b's first row;
+    2. the carries Y_b = local_{first of b} + P_{first of b} Y_{b+1}: a reverse scan over
+       nb rows (`reverse_scan_hillis_steele`, the one owner of that rule);
+    3. fix-up: y_i = local_i + P_i Y_{b+1} (Y_nb = 0), one fused multiply-add.
+    Out of place (x and a are not modified) and differentiable as written.
+    """
+    _check(x, a)
+    return reverse_scan_blocked_rows(x, None if a is None else a[:-1], block)
+
+
+def reverse_scan_blocked_rows(
+    x: Tensor, a_head: Tensor | None, block: int | None = None
+) -> Tensor:
+    """`reverse_scan_blocked` given only the coefficients that are read, a_head = a[:N-1]
+    ([N-1, *S']): what the RNN engines hold (the gates of steps 1..T for states 0..T)."""
+    n = x.shape[0]
+    if a_head is not None and a_head.shape[0] != n - 1:
+        raise ValueError(f"scan needs {n - 1} coefficients for {n} rows, got {a_head.shape[0]}")
+    size = max(1, math.ceil(math.log2(n))) if block is None else int(block)
+    if size < 1:
+        raise ValueError(f"scan block must be >= 1, got {block!r}")
+    nb = -(-n // size)
+    pad = nb * size - n
+    xb = x if pad == 0 else torch.cat([x, x.new_zeros((pad, *x.shape[1:]))])
+    xb = xb.reshape(nb, size, *x.shape[1:])
+    ab = None
+    if a_head is not None:  # a_{N-1} is never read: zero (and the padding) so P stays finite
+        ab = torch.cat([a_head, a_head.new_zeros((pad + 1, *a_head.shape[1:]))])
+        ab = ab.reshape(nb, size, *a_head.shape[1:])
+    local: list = [None] * size
+    prod: list = [None] * size
+    local[-1] = xb[:, -1]
+    prod[-1] = None if ab is None else ab[:, -1]
+    for j in range(size - 2, -1, -1):
+        if ab is None:
+            local[j] = xb[:, j] + local[j + 1]
+        else:
+            local[j] = torch.addcmul(xb[:, j], ab[:, j], local[j + 1])
+            prod[j] = ab[:, j] * prod[j + 1]
+    carry = reverse_scan_hillis_steele(local[0], prod[0])  # Y_b, b = 0..nb-1
+    after = torch.cat([carry[1:], torch.zeros_like(carry[:1])]).unsqueeze(1)  # Y_{b+1}
+    local_all = torch.stack(local, 1)
+    y = local_all + after if ab is None else torch.addcmul(local_all, torch.stack(prod, 1), after)
+    return y.reshape(nb * size, *y.shape[2:])[:n]
+
+
 SCANS: dict[str, ScanFn] = {
     "sequential": reverse_scan_sequential,
     "hillis_steele": reverse_scan_hillis_steele,
+    "blocked": reverse_scan_blocked,
 }
 DEFAULT_SCAN = "sequential"
 

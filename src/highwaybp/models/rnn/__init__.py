@@ -4,6 +4,9 @@
 - `function.py`: the autograd Function of one layer (tape-free forward, chosen backward).
 - `engine.py`, `gru.py`, `lstm.py`: the engine base and one engine per cell (stored gates,
   batched block VJPs, in-place scan, exact BPTT, parameter VJPs).
+- `fused.py`: torch's fused kernel for one layer (forward="fused") and the choice of
+  forward path and time scan ("auto": fused + log-depth scans on CUDA, loop + sequential
+  on CPU).
 - `loop.py`: the iteration on an engine, fast and reference.
 - `reference.py`: `CellRNN`, the reference cells and the autograd-loop baseline: what the
   fast path is tested against.

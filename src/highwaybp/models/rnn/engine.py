@@ -14,6 +14,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from highwaybp.core.scan import reverse_scan_blocked_rows
+
+SCAN_MODES = ("sequential", "log")  # an engine's time scans (the module's "auto" resolves)
 
 class BufferPool:
     """Reusable scratch tensors keyed by (shape, dtype, device).
@@ -150,7 +153,10 @@ class Engine:
         w_hh: Tensor,
         b_ih: Optional[Tensor],
         b_hh: Optional[Tensor],
+        scan: str = "sequential",
     ) -> None:
+        if scan not in SCAN_MODES:
+            raise ValueError(f"engine scan must be one of {SCAN_MODES}, got {scan!r}")
         self.pool = pool
         self.x, self.h0 = x, h0
         self.w_ih, self.w_hh, self.b_ih, self.b_hh = w_ih, w_hh, b_ih, b_hh
@@ -163,8 +169,52 @@ class Engine:
         # multiply and the matmul, and the scan and the norms read rows still in cache.
         row_bytes = self.B * self.num_gates * self.H * x.element_size()
         self.chunk = max(1, min(self.T, -(-self.chunk_bytes // row_bytes)))
+        # scan="log": every sweep's ops run over all T at once (one chunk: one call per op,
+        # what a GPU wants; the chunks are for a CPU's caches) and the time scans are the
+        # work-efficient log-depth `reverse_scan_blocked`, O(log T) ops instead of T
+        self.log_scan = scan == "log"
+        if self.log_scan:
+            self.chunk = self.T
         self._owned: list[Tensor] = []
         self.onednn = onednn_applies(x)
+        # set by `use_fused_outputs`: the outputs came from torch's fused kernel and the
+        # gates are recomputed, batched over T, when the backward first needs them
+        self.fused_y: Optional[Tensor] = None
+
+    # ---- time scans ---------------------------------------------------------------------
+    def _reverse_scan_(self, rows: Tensor, coeff: Tensor) -> None:
+        """In place on rows [n+1, ...]: rows_i += coeff_i rows_{i+1}, i = n-1 down to 0
+        (coeff [n, ...]): T dependent row ops (scan="sequential") or O(log T) ops ("log")."""
+        if self.log_scan:
+            rows.copy_(reverse_scan_blocked_rows(rows, coeff))
+            return
+        rs, cs = rows.unbind(0), coeff.unbind(0)
+        for i in range(coeff.shape[0] - 1, -1, -1):
+            rs[i].addcmul_(cs[i], rs[i + 1])
+
+    def _forward_scan_(self, rows: Tensor, coeff: Tensor) -> None:
+        """In place on rows [n+1, ...]: rows_{t+1} += coeff_t rows_t, t = 0 up to n-1: the
+        same recurrence read backwards in time (the log path scans the flipped rows)."""
+        if self.log_scan:
+            rows.copy_(reverse_scan_blocked_rows(rows.flip(0), coeff.flip(0)).flip(0))
+            return
+        rs, cs = rows.unbind(0), coeff.unbind(0)
+        for t in range(coeff.shape[0]):
+            rs[t + 1].addcmul_(cs[t], rs[t])
+
+    # ---- the fused forward's outputs ------------------------------------------------------
+    def use_fused_outputs(self, y: Tensor) -> None:
+        """Adopt the outputs h_1..h_T [T, B, H] of torch's fused kernel instead of running
+        `forward`: nothing else is stored; `prepare` recomputes the gates from x and
+        h_0..h_{T-1} in a few batched ops (`_recompute_gates`, per cell)."""
+        self.fused_y = y
+
+    def _states_from_fused(self) -> Tensor:
+        """h_0..h_T [T+1, B, H] from h0 and the fused kernel's outputs (a fresh buffer)."""
+        states = self.take(self.T + 1, self.B, self.H)
+        states[0].copy_(self.h0)
+        states[1:].copy_(self.fused_y)
+        return states
 
     # ---- buffers ------------------------------------------------------------------------
     def take(self, *shape: int) -> Tensor:

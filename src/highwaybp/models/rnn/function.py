@@ -12,6 +12,7 @@ from torch import Tensor
 from highwaybp.core.iteration import Diagnostics
 from highwaybp.core.methods import Method
 from highwaybp.models.rnn.engine import BufferPool, Engine
+from highwaybp.models.rnn.fused import fused_layer
 from highwaybp.models.rnn.gru import GRUEngine
 from highwaybp.models.rnn.loop import _check_finite, fast_iterate, reference_iterate
 from highwaybp.models.rnn.lstm import LSTMEngine
@@ -46,12 +47,14 @@ class _LayerRun:
     iterate: str = "fast"
     record_steps: bool = False  # the owner's record_step_norms at this forward
     engine: Optional[Engine] = field(default=None, repr=False)
+    forward_path: str = "loop"  # "loop" (the engine's tape-free loop) or "fused" (torch's kernel)
+    scan: str = "sequential"  # the engine's time scans: "sequential" or "log"
 
 
 def _make_engine(run: _LayerRun, x, h0, c0, w_ih, w_hh, b_ih, b_hh) -> Engine:
     if c0 is None:
-        return GRUEngine(run.pool, x, h0, w_ih, w_hh, b_ih, b_hh)
-    return LSTMEngine(run.pool, x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+        return GRUEngine(run.pool, x, h0, w_ih, w_hh, b_ih, b_hh, run.scan)
+    return LSTMEngine(run.pool, x, h0, c0, w_ih, w_hh, b_ih, b_hh, run.scan)
 
 
 class _LayerFunction(torch.autograd.Function):
@@ -68,19 +71,28 @@ class _LayerFunction(torch.autograd.Function):
         b_hh: Optional[Tensor],
     ):
         eng = _make_engine(run, x, h0, c0, w_ih, w_hh, b_ih, b_hh)
-        result = eng.forward()
+        fused = run.forward_path == "fused"
+        if fused:  # torch's kernel, no tape; the backward recomputes the gates (`prepare`)
+            out = fused_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+            y, c_last = (out, None) if c0 is None else out
+            eng.use_fused_outputs(y)
+        elif c0 is None:
+            y, c_last = eng.forward()[1:], None
+        else:
+            states, c_last = eng.forward()
+            y = states[1:]
         ctx.run, ctx.eng = run, eng
-        # The backward reads W_hh (block VJPs) and W_ih (dx) again; the gates it needs are
-        # stored, so the biases, h0 and c0 are not read. x and the output are saved below.
-        ctx.weight_versions = (w_ih._version, w_hh._version)
-        if c0 is None:
-            y = result[1:]
+        # The loop's backward reads W_hh (block VJPs) and W_ih (dx) again; the gates it needs
+        # are stored, so the biases, h0 and c0 are not read. The fused path's backward
+        # recomputes the gates from all of them: they are saved (h0, c0) or version-checked
+        # (the parameters, `_check_weight_versions`) too.
+        params = (w_ih, w_hh, b_ih, b_hh)
+        ctx.weight_versions = tuple(None if p is None else p._version for p in params)
+        if fused:
+            ctx.save_for_backward(x, y, h0, c0)
+        else:
             ctx.save_for_backward(x, y)
-            return y
-        states, c_last = result
-        y = states[1:]
-        ctx.save_for_backward(x, y)
-        return y, c_last
+        return y if c0 is None else (y, c_last)
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor, grad_c: Optional[Tensor] = None):
@@ -105,17 +117,23 @@ class _LayerFunction(torch.autograd.Function):
 
 
 def _check_weight_versions(
-    run: _LayerRun, eng: Engine, versions: tuple[int, int], need_x: bool
+    run: _LayerRun, eng: Engine, versions: tuple[Optional[int], ...], need_x: bool
 ) -> None:
     """Refuse a backward whose weights changed in place since the forward, as torch.nn does.
 
     The backward multiplies by W_hh (and by W_ih for dx): after e.g. an optimizer.step()
     between the forward and this backward it would silently mix the new weights with the old
-    gates, a gradient of no model. W_ih is read only when x needs a gradient (as in torch.nn).
+    gates, a gradient of no model. W_ih is read only when x needs a gradient (as in torch.nn)
+    on the loop path; the fused path recomputes the gates from every parameter.
     """
     checks = [("weight_hh", eng.w_hh, versions[1])]
-    if need_x:
+    fused = run.forward_path == "fused"  # recomputes the gates: reads every parameter
+    if need_x or fused:
         checks.insert(0, ("weight_ih", eng.w_ih, versions[0]))
+    if fused:
+        checks += [(name, b, v) for name, b, v in (("bias_ih", eng.b_ih, versions[2]),
+                                                   ("bias_hh", eng.b_hh, versions[3]))
+                   if b is not None]  # fmt: skip
     for name, weight, saved in checks:
         if weight._version != saved:
             raise RuntimeError(

@@ -39,22 +39,9 @@ class GRUEngine(Engine):
         """
         T, B, H = self.T, self.B, self.H
         h2 = 2 * H
-        x2 = self.x.reshape(T * B, self.In)
         states = self.x.new_empty((T + 1, B, H))
         states[0] = self.h0
-        G = self.take(T, B, 3 * H)  # [pre_r, pre_z, hn] -> [r, z, hn] -> (prepare) coefficients
-        N = self.take(T, B, H)  # x W_in^T + b_in -> n -> (prepare) Pn
-        G2 = G.view(T * B, 3 * H)
-        w_ih, b_ih, b_hh = self.w_ih, self.b_ih, self.b_hh
-        bias_rz = _sum_or_none(None if b_ih is None else b_ih[:h2],
-                               None if b_hh is None else b_hh[:h2])  # fmt: skip
-        matmul_into(x2, w_ih[:h2], G2[:, :h2], bias_rz, self.onednn)
-        if b_hh is None:
-            G2[:, h2:].zero_()
-        else:
-            G2[:, h2:].copy_(b_hh[h2:].expand(T * B, H))
-        matmul_into(x2, w_ih[h2:], N.view(T * B, H), None if b_ih is None else b_ih[h2:],
-                    self.onednn)  # fmt: skip
+        G, N = self._input_projections()
         w_t = self.w_hh.t()
         step_linear = packed_linear(self.w_hh, B)
         hs, rows_g, rows_n = states.unbind(0), G.unbind(0), N.unbind(0)
@@ -71,6 +58,40 @@ class GRUEngine(Engine):
         self.Z = None
         return states
 
+    def _input_projections(self) -> tuple[Tensor, Tensor]:
+        """G [T, B, 3H] <- [x W_ir^T + b_ir + b_hr, x W_iz^T + b_iz + b_hz, b_hn] and
+        N [T, B, H] <- x W_in^T + b_in: every step's input side, two matmuls (pooled)."""
+        T, B, H = self.T, self.B, self.H
+        h2 = 2 * H
+        x2 = self.x.reshape(T * B, self.In)
+        G = self.take(T, B, 3 * H)  # [pre_r, pre_z, hn] -> [r, z, hn] -> (prepare) coefficients
+        N = self.take(T, B, H)  # x W_in^T + b_in -> n -> (prepare) Pn
+        G2 = G.view(T * B, 3 * H)
+        w_ih, b_ih, b_hh = self.w_ih, self.b_ih, self.b_hh
+        bias_rz = _sum_or_none(None if b_ih is None else b_ih[:h2],
+                               None if b_hh is None else b_hh[:h2])  # fmt: skip
+        matmul_into(x2, w_ih[:h2], G2[:, :h2], bias_rz, self.onednn)
+        if b_hh is None:
+            G2[:, h2:].zero_()
+        else:
+            G2[:, h2:].copy_(b_hh[h2:].expand(T * B, H))
+        matmul_into(x2, w_ih[h2:], N.view(T * B, H), None if b_ih is None else b_ih[h2:],
+                    self.onednn)  # fmt: skip
+        return G, N
+
+    def _recompute_gates(self) -> None:
+        """The fused forward's backward: the gates of all T steps at once from x and the
+        kernel's outputs (h_{t-1} is the previous output), into the buffers `forward` fills:
+        the input side (`_input_projections`), one [T*B, H] x [H, 3H] matmul for h W_hh^T,
+        one sigmoid, n = tanh(N + r hn)."""
+        T, B, H = self.T, self.B, self.H
+        self.states = self._states_from_fused()
+        G, N = self._input_projections()
+        G.view(T * B, 3 * H).addmm_(self.states[:T].reshape(T * B, H), self.w_hh.t())
+        G[..., : 2 * H].sigmoid_()
+        N.addcmul_(G[..., :H], G[..., 2 * H :]).tanh_()
+        self.G, self.N, self.Z = G, N, None
+
     @property
     def z(self) -> Tensor:
         """Update gates z_1..z_T [T, B, H] (K_t = diag(z_t)); valid before and after prepare."""
@@ -86,6 +107,8 @@ class GRUEngine(Engine):
         """
         if self.prepared:
             return
+        if self.fused_y is not None:
+            self._recompute_gates()
         H = self.H
         self._chunk_buffers()
         Z = self.take(self.T, self.B, H)
@@ -144,7 +167,9 @@ class GRUEngine(Engine):
                 oc.addcmul_(self.z[s:e], w[s + 1 : e + 1])
             if with_loss:
                 self._add_loss_rows_(oc, s, e)
-            if scan:
+            if scan and self.log_scan:  # one chunk: s = 0, e = T
+                self._reverse_scan_(out[s : e + 1], self.z[s:e])
+            elif scan:
                 for i in range(e - 1, s - 1, -1):
                     rows[i].addcmul_(zs[i], rows[i + 1])
             if norms:
@@ -158,10 +183,7 @@ class GRUEngine(Engine):
 
     def scan_(self, x: Tensor) -> Tensor:
         """In place: x_i += z_{i+1} * x_{i+1}, from i = T-1 down to 0."""
-        rows = x.unbind(0)
-        zs = self.z.unbind(0)
-        for i in range(self.T - 1, -1, -1):
-            rows[i].addcmul_(zs[i], rows[i + 1])
+        self._reverse_scan_(x, self.z)
         return x
 
     def exact_backward(self, out: Tensor) -> Tensor:

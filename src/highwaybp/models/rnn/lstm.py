@@ -22,8 +22,8 @@ class LSTMEngine(Engine):
     num_gates = 4
     state_parts = 2
 
-    def __init__(self, pool, x, h0, c0, w_ih, w_hh, b_ih, b_hh) -> None:
-        super().__init__(pool, x, h0, w_ih, w_hh, b_ih, b_hh)
+    def __init__(self, pool, x, h0, c0, w_ih, w_hh, b_ih, b_hh, scan="sequential") -> None:
+        super().__init__(pool, x, h0, w_ih, w_hh, b_ih, b_hh, scan)
         self.c0 = c0
 
     def forward(self) -> tuple[Tensor, Tensor]:
@@ -35,9 +35,7 @@ class LSTMEngine(Engine):
         C = self.take(T + 1, B, H)
         C[0] = self.c0
         TC = self.take(T, B, H)
-        A = self.take(T, B, 4 * H)  # x W_ih^T + b_ih + b_hh, then + h W_hh^T, then the gates
-        bias = _sum_or_none(self.b_ih, self.b_hh)
-        matmul_into(x.reshape(T * B, self.In), self.w_ih, A.view(T * B, 4 * H), bias, self.onednn)
+        A = self._input_projection()
         w_t = self.w_hh.t()
         linear = packed_linear(self.w_hh, B)
         hs, cs, tcs, rows = states.unbind(0), C.unbind(0), TC.unbind(0), A.unbind(0)
@@ -62,6 +60,34 @@ class LSTMEngine(Engine):
         self.states, self.C, self.TC, self.A = states, C, TC, A
         return states, C[-1].clone()
 
+    def _input_projection(self) -> Tensor:
+        """A [T, B, 4H] <- x W_ih^T + b_ih + b_hh for every step (one matmul, pooled)."""
+        T, B, H = self.T, self.B, self.H
+        A = self.take(T, B, 4 * H)  # x W_ih^T + b_ih + b_hh, then + h W_hh^T, then the gates
+        bias = _sum_or_none(self.b_ih, self.b_hh)
+        matmul_into(self.x.reshape(T * B, self.In), self.w_ih, A.view(T * B, 4 * H), bias,
+                    self.onednn)  # fmt: skip
+        return A
+
+    def _recompute_gates(self) -> None:
+        """The fused forward's backward: the gates of all T steps at once from x and the
+        kernel's outputs (one [T*B, In] and one [T*B, H] matmul, three activations), then
+        the cell states c_t = f_t c_{t-1} + i_t g_t, which the fused kernel does not return,
+        by the engine's time scan (log-depth with scan="log"), and tanh(c)."""
+        T, B, H = self.T, self.B, self.H
+        self.states = self._states_from_fused()
+        A = self._input_projection()
+        A.view(T * B, 4 * H).addmm_(self.states[:T].reshape(T * B, H), self.w_hh.t())
+        A[..., : 2 * H].sigmoid_()
+        A[..., 2 * H : 3 * H].tanh_()
+        A[..., 3 * H :].sigmoid_()
+        C = self.take(T + 1, B, H)
+        C[0].copy_(self.c0)
+        torch.mul(A[..., :H], A[..., 2 * H : 3 * H], out=C[1:])  # i g
+        self._forward_scan_(C, A[..., H : 2 * H])  # c_t = i_t g_t + f_t c_{t-1}
+        TC = torch.tanh(C[1:], out=self.take(T, B, H))
+        self.C, self.TC, self.A = C, TC, A
+
     @property
     def f(self) -> Tensor:
         """Forget gates f_1..f_T [T, B, H] (K_t = diag(f_t) on c): in the gates until
@@ -81,6 +107,8 @@ class LSTMEngine(Engine):
         """
         if self.prepared:
             return
+        if self.fused_y is not None:
+            self._recompute_gates()
         H = self.H
         self._chunk_buffers()
         for c0, c1 in self.chunks():  # by chunks of time steps: the ops run in cache
@@ -153,7 +181,9 @@ class LSTMEngine(Engine):
                 oc.mul_(self.f[s:e])
             if with_loss:
                 self._add_loss_rows_(oh, s, e)
-            if scan:
+            if scan and self.log_scan:  # one chunk: s = 0, e = T
+                self._reverse_scan_(out[0, s : e + 1], self.f[s:e])
+            elif scan:
                 for i in range(e - 1, s - 1, -1):
                     rows[i].addcmul_(fs[i], rows[i + 1])
             if norms:
@@ -168,10 +198,7 @@ class LSTMEngine(Engine):
 
     def scan_(self, x: Tensor) -> Tensor:
         """In place on the c part: x_i += f_{i+1} x_{i+1}; the h part has K = 0."""
-        rows = x[0].unbind(0)
-        fs = self.f.unbind(0)
-        for i in range(self.T - 1, -1, -1):
-            rows[i].addcmul_(fs[i], rows[i + 1])
+        self._reverse_scan_(x[0], self.f)
         return x
 
     def exact_backward(self, out: Tensor) -> Tensor:

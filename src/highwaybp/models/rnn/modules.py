@@ -14,6 +14,13 @@ from highwaybp.core.iteration import Diagnostics
 from highwaybp.core.methods import Exact, Method, check_method
 from highwaybp.models.rnn.engine import BufferPool
 from highwaybp.models.rnn.function import _LayerRun, _make_engine, apply_layer
+from highwaybp.models.rnn.fused import (
+    FORWARD_MODES,
+    SCAN_CHOICES,
+    check_choice,
+    fused_layer,
+    resolve_paths,
+)
 
 ITERATE_MODES = ("fast", "reference")
 # Old name of "reference" (it clashed with the `core` package's name): accepted, warned.
@@ -41,6 +48,8 @@ class _HighwayRNNBase(nn.Module):
         residual: bool = False,
         iterate: str = "fast",
         record_step_norms: bool = False,
+        forward: str = "auto",
+        scan: str = "auto",
         device: Any = None,
         dtype: Any = None,
     ) -> None:
@@ -74,6 +83,8 @@ class _HighwayRNNBase(nn.Module):
         self.residual = residual
         self.method = check_method(Exact() if method is None else method)
         self.iterate = iterate
+        self.forward_path = check_choice("forward", forward, FORWARD_MODES)
+        self.scan = check_choice("scan", scan, SCAN_CHOICES)
         self.record_step_norms = record_step_norms
         self.last_diagnostics: Optional[Diagnostics] = None
         self.layer_diagnostics: list[Optional[Diagnostics]] = [None] * num_layers
@@ -159,6 +170,10 @@ class _HighwayRNNBase(nn.Module):
             text += f", dropout={self.dropout}"
         if self.residual:
             text += ", residual=True"
+        if getattr(self, "forward_path", "auto") != "auto":
+            text += f", forward={self.forward_path!r}"
+        if getattr(self, "scan", "auto") != "auto":
+            text += f", scan={self.scan!r}"
         return text + f", method={self.method!r}"
 
     # ---- input checks -------------------------------------------------------------------
@@ -258,12 +273,21 @@ class _HighwayRNNBase(nn.Module):
         )
         inp = x
         h_last, c_last = [], []
+        path, scan = resolve_paths(getattr(self, "forward_path", "auto"),
+                                   getattr(self, "scan", "auto"), x.device)  # fmt: skip
         for layer in range(self.num_layers):
             params = self.layer_params(layer)
             c_init = None if c0 is None else c0[layer]
             run = _LayerRun(self, layer, method, self._pools[layer], self.iterate,
-                            bool(getattr(self, "record_step_norms", False)))
-            if needs_grad:
+                            bool(getattr(self, "record_step_norms", False)),
+                            forward_path=path, scan=scan)  # fmt: skip
+            if path == "fused" and (method.exact or not needs_grad):
+                # Exact() on the fused path is torch's own autograd through its kernel
+                # (cuDNN's backward on a GPU); without grad, the kernel alone
+                out = fused_layer(inp, h0[layer], c_init, *params)
+                if needs_grad:
+                    self._record_exact_at_backward(layer, method, out)
+            elif needs_grad:
                 out = apply_layer(inp, h0[layer], c_init, run, *params)
             else:
                 out = self._forward_no_grad(run, inp, h0[layer], c_init, params)
@@ -276,6 +300,18 @@ class _HighwayRNNBase(nn.Module):
                 y = nn.functional.dropout(y, self.dropout, training=True)
             inp = y
         return inp, torch.stack(h_last), (None if c0 is None else torch.stack(c_last))
+
+    def _record_exact_at_backward(self, layer: int, method: Method, out: Any) -> None:
+        """Diagnostics for an Exact() layer run by autograd: recorded when the backward
+        reaches the layer's outputs, as the engine's backward records its own."""
+        diag = Diagnostics(method=repr(method), stop_reason="exact")
+
+        def hook(grad: Tensor) -> None:
+            self._record_diagnostics(layer, diag)
+
+        for t in out if isinstance(out, tuple) else (out,):
+            if t.requires_grad:
+                t.register_hook(hook)
 
     @staticmethod
     def _forward_no_grad(run: _LayerRun, x, h0, c0, params):
@@ -307,6 +343,16 @@ class GRU(_HighwayRNNBase):
         iterate: "fast" (default, preallocated loop) or "reference" (the generic
             core.highway_iterate, the readable reference the fast loop is tested against;
             "core" is its deprecated old name).
+        forward: "auto" (default: "fused" on CUDA, "loop" on CPU), "fused" (per layer
+            torch's own fused kernel, cuDNN on CUDA, computes the outputs with no tape; the
+            backward recomputes all T steps' gates at once from the stored inputs and
+            outputs; Exact() is then torch's autograd through the kernel) or "loop" (our
+            tape-free loop, one matmul and four elementwise ops per step, gates stored).
+        scan: "auto" (default: "log" on CUDA, "sequential" on CPU), "sequential" (T row
+            ops per scan, sweeps by cache-sized chunks of time steps) or "log" (every
+            sweep's ops over all T at once, the scans work-efficient log-depth:
+            O(log T) ops per iteration instead of O(T), for a GPU's kernel launches).
+            Both are exact; the estimates agree to rounding.
         record_step_norms: compute each iteration's relative step ||w^j - w^(j-1)|| /
             ||w^j|| into `last_diagnostics.step_norms` for a fixed k too (adaptive methods
             always compute them: their stop test reads them). Off by default: they cost a
