@@ -44,7 +44,10 @@ def dense_map(mats, g, keeps_residual=True):
     return w0, lambda w: w0 + scan(block(w))
 
 
-def dense_anderson(w0, F, k, m, cond_limit=0.01 / np.finfo(np.float64).eps):
+COND_LIMIT = 0.01 / np.finfo(np.float64).eps  # the library's default for float64
+
+
+def dense_anderson(w0, F, k, m, cond_limit=COND_LIMIT):
     """k iterations of type-II Anderson in the difference form, window m, with the same
     restart rule on the unit-diagonal Gram of the window's residuals (no regularisation)."""
     x = w0
@@ -201,7 +204,7 @@ def test_safeguard_refuses_a_mix_whose_residual_exceeds_the_plain_step():
     assert naive.norm() > 1.0  # the naive mix's residual exceeds the plain step's (||r1|| = 1)
     assert heavy.safeguarded and heavy.restarted and not heavy.mixed
     assert torch.equal(x_heavy, f1)
-    (x_light, light), _ = run(reg=1e-14)
+    (_, light), _ = run(reg=1e-14)
     assert light.mixed and not light.safeguarded
     # alpha minimises ||a r0 + (1 - a) r1||: a = 1/17, residual^2 = 16/17 < 1
     a = light.weights[0]

@@ -162,7 +162,8 @@ class AndersonMixer:
         reuse_buffers: bool = True,
     ) -> None:
         if window < 2:
-            raise ValueError(f"AndersonMixer: window must be >= 2 (1 is the plain step), got {window}")
+            raise ValueError(
+                f"AndersonMixer: window must be >= 2 (1 is the plain step), got {window}")
         self.window = window
         self.num_layers = num_layers
         self._new = new_state if new_state is not None else (lambda: empty_like_states(like))

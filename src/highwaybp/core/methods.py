@@ -85,7 +85,8 @@ class Method:
         opts = [f"{f}={getattr(self, f)!r}" if isinstance(getattr(self, f), float)
                 else f"{f}={getattr(self, f)}"
                 for f in self.option_types
-                if getattr(self, f, None) is not None and not (f == "anderson" and not self.anderson)]
+                if getattr(self, f, None) is not None
+                and not (f == "anderson" and not self.anderson)]  # plain: the old text
         return self.name + (":" + ",".join(opts) if opts else "")
 
 
