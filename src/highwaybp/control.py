@@ -148,6 +148,20 @@ class KController:
         """Training-backward plus probe sweeps over the history so far."""
         return sum((h["sweeps"] or 0.0) + h["probe_sweeps"] for h in self.history)
 
+    def summary(self) -> dict[str, Any]:
+        """{"schedule", "steps", "train_sweeps", "probe_sweeps", "probes", "probe_share"
+        (probe sweeps / training sweeps), "methods" ({repr: steps})} over the history."""
+        hist = self.history
+        train = sum(h["sweeps"] or 0.0 for h in hist)
+        probe = sum(h["probe_sweeps"] for h in hist)
+        methods: dict[str, int] = {}
+        for h in hist:
+            methods[h["method"]] = methods.get(h["method"], 0) + 1
+        return {"schedule": self.schedule.to_string(), "steps": len(hist),
+                "train_sweeps": train, "probe_sweeps": probe,
+                "probes": sum(1 for h in hist if h.get("probed")),
+                "probe_share": probe / train if train else None, "methods": methods}
+
     # ---- resume ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Schedule text, history and Adaptive's state: `load_state_dict` resumes the same
