@@ -232,6 +232,18 @@ class FixedPoint(Method):
         return f"FixedPoint(k={self.k}{mix})"
 
 
+# The autograd Functions whose backward runs a gradient method (a chain's, an RNN layer's):
+# a parameter whose gradient flows through one of them may differ between methods
+# (`core.fidelity.changed_parameters` reads this).
+METHOD_FUNCTIONS: set[type] = set()
+
+
+def register_method_function(cls: type) -> type:
+    """Class decorator: mark an autograd.Function whose backward runs a gradient method."""
+    METHOD_FUNCTIONS.add(cls)
+    return cls
+
+
 def check_method(method: object) -> Method:
     """`method` if it is a highwaybp method, else a TypeError that lists the choices."""
     if not isinstance(method, Method):
