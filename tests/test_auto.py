@@ -56,8 +56,10 @@ def _cosines(model, x, y, ks, anderson, changed=True):
             loss = _loss(model, x, y)
             mask = changed_parameters(loss, params)
             grad = torch.autograd.grad(loss, params)
-        pick = (lambda gs: [g for g, m in zip(gs, mask) if m]) if changed else list
-        out[k] = compare_gradients(pick(grad), pick(exact))["cosine"]
+        keep = mask if changed else [True] * len(params)
+        pick_grad = [g for g, m in zip(grad, keep) if m]
+        pick_exact = [g for g, m in zip(exact, keep) if m]
+        out[k] = compare_gradients(pick_grad, pick_exact)["cosine"]
     return out
 
 
