@@ -142,3 +142,31 @@ def test_rnn_mix_float32_follows_float64(cell):
     y, _ = m(xs, (h0.float()[None], c0.float()[None]) if lstm else h0.float()[None])
     (dx32,) = torch.autograd.grad((y * w_y.float()).sum(), [xs])
     torch.testing.assert_close(dx32.double(), dx64, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_window_memory_is_2m_states(cell):
+    """Deterministic tensor count (TensorMemory): a window of m holds m values of F and m
+    residuals, so a mixed step's peak is exactly 2m adjoint states above the plain one's
+    (the engine writes each F into the oldest F's buffer once the window is full)."""
+    from highwaybp.bench.tensor_memory import TensorMemory
+
+    t, b, n_in, h = 64, 8, 16, 32
+    torch.manual_seed(0)
+    x = torch.randn(t, b, n_in, requires_grad=True)
+    gy = torch.randn(t, b, h)
+    state_bytes = (t + 1) * b * h * 4 * (2 if cell == "lstm" else 1)
+
+    def peak(m):
+        mod = (LSTM if cell == "lstm" else GRU)(n_in, h, method=hbp.Highway(k=7, anderson=m))
+        for _ in range(2):  # warm-up, then the counted step on cleared pools
+            for pool in getattr(mod, "_pools", []):
+                pool.clear()
+            with TensorMemory() as mem:
+                y, _ = mod(x)
+                y.backward(gy)
+        return mem.peak_bytes
+
+    plain = peak(0)
+    for m in (2, 3, 5):
+        assert peak(m) - plain == 2 * m * state_bytes

@@ -37,7 +37,9 @@ Rules (each tested in tests/core/test_anderson.py):
   steps (mixing could only lose exactness), and an adaptive run is called exact only when
   its frontier says so.
 
-Memory: the window holds m values of F and m residuals (2m states), plus the current iterate.
+Memory: the window holds m values of F and m residuals (2m states), plus the current iterate;
+a caller that writes F in place (`f_buffer`, the RNN engines) holds 2m + 1 states besides w^0,
+2m more than the plain iteration (tests/models/test_rnn_anderson.py counts them).
 """
 
 from __future__ import annotations
@@ -189,7 +191,11 @@ class AndersonMixer:
         return self.frontier > self.num_layers
 
     def f_buffer(self) -> States:
-        """A buffer to write the next value of F into (one that left the window, or new)."""
+        """A buffer to write the next value of F into: with a full window, the oldest F
+        value's (which the next `step` drops before mixing), else a spare or a new one; so
+        a caller writing F in place holds m F values, never m + 1."""
+        if self._reuse and len(self._f) == self.window:
+            return self._f[0]
         return self._spare_f.pop() if self._spare_f else self._new()
 
     def newest_f(self) -> States:
@@ -199,6 +205,10 @@ class AndersonMixer:
     def step(self, x: States, f: States) -> tuple[States, MixStep]:
         """From the iterate x and f = F(x), the next iterate. The mixer keeps f (it must not
         be written afterwards) and only reads x."""
+        if len(self._f) == self.window:  # the oldest pair leaves before the new one comes
+            self._drop(self._f.pop(0), self._r.pop(0), reused=f)
+            self._front.pop(0)
+            self._gram = self._gram[1:, 1:]
         r = self._spare_r.pop() if self._spare_r else self._new()
         sub_states_(r, f, x)
         # One host sync: the new Gram row (r against the window's residuals and itself) and ||f||^2.
@@ -237,17 +247,12 @@ class AndersonMixer:
                             weights)
 
     # ---- internals --------------------------------------------------------------------
-    def _drop(self, f: States, r: States) -> None:
-        if self._reuse:
+    def _drop(self, f: States, r: States, reused: Optional[States] = None) -> None:
+        if self._reuse and f is not reused:  # (`reused`: already the new F value's buffer)
             self._spare_f.append(f)
         self._spare_r.append(r)
 
     def _push(self, f: States, r: States, row: list[float], rr: float, front: int) -> None:
-        if len(self._f) == self.window:
-            self._drop(self._f.pop(0), self._r.pop(0))
-            self._front.pop(0)
-            self._gram = self._gram[1:, 1:]
-            row = row[1:]
         n = len(self._f)
         gram = np.empty((n + 1, n + 1))
         gram[:n, :n] = self._gram
