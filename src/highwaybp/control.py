@@ -41,6 +41,7 @@ from highwaybp.core.adapter import ChainAdapter
 from highwaybp.core.chain import ResidualChain
 from highwaybp.core.fidelity import (
     chains_in,
+    changed_parameters,
     compare_gradients,
     set_step_norm_recording,
     use_method,
@@ -48,9 +49,46 @@ from highwaybp.core.fidelity import (
 from highwaybp.core.iteration import Diagnostics
 from highwaybp.core.methods import Exact, Highway, Method
 from highwaybp.core.replay import buffers_restored
-from highwaybp.schedules import Adaptive, AdaptiveState, Schedule, schedule_from_string
+from highwaybp.models.rnn import GRU, LSTM
+from highwaybp.schedules import (
+    Adaptive,
+    AdaptiveState,
+    Auto,
+    AutoState,
+    Schedule,
+    schedule_from_string,
+)
 
 EXACT_SWEEPS = 2.0
+
+# The cost model of one device: per unit kind, the largest k at which a Highway(k) training
+# step is still no slower than our exact backprop's. Each is the line time(k) = a + b k
+# fitted through the committed 2-thread CPU benches (tests/test_auto.py recomputes them
+# from these files, so they cannot drift):
+# - GRU: results/rnn/bench_gru_{pixel_T1024,long_T4096,char_T256}_2threads.json give
+#   1.69 / 2.05 / 1.55 -> 1 (the smallest: every GRU setting pays at k <= 1);
+# - LSTM: results/rnn/bench_lstm_char_T256_2threads.json gives 0.99 -> 0;
+# - a ResidualChain in one process: results/deep/bench_{mlp,transformer,resnet}.json measure
+#   Highway(k=0) at 0.52-0.65x exact autograd's step: no k pays (-1), Highway-BP pays on deep
+#   stacks only across devices (a layer-parallel pipeline: pass its break-even k).
+# Any other unit (an adapter's chain, a user's cell): -1, no evidence that any k pays.
+ONE_DEVICE_BREAK_EVEN: dict[str, int] = {"GRU": 1, "LSTM": 0, "ResidualChain": -1}
+
+
+def break_even_k(model: nn.Module) -> int:
+    """The largest k at which Highway(k) pays for every chain/RNN in `model` on one device
+    (`ONE_DEVICE_BREAK_EVEN`; -1: none does). Measured on a 2-core CPU; on other hardware
+    (a GPU, a layer-parallel pipeline) pass `Auto(break_even_k=...)` from its own bench or
+    cost model (`highwaybp bench gpu`, `highwaybp.distributed.costmodel`)."""
+    kinds = []
+    for unit in chains_in(model):
+        if isinstance(unit, GRU):
+            kinds.append("GRU")
+        elif isinstance(unit, LSTM):
+            kinds.append("LSTM")
+        else:
+            kinds.append("ResidualChain")
+    return min(ONE_DEVICE_BREAK_EVEN[k] for k in kinds)
 
 
 def sweeps_of(diag: Diagnostics) -> float:
@@ -83,11 +121,13 @@ class KController:
     def __init__(
         self,
         model: nn.Module,
-        schedule: Schedule | str,
+        schedule: Schedule | str | None = None,
         *,
         total_steps: int | None = None,
         probe_seed: int = 0,
     ) -> None:
+        if schedule is None:
+            schedule = Auto()
         if isinstance(schedule, str):
             schedule = schedule_from_string(schedule)
         if not isinstance(schedule, Schedule):
@@ -104,6 +144,11 @@ class KController:
         self.state: AdaptiveState | None = (
             schedule.initial_state() if isinstance(schedule, Adaptive) else None
         )
+        self.auto: AutoState | None = AutoState() if isinstance(schedule, Auto) else None
+        self.break_even: int | None = None
+        if isinstance(schedule, Auto):
+            self.break_even = (break_even_k(model) if schedule.break_even_k is None
+                               else schedule.break_even_k)
         self._history: list[dict[str, Any]] = []
         self._pending: dict[str, Any] | None = None
         self.method: Method | None = None
@@ -124,6 +169,8 @@ class KController:
         entry: dict[str, Any] = {"step": step, "probe_sweeps": 0.0, "cosine": None}
         if isinstance(self.schedule, Adaptive):
             method = self._adaptive_step(step, loss_fn, entry)
+        elif isinstance(self.schedule, Auto):
+            method = self._auto_step(step, loss_fn, entry)
         else:
             method = self.schedule.method_at(step, self.total_steps)
         for chain in chains_in(self.model):
@@ -150,6 +197,20 @@ class KController:
         """Training-backward plus probe sweeps over the history so far."""
         return sum((h["sweeps"] or 0.0) + h["probe_sweeps"] for h in self.history)
 
+    def summary(self) -> dict[str, Any]:
+        """{"schedule", "steps", "train_sweeps", "probe_sweeps", "probes", "probe_share"
+        (probe sweeps / training sweeps), "methods" ({repr: steps})} over the history."""
+        hist = self.history
+        train = sum(h["sweeps"] or 0.0 for h in hist)
+        probe = sum(h["probe_sweeps"] for h in hist)
+        methods: dict[str, int] = {}
+        for h in hist:
+            methods[h["method"]] = methods.get(h["method"], 0) + 1
+        return {"schedule": self.schedule.to_string(), "steps": len(hist),
+                "train_sweeps": train, "probe_sweeps": probe,
+                "probes": sum(1 for h in hist if h.get("probed")),
+                "probe_share": probe / train if train else None, "methods": methods}
+
     # ---- resume ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Schedule text, history and Adaptive's state: `load_state_dict` resumes the same
@@ -166,6 +227,8 @@ class KController:
             "history": [dict(h) for h in self._history],
             "pending": None if self._pending is None else dict(self._pending),
             "adaptive": state,
+            "auto": None if self.auto is None else dict(vars(self.auto)),
+            "break_even": self.break_even,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -190,6 +253,13 @@ class KController:
             self._pending = None
         if state["adaptive"] is not None:
             self.state = AdaptiveState(**state["adaptive"])
+        if state.get("auto") is not None:
+            if state.get("break_even") != self.break_even:
+                raise ValueError(
+                    f"KController.load_state_dict: saved break-even k {state.get('break_even')} "
+                    f"differs from this controller's {self.break_even} (another model or "
+                    "hardware setting); pass Auto(break_even_k=...) to resume as saved")
+            self.auto = AutoState(**state["auto"])
 
     # ---- history bookkeeping --------------------------------------------------------
     def _close_pending(self, only_if_ran: bool = False) -> None:
@@ -267,19 +337,79 @@ class KController:
         return st.method()
 
 
-class _Probe:
-    """One exact gradient on the step's batch, and Highway(k) gradients compared with it."""
+    # ---- Auto -----------------------------------------------------------------------
+    def _auto_step(
+        self, step: int, loss_fn: Callable[[], Tensor] | None, entry: dict[str, Any]
+    ) -> Method:
+        """Probe when due and within budget (see `Auto`), bisect k over 0..break-even."""
+        sched, st = self.schedule, self.auto
+        assert isinstance(sched, Auto) and st is not None and self.break_even is not None
+        if self.break_even < 0:
+            return Exact()  # no k pays on this hardware: never probe
+        due = st.last_probe is None or step - st.last_probe >= sched.probe_every
+        if due and st.last_probe is not None:
+            # The next probe runs only if, even at its largest cost, the probes stay within
+            # the budget of the training sweeps so far.
+            train = sum(h["sweeps"] or 0.0 for h in self._history)
+            spent = sum(h["probe_sweeps"] for h in self._history)
+            due = spent + _probe_cost_bound(self.break_even) <= sched.budget * train
+        if not due:
+            return sched.method_for(st.k)
+        if loss_fn is None:
+            raise ValueError(
+                f"Auto probes at step {step}: pass ctl.step(step, loss_fn=lambda: <the loss "
+                "on this step's batch>)")
+        probe = _Probe(self.model, loss_fn, self.probe_seed, anderson=sched.anderson,
+                       changed_only=True)
+        target, hi = sched.target_cosine, self.break_even
+        if probe.cosine(hi) < target:
+            st.k = None
+        else:
+            lo = 0
+            while lo < hi:  # the smallest k meeting the target (cosine ~ monotone in k)
+                mid = (lo + hi) // 2
+                if probe.cosine(mid) >= target:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            st.k = hi
+        st.last_probe, st.last_probe_cost = step, probe.sweeps
+        entry["probe_sweeps"] = probe.sweeps
+        entry["probed"] = dict(sorted(probe.cosines.items()))
+        entry["cosine"] = 1.0 if st.k is None else probe.cosines[st.k]
+        return sched.method_for(st.k)
 
-    def __init__(self, model: nn.Module, loss_fn: Callable[[], Tensor], seed: int) -> None:
+
+def _probe_cost_bound(break_even: int) -> float:
+    """The most VJP sweeps an Auto probe can cost: the exact gradient (a forward and 2
+    sweeps) and at most 1 + ceil(log2(break_even + 1)) candidates, each a forward and at
+    most break_even + 1 sweeps."""
+    candidates = 1 + math.ceil(math.log2(break_even + 1))
+    return 1.0 + EXACT_SWEEPS + candidates * (break_even + 2.0)
+
+
+class _Probe:
+    """One exact gradient on the step's batch, and Highway(k) gradients compared with it
+    (over every parameter, or with `changed_only` over those whose gradient the method
+    changes: `core.fidelity.changed_parameters`)."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[], Tensor], seed: int,
+                 anderson: int = 0, changed_only: bool = False) -> None:
         self.model, self.loss_fn, self.seed = model, loss_fn, seed
+        self.anderson, self.changed_only = anderson, changed_only
         self.cosines: dict[int, float] = {}
         self.sweeps = 0.0
+        self.changed: list[bool] | None = None
         self.exact = self._grad(Exact())
 
     def cosine(self, k: int) -> float:
         if k not in self.cosines:
-            grad = self._grad(Highway(k=k))
-            self.cosines[k] = compare_gradients(grad, self.exact)["cosine"]
+            grad = self._grad(Highway(k=k, anderson=self.anderson))
+            exact = self.exact
+            if self.changed_only and self.changed is not None:
+                grad = [g for g, c in zip(grad, self.changed) if c]
+                exact = [g for g, c in zip(exact, self.changed) if c]
+            self.cosines[k] = compare_gradients(grad, exact)["cosine"] if exact else 1.0
         return self.cosines[k]
 
     def _grad(self, method: Method) -> list[Tensor]:
@@ -291,6 +421,8 @@ class _Probe:
                 for chain in chains_in(self.model):
                     _clear_diagnostics(chain)
                 loss = self.loss_fn()
+                if self.changed_only and self.changed is None and not method.exact:
+                    self.changed = changed_parameters(loss, params)
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
                 units = _units(self.model)
         weight = sum(w for d, w in units if d is not None)

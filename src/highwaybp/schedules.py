@@ -11,6 +11,7 @@ applies it to every chain and RNN of a model during training.
     Finish(Linear(0, 4, 2000), exact_last=200)              "finish:200:linear:0,4,2000"
     Adaptive(target_cosine=0.99, probe_every=100, k_max=8)
                                     "adaptive:target=0.99,every=100,k_max=8"
+    Auto()  (what KController(model) uses)                  "auto" ("auto:target=0.99,...")
 
 `schedule_from_string(text)` parses each form and `schedule.to_string()` writes it back
 (a round trip gives an equal schedule). `Adaptive` is the one stateful schedule: its
@@ -35,6 +36,8 @@ from highwaybp.core.methods import (
 __all__ = [
     "Adaptive",
     "AdaptiveState",
+    "Auto",
+    "AutoState",
     "Constant",
     "Finish",
     "Linear",
@@ -50,7 +53,8 @@ GRAMMAR = (
     "'steps:0=highway:k=1,1000=highway:k=3,4000=exact', 'linear:K_START,K_END,STEPS', "
     "'finish:N:<schedule>' (exact for the last N steps), or "
     "'adaptive:target=0.99,every=100,k_min=0,k_max=8' (options: target, every, k_min, "
-    "k_max, k_start, rise, window)"
+    "k_max, k_start, rise, window), or 'auto' (the recommended controller; options: "
+    "target, every, anderson, budget, break_even)"
 )
 
 
@@ -364,8 +368,110 @@ def schedule_from_string(text: str) -> Schedule:
             return Finish(schedule_from_string(inner), int(count))
         if name == "adaptive":
             return _parse_adaptive(args)
+        if name == "auto":
+            return _parse_auto(args)
         return Constant(method_from_string(text))
     except (ValueError, TypeError) as err:
         if GRAMMAR in str(err):
             raise
         raise ValueError(f"cannot read k schedule {text!r}: {err}; {GRAMMAR}") from err
+
+
+@dataclass(frozen=True)
+class Auto(Schedule):
+    """The recommended controller (`KController(model)`, text "auto"): Anderson-mixed
+    Highway-BP at the smallest k that reaches `target_cosine`, never above the hardware's
+    break-even k, exact backprop otherwise, with probes held to a budget.
+
+    - Probes: on a probe step the controller computes the exact gradient once and
+      Highway(k, anderson=`anderson`) gradients for candidate k, on that step's batch, and
+      compares them over the parameters whose gradient the method changes (the chains'/RNNs'
+      and those upstream of them; `core.fidelity.changed_parameters`), not the whole model.
+    - Search: bisection over k = 0 .. break-even: the break-even k first (if it misses the
+      target, Exact() until the next probe), then the smallest k meeting the target in
+      about log2(break-even + 1) more gradients.
+    - Budget: a probe runs at step 0 and then every `probe_every` steps only while the
+      probes' VJP sweeps so far plus the last probe's cost stay within `budget` times the
+      training sweeps so far (else it waits), so probes cost at most about `budget` of
+      training (0.25: a quarter).
+    - Break-even: the largest k at which Highway(k) is still faster than exact backprop on
+      this hardware; `break_even_k=None` takes it from the controller's cost model
+      (`highwaybp.control.break_even_k`); a negative value means no k pays: train exact and
+      never probe.
+
+    Args:
+        target_cosine: in (0, 1]; probe_every: >= 1; anderson: the window (0: plain, >= 2);
+        budget: > 0, probe sweeps over training sweeps; break_even_k: int or None.
+    """
+
+    target_cosine: float = 0.98
+    probe_every: int = 50
+    anderson: int = 5
+    budget: float = 0.25
+    break_even_k: int | None = None
+
+    stateful = True
+
+    def __post_init__(self) -> None:
+        t = self.target_cosine
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 1:
+            raise ValueError(f"Auto: target_cosine must be in (0, 1], got {t!r}")
+        object.__setattr__(self, "target_cosine", float(t))
+        _int("Auto: probe_every", self.probe_every, minimum=1)
+        Highway(k=1, anderson=self.anderson)  # the window's own checks
+        b = self.budget
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b < math.inf:
+            raise ValueError(f"Auto: budget must be a positive number, got {b!r}")
+        object.__setattr__(self, "budget", float(b))
+        if self.break_even_k is not None and (
+                isinstance(self.break_even_k, bool) or not isinstance(self.break_even_k, int)):
+            raise ValueError(f"Auto: break_even_k must be an int or None, got "
+                             f"{self.break_even_k!r}")
+
+    def method_at(self, step: int, total_steps: int | None = None) -> Method:
+        raise TypeError(
+            "Auto chooses k from measurements, so it has no fixed step -> method map; apply "
+            "it with highwaybp.KController(model) and call ctl.step(step, loss_fn=...)"
+        )
+
+    def method_for(self, k: int | None) -> Method:
+        """Highway(k, anderson) for a chosen k; Exact() for None."""
+        return Exact() if k is None else Highway(k=k, anderson=self.anderson)
+
+    def to_string(self) -> str:
+        parts = []
+        for key, name in _AUTO_KEYS.items():
+            value = getattr(self, name)
+            if value != getattr(_AUTO_DEFAULTS, name):
+                parts.append(f"{key}={value!r}" if isinstance(value, float) else f"{key}={value}")
+        return "auto" + (":" + ",".join(parts) if parts else "")
+
+
+_AUTO_KEYS = {"target": "target_cosine", "every": "probe_every", "anderson": "anderson",
+              "budget": "budget", "break_even": "break_even_k"}
+_AUTO_DEFAULTS = Auto()
+
+
+@dataclass
+class AutoState:
+    """What `Auto` has learnt (kept by the controller, saved in its state_dict): the k in
+    use (None: Exact()), the step and VJP-sweep cost of the last probe."""
+
+    k: int | None = None
+    last_probe: int | None = None
+    last_probe_cost: float = 0.0
+
+
+def _parse_auto(args: str) -> Auto:
+    kwargs: dict[str, object] = {}
+    for item in filter(None, (s.strip() for s in args.split(","))):
+        key, eq, value = (p.strip() for p in item.partition("="))
+        if not eq or key not in _AUTO_KEYS:
+            raise ValueError(f"auto option {item!r} not understood (options: "
+                             f"{', '.join(_AUTO_KEYS)}); {GRAMMAR}")
+        name = _AUTO_KEYS[key]
+        if name in kwargs:
+            raise ValueError(f"auto option {key!r} given twice in {args!r}")
+        kind = float if name in ("target_cosine", "budget") else int
+        kwargs[name] = kind(value)
+    return Auto(**kwargs)

@@ -421,6 +421,10 @@ def _chain_checks() -> list[Check]:
         checks.append(Check(f"{prefix}/exact", chain_check(case, lambda n: Exact())))
         checks.append(Check(f"{prefix}/adaptive-tol-reaches-L/loop",
                             chain_check(case, _adaptive, expect_stop="exact_after_L")))
+        checks.append(Check(f"{prefix}/anderson-k=L/loop",
+                            chain_check(case, lambda n: Highway(k=n, anderson=3))))
+        checks.append(Check(f"{prefix}/anderson-adaptive-falls-back-exact/loop",
+                            chain_check(case, _adaptive_mixed, expect_stop="max_k")))
         if not case.shape_changing:  # stacked scans and stacked states need one shape
             checks.append(Check(f"{prefix}/highway-k=L/hillis_steele",
                                 chain_check(case, lambda n: Highway(k=n),
@@ -642,6 +646,39 @@ def rnn_paths_check(kind: str, k: int) -> Callable[[Setup], Measured]:
     return check
 
 
+def _adaptive_mixed(num_layers: int) -> Method:
+    # Mixing cannot meet tol 1e-300 and is not exact at L: the exact fallback must apply.
+    return Highway(tol=1e-300, max_k=num_layers, anderson=3)
+
+
+def rnn_mixed_vs_cpu_float64(kind: str) -> Callable[[Setup], Measured]:
+    """Highway(k=T//2, anderson=3) on the device against the same on the CPU in float64:
+    the Anderson solve and mix (inner products, a small solve, a combination) run on the
+    device's kernels and must give the CPU's estimate (no autograd reference exists for a
+    truncated, mixed gradient)."""
+
+    def grads(setup: Setup) -> tuple[list[Tensor], Any, int]:
+        ours, _ = _rnn_pair(kind, setup)
+        x, state, leaves = _rnn_inputs(kind, setup)
+        chosen = Highway(k=x.shape[1] // 2, anderson=3)
+        out = _rnn_outputs(kind, ours, x, state, method=chosen)
+        grad = _grads(_rnn_loss(out, setup), [*leaves, *ours.parameters()])
+        for layer, diag in enumerate(ours.layer_diagnostics):
+            ran_method(diag, chosen, chosen.k, f"highwaybp.{kind.upper()} layer {layer}")
+            if not any(diag.mixed):
+                raise CheckFailed(f"layer {layer} never mixed: this check would test nothing")
+        return grad, ours, chosen.k
+
+    def check(setup: Setup) -> Measured:
+        estimate, ours, k = grads(setup)
+        reference, _, _ = grads(Setup(torch.device("cpu"), torch.float64, setup.quick))
+        state_names = ["dL/dh0", "dL/dc0"] if kind == "lstm" else ["dL/dh0"]
+        names = ["dL/dx", *state_names, *(f"dL/d{n}" for n, _ in ours.named_parameters())]
+        return Measured(estimate, reference, f"k={k}, mixed", names)
+
+    return check
+
+
 RNN_PATHS = (("loop", "sequential"), ("loop", "log"), ("fused", "sequential"), ("fused", "log"))
 
 
@@ -679,6 +716,12 @@ def _rnn_checks() -> list[Check]:
                   rnn_grad_check(kind, lambda t: FixedPoint(k=t))),
             Check(f"rnn/{kind}/dropout-train/highway-k=T",
                   rnn_grad_check(kind, lambda t: Highway(k=t), dropout=0.3)),
+            Check(f"rnn/{kind}/anderson-k=T-grad",
+                  rnn_grad_check(kind, lambda t: Highway(k=t, anderson=3))),
+            Check(f"rnn/{kind}/anderson-adaptive-falls-back-exact",
+                  rnn_grad_check(kind, _adaptive_mixed)),
+            Check(f"rnn/{kind}/anderson-k=T/2-vs-cpu-float64", rnn_mixed_vs_cpu_float64(kind),
+                  quick=True),
         ]
     return checks
 

@@ -154,6 +154,12 @@ CELL_METHODS = [
     hbp.Highway(tol=1e-12, max_k=2, fallback="best"),
     hbp.Highway(tol=1e-12, max_k=2, fallback="last"),
     hbp.Highway(tol=1e-12, max_k=2, fallback="exact"),
+    hbp.Highway(k=2, anderson=2),
+    hbp.Highway(k=4, anderson=3),
+    hbp.FixedPoint(k=3, anderson=3),
+    hbp.Highway(tol=1e-9, max_k=T, anderson=3),
+    hbp.Highway(tol=1e-12, max_k=4, anderson=2, fallback="best"),
+    hbp.Highway(tol=1e-12, max_k=4, anderson=3, fallback="exact"),
 ]
 
 

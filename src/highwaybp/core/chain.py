@@ -20,7 +20,7 @@ from torch.nn.modules import module as torch_module  # its global hook registrie
 
 from highwaybp.core.backends import VJP_BACKENDS, LoopVJP
 from highwaybp.core.iteration import Diagnostics, highway_iterate, raise_if_nonfinite
-from highwaybp.core.methods import Exact, Method, check_method
+from highwaybp.core.methods import Exact, Method, check_method, register_method_function
 from highwaybp.core.replay import ForwardState, capture_forward_state
 from highwaybp.core.residual import ResidualLayer
 from highwaybp.core.scan import DEFAULT_SCAN, get_scan, reverse_scan_list_
@@ -320,6 +320,7 @@ def _stack_states(states: list[Tensor]) -> Tensor:
     return torch.stack(states)
 
 
+@register_method_function
 class _HighwayFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, run: _Run, *params: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from highwaybp.core.chain import ResidualChain
-from highwaybp.core.methods import Exact, Method
+from highwaybp.core.methods import METHOD_FUNCTIONS, Exact, Method
 from highwaybp.core.replay import buffers_restored
 
 
@@ -133,3 +133,26 @@ def _fidelity_report(
         entry["step_norms"] = [d.step_norms for d in diags]
         report[name] = entry
     return report
+
+
+def changed_parameters(loss: Tensor, params: Iterable[Tensor]) -> list[bool]:
+    """For each of `params`, whether its gradient in `loss` flows through a gradient
+    method's backward (a chain's or an RNN layer's): the parameters of the chains/RNNs and
+    everything upstream of them (an embedding), not those only downstream (a decoder, whose
+    gradient is the same under every method). Read from `loss`'s autograd graph, which must
+    have been built with an iterative method (under Exact() a chain is plain autograd)."""
+    ids = {id(p): i for i, p in enumerate(params)}
+    flags = [False] * len(ids)
+    seen: set[tuple[int, bool]] = set()
+    stack = [(loss.grad_fn, False)]
+    while stack:
+        node, below = stack.pop()
+        if node is None or (id(node), below) in seen:
+            continue
+        seen.add((id(node), below))
+        below = below or getattr(node, "_forward_cls", None) in METHOD_FUNCTIONS
+        variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf
+        if below and variable is not None and id(variable) in ids:
+            flags[ids[id(variable)]] = True
+        stack.extend((nxt, below) for nxt, _ in node.next_functions)
+    return flags

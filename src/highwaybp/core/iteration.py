@@ -19,6 +19,7 @@ from typing import Any, Literal, Optional, Union
 import torch
 from torch import Tensor
 
+from highwaybp.core.anderson import AndersonMixer, MixStep
 from highwaybp.core.methods import FixedPoint, Highway
 
 States = Union[Tensor, list]
@@ -40,8 +41,19 @@ class Diagnostics:
       (`ResidualChain(record_step_norms=True)`, or the same attribute on the chain), since
       they cost a full pass over two estimates per iteration. Empty otherwise.
     - stop_reason: "fixed_k", "exact_after_L", "tol", "growth", "max_k" or "exact".
+      With Anderson mixing they are the relative residuals ||F(x) - x|| / ||F(x)|| of the
+      iterate each iteration started from (always computed: the mix needs them); for the
+      plain iteration that residual is exactly the relative step.
+    - stop_reason: "fixed_k", "exact_after_L", "tol", "growth", "max_k" or "exact".
     - converged: adaptive only, whether the step fell under tol (None for fixed k).
     - fallback: adaptive only, the fallback applied ("exact", "best", "last") or None.
+    - anderson: the window the iteration mixed with (0: plain steps; also a fixed k >= L,
+      which runs plain steps to be exact).
+    - mixed: with anderson, one bool per iteration: whether its iterate is a mix (False: a
+      plain step: the first iteration, a restart or a refused mix).
+    - restarts: with anderson, how many times the window was cut to its newest pair
+      (ill-conditioned Gram matrix, or a refused mix); safeguarded: how many of those were
+      mixes refused because their residual exceeded the plain step's.
     """
 
     method: str
@@ -50,6 +62,10 @@ class Diagnostics:
     stop_reason: StopReason = ""
     converged: Optional[bool] = None
     fallback: Optional[FallbackName] = None
+    anderson: int = 0
+    mixed: list[bool] = field(default_factory=list)
+    restarts: int = 0
+    safeguarded: int = 0
 
 
 class StopRule:
@@ -77,6 +93,11 @@ class StopRule:
     exact before those tests (a step that grows at j = L must not make "best" return an
     earlier, truncated estimate); an adaptive method that did not converge applies its
     `fallback` (`diag.fallback`: the caller computes it: exact backward, best or last).
+
+    Anderson mixing (`mixes`: a window >= 2 and an adaptive method or a fixed k < L; a fixed
+    k >= L runs plain steps, which are exact at L): the step is the relative residual (always
+    computed), there is no growth rule, and "exact after L" holds only when the mixer's
+    exactness frontier says so (`should_stop(..., exact=mixer.is_exact)`).
     """
 
     def __init__(
@@ -85,10 +106,13 @@ class StopRule:
         self.method = method
         self.num_layers = num_layers
         self.adaptive = method.adaptive
-        self.needs_step_norms = self.adaptive or bool(record_steps)
+        self.mixes = method.anderson >= 2 and (
+            self.adaptive or method.iteration_bound < num_layers)
+        self.needs_step_norms = self.adaptive or bool(record_steps) or self.mixes
         self.keep_best = self.adaptive and method.fallback == "best"
         self.bound = method.iteration_bound
-        self.diag = Diagnostics(method=repr(method))
+        self.diag = Diagnostics(method=repr(method),
+                                anderson=method.anderson if self.mixes else 0)
         self._best_step = math.inf
         self._stop: StopReason = "fixed_k"
 
@@ -109,8 +133,20 @@ class StopRule:
             return True
         return False
 
-    def should_stop(self, j: int, step: float | None = None) -> bool:
-        if j >= self.num_layers and (self.adaptive or self.bound > self.num_layers):
+    def record_mix(self, mix: MixStep) -> None:
+        """Note what the Anderson mixer did at this iteration (diagnostics only)."""
+        self.diag.mixed.append(mix.mixed)
+        self.diag.restarts += int(mix.restarted)
+        self.diag.safeguarded += int(mix.safeguarded)
+
+    def should_stop(self, j: int, step: float | None = None, exact: bool | None = None) -> bool:
+        """Whether to stop after iteration j. `exact`: with Anderson mixing, whether the
+        estimate is provably exact (the mixer's frontier); plain iterations are after L."""
+        if self.mixes:
+            reached_exact = bool(exact)
+        else:
+            reached_exact = j >= self.num_layers and (self.adaptive or self.bound > self.num_layers)
+        if reached_exact:
             self._stop = "exact_after_L"  # w^L is exact, whatever its step looked like
             return True
         if self.adaptive:
@@ -118,7 +154,7 @@ class StopRule:
             if step < self.method.tol:
                 self._stop = "tol"
                 return True
-            if j >= 2 and step > self.diag.step_norms[-2]:
+            if not self.mixes and j >= 2 and step > self.diag.step_norms[-2]:
                 self._stop = "growth"
                 return True
         return False
@@ -253,8 +289,14 @@ def highway_iterate(
 
     NaN/Inf: w^0 is checked, then each iteration through its step norm when computed,
     otherwise once on the returned estimate.
+
+    A method with `anderson=m` (and an adaptive form or a fixed k < L) runs
+    `mixed_iterate`: the same F evaluations, mixed (`core.anderson`).
     """
     rule = StopRule(method, num_layers, record_steps)
+    if rule.mixes:
+        return mixed_iterate(g, block_vjp, scan, rule, exact_backward, inplace, loss_rows,
+                             layerwise_sweep)
     if inplace and isinstance(g, list):
         # Handed over: the caller's list is emptied so that its reference does not keep
         # w^0 (g's storage after the in-place scan) alive to the end of the iteration.
@@ -315,6 +357,64 @@ def highway_iterate(
     if diag.fallback is not None:
         w = _apply_fallback(diag.fallback, g_for_fallback, w, best_w, exact_backward)
     return w, diag
+
+
+def mixed_iterate(
+    g: States,
+    block_vjp: Callable[[States], States],
+    scan: Callable[[States], States],
+    rule: StopRule,
+    exact_backward: Callable[[States], States] | None = None,
+    inplace: bool = False,
+    loss_rows: Sequence[int] | None = None,
+    layerwise_sweep: Callable[[list, dict], list] | None = None,
+) -> tuple[States, Diagnostics]:
+    """The iteration with Anderson mixing: x_0 = w^0, then per iteration one evaluation
+    f = F(x) = w^0 + scan(block_vjp(x)) (with `layerwise_sweep`: scan(g + block_vjp(x)), the
+    same value, computed layer by layer) and `AndersonMixer.step`. Arguments as
+    `highway_iterate`'s; `rule.mixes` must hold. Memory: w^0, the mixer's 2m window states
+    and its iterate, and one F value being formed."""
+    method = rule.method
+    if inplace and isinstance(g, list):
+        g, handed = list(g), g
+        handed.clear()  # handed over: the caller's list must not keep g alive
+    g_for_fallback = None
+    if rule.adaptive and method.fallback == "exact":
+        g_for_fallback = clone_states(g) if inplace else g
+    g_rows: dict[int, Tensor] | None = None
+    if layerwise_sweep is not None and isinstance(g, list):
+        rows = range(len(g)) if loss_rows is None else loss_rows
+        g_rows = {i: g[i].clone() for i in rows}  # the scan may overwrite g in place
+    w0 = scan(g)
+    del g
+    raise_if_nonfinite(w0, 0)
+    # The generic path forms a fresh F value each iteration, so the mixer keeps no spares.
+    mixer = AndersonMixer(method.anderson, w0, rule.num_layers, reuse_buffers=False)
+    x: States = w0
+    best_w = None
+    for j in rule.iterations():
+        if g_rows is not None:
+            f = layerwise_sweep(list(x), g_rows)  # a copy: x is read again by the mixer
+        else:
+            u = scan(block_vjp(x))
+            f = add_states_(u, w0) if inplace else add_states(w0, u)
+            del u
+        x, mix = mixer.step(x, f)
+        del f
+        if not (math.isfinite(mix.relative) and math.isfinite(mix.residual)):
+            raise_if_nonfinite(x, j)
+            raise_if_nonfinite(mixer.newest_f(), j)
+        if rule.record(j, mix.relative):
+            best_w = clone_states(x)  # the mixer overwrites its iterate at the next step
+        rule.record_mix(mix)
+        if rule.should_stop(j, mix.relative, exact=mixer.is_exact):
+            break
+    diag = rule.finish()
+    check_finite(x, diag.iterations)
+    if diag.fallback is not None:
+        best = best_w if best_w is not None else x
+        x = _apply_fallback(diag.fallback, g_for_fallback, x, best, exact_backward)
+    return x, diag
 
 
 def check_finite(w: States, iteration: int) -> None:

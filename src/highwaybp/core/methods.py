@@ -22,6 +22,17 @@ from typing import Any, ClassVar, Optional, TypeVar
 _FALLBACKS = ("exact", "best", "last")
 
 
+def _check_anderson(name: str, m: object) -> int:
+    if isinstance(m, bool) or not isinstance(m, int):
+        raise TypeError(f"{name}: anderson must be an int (0: plain, >= 2: window), got {m!r}")
+    if m == 1 or m < 0:
+        raise ValueError(
+            f"{name}: anderson={m}: the window must be >= 2 iterates (a window of 1 is the plain "
+            "iteration: pass anderson=0)"
+        )
+    return m
+
+
 def _check_k(name: str, k: object) -> int:
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"{name}: k must be an int >= 0, got {k!r} ({type(k).__name__})")
@@ -61,6 +72,11 @@ class Method:
         return None
 
     @property
+    def anderson(self) -> int:
+        """Anderson window m (0: the plain iteration); see `core.anderson`."""
+        return 0
+
+    @property
     def iteration_bound(self) -> int:
         raise NotImplementedError(f"{type(self).__name__} does not iterate")
 
@@ -68,7 +84,9 @@ class Method:
         """The text `method_from_string` reads back to an equal method ("highway:k=3")."""
         opts = [f"{f}={getattr(self, f)!r}" if isinstance(getattr(self, f), float)
                 else f"{f}={getattr(self, f)}"
-                for f in self.option_types if getattr(self, f, None) is not None]
+                for f in self.option_types
+                if getattr(self, f, None) is not None
+                and not (f == "anderson" and not self.anderson)]  # plain: the old text
         return self.name + (":" + ",".join(opts) if opts else "")
 
 
@@ -114,15 +132,24 @@ class Highway(Method):
     (step_j > step_{j-1}) or `max_k` is reached without converging, and then uses `fallback`:
     "exact" (default; sequential exact backprop, so the gradient is never silently poor),
     "best" (the estimate whose step was smallest) or "last" (the latest estimate).
+
+    Accelerated: `Highway(k=3, anderson=5)` spends the same k sweeps (one F evaluation
+    each) but mixes the last m = 5 iterates by Anderson acceleration (`core.anderson`), which
+    converges where the plain partial sums grow. Adaptive with a window
+    (`Highway(tol=1e-3, max_k=20, anderson=5)`) stops when the relative residual
+    ||F(x) - x|| / ||F(x)|| falls under tol (no growth rule: a mixed residual need not fall
+    monotonically); for the plain iteration that residual is the relative step above. A
+    fixed k >= L runs plain steps: they are exact backprop at L, a mix is not.
     """
 
     k: Optional[int] = None
     tol: Optional[float] = None
     max_k: Optional[int] = None
     fallback: Optional[str] = None  # type: ignore[assignment]
+    anderson: int = 0  # type: ignore[assignment]
 
     option_types: ClassVar[dict[str, type]] = {"k": int, "tol": float, "max_k": int,
-                                               "fallback": str}
+                                               "fallback": str, "anderson": int}
 
     def __init__(
         self,
@@ -131,6 +158,7 @@ class Highway(Method):
         tol: Optional[float] = None,
         max_k: Optional[int] = None,
         fallback: Optional[str] = None,
+        anderson: int = 0,
     ) -> None:
         if tol is None:
             if max_k is not None or fallback is not None:
@@ -157,6 +185,7 @@ class Highway(Method):
         object.__setattr__(self, "tol", None if tol is None else float(tol))
         object.__setattr__(self, "max_k", max_k)
         object.__setattr__(self, "fallback", fallback)
+        object.__setattr__(self, "anderson", _check_anderson("Highway", anderson))
 
     @property
     def adaptive(self) -> bool:
@@ -167,9 +196,11 @@ class Highway(Method):
         return self.max_k if self.adaptive else self.k
 
     def __repr__(self) -> str:
+        mix = f", anderson={self.anderson}" if self.anderson else ""
         if self.adaptive:
-            return f"Highway(tol={self.tol:g}, max_k={self.max_k}, fallback={self.fallback!r})"
-        return f"Highway(k={self.k})"
+            return (f"Highway(tol={self.tol:g}, max_k={self.max_k}, fallback={self.fallback!r}"
+                    f"{mix})")
+        return f"Highway(k={self.k}{mix})"
 
 
 @register_method("fixedpoint")
@@ -178,23 +209,39 @@ class FixedPoint(Method):
     """Fixed-point (Jacobi) iteration (Wang & Ragni 2021): Highway-BP with K = 0.
 
     w_i^{j+1} = dloss_i/dh_i + w_{i+1}^j @ df_{i+1}/dh_i. Without per-layer losses it only
-    backpropagates through the last k layers.
+    backpropagates through the last k layers. `anderson=m` mixes the last m iterates
+    (`core.anderson`), as for `Highway`.
     """
 
     k: int = 3
+    anderson: int = 0  # type: ignore[assignment]
 
     keeps_residual: ClassVar[bool] = False
-    option_types: ClassVar[dict[str, type]] = {"k": int}
+    option_types: ClassVar[dict[str, type]] = {"k": int, "anderson": int}
 
-    def __init__(self, k: int = 3) -> None:
+    def __init__(self, k: int = 3, *, anderson: int = 0) -> None:
         object.__setattr__(self, "k", _check_k("FixedPoint", k))
+        object.__setattr__(self, "anderson", _check_anderson("FixedPoint", anderson))
 
     @property
     def iteration_bound(self) -> int:
         return self.k
 
     def __repr__(self) -> str:
-        return f"FixedPoint(k={self.k})"
+        mix = f", anderson={self.anderson}" if self.anderson else ""
+        return f"FixedPoint(k={self.k}{mix})"
+
+
+# The autograd Functions whose backward runs a gradient method (a chain's, an RNN layer's):
+# a parameter whose gradient flows through one of them may differ between methods
+# (`core.fidelity.changed_parameters` reads this).
+METHOD_FUNCTIONS: set[type] = set()
+
+
+def register_method_function(cls: type) -> type:
+    """Class decorator: mark an autograd.Function whose backward runs a gradient method."""
+    METHOD_FUNCTIONS.add(cls)
+    return cls
 
 
 def check_method(method: object) -> Method:
@@ -202,14 +249,14 @@ def check_method(method: object) -> Method:
     if not isinstance(method, Method):
         raise TypeError(
             f"method must be highwaybp.Exact(), Highway(k), Highway(tol=, max_k=) or "
-            f"FixedPoint(k), got {method!r}"
+            f"FixedPoint(k) (each with an optional anderson=m), got {method!r}"
         )
     return method
 
 
 def method_from_string(text: str) -> Method:
-    """Parse "exact", "highway:k=3", "highway:tol=1e-3,max_k=20", "fixedpoint:k=2", or any
-    method in `METHODS` ("name:option=value,...").
+    """Parse "exact", "highway:k=3", "highway:k=3,anderson=5", "highway:tol=1e-3,max_k=20",
+    "fixedpoint:k=2", or any method in `METHODS` ("name:option=value,...").
 
     A bare number after the name is k: "highway:3". An option given twice, an option the
     method does not take, or a value of the wrong type is a ValueError.

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from highwaybp.core.iteration import Diagnostics
-from highwaybp.core.methods import Method
+from highwaybp.core.methods import Method, register_method_function
 from highwaybp.models.rnn.engine import BufferPool, Engine
 from highwaybp.models.rnn.fused import fused_layer
 from highwaybp.models.rnn.gru import GRUEngine
@@ -57,6 +57,7 @@ def _make_engine(run: _LayerRun, x, h0, c0, w_ih, w_hh, b_ih, b_hh) -> Engine:
     return LSTMEngine(run.pool, x, h0, c0, w_ih, w_hh, b_ih, b_hh, run.scan)
 
 
+@register_method_function
 class _LayerFunction(torch.autograd.Function):
     @staticmethod
     def forward(

@@ -12,6 +12,7 @@ import math
 import torch
 from torch import Tensor
 
+from highwaybp.core.anderson import AndersonMixer
 from highwaybp.core.iteration import Diagnostics, StopRule, highway_iterate, raise_if_nonfinite
 from highwaybp.core.methods import FixedPoint, Highway
 from highwaybp.models.rnn.engine import Engine
@@ -28,8 +29,11 @@ def fast_iterate(
     The per-layer losses g are the engine's (`set_loss`), added in place. The step norms
     are computed only when `rule.needs_step_norms` (adaptive method, or record_steps).
     NaN/Inf: checked by the step norms when computed, and once on the returned estimate.
+    A method with `anderson=m` runs `_mixed_fast_iterate` (the same sweeps, mixed).
     """
     rule = StopRule(method, eng.T, record_steps=record_steps)
+    if rule.mixes:
+        return _mixed_fast_iterate(eng, rule)
     norms = rule.needs_step_norms
     full = not method.keeps_residual  # K = 0: the whole cell's VJP, no scan
     w = eng.init_loss_(eng.new_state())
@@ -57,6 +61,38 @@ def fast_iterate(
         w = best
     _check_finite(eng, w, diag.iterations)
     return w, diag
+
+
+def _mixed_fast_iterate(eng: Engine, rule: StopRule) -> tuple[Tensor, Diagnostics]:
+    """`core.iteration.mixed_iterate` on an engine's buffers: each iteration one sweep writes
+    F(x) = scan(g + v(x)) into a pooled buffer of the Anderson window, which the mixer then
+    combines (`core.anderson`); after the window fills nothing more is allocated. Memory:
+    w^0, 2m window states and the mixer's iterate."""
+    method = rule.method
+    full = not method.keeps_residual  # K = 0: the whole cell's VJP, no scan
+    x = eng.init_loss_(eng.new_state())
+    if not full:
+        eng.scan_(x)
+    mixer = AndersonMixer(method.anderson, x, eng.T, new_state=eng.new_state)
+    best = eng.new_state() if rule.keep_best else None
+    for j in rule.iterations():
+        f = mixer.f_buffer()
+        eng.sweep(x, f, full, with_loss=True, scan=not full, norms=False)
+        x, mix = mixer.step(x, f)
+        if not (math.isfinite(mix.relative) and math.isfinite(mix.residual)):
+            _check_finite(eng, f, j)
+        if rule.record(j, mix.relative):
+            best.copy_(x)  # the mixer overwrites its iterate at the next step
+        rule.record_mix(mix)
+        if rule.should_stop(j, mix.relative, exact=mixer.is_exact):
+            break
+    diag = rule.finish()
+    if diag.fallback == "exact":
+        x = eng.exact_backward(mixer.f_buffer())
+    elif diag.fallback == "best":
+        x = best
+    _check_finite(eng, x, diag.iterations)
+    return x, diag
 
 
 def _check_finite(eng: Engine, w: Tensor, iteration: int) -> None:

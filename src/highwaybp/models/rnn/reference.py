@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from highwaybp.core.iteration import Diagnostics, highway_iterate
-from highwaybp.core.methods import Exact, Method, check_method
+from highwaybp.core.methods import Exact, Method, check_method, register_method_function
 from highwaybp.core.scan import reverse_scan_sequential
 
 
@@ -142,6 +142,7 @@ def _check_cell(cell: Any, method: Method) -> None:
         )
 
 
+@register_method_function
 class _CellFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, h0: Tensor, owner: CellRNN, method: Method, *params):
