@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from highwaybp.ddg.stage import SEMANTICS, DDGStage, split_model
+from highwaybp.distributed.handshake import check_same_config, dtype_text, layer_fingerprint
 from highwaybp.distributed.launch import rank_process
 from highwaybp.distributed.transport import Link, TransportError, Watchdog
 from highwaybp.files import load_checkpoint, save_checkpoint
@@ -170,6 +171,26 @@ def _load_rank_checkpoint(path: Path, rank: int, world: int, steps: int) -> Opti
     return state
 
 
+def _check_same_config(cfg: DDGRunConfig, modules: Sequence[nn.Sequential], rank: int,
+                       world: int, device: torch.device) -> None:
+    """The configuration handshake (`highwaybp.distributed.handshake`): under torchrun every
+    rank parses its own arguments and builds its own model, and ranks that split it
+    differently or run another semantics or step count would exchange tensors that still
+    fit. Any difference raises `ConfigMismatchError` on every rank."""
+    sizes = [len(m) for m in modules]
+    check_same_config("DDG", {
+        "runtime": "DDG",
+        "num_stages": world,
+        "boundaries": [sum(sizes[:i]) for i in range(world + 1)],
+        "num_layers": sum(sizes),
+        "semantics": cfg.semantics,
+        "steps": cfg.steps,
+        "rng_seed": cfg.rng_seed,
+        "dtype": dtype_text(modules),
+        "layers": [layer_fingerprint(layer) for m in modules for layer in m],
+    }, rank=rank, world=world, timeout=cfg.timeout, device=device)
+
+
 def run_rank(
     rank: int,
     world: int,
@@ -187,6 +208,7 @@ def run_rank(
         raise ValueError(f"semantics must be one of {SEMANTICS}, got {cfg.semantics!r}")
     device = torch.device(device)
     modules = split_model(cfg.build_model(), world, cfg.boundaries, cfg.balance)
+    _check_same_config(cfg, modules, rank, world, device)
     module = modules[rank].to(device)
     optimizer = cfg.optimizer_factory(module.parameters())
     scheduler = cfg.scheduler_factory(optimizer) if cfg.scheduler_factory else None
