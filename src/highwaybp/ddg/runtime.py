@@ -16,7 +16,11 @@ after the last step are not sent.
 Shapes are negotiated once: before its first activation a rank sends a small header
 (ndim, dtype, shape); every later activation must have the same shape (use a fixed batch
 size, e.g. drop the last partial batch). The error shape of a rank is its own output
-shape.
+shape. Before anything else the ranks compare their configurations (world, split,
+semantics, steps, RNG seed, dtype, each layer's parameter shapes;
+`highwaybp.distributed.handshake`) and all raise `ConfigMismatchError` if any differs
+(under torchrun each rank parses its own arguments); every message then carries a tag
+header (step, kind) that its receiver checks (`highwaybp.distributed.transport`).
 
 Failure handling (never a hang): every receive waits at most `timeout` seconds
 (`Work.wait(timeout)`), a dead peer closes its sockets so its neighbours fail at once and
