@@ -109,6 +109,8 @@ def _field_cases():
                         ("true", "false")),
         "recompute": (_single(recompute=False), _single(recompute=True),
                       ("false", "true")),
+        "state_losses": (_single(state_losses={2: loss_fn}), _single(),
+                         ("[2]", "[]")),
         "dtype": (_single(), _single(chain=build_chain(dtype=torch.float32)),
                   ('"float64"', '"float32"')),
         "num_layers": (_single(), _single(chain=build_chain(layers=7)), ("6", "7")),
@@ -387,8 +389,8 @@ def drift_errors():
 def test_a_drifted_message_is_refused_naming_step_iteration_and_kind(drift_errors, field, got):
     message = drift_errors[field]
     assert message.startswith("test rank 0/2: expected a scan carry of step 4, iteration 2 "
-                              "(message 0 on this link and tag, 3 float64 elements) from "
-                              "rank 1, but rank 1 sent " + got), message
+                              "(runtime 0, message 0 on this link and tag, 3 float64 "
+                              "elements) from rank 1, but rank 1 sent " + got), message
     assert "drifted apart" in message
     assert drift_errors["none"] == "received [23.0, 23.0, 23.0]"
 
@@ -408,5 +410,24 @@ def test_a_rank_a_step_ahead_fails_at_its_first_message_naming_both_steps():
         spawn(_skipped_step_job, 2, timeout=TIMEOUT)
     message = str(info.value)
     assert ("rank 1: MessageMismatchError: HighwayPipeline rank 1/2: expected an activation "
-            "of step 2 (message 1 on this link and tag, 16 float64 elements) from rank 0, "
-            "but rank 0 sent an activation of step 1 (message 1") in message, message
+            "of step 2 (runtime 0, message 1 on this link and tag, 16 float64 elements) from "
+            "rank 0, but rank 0 sent an activation of step 1 (runtime 0, message 1") in message, \
+        message
+
+
+def _two_pipelines_job(ctx):
+    """Two matching pipelines on one process group (say, training and evaluation), stepped
+    in a different order on rank 1: same step, kind and shapes, other runtime."""
+    pipes = [HighwayPipeline(build_chain(), ctx.world, ctx.rank, hbp.Highway(k=1), loss_fn,
+                             timeout=ctx.timeout) for _ in range(2)]
+    return [run_steps(p, steps=1) for p in (pipes if ctx.rank == 0 else pipes[::-1])]
+
+
+def test_two_pipelines_stepped_in_another_order_do_not_take_each_others_messages():
+    with pytest.raises(TransportError) as info:
+        spawn(_two_pipelines_job, 2, timeout=TIMEOUT)
+    message = str(info.value)
+    assert ("rank 1: MessageMismatchError: HighwayPipeline rank 1/2: expected an activation "
+            "of step 0 (runtime 1, message 0 on this link and tag, 16 float64 elements) from "
+            "rank 0, but rank 0 sent an activation of step 0 (runtime 0, message 0") in message, \
+        message

@@ -176,13 +176,13 @@ def _load_rank_checkpoint(path: Path, rank: int, world: int, steps: int) -> Opti
 
 
 def _check_same_config(cfg: DDGRunConfig, modules: Sequence[nn.Sequential], rank: int,
-                       world: int, device: torch.device) -> None:
+                       world: int, device: torch.device) -> int:
     """The configuration handshake (`highwaybp.distributed.handshake`): under torchrun every
     rank parses its own arguments and builds its own model, and ranks that split it
     differently or run another semantics or step count would exchange tensors that still
     fit. Any difference raises `ConfigMismatchError` on every rank."""
     sizes = [len(m) for m in modules]
-    check_same_config("DDG", {
+    return check_same_config("DDG", {
         "runtime": "DDG",
         "num_stages": world,
         "boundaries": [sum(sizes[:i]) for i in range(world + 1)],
@@ -212,7 +212,7 @@ def run_rank(
         raise ValueError(f"semantics must be one of {SEMANTICS}, got {cfg.semantics!r}")
     device = torch.device(device)
     modules = split_model(cfg.build_model(), world, cfg.boundaries, cfg.balance)
-    _check_same_config(cfg, modules, rank, world, device)
+    channel = _check_same_config(cfg, modules, rank, world, device)
     module = modules[rank].to(device)
     optimizer = cfg.optimizer_factory(module.parameters())
     scheduler = cfg.scheduler_factory(optimizer) if cfg.scheduler_factory else None
@@ -220,7 +220,7 @@ def run_rank(
     seed = None if cfg.rng_seed is None else cfg.rng_seed + rank
     stage = DDGStage(module, rank, world, optimizer, scheduler, cfg.semantics, seed)
     del modules
-    link = Link(rank, world, cfg.timeout, device)
+    link = Link(rank, world, cfg.timeout, device, channel=channel)
     last, first_rank = rank == world - 1, rank == 0
     losses: list[float] = []
     correct: list[int] = []

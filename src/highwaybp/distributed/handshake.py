@@ -129,16 +129,26 @@ def _all_gather_bytes(data: bytes, world: int, device: torch.device, timeout: fl
     return [bytes(b[:n].cpu().numpy().tobytes()) for b, n in zip(bufs, lengths)]
 
 
+# Per process group (None: the default one): handshakes this process took part in there.
+_handshakes: dict[Any, int] = {}
+
+
 def check_same_config(label: str, config: Mapping[str, Any], *, rank: int, world: int,
                       timeout: float, device: torch.device | str = "cpu",
-                      group: Any = None) -> None:
+                      group: Any = None) -> int:
     """Compare this rank's `config` (field -> JSON value) with every other rank's; raise
     `ConfigMismatchError` on every rank if any field differs. A collective: every rank of
     `group` (default: the world) must call it once, at the same point (the runtime's
     construction); each wait is bounded by `timeout` seconds (a `TransportError` names a
-    peer that never arrived). Does nothing for world == 1."""
+    peer that never arrived). Does nothing for world == 1 (and returns 0).
+
+    Returns the runtime's channel: how many handshakes this process took part in before on
+    this group, the same number on every rank of it (each is a collective). A runtime's
+    `Link` puts it in every message's tag header, so two runtimes on one process group (a
+    training and an evaluation pipeline) stepped in a different order on different ranks
+    fail at once instead of taking each other's messages."""
     if world <= 1:
-        return
+        return 0
     mine = json.dumps(dict(config)).encode()
     try:
         raw = _all_gather_bytes(mine, world, torch.device(device), timeout, group)
@@ -147,6 +157,9 @@ def check_same_config(label: str, config: Mapping[str, Any], *, rank: int, world
             f"{label} rank {rank}/{world}: comparing the configuration with the other ranks "
             f"failed (timeout {timeout:.0f}s): {type(err).__name__}: {err}. A peer failed or "
             "never built its part (see its message); every rank stops.") from err
+    key = None if group is None or group is dist.group.WORLD else group
+    channel = _handshakes.get(key, 0)
+    _handshakes[key] = channel + 1
     lines = config_differences([json.loads(r.decode()) for r in raw])
     if lines:
         raise ConfigMismatchError(
@@ -155,3 +168,4 @@ def check_same_config(label: str, config: Mapping[str, Any], *, rank: int, world
             "wrong result); every rank stops. Differences:\n  " + "\n  ".join(lines)
             + "\nBuild it with the same arguments on every rank (the same chain from the "
             "same seed, the same method and options).")
+    return channel

@@ -302,9 +302,10 @@ class HighwayPipeline:
                 raise ValueError(
                     f"one stage per rank: num_stages={num_stages}, stage_index={stage_index} "
                     f"but this process is rank {dist.get_rank()} of {dist.get_world_size()}")
-            check_same_config("HighwayPipeline", self._config(), rank=stage_index,
-                              world=num_stages, timeout=self.timeout, device=device)
-        self.link = Link(stage_index, num_stages, self.timeout, device, label="HighwayPipeline")
+        channel = check_same_config("HighwayPipeline", self._config(), rank=stage_index,
+                                    world=num_stages, timeout=self.timeout, device=device)
+        self.link = Link(stage_index, num_stages, self.timeout, device, label="HighwayPipeline",
+                         channel=channel)
         self.comm = _Comm(self)
         self.step_index = 0
         self._iteration: Optional[int] = None
@@ -336,6 +337,7 @@ class HighwayPipeline:
             "num_microbatches": self.num_microbatches,
             "scale_grads": self.scale_grads,
             "recompute": self.recompute,
+            "state_losses": sorted(self.state_losses),  # each evaluated by its state's owner
             "dtype": dtype_text(layers),
             "layers": [layer_fingerprint(layer) for layer in layers],
         }

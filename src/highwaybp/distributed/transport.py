@@ -5,7 +5,8 @@ watchdog thread that ends a rank that made no progress, and errors that name the
 peer and the step (`TransportError`).
 
 Every message travels with a small tag header sent just before it on the same tag:
-(sequence number on this link and tag, step, iteration, kind, element count, dtype). The
+(channel, sequence number on this link and tag, step, iteration, kind, element count,
+dtype), the channel naming the runtime (`highwaybp.distributed.handshake`). The
 receiver checks it against what it is about to receive, so two ranks whose message streams
 drift apart (one sends a scan carry more per step, or is a step behind) fail at the first
 message that does not fit, with a `MessageMismatchError` naming both sides' step,
@@ -43,7 +44,6 @@ _HEADER_LEN = 10  # ndim, dtype code, up to 8 dims
 _TAG_HEADER, _TAG_ACT, _TAG_ERR = 1, 2, 3
 # What a message is (the `what` of a send or receive; its index is the header's kind).
 MESSAGE_KINDS = ("an activation", "an error", "a scan carry", "a VJP", "an exact gradient")
-_TAG_HEADER_FIELDS = ("seq", "step", "iteration", "kind", "numel", "dtype")
 
 
 class TransportError(RuntimeError):
@@ -114,8 +114,9 @@ class Link:
     of the step (None where the step has none, e.g. the forward)."""
 
     def __init__(self, rank: int, world: int, timeout: float, device: torch.device,
-                 label: str = "DDG") -> None:
+                 label: str = "DDG", channel: int = 0) -> None:
         self.rank, self.world = rank, world
+        self.channel = channel  # which runtime of this process group (the handshake's)
         self.label = label  # names the runtime in error messages
         self.timeout = datetime.timedelta(seconds=timeout)
         self.device = device
@@ -157,8 +158,8 @@ class Link:
         if tensor.dtype not in _DTYPES:
             raise TransportError(
                 f"{self.label} sends tensors with dtype in {_DTYPES}; got {tensor.dtype}")
-        return [seq, step, -1 if iteration is None else iteration, MESSAGE_KINDS.index(what),
-                tensor.numel(), _DTYPES.index(tensor.dtype)]
+        return [self.channel, seq, step, -1 if iteration is None else iteration,
+                MESSAGE_KINDS.index(what), tensor.numel(), _DTYPES.index(tensor.dtype)]
 
     def _send(self, tensor: torch.Tensor, dst: int, tag: int, what: str, step: int,
               iteration: Optional[int] = None) -> None:
@@ -251,14 +252,14 @@ class Link:
 
 
 def _describe(header: list[int]) -> str:
-    """A tag header in words: "a scan carry of step 2, iteration 1 (message 5 on this
-    link, 12 float64 elements)"."""
-    seq, step, iteration, kind, numel, dtype = header
+    """A tag header in words: "a scan carry of step 2, iteration 1 (runtime 0, message 5
+    on this link and tag, 12 float64 elements)"."""
+    channel, seq, step, iteration, kind, numel, dtype = header
     what = MESSAGE_KINDS[kind] if 0 <= kind < len(MESSAGE_KINDS) else f"message kind {kind}"
     name = str(_DTYPES[dtype]).removeprefix("torch.") if 0 <= dtype < len(_DTYPES) else dtype
     at = "" if iteration < 0 else f", iteration {iteration}"
-    return (f"{what} of step {step}{at} (message {seq} on this link and tag, {numel} "
-            f"{name} elements)")
+    return (f"{what} of step {step}{at} (runtime {channel}, message {seq} on this link and "
+            f"tag, {numel} {name} elements)")
 
 
 def free_port() -> int:
