@@ -153,6 +153,13 @@ def test_a_longer_chain_names_the_first_differing_layer():
         lines), lines
 
 
+def test_ranks_building_different_runtimes_are_told_only_that():
+    a = _single()
+    b = {"runtime": "ExactPipeline", "num_ranks": 2, "num_layers": 6}
+    assert config_differences([a, b, a]) == [
+        'runtime: ranks 0, 2 have "HighwayPipeline", rank 1 has "ExactPipeline"']
+
+
 def test_matching_pipelines_agree_whatever_way_the_boundaries_are_given():
     a = _single()
     assert config_differences([a, _single(boundaries=[0, 6])]) == []

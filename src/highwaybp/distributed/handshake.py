@@ -86,10 +86,15 @@ def config_differences(configs: Sequence[Mapping[str, Any]]) -> list[str]:
     (configs[r] is rank r's), in the order of rank 0's fields; [] if all agree.
 
     A list-valued field named "layers" (one fingerprint per layer) is reported at its first
-    differing layer, so the line stays short for a long chain."""
+    differing layer, so the line stays short for a long chain. If the field "runtime"
+    differs (ranks building different runtimes), only it is reported: the other fields
+    are not comparable then."""
     fields = list(configs[0])
     for config in configs[1:]:
         fields += [f for f in config if f not in fields]
+    runtimes = [config.get("runtime", _MISSING) for config in configs]
+    if any(r != runtimes[0] for r in runtimes):
+        fields = ["runtime"]
     lines = []
     for name in fields:
         values = [config.get(name, _MISSING) for config in configs]
