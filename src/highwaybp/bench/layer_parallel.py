@@ -340,7 +340,7 @@ def _rank_main(ctx: Any, stack: Stack, configs: list[RunConfig], warmup: int, ro
         else:
             tracer = None
             pipe = ExactPipeline(list(chain.layers), P, rank, c.schedule, c.microbatches,
-                                 loss_fn)
+                                 loss_fn, timeout=timeout)
             kwargs = {}
             if rank == pipe.first_rank:
                 kwargs["x"] = x

@@ -16,7 +16,11 @@ after the last step are not sent.
 Shapes are negotiated once: before its first activation a rank sends a small header
 (ndim, dtype, shape); every later activation must have the same shape (use a fixed batch
 size, e.g. drop the last partial batch). The error shape of a rank is its own output
-shape.
+shape. Before anything else the ranks compare their configurations (world, split,
+semantics, steps, RNG seed, dtype, each layer's parameter shapes;
+`highwaybp.distributed.handshake`) and all raise `ConfigMismatchError` if any differs
+(under torchrun each rank parses its own arguments); every message then carries a tag
+header (step, kind) that its receiver checks (`highwaybp.distributed.transport`).
 
 Failure handling (never a hang): every receive waits at most `timeout` seconds
 (`Work.wait(timeout)`), a dead peer closes its sockets so its neighbours fail at once and
@@ -48,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from highwaybp.ddg.stage import SEMANTICS, DDGStage, split_model
+from highwaybp.distributed.handshake import check_same_config, dtype_text, layer_fingerprint
 from highwaybp.distributed.launch import rank_process, torchrun_rank_world
 from highwaybp.distributed.transport import Link, TransportError, Watchdog
 from highwaybp.files import load_checkpoint, save_checkpoint
@@ -170,6 +175,26 @@ def _load_rank_checkpoint(path: Path, rank: int, world: int, steps: int) -> Opti
     return state
 
 
+def _check_same_config(cfg: DDGRunConfig, modules: Sequence[nn.Sequential], rank: int,
+                       world: int, device: torch.device) -> int:
+    """The configuration handshake (`highwaybp.distributed.handshake`): under torchrun every
+    rank parses its own arguments and builds its own model, and ranks that split it
+    differently or run another semantics or step count would exchange tensors that still
+    fit. Any difference raises `ConfigMismatchError` on every rank."""
+    sizes = [len(m) for m in modules]
+    return check_same_config("DDG", {
+        "runtime": "DDG",
+        "num_stages": world,
+        "boundaries": [sum(sizes[:i]) for i in range(world + 1)],
+        "num_layers": sum(sizes),
+        "semantics": cfg.semantics,
+        "steps": cfg.steps,
+        "rng_seed": cfg.rng_seed,
+        "dtype": dtype_text(modules),
+        "layers": [layer_fingerprint(layer) for m in modules for layer in m],
+    }, rank=rank, world=world, timeout=cfg.timeout, device=device)
+
+
 def run_rank(
     rank: int,
     world: int,
@@ -187,6 +212,7 @@ def run_rank(
         raise ValueError(f"semantics must be one of {SEMANTICS}, got {cfg.semantics!r}")
     device = torch.device(device)
     modules = split_model(cfg.build_model(), world, cfg.boundaries, cfg.balance)
+    channel = _check_same_config(cfg, modules, rank, world, device)
     module = modules[rank].to(device)
     optimizer = cfg.optimizer_factory(module.parameters())
     scheduler = cfg.scheduler_factory(optimizer) if cfg.scheduler_factory else None
@@ -194,7 +220,7 @@ def run_rank(
     seed = None if cfg.rng_seed is None else cfg.rng_seed + rank
     stage = DDGStage(module, rank, world, optimizer, scheduler, cfg.semantics, seed)
     del modules
-    link = Link(rank, world, cfg.timeout, device)
+    link = Link(rank, world, cfg.timeout, device, channel=channel)
     last, first_rank = rank == world - 1, rank == 0
     losses: list[float] = []
     correct: list[int] = []

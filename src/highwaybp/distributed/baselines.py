@@ -34,6 +34,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from highwaybp.distributed.handshake import check_same_config, dtype_text, layer_fingerprint
+
 SCHEDULES: dict[str, tuple[str, int]] = {
     # name -> (torch class name, stages per rank)
     "gpipe": ("ScheduleGPipe", 1),
@@ -115,6 +117,11 @@ class ExactPipeline:
         loss_fn: loss(output [B/M, ...], target [B/M, ...]) -> scalar, mean-reduced.
         boundaries: optional first-layer index of stages 1..S-1 (S = P * stages per rank).
         group: the process group (default: the world).
+        timeout: seconds the configuration handshake may wait for the other ranks.
+
+    When it is built, the ranks compare their configurations (schedule, ranks, micro-batches,
+    the layer split, the chain's length, dtype and each layer's parameter shapes and dtypes;
+    `highwaybp.distributed.handshake`) and all raise `ConfigMismatchError` if any differs.
 
     `step(x=None, target=None) -> Tensor | None`: one training step; fills `.grad` of this
     rank's parameters and returns the mean loss on the rank holding the last stage.
@@ -130,6 +137,7 @@ class ExactPipeline:
         loss_fn: Callable[[Tensor, Tensor], Tensor],
         boundaries: Sequence[int] | None = None,
         group: Any = None,
+        timeout: float = 120.0,
     ) -> None:
         from torch.distributed import pipelining
 
@@ -143,6 +151,16 @@ class ExactPipeline:
         num_stages = num_ranks * per_rank
         owners = stage_ranks(schedule, num_ranks)
         self.ranges = split_layers(len(layers), num_stages, boundaries)
+        check_same_config("ExactPipeline", {
+            "runtime": "ExactPipeline",
+            "num_ranks": num_ranks,
+            "schedule": schedule,
+            "boundaries": [0, *(b for _, b in self.ranges)],
+            "num_layers": len(layers),
+            "num_microbatches": microbatches,
+            "dtype": dtype_text(layers),
+            "layers": [layer_fingerprint(layer) for layer in layers],
+        }, rank=rank, world=num_ranks, timeout=timeout, group=group)
         self.stage_indices = [s for s in range(num_stages) if owners[s] == rank]
         self.modules = [nn.Sequential(*layers[a:b]) for a, b in
                         (self.ranges[s] for s in self.stage_indices)]

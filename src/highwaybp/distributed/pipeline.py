@@ -34,6 +34,7 @@ pipeline schedule.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
 
@@ -54,6 +55,7 @@ from highwaybp.core.iteration import Diagnostics, StopRule
 from highwaybp.core.methods import Method, check_method
 from highwaybp.core.replay import ForwardState, capture_forward_state
 from highwaybp.distributed import dscan
+from highwaybp.distributed.handshake import check_same_config, dtype_text, layer_fingerprint
 from highwaybp.distributed.trace import NullTracer, Tracer
 from highwaybp.distributed.transport import Link, TransportError
 
@@ -123,7 +125,7 @@ class _Comm:
         flat = tensors[0] if len(tensors) == 1 else torch.cat([t.reshape(-1) for t in tensors])
         flat = flat.contiguous()
         with p.tracer.phase("comm", p.step_index, p._iteration, peer=dst, kind="send") as ev:
-            p.link.send_to(flat, dst, tag, what, p.step_index)
+            p.link.send_to(flat, dst, tag, what, p.step_index, p._iteration)
             ev["bytes"] = flat.numel() * flat.element_size()
 
     def recv(self, src: int, likes: Sequence[Tensor], what: str,
@@ -132,7 +134,7 @@ class _Comm:
         numel = sum(t.numel() for t in likes)
         buf = torch.empty(numel, dtype=likes[0].dtype, device=likes[0].device)
         with p.tracer.phase("comm", p.step_index, p._iteration, peer=src, kind="recv"):
-            p.link.recv_from(buf, src, tag, what, p.step_index)
+            p.link.recv_from(buf, src, tag, what, p.step_index, p._iteration)
         if _heartbeat is not None:
             _heartbeat()
         out, start = [], 0
@@ -140,6 +142,33 @@ class _Comm:
             out.append(buf[start:start + t.numel()].view(t.shape))
             start += t.numel()
         return out
+
+
+class _FixedAfterHandshake:
+    """A `HighwayPipeline` setting the ranks compared when it was built: set once (by the
+    constructor), then read-only, since changing it on one rank would make the ranks
+    disagree without either noticing (e.g. `pipe.method = Highway(k=2)` on one rank sends
+    one scan carry more per step)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        if obj is None:
+            return self
+        try:
+            return obj.__dict__[self.name]
+        except KeyError:
+            raise AttributeError(self.name) from None
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        if self.name in obj.__dict__:
+            raise AttributeError(
+                f"HighwayPipeline.{self.name} is fixed when the pipeline is built: the ranks "
+                "compared their configurations then, and changing it on one rank would make "
+                f"them disagree silently. Build a new HighwayPipeline with the new "
+                f"{self.name} on every rank.")
+        obj.__dict__[self.name] = value
 
 
 class HighwayPipeline:
@@ -210,7 +239,8 @@ class HighwayPipeline:
         num_layers = len(chain.layers)
         if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
             raise ValueError(f"num_stages must be an int >= 1, got {num_stages!r}")
-        if not (isinstance(stage_index, int) and 0 <= stage_index < num_stages):
+        if (isinstance(stage_index, bool) or not isinstance(stage_index, int)
+                or not 0 <= stage_index < num_stages):
             raise ValueError(f"stage_index must be in 0..{num_stages - 1}, got {stage_index!r}")
         self.method = check_method(chain.method if method is None else method)
         if recompute and self.method.exact:
@@ -219,6 +249,12 @@ class HighwayPipeline:
                 "stage) is not implemented; pass recompute=False for the exact baseline.")
         if boundaries is None:
             boundaries = balanced_boundaries(num_layers, num_stages)
+        boundaries = list(boundaries)
+        if any(isinstance(b, bool) or not isinstance(b, numbers.Integral) for b in boundaries):
+            raise TypeError(
+                f"boundaries must be ints (layer counts; stage s holds layers "
+                f"boundaries[s]+1..boundaries[s+1]), got {boundaries!r}: a fractional or "
+                "boolean boundary is refused rather than rounded")
         boundaries = [int(b) for b in boundaries]
         if (len(boundaries) != num_stages + 1 or boundaries[0] != 0
                 or boundaries[-1] != num_layers
@@ -227,11 +263,12 @@ class HighwayPipeline:
                 f"boundaries must be {num_stages + 1} strictly increasing layer counts from 0 "
                 f"to {num_layers} (stage s holds layers boundaries[s]+1..boundaries[s+1]), "
                 f"got {list(boundaries)}")
-        if not isinstance(num_microbatches, int) or num_microbatches < 1:
+        if (isinstance(num_microbatches, bool) or not isinstance(num_microbatches, int)
+                or num_microbatches < 1):
             raise ValueError(f"num_microbatches must be an int >= 1, got {num_microbatches!r}")
         self.chain = chain
         self.num_stages, self.stage_index = num_stages, stage_index
-        self.boundaries = boundaries
+        self.boundaries = tuple(boundaries)
         self.first_layer = boundaries[stage_index]  # 0-based index of this stage's first layer
         self.layers = list(chain.layers[self.first_layer:boundaries[stage_index + 1]])
         for i, layer in enumerate(self.layers):
@@ -265,7 +302,10 @@ class HighwayPipeline:
                 raise ValueError(
                     f"one stage per rank: num_stages={num_stages}, stage_index={stage_index} "
                     f"but this process is rank {dist.get_rank()} of {dist.get_world_size()}")
-        self.link = Link(stage_index, num_stages, self.timeout, device, label="HighwayPipeline")
+        channel = check_same_config("HighwayPipeline", self._config(), rank=stage_index,
+                                    world=num_stages, timeout=self.timeout, device=device)
+        self.link = Link(stage_index, num_stages, self.timeout, device, label="HighwayPipeline",
+                         channel=channel)
         self.comm = _Comm(self)
         self.step_index = 0
         self._iteration: Optional[int] = None
@@ -273,6 +313,34 @@ class HighwayPipeline:
         self.last_diagnostics: Optional[Diagnostics] = None
 
     # ------------------------------------------------------------------ configuration
+
+    # Compared across ranks when the pipeline is built (`_config`), so fixed afterwards.
+    num_stages = _FixedAfterHandshake()
+    boundaries = _FixedAfterHandshake()
+    method = _FixedAfterHandshake()
+    scan = _FixedAfterHandshake()
+    num_microbatches = _FixedAfterHandshake()
+    scale_grads = _FixedAfterHandshake()
+    recompute = _FixedAfterHandshake()
+
+    def _config(self) -> dict[str, Any]:
+        """What every rank must agree on (`highwaybp.distributed.handshake`): a rank with
+        other boundaries, a longer chain or another k sends messages that still fit."""
+        layers = self.chain.layers
+        return {
+            "runtime": "HighwayPipeline",
+            "num_stages": self.num_stages,
+            "boundaries": list(self.boundaries),
+            "num_layers": self.num_layers,
+            "method": self.method.to_string(),  # every option, present and future
+            "scan": self.scan,
+            "num_microbatches": self.num_microbatches,
+            "scale_grads": self.scale_grads,
+            "recompute": self.recompute,
+            "state_losses": sorted(self.state_losses),  # each evaluated by its state's owner
+            "dtype": dtype_text(layers),
+            "layers": [layer_fingerprint(layer) for layer in layers],
+        }
 
     @staticmethod
     def _check_tied(chain: ResidualChain, boundaries: list[int]) -> None:
