@@ -69,7 +69,8 @@ def test_ddg_example_without_torchrun_spawns_its_ranks(tmp_path):
     # `python examples/ddg_torchrun.py` failed with a bare KeyError: 'RANK'.
     out = _run(str(EXAMPLES / "ddg_torchrun.py"), TMPDIR=str(tmp_path))
     assert _number(r"DDG on 2 ranks: test accuracy ([\d.]+)", out) > 0.5
-    assert not list(tmp_path.iterdir())
+    # nothing of ours is left; torch may keep its compiler cache (torchinductor_<user>) there
+    assert not [p.name for p in tmp_path.iterdir() if not p.name.startswith("torchinductor")]
 
 
 def test_layer_parallel_example_matches_the_single_process_chain_and_learns():
