@@ -360,3 +360,62 @@ def test_step_time_with_a_link_computed_by_hand(schedule, P, M, stages, rank_end
     t = cm.exact(_hand_layers(stages), P, M, HAND_LINK, schedule)
     assert t.step_time == pytest.approx(max(rank_ends))
     assert [max(task.end for task in tasks) for tasks in t.ranks] == pytest.approx(rank_ends)
+
+
+def test_anderson_mixing_is_priced_per_iteration():
+    """Highway(k=3, anderson=2) on L = 4 uniform layers (scan 0.25 per state), link latency
+    0.5. Windows after iterations 1, 2, 3: w = 1, 2, 2. Per iteration a rank pays w + 2
+    state passes of inner products and w of combination, and with P ranks the all-reduce
+    of w + 2 numbers: 2 ceil(log2 P) latencies.
+    - P = 1: scan cost c = 4 x 0.25 = 1 per pass, no messages: (4 + 6 + 6) c = 16 more.
+    - P = 2, FixedPoint (no scan messages to overlap with): c = 2 x 0.25 = 0.5 per rank,
+      16 c = 8 of passes and 3 iterations x 2 latencies = 3: 11 more.
+    - k >= L runs plain steps: no extra cost."""
+    layers = cm.uniform_layers(4, forward=1, vjp_input=1, vjp_param=1, scan=0.25)
+    link = cm.Link(latency=0.5)
+
+    def extra(P, **kw):
+        plain = cm.highway(layers, P, 1, link, **kw).step_time
+        return cm.highway(layers, P, 1, link, anderson=2, **kw).step_time - plain
+
+    assert extra(1, k=3) == pytest.approx(16.0)
+    assert extra(2, k=3, fixed_point=True) == pytest.approx(11.0)
+    assert extra(2, k=4) == 0.0
+    config = cm.Config("highway", ranks=2, k=3, anderson=2)
+    assert "anderson=2" in config.label
+    assert cm.predict(config, layers, link).step_time == pytest.approx(
+        cm.highway(layers, 2, 1, link, k=3, anderson=2).step_time)
+
+
+@pytest.mark.parametrize("P", [1, 2, 4, 8])
+@pytest.mark.parametrize("anderson", [0, 5])
+def test_break_even_k_is_the_last_k_no_slower_than_the_best_exact_schedule(P, anderson):
+    layers = cm.uniform_layers(16, forward=1, vjp_input=1, vjp_param=1, scan=0.02)
+    link = cm.Link(latency=0.05)
+    k = cm.break_even_k(layers, P, 4, link, anderson=anderson)
+    best = min(cm.exact(layers, P, 4, link, s).step_time for s in cm.EXACT_SCHEDULES
+               if _accepts(s, P, 4))
+
+    def t(kk):
+        return cm.highway(layers, P, 4, link, kk, anderson=anderson).step_time
+
+    if k >= 0:
+        assert t(k) <= best
+    assert t(k + 1) > best
+
+
+def _accepts(schedule, P, M):
+    try:
+        cm.exact(cm.uniform_layers(16), P, M, cm.Link(), schedule)
+    except ValueError:
+        return False
+    return True
+
+
+def test_break_even_k_grows_when_the_sweeps_run_in_parallel():
+    """A cheap forward and expensive input VJPs: on one rank only k = 0 (no input sweep at
+    all) beats exact backprop; over 8 ranks the sweeps run in parallel and several k pay."""
+    layers = cm.uniform_layers(16, forward=0.1, vjp_input=1, vjp_param=0.1, scan=0.01)
+    link = cm.Link(latency=0.01)
+    assert cm.break_even_k(layers, 1, 1, link) == 0
+    assert cm.break_even_k(layers, 8, 1, link) >= 4

@@ -4,7 +4,8 @@ Each spawned job runs many configurations in one process group (a spawn costs se
 loaded machine): K identity / scaled / diagonal (ReLU, gated) / a shape-changing
 LinearShortcut and a ModuleShortcut (projection + ReLU), every scan strategy, per-layer
 losses, 1 and 3 micro-batches, Highway(k), Highway(L) (= autograd), adaptive Highway with
-each fallback, FixedPoint(k) and Exact(), recompute False and True; the test process
+each fallback, FixedPoint(k), Anderson-mixed Highway and FixedPoint (fixed and adaptive: the
+inner products all-reduced) and Exact(), recompute False and True; the test process
 computes the single-process references (float64, 1e-10).
 """
 
@@ -114,6 +115,12 @@ def configs():
             ("relu", "centralized", 1, "highway:tol=1e-30,max_k=2,fallback=exact"),
             ("scaled", "distributed", 1, "highway:tol=1e-30,max_k=3,fallback=best"),
             ("linear", "sequential", 1, "highway:tol=1e-30,max_k=2,fallback=last"),
+            ("relu", "distributed", 3, "highway:k=3,anderson=3"),
+            ("gated", "centralized", 1, "highway:k=4,anderson=2"),
+            ("linear", "sequential", 1, "highway:k=3,anderson=3"),
+            ("relu", "distributed", 1, "fixedpoint:k=3,anderson=3"),
+            ("scaled", "distributed", 1, "highway:tol=1e-30,max_k=4,anderson=3,fallback=last"),
+            ("relu", "centralized", 1, "highway:tol=1e-30,max_k=6,anderson=3"),
             ("gated", "distributed", 3, "exact"),
             ("linear", "sequential", 1, "exact")]
     return out
@@ -157,15 +164,19 @@ def run_configs(ctx):
 
 def reference(kind: str, method_text: str, m: int):
     """Single-process chain, per micro-batch losses summed (layers are per-sample, so this
-    equals the full batch with sum losses), two backward calls (accumulation)."""
+    equals the full batch with sum losses), two backward calls (accumulation). An
+    Anderson-mixed method mixes the whole step's states at once (its weights depend on all
+    of them, as the pipeline's all-reduced inner products do): its reference is the full
+    batch in one call."""
     chain = build_chain(kind)
     chain.method = hbp.method_from_string(method_text.split("+")[0])
     x, y = data(kind)
     x = x.requires_grad_(True)
     states = (*STATE_LOSS_AT, LAYERS)
     total = 0.0
+    chunks = 1 if chain.method.anderson else m
     for _ in range(2):
-        for xm, ym in zip(x.chunk(m), y.chunk(m)):
+        for xm, ym in zip(x.chunk(chunks), y.chunk(chunks)):
             hs = chain(xm, return_states=states)
             loss = final_loss(hs[-1], ym) + sum(state_loss(h, None) for h in hs[:-1])
             loss.backward()

@@ -764,7 +764,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax1.set_xticks(list(xs), labels, rotation=75, fontsize=7)
     ax1.legend()
     traced = [r for r in rows if r.get("critical_path")]
-    phases = ["forward", "loss", "sweep", "scan", "param", "backward", "comm", "idle"]
+    phases = ["forward", "loss", "sweep", "scan", "mix", "param", "backward", "comm", "idle"]
     bottom_m = [0.0] * len(traced)
     bottom_p = [0.0] * len(traced)
     colors = plt.get_cmap("tab10")

@@ -204,18 +204,29 @@ class AndersonMixer:
 
     def step(self, x: States, f: States) -> tuple[States, MixStep]:
         """From the iterate x and f = F(x), the next iterate. The mixer keeps f (it must not
-        be written afterwards) and only reads x."""
+        be written afterwards) and only reads x. `residual_dots` then `mix`, with `reduce`
+        applied to the inner products between them."""
+        r, dots = self.residual_dots(x, f)
+        if self._reduce is not None:
+            dots = self._reduce(dots)
+        return self.mix(f, r, dots)
+
+    def residual_dots(self, x: States, f: States) -> tuple[States, Tensor]:
+        """r = f - x and this process's inner products (float64 [m' + 2]: r against the
+        window's residuals, r with itself, f with itself), to be summed over the processes
+        holding the other states before `mix` (the pipeline times the two apart)."""
         if len(self._f) == self.window:  # the oldest pair leaves before the new one comes
             self._drop(self._f.pop(0), self._r.pop(0), reused=f)
             self._front.pop(0)
             self._gram = self._gram[1:, 1:]
         r = self._spare_r.pop() if self._spare_r else self._new()
         sub_states_(r, f, x)
-        # One host sync: the new Gram row (r against the window's residuals and itself) and ||f||^2.
         dots = torch.stack([dot_states(r, old) for old in self._r]
                            + [dot_states(r, r), dot_states(f, f)]).to(torch.float64)
-        if self._reduce is not None:
-            dots = self._reduce(dots)
+        return r, dots
+
+    def mix(self, f: States, r: States, dots: Tensor) -> tuple[States, MixStep]:
+        """The next iterate from f, its residual r and the summed inner products."""
         values = dots.tolist()
         row, rr, ff = values[:-2], values[-2], values[-1]
         residual = max(rr, 0.0) ** 0.5

@@ -34,7 +34,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-PHASES = ("forward", "loss", "rerun", "sweep", "scan", "param", "backward", "comm", "idle")
+PHASES = ("forward", "loss", "rerun", "sweep", "scan", "mix", "param", "backward", "comm",
+          "idle")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -371,7 +372,7 @@ SCANS = ("distributed", "centralized", "sequential")
 def highway(layers: Sequence[LayerCost], num_ranks: int, microbatches: int, link: Link,
             k: int, scan: str = "distributed", recompute: bool = False,
             fixed_point: bool = False, loss: float = 0.0,
-            boundaries: Sequence[int] | None = None) -> Timeline:
+            boundaries: Sequence[int] | None = None, anderson: int = 0) -> Timeline:
     """Highway(k) (or FixedPoint(k)) on `HighwayPipeline`: the forward pipelined over
     micro-batches as GPipe's; then, on all micro-batches at once, w^0 by a scan, k
     iterations of (input-VJP sweep on every rank at once, scan across ranks), and the
@@ -382,6 +383,13 @@ def highway(layers: Sequence[LayerCost], num_ranks: int, microbatches: int, link
     Scans ("highwaybp.distributed.dscan"): local scan, then the carries across ranks
     ("distributed": 1 + ceil(log2(P - 1)) message hops; "centralized": to rank 0 and back;
     "sequential": P - 1 dependent hops carrying the scan itself), then a local fix-up.
+
+    anderson=m (>= 2, with k < L: a fixed k >= L runs plain steps): after each iteration's
+    F value, every rank forms its residual and w + 1 inner products (w = the window's
+    length, at most m; priced as w + 2 state-sized passes, like a scan's multiply-add),
+    the ranks all-reduce those w + 2 float64 numbers (priced as 2 ceil(log2 P) messages
+    after the slowest rank's inner products: a recursive-doubling all-reduce's hops), and
+    each rank combines w of its states (w passes).
     """
     if scan not in SCANS:
         raise ValueError(f"scan must be one of {SCANS}, got {scan!r}")
@@ -414,6 +422,8 @@ def highway(layers: Sequence[LayerCost], num_ranks: int, microbatches: int, link
                 ranks[r].append(Task(f"V{r}.{j}", r, "sweep",
                                      M * _sum(layers, rng, "vjp_input"), deps))
                 ranks[r].append(Task(f"A{r}.{j}", r, "scan", scan_cost[r]))
+            if anderson >= 2 and k < len(layers):
+                _mix_tasks(ranks, j, min(j, anderson), scan_cost, link)
         last_deps = {r: [(f"V{r + 1}.{iterations}", float(carry_bytes[r]))]
                      for r in range(P - 1)} if iterations else {}
     else:
@@ -426,11 +436,30 @@ def highway(layers: Sequence[LayerCost], num_ranks: int, microbatches: int, link
             if j > 0:  # w^j = w^0 + u: one add per state
                 for r in range(P):
                     ranks[r].append(Task(f"A{r}.{j}", r, "scan", scan_cost[r]))
+                if anderson >= 2 and k < len(layers):
+                    _mix_tasks(ranks, j, min(j, anderson), scan_cost, link)
         last_deps = {}
     for r, rng in enumerate(ranges):
         ranks[r].append(Task(f"W{r}", r, "param", M * _sum(layers, rng, "vjp_param"),
                              last_deps.get(r, [])))
     return simulate(ranks, link)
+
+
+def _mix_tasks(ranks: list[list[Task]], j: int, window: int, cost: list[float],
+               link: Link) -> None:
+    """Append iteration j's Anderson mixing to every rank (see `highway`): inner products,
+    the all-reduce of window + 2 numbers, the combination of `window` states."""
+    P = len(ranks)
+    nbytes = 8.0 * (window + 2)
+    hops = 2 * math.ceil(math.log2(P)) if P > 1 else 0
+    for r in range(P):
+        ranks[r].append(Task(f"D{r}.{j}", r, "mix", (window + 2) * cost[r]))
+    for r in range(P):
+        deps = [(f"D{q}.{j}", nbytes if q != r else None) for q in range(P)] if P > 1 else []
+        # the first hop is the message in `deps`; the rest of the all-reduce's hops follow
+        ranks[r].append(Task(f"G{r}.{j}", r, "comm", max(hops - 1, 0) * link.time(nbytes),
+                             deps))
+        ranks[r].append(Task(f"M{r}.{j}", r, "mix", window * cost[r]))
 
 
 def _scan_tasks(ranks: list[list[Task]], j: int, scan: str, cost: list[float],
@@ -526,6 +555,7 @@ class Config:
     schedule: str = "gpipe"
     scan: str = "distributed"
     recompute: bool = False
+    anderson: int = 0
 
     @property
     def label(self) -> str:
@@ -534,7 +564,8 @@ class Config:
         name = "highway" if self.method == "highway" else "fixedpoint"
         extra = f" {self.scan}" if self.method == "highway" and self.ranks > 1 else ""
         re = " rerun" if self.recompute else ""
-        return f"{name}(k={self.k}){extra}{re} P={self.ranks} M={self.microbatches}"
+        mix = f",anderson={self.anderson}" if self.anderson else ""
+        return f"{name}(k={self.k}{mix}){extra}{re} P={self.ranks} M={self.microbatches}"
 
 
 def predict(config: Config, layers: Sequence[LayerCost], link: Link, loss: float = 0.0,
@@ -547,7 +578,7 @@ def predict(config: Config, layers: Sequence[LayerCost], link: Link, loss: float
         return highway(layers, config.ranks, config.microbatches, link, config.k,
                        scan=config.scan, recompute=config.recompute,
                        fixed_point=config.method == "fixedpoint", loss=loss,
-                       boundaries=boundaries)
+                       boundaries=boundaries, anderson=config.anderson)
     raise ValueError(f"unknown method {config.method!r}: exact, highway or fixedpoint")
 
 
@@ -560,3 +591,29 @@ def scale(layers: Sequence[LayerCost], factor: float) -> list[LayerCost]:
                     vjp_param=c.vjp_param * factor, vjp_both=c.vjp_both * factor,
                     forward_nograd=mul(c.forward_nograd), rerun=mul(c.rerun),
                     scan=c.scan * factor) for c in layers]
+
+
+def break_even_k(layers: Sequence[LayerCost], num_ranks: int, microbatches: int, link: Link,
+                 scan: str = "distributed", anderson: int = 0, recompute: bool = False,
+                 boundaries: Sequence[int] | None = None, loss: float = 0.0) -> int:
+    """The largest k at which the modelled Highway(k) step on `num_ranks` ranks is no slower
+    than the best exact pipeline schedule's (over EXACT_SCHEDULES that accept this P and
+    M); -1 when even k = 0 is slower. What `Auto(break_even_k=...)` takes for a
+    layer-parallel pipeline. The step time grows with k, so the search stops at the first
+    k that loses."""
+    best_exact = math.inf
+    for schedule in EXACT_SCHEDULES:
+        try:
+            t = exact(layers, num_ranks, microbatches, link, schedule, loss=loss,
+                      boundaries=boundaries).step_time
+        except ValueError:  # a schedule that does not take this P and M
+            continue
+        best_exact = min(best_exact, t)
+    chosen = -1
+    for k in range(len(layers) + 1):
+        t = highway(layers, num_ranks, microbatches, link, k, scan=scan, recompute=recompute,
+                    loss=loss, boundaries=boundaries, anderson=anderson).step_time
+        if t > best_exact:
+            break
+        chosen = k
+    return chosen

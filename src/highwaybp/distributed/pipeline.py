@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from highwaybp.core.anderson import AndersonMixer
 from highwaybp.core.backends.loop import LoopVJP, check_no_foreign_leaves
 from highwaybp.core.chain import (
     ResidualChain,
@@ -687,7 +688,9 @@ class HighwayPipeline:
             w0 = g0  # K = 0: w^0 is the loss gradients themselves
         w = best = w0
         owned = range(0 if self.is_first else 1, n + 1)  # entry 0 of a later stage is not
-        for j in rule.iterations():                      # its state (and may be in flight)
+        if rule.mixes:                                   # its state (and may be in flight)
+            return self._iterate_mixed(backend, rule, w0, g_exact, kmaps, coeffs, owned)
+        for j in rule.iterations():
             self._iteration = j
             if method.keeps_residual:
                 u = self._scan(self._sweep(backend, w, j, full=False), kmaps, coeffs, j)
@@ -714,6 +717,77 @@ class HighwayPipeline:
         self.last_iterations = diag.iterations
         return w
 
+    def _iterate_mixed(self, backend: LoopVJP, rule: StopRule, w0: list[list[Tensor]],
+                       g_exact: Optional[list[list[Tensor]]], kmaps: Optional[list],
+                       coeffs: Optional[list], owned: range) -> list[list[Tensor]]:
+        """`core.iteration.mixed_iterate` across ranks: the same sweeps and scans as the
+        plain iteration give F(x); `core.anderson.AndersonMixer` mixes this rank's owned
+        states, its inner products summed over the ranks by one all-reduce of m + 2 numbers
+        per iteration (so every rank takes the same weights and decisions); traced as "mix" and
+        "comm" phases."""
+        method, n = self.method, len(self.layers)
+
+        def flat(rows: list[list[Tensor]]) -> list[Tensor]:
+            return [row[e] for row in rows for e in owned]
+
+        def rows_of(states: list[Tensor], like: list[list[Tensor]]) -> list[list[Tensor]]:
+            it = iter(states)  # entries this rank does not own are never read by a sweep
+            return [[next(it) if e in owned else torch.zeros_like(row[e])
+                     for e in range(n + 1)] for row in like]
+
+        mixer = AndersonMixer(method.anderson, flat(w0), self.num_layers, reuse_buffers=False)
+        x, best = w0, None
+        for j in rule.iterations():
+            self._iteration = j
+            if method.keeps_residual:
+                f = self._scan(self._sweep(backend, x, j, full=False), kmaps, coeffs, j)
+            else:
+                f = self._exchange_first_vjp(self._sweep(backend, x, j, full=True))
+            for row, base in zip(f, w0):
+                for e in owned:
+                    row[e].add_(base[e])
+            with self.tracer.phase("mix", self.step_index, j):
+                r, dots = mixer.residual_dots(flat(x), flat(f))
+            dots = self._allreduce(dots, "the Anderson inner products")
+            with self.tracer.phase("mix", self.step_index, j):
+                out, mix = mixer.mix(flat(f), r, dots)
+            x = rows_of(out, f)
+            if rule.record(j, mix.relative):
+                best = [[t.clone() for t in row] for row in x]  # the mixer reuses its buffer
+            rule.record_mix(mix)
+            if rule.should_stop(j, mix.relative, exact=mixer.is_exact):
+                break
+        self.last_diagnostics = diag = rule.finish()
+        if diag.fallback == "best" and best is not None:
+            x = best
+        elif diag.fallback == "exact":
+            x = self._exact_sweep(backend, g_exact)
+        self.last_iterations = diag.iterations
+        return x
+
+    def _allreduce(self, t: Tensor, what: str) -> Tensor:
+        """Sum the float64 tensor t over every rank (in place; returned), with the
+        pipeline's timeout and an error naming the rank and step."""
+        if self.num_stages == 1:
+            return t
+        t = t.to(self.link.device)
+        with self.tracer.phase("comm", self.step_index, self._iteration,
+                               kind="allreduce") as ev:
+            ev["bytes"] = t.numel() * t.element_size()
+            try:
+                work = dist.all_reduce(t, async_op=True)
+                if not work.wait(self.link.timeout):
+                    raise TimeoutError("all-reduce did not complete")
+            except Exception as err:
+                raise TransportError(
+                    f"HighwayPipeline rank {self.stage_index}/{self.num_stages}: the "
+                    f"all-reduce of {what} failed at step {self.step_index} "
+                    f"(timeout {self.timeout:.0f}s): {type(err).__name__}: {err}. A peer "
+                    "died, raised or is stuck; every rank stops.") from err
+        if _heartbeat is not None:
+            _heartbeat()
+        return t.cpu()
+
     def _exchange_first_vjp(self, v: list[list[Tensor]]) -> list[list[Tensor]]:
         """FixedPoint: the VJP of this stage's first layer goes to the previous stage's last
         state; the next stage's arrives into entry n."""
@@ -734,22 +808,8 @@ class HighwayPipeline:
         diff = sum(float(torch.sum((a[e] - b[e]) ** 2)) for a, b in zip(new, old) for e in owned)
         norm = sum(float(torch.sum(a[e] ** 2)) for a in new for e in owned)
         if self.num_stages > 1:
-            t = torch.tensor([diff, norm], dtype=torch.float64, device=self.link.device)
-            with self.tracer.phase("comm", self.step_index, self._iteration,
-                                   kind="allreduce") as ev:
-                ev["bytes"] = 16
-                try:
-                    work = dist.all_reduce(t, async_op=True)
-                    if not work.wait(self.link.timeout):
-                        raise TimeoutError("all-reduce did not complete")
-                except Exception as err:
-                    raise TransportError(
-                        f"HighwayPipeline rank {self.stage_index}/{self.num_stages}: the "
-                        f"all-reduce of the step norm failed at step {self.step_index} "
-                        f"(timeout {self.timeout:.0f}s): {type(err).__name__}: {err}. A peer "
-                        "died, raised or is stuck; every rank stops.") from err
-            if _heartbeat is not None:
-                _heartbeat()
+            t = self._allreduce(torch.tensor([diff, norm], dtype=torch.float64),
+                                "the step norm")
             diff, norm = (float(v) for v in t.tolist())
         diff, norm = math.sqrt(diff), math.sqrt(norm)
         return 0.0 if diff == 0.0 else diff / max(norm, 1e-300)

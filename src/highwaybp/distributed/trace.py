@@ -27,9 +27,12 @@ A merged trace is {"world": P, "ranks": [per-rank dicts as above]}.
                inputs and parameters together, iteration = micro-batch; an adaptive
                method's exact fallback: iteration null);
     "scan"     local scan work of a scan (iteration = 0 for w^0, j for sweep j);
+    "mix"      Anderson mixing (iteration j): this rank's residual and inner products, then
+               the mixing weights and the combination of its window's states;
     "comm"     a send (kind "send": posting it) or a wait for a message (kind "recv"),
                with the peer rank; waiting for a late peer is counted here; kind
-               "allreduce" (peer null): an adaptive method's global step norm;
+               "allreduce" (peer null): an adaptive method's global step norm, or the
+               Anderson inner products (m + 2 numbers per iteration);
     "param"    the parameter sweep (and the input gradient pushed into x's producer);
     "idle"     gaps between the events above inside a step (Python overhead, bookkeeping).
 """
@@ -43,7 +46,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
-PHASES = ("step", "forward", "loss", "rerun", "sweep", "scan", "comm", "param", "idle")
+PHASES = ("step", "forward", "loss", "rerun", "sweep", "scan", "mix", "comm", "param", "idle")
 
 
 class Tracer:
