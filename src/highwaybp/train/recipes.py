@@ -9,8 +9,8 @@ The corpus is the word-level text shipped with the package (tinyshakespeare, pub
 tokenised as pytorch/examples does: whitespace words, `<eos>` per line; 243k tokens, a
 25.7k-word vocabulary; 90/5/5 split) or `--text FILE`.
 
-Every arm of a seed starts from the same initialisation and sees the same batches; the arms
-train round-robin, one step each in turn, so a load change on a shared machine slows them
+Every arm of a seed starts from the same initialisation and sees the same batches and dropout
+masks (the RNG is seeded from (seed, step) before each step); the arms train round-robin, one step each in turn, so a load change on a shared machine slows them
 alike. Per arm: eval perplexity over training, VJP sweeps (training backward + probes, the
 `KController` unit), training seconds per step, and time-to-quality (training seconds to
 reach exact's final perplexity of the same seed, or None). Per seed, on the exact arm's
@@ -202,6 +202,9 @@ class Arm:
             self.hidden = self.model.init_hidden(self.args.batch)  # a new epoch
         hidden = detach(self.hidden)
         self.ctl.step(step, loss_fn=lambda: lm_loss(self.model(x, hidden)[0], y))
+        # Dropout masks are a function of (seed, step): every arm of a seed draws the same
+        # ones, whatever the other arms (round-robin) or the probes drew before.
+        torch.manual_seed(self.seed * 1_000_003 + step)
         self.opt.zero_grad(set_to_none=True)
         logits, self.hidden = self.model(x, hidden)
         loss = lm_loss(logits, y)
