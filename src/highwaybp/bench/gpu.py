@@ -154,7 +154,7 @@ def time_setting(setting: dict[str, Any], ks: list[int], device: torch.device, r
             fns[(name, label)] = build_counted(args, name, ref, path)
     clock = Clock(device)
     runs: dict[tuple[str, str], list[tuple[float, float]]] = {key: [] for key in fns}
-    for key, (fn, params) in fns.items():
+    for fn, params in fns.values():
         for _ in range(warmup):
             clock.step(fn, params, x, gy)
     for i in range(repeats):
@@ -381,3 +381,62 @@ def run(args: argparse.Namespace) -> int:
     save()
     print(f"wrote {path} ({budget.elapsed:.0f} s)")
     return 1 if failed else 0
+
+
+# ---- rendering (`highwaybp report`) -------------------------------------------------------------
+
+
+def render(path: Any, d: dict[str, Any]) -> list[str]:
+    """docs/benchmarks.md's section of a GPU suite JSON: the measured steps beside the
+    launch model's predictions, the counts, the training run."""
+    from highwaybp.bench.launchmodel import prediction_table
+    from highwaybp.bench.report import _command_line, _table
+
+    sec = d["sections"]
+    lines = [f"### GPU suite on {d.get('gpu_name') or d['device']}: `{path}`", "",
+             f"{'TINY (CI) sizes, ' if d.get('tiny') else ''}{d['elapsed_s']:.0f} s in all."
+             + (f" Not run for want of time: {', '.join(d['skipped'])}." if d["skipped"] else ""),
+             *_command_line(d.get("command"))]
+    if "selftest" in sec:
+        st = sec["selftest"]
+        lines += [f"Selftest (--quick) on the device: {st['summary']}"
+                  + (f"; FAILED: {', '.join(st['failed'])}" if st["failed"] else "") + ".", ""]
+    timing = sec.get("timing", [])
+    if timing:
+        head = ["setting", "method", "path", "fwd ms", "bwd ms", "step ms", "x torch.nn",
+                "x our Exact", "peak MB"]
+        rows = [[r["setting"], r["method"], r["path"], f"{r['fwd_ms']:.2f}",
+                 f"{r['bwd_ms']:.2f}", f"{r['total_ms']:.2f}", f"{r['speedup_vs_torch']:.2f}",
+                 f"{r['speedup_vs_hbp_exact']:.2f}" if "speedup_vs_hbp_exact" in r else "-",
+                 f"{r['peak_mb']:.1f}"] for r in timing]
+        lines += [f"Measured steps ({timing[0]['timer']}, median of up to {timing[0]['runs']} "
+                  "interleaved rounds):", "", *_table(head, rows), ""]
+    counts = sec.get("counts", [])
+    if counts:
+        rows = [[r["setting"], r["method"], r["path"], f"{r['forward']['ops']:,}",
+                 f"{r['backward']['ops']:,}"] for r in counts]
+        lines += ["Dispatched ops per step on the device:", "",
+                  *_table(["setting", "method", "path", "forward ops", "backward ops"], rows), ""]
+    if "predictions" in sec:
+        measured = {(r["setting"], "torch" if r["method"] == "torch"
+                     else f"{r['method']} [{r['path']}]"): r for r in timing}
+        by_label = {}
+        for (label, row_label), r in measured.items():
+            torch_ms = next(t["total_ms"] for t in timing
+                            if t["setting"] == label and t["method"] == "torch")
+            by_label[(label, row_label)] = (r["total_ms"], torch_ms / r["total_ms"])
+        lines += ["The launch model's predictions beside the measurements:", "",
+                  *prediction_table(sec["predictions"]["rows"], by_label)]
+    if "training" in sec:
+        tr = sec["training"]
+        head = ["arm", "loss (last 10% of steps)", "test accuracy %", "median step ms"]
+        rows = [[name, f"{a['final_loss_mean_last10pct']:.4f}"
+                 if a["final_loss_mean_last10pct"] is not None else "-",
+                 f"{a['test_accuracy']:.1f}",
+                 f"{a['median_step_ms']:.1f}" if a["median_step_ms"] is not None else "-"]
+                for name, a in tr["arms"].items()]
+        lines += [f"Pixel GRU training: {tr['data']}, hidden {tr['hidden']}, batch "
+                  f"{tr['batch']}, {tr['steps_done']} of {tr['steps_asked']} steps "
+                  f"({tr['optimizer']}), arms interleaved from the same initialisation:", "",
+                  *_table(head, rows), ""]
+    return lines

@@ -483,3 +483,81 @@ def run(args: argparse.Namespace) -> int:
     })
     print(f"\nwrote {args.out}")
     return 0
+
+
+# ---- rendering (`highwaybp report`) -------------------------------------------------------------
+
+
+def _us(s: float) -> str:
+    return f"{1e6 * s:.1f} us"
+
+
+def device_lines(d: dict[str, Any]) -> list[str]:
+    """The figures a device JSON gives the model, one line each."""
+    mm = "; ".join(f"{lib}: " + ", ".join(f"{y / 1e9:.0f} GFLOP/s at {x / 1e6:.3g} MFLOP"
+                                          for x, y in pts) for lib, pts in d["matmul"].items())
+    bw = ", ".join(f"{y / 1e9:.0f} GB/s at {x / 2**20:.3g} MiB" for x, y in d["bandwidth"])
+    lines = [f"- launch (an op that computes) {_us(d['launch_s'])}, view {_us(d['view_s'])}, "
+             f"sync {_us(d['sync_s'])}, fused RNN step at least {_us(d['fused_step_s'])}; "
+             f"fused kernels: {', '.join(d['fused_native']) or 'none'}",
+             f"- matmul rate: {mm}", f"- bandwidth: {bw}"]
+    lines += [f"- {k}: {v}" for k, v in d.get("sources", {}).items()]
+    return lines
+
+
+def prediction_table(predictions: list[dict[str, Any]], measured: Optional[dict] = None
+                     ) -> list[str]:
+    """The predicted steps per setting (and, where `measured` maps (setting label, row
+    label) to a measured step in ms, the measurement beside)."""
+    from highwaybp.bench.report import _table
+
+    lines = []
+    for p in predictions:
+        s, paper = p["setting"], p.get("paper")
+        lines += [f"**{s['label']}** (batch {s['batch']}, input {s['input_size']}), "
+                  f"PREDICTED on {p.get('device', 'the GPU')}"
+                  + (f"; the paper's Table 6: BP {paper['bp_ms']} ms, Highway k=0 "
+                     f"{paper['k=0']}x, k=5 {paper['k=5']}x, k=10 {paper['k=10']}x, k=20 "
+                     f"{paper['k=20']}x over its BP" if paper else "") + ":", ""]
+        head = ["method [path]", "predicted fwd ms", "bwd ms", "step ms", "x torch.nn"]
+        if measured is not None:
+            head += ["measured step ms", "measured x torch.nn"]
+        rows = []
+        for label, r in p["rows"].items():
+            row = [label, f"{r['fwd_ms']:.2f}", f"{r['bwd_ms']:.2f}", f"{r['total_ms']:.2f}",
+                   f"{r.get('speedup_vs_torch', float('nan')):.2f}"]
+            if measured is not None:
+                m = measured.get((s["label"], label))
+                row += ["-", "-"] if m is None else [f"{m[0]:.2f}", f"{m[1]:.2f}"]
+            rows.append(row)
+        lines += [*_table(head, rows), ""]
+    return lines
+
+
+def render(path: Any, d: dict[str, Any]) -> list[str]:
+    """docs/benchmarks.md's section of `bench launch-model`'s JSON."""
+    from highwaybp.bench.report import _command_line, _table
+
+    rows = d["validation"]
+    within = sum(abs(r["total_error_pct"]) <= 25 for r in rows)
+    worst = max(rows, key=lambda r: abs(r["total_error_pct"])) if rows else None
+    lines = [f"### Launch-aware step model: `{path}`", "", d.get("notes", ""),
+             *_command_line(d.get("command")),
+             "This CPU's figures (calibration):", "", *device_lines(d["cpu"]), ""]
+    if worst:
+        lines += [f"Validation against the committed measured steps: the model's step is "
+                  f"within 25% for {within} of {len(rows)} configurations; the largest error "
+                  f"is {worst['total_error_pct']:+.0f}% ({worst['cell']} T={worst['seq_len']} "
+                  f"{worst['method']}).", ""]
+    head = ["setting", "method", "model fwd / bwd / step ms", "measured fwd / bwd / step ms",
+            "error fwd", "bwd", "step"]
+    table = [[f"{r['cell'].upper()} T={r['seq_len']} B={r['batch']} H={r['hidden']} "
+              f"In={r['input_size']}", r["method"],
+              f"{r['model_fwd_ms']:.0f} / {r['model_bwd_ms']:.0f} / {r['model_total_ms']:.0f}",
+              f"{r['measured_fwd_ms']:.0f} / {r['measured_bwd_ms']:.0f} / "
+              f"{r['measured_total_ms']:.0f}",
+              f"{r['fwd_error_pct']:+.0f}%", f"{r['bwd_error_pct']:+.0f}%",
+              f"{r['total_error_pct']:+.0f}%"] for r in rows]
+    lines += [*_table(head, table), "", "The H100's figures (assumed, not measured):", "",
+              *device_lines(d["gpu"]), ""]
+    return lines + prediction_table(d["predictions"])

@@ -409,3 +409,42 @@ def run_count_ops(args: Any, meta: dict[str, Any]) -> int:
     })
     print(f"wrote {args.out}")
     return 0
+
+
+# ---- rendering (`highwaybp report`) -------------------------------------------------------------
+
+
+def render(path: Any, d: dict[str, Any]) -> list[str]:
+    """docs/benchmarks.md's section of one `--count-ops` file: per method and path, the
+    forward / backward ops at each T, and the ratio of the largest T's count to the
+    smallest's (the issue's launch-boundness measure)."""
+    from highwaybp.bench.report import _command_line, _table
+
+    recs, meta = d["records"], d["meta"]
+    r0 = recs[0]
+    lens = sorted({r["seq_len"] for r in recs})
+    by = {(r["method"], r["path"]): {} for r in recs}
+    for r in recs:
+        by[(r["method"], r["path"])][r["seq_len"]] = r
+    options = ", ".join(f"{k}: {v if isinstance(v, str) else ', '.join(v)}"
+                        for k, v in meta.get("module_options", {}).items())
+    lines = [f"### Dispatched ops, {r0['cell'].upper()} batch {r0['batch']}, hidden "
+             f"{r0['hidden']}, input {r0['input_size']}, layers {r0['layers']}: `{path}`", "",
+             f"aten ops one training step dispatches (forward / backward), counted (not timed: "
+             f"the same on every run). Module options of the GPU-shaped path: {options}. "
+             "torch.nn's forward counts torch's fused RNN call as one op (one cuDNN call on a "
+             "GPU); its backward is what this CPU dispatches for it.",
+             *_command_line(meta.get("command"))]
+    head = ["method", "path", *(f"T={t} fwd / bwd" for t in lens)]
+    if len(lens) > 1:
+        head += [f"fwd T={lens[-1]} / T={lens[0]}", f"bwd T={lens[-1]} / T={lens[0]}"]
+    rows = []
+    for (method, path_name), per in by.items():
+        row = [method, path_name, *(f"{per[t]['forward']['ops']:,} / {per[t]['backward']['ops']:,}"
+                                    if t in per else "-" for t in lens)]
+        if len(lens) > 1 and lens[0] in per and lens[-1] in per:
+            lo, hi = per[lens[0]], per[lens[-1]]
+            row += [f"{hi['forward']['ops'] / lo['forward']['ops']:.1f}x",
+                    f"{hi['backward']['ops'] / lo['backward']['ops']:.1f}x"]
+        rows.append(row)
+    return lines + _table(head, rows) + [""]

@@ -238,7 +238,7 @@ def load_mnist_idx(data_dir: str | Path) -> TensorSplit:
 PIXEL_SOURCES = ("digits", "cifar10", "mnist")
 
 
-def _pixel_source_in(data_dir: str | Path | None) -> str:
+def pixel_source_in(data_dir: str | Path | None) -> str:
     """"cifar10" if `data_dir` holds CIFAR-10's first batch, "mnist" if MNIST's train
     images, else "digits" (by file presence: nothing is loaded twice)."""
     if data_dir is None:
@@ -264,7 +264,7 @@ def pixel_sequences(side: int, data_dir: str | Path | None = None, source: str =
     if source not in ("auto", *PIXEL_SOURCES):
         raise ValueError(f"pixel source must be auto or one of {PIXEL_SOURCES}, got {source!r}")
     if source == "auto":
-        source = _pixel_source_in(data_dir)
+        source = pixel_source_in(data_dir)
     if source in ("cifar10", "mnist") and data_dir is None:
         raise ValueError(f"pixel source {source} needs --data-dir")
     if source == "cifar10":

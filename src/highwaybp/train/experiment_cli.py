@@ -12,6 +12,7 @@ EXPERIMENTS: tuple[str, ...] = (
     "highwaybp.train.charlm",
     "highwaybp.train.vision_experiment",
     "highwaybp.train.kschedule",
+    "highwaybp.train.paper_experiment",
 )
 
 
