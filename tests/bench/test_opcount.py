@@ -205,3 +205,32 @@ def test_gpu_suite_starts_nothing_once_its_budget_is_spent(tmp_path):
     assert d["sections"] == {"timing": [], "counts": []}
     assert "selftest" in d["skipped"] and "training" in d["skipped"]
     assert any(s.startswith("timing ") for s in d["skipped"])
+
+
+def test_signature_json_is_run_length_encoded_and_round_trips():
+    op = OC.OpSignature("aten::stack", "compute", ((2, 3),) * 100 + ((4,),), ((100, 2, 3),), 4)
+    d = op.to_json()
+    assert d["inputs"] == [[[2, 3], 100], [[4], 1]]
+    assert OC.OpSignature.from_json(json.loads(json.dumps(d))) == op
+
+
+def test_device_from_bench_prices_with_the_runs_own_floors():
+    meta = {"forward_floor": {"8": {"dispatch_us_per_op": 4.0, "elementwise_us_per_op": 10.0}},
+            "step_floor": {"8": {"parts": {
+                "recurrent_forward": {"gflop": 1.0, "gflops": 50.0},
+                "input_projection": {"gflop": 2.0, "gflops": 200.0, "paths": ["onednn"]},
+                "recurrent_backward_batched": {"gflop": 0.0, "gflops": None},
+                "weight_grads": {"gflop": 8.0, "gflops": 300.0, "paths": ["a", "b"]}}}},
+            "large_matmul": {"shape": [10, 10, 10], "onednn_gflops": 400.0,
+                             "torch_mm_gflops": 100.0}}
+    trace = OC.OpTrace()
+    trace.add(OC.OpSignature("aten::mul", "compute", ((10,),), ((10,),), 4), 3)  # 80 bytes
+    trace.add(OC.OpSignature("aten::tanh", "compute", ((30,),), ((30,),), 4), 1)  # 240 bytes
+    dev = LM.device_from_bench(meta, DEV, gates=3, batch=2, hidden=4, forward_trace=trace)
+    assert dev.launch_s == 4e-6 and dev.fused_step_s == 4e-6 and dev.view_s == DEV.view_s
+    assert math.isclose(dev.matmul_rate("blas", 2 * 2 * 4 * 3 * 4), 50e9)  # per-step matmul
+    assert math.isclose(dev.matmul_rate("onednn", 2e9), 200e9)
+    assert math.isclose(dev.matmul_rate("blas", 4e9), 300e9)  # weight grads: 2 calls of 4 GFLOP
+    assert math.isclose(dev.matmul_rate("blas", 2000.0), 400e9)
+    mean = (3 * 80 + 240) / 4
+    assert math.isclose(dev.bandwidth(mean), mean / 10e-6)

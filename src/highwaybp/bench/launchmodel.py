@@ -223,7 +223,7 @@ def predict_record(record: dict[str, Any], device: Device) -> dict[str, Any]:
 
 # products [m, k] x [k, n] of the calibration ladder: per-step sizes up to a large matmul
 MATMUL_LADDER = ((16, 64, 192), (128, 64, 192), (32, 512, 1536), (32, 512, 2048),
-                 (1024, 512, 1536), (8192, 512, 2048), (2048, 1024, 4096))
+                 (1024, 512, 1536), (4096, 512, 2048), (2048, 1024, 4096))
 BANDWIDTH_LADDER = (2**12, 2**15, 2**18, 2**21, 2**24, 2**27)  # bytes per operand
 
 
@@ -281,6 +281,53 @@ def calibrate_cpu(threads: int, repeats: int = 7) -> Device:
                         f"{threads} threads, load average {os.getloadavg()[0]:.2f}",
                  "fused_native": "torch.nn.LSTM's CPU forward and backward are oneDNN's RNN "
                                  "primitive (one op per layer); torch.nn.GRU's is a loop"})
+
+
+# a DRAM-sized elementwise pass on the calibration machine, quiet: 37 GB/s (one fused
+# addcmul over 256 MiB tensors, preallocated output; /work/shared/docs/cpu-calibration.md
+# section 3, "roofline ref")
+DRAM_PASS = (4 * 2.0**28, 37e9)
+
+
+def device_from_bench(meta: dict[str, Any], base: Device, gates: int, batch: int,
+                      hidden: int, forward_trace: OpTrace) -> Device:
+    """The CPU as a quiet `bench rnn` run measured it in its own rounds (`meta`, its
+    floors), with `base`'s view and sync costs:
+
+    - `launch_s` (and the fused step's least): a do-nothing op's cost, `dispatch_us_per_op`;
+    - matmul rate: the per-step recurrent matmul's ([B, H] x [H, G*H]), the batched parts'
+      (input projection, one batched recurrent backward, weight gradients) and the large
+      matmul's, each at its FLOPs;
+    - bandwidth: the forward's elementwise ops alone (`elementwise_us_per_op`) at their
+      mean bytes in `forward_trace` (the in-cache point), and `DRAM_PASS`.
+    """
+    (fwd,) = meta["forward_floor"].values()
+    (step,) = meta["step_floor"].values()
+    parts = step["parts"]
+    points = {2.0 * batch * hidden * gates * hidden: 1e9 * parts["recurrent_forward"]["gflops"]}
+    for name in ("input_projection", "recurrent_backward_batched", "weight_grads"):
+        part = parts[name]
+        if part["gflops"]:
+            points[1e9 * part["gflop"] / max(1, len(part.get("paths", [])))] = \
+                1e9 * part["gflops"]
+    large = meta["large_matmul"]
+    n, k, m = large["shape"]
+    points[2.0 * n * k * m] = 1e9 * (large["onednn_gflops"] or large["torch_mm_gflops"])
+    curve = Curve(tuple(sorted(points.items())))
+    compute = [(op, c) for op, c in forward_trace.ops.items() if op.kind == "compute"]
+    mean_bytes = sum(op.bytes * c for op, c in compute) / sum(c for _, c in compute)
+    launch = 1e-6 * fwd["dispatch_us_per_op"]
+    bandwidth = Curve(((mean_bytes, mean_bytes / (1e-6 * fwd["elementwise_us_per_op"])),
+                       DRAM_PASS))
+    return Device(
+        name="this CPU as the bench run measured it (2 threads, quiet)",
+        launch_s=launch, view_s=base.view_s, sync_s=base.sync_s,
+        matmul={"blas": curve, "onednn": curve}, bandwidth=bandwidth,
+        fused_step_s=launch, fused_native=base.fused_native,
+        sources={"launch_s, matmul, in-cache bandwidth": "the committed bench run's floors "
+                 "(same rounds as its measured steps)",
+                 "DRAM bandwidth": "37 GB/s, cpu-calibration.md section 3",
+                 "view_s, sync_s": base.sources.get("all", "")})
 
 
 # ---- validation and predictions -------------------------------------------------------------
@@ -428,7 +475,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--counts", type=Path, nargs="+", default=None,
                    help="`bench rnn --count-ops` JSON files at the measured settings (default: "
-                        "results/rnn/opcount_*_2threads.json)")
+                        "results/rnn/opcount_*.json; files without op shapes are skipped)")
     p.add_argument("--measured", type=Path, nargs="+", default=None,
                    help="`bench rnn` JSON files with measured steps (default: "
                         "results/rnn/bench_*_2threads.json)")
@@ -443,7 +490,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from highwaybp.train.io import atomic_write_json
 
-    counts_files = args.counts or sorted(Path("results/rnn").glob("opcount_*_2threads.json"))
+    counts_files = args.counts or sorted(Path("results/rnn").glob("opcount_*.json"))
     measured_files = args.measured or sorted(Path("results/rnn").glob("bench_*_2threads.json"))
     if not counts_files or not measured_files:
         print("launch-model: no counted or measured files: run `highwaybp bench rnn "
@@ -453,9 +500,21 @@ def run(args: argparse.Namespace) -> int:
         cpu = Device.from_json(json.loads(args.calibration.read_text()))
     else:
         cpu = calibrate_cpu(args.threads)
-    counts = [r for f in counts_files for r in json.loads(f.read_text())["records"]]
-    measured = [r for f in measured_files for r in json.loads(f.read_text())["records"]]
-    rows = validate(counts, measured, cpu)
+    counts = [r for f in counts_files for r in json.loads(f.read_text())["records"]
+              if "signatures" in r["forward"]]
+    rows, rows_calibrated, run_devices = [], [], []
+    for f in measured_files:
+        d = json.loads(f.read_text())
+        r0 = d["records"][0]
+        exact = next(c for c in counts if c["method"] == "hbp-exact" and all(
+            c[k] == r0[k] for k in ("cell", "seq_len", "batch", "hidden", "input_size")))
+        run_device = device_from_bench(d["meta"], cpu, 3 if r0["cell"] == "gru" else 4,
+                                       r0["batch"], r0["hidden"],
+                                       OpTrace.from_json(exact["forward"]))
+        run_devices.append({"measured_file": str(f), **run_device.to_json()})
+        rows += [{**r, "measured_file": str(f)} for r in validate(counts, d["records"],
+                                                                   run_device)]
+        rows_calibrated += validate(counts, d["records"], cpu)
     for r in rows:
         print(f"{r['cell']} T={r['seq_len']} B={r['batch']} H={r['hidden']} {r['method']:14s}"
               f" model {r['model_total_ms']:8.1f} ms measured {r['measured_total_ms']:8.1f} ms"
@@ -475,11 +534,15 @@ def run(args: argparse.Namespace) -> int:
         "counts_files": [str(f) for f in counts_files],
         "measured_files": [str(f) for f in measured_files],
         "validation": rows,
+        "validation_devices": run_devices,
+        "validation_calibrated_only": rows_calibrated,
         "gpu": H100.to_json(),
         "predictions": predictions,
-        "notes": "validation: the model with this CPU's calibration against the committed "
-                 "measured steps (no re-timing); predictions: not measured, from traces "
-                 "counted on this CPU with oneDNN off (the engines' non-CPU path)",
+        "notes": "validation: the model against the committed measured steps (no re-timing), "
+                 "with each run's own dispatch cost and matmul rates (its floors) and this "
+                 "CPU's calibration for views, syncs and bandwidth; validation_calibrated_only: "
+                 "the calibration alone. Predictions: not measured, from traces counted on "
+                 "this CPU with oneDNN off (the engines' non-CPU path)",
     })
     print(f"\nwrote {args.out}")
     return 0
@@ -542,8 +605,11 @@ def render(path: Any, d: dict[str, Any]) -> list[str]:
     within = sum(abs(r["total_error_pct"]) <= 25 for r in rows)
     worst = max(rows, key=lambda r: abs(r["total_error_pct"])) if rows else None
     lines = [f"### Launch-aware step model: `{path}`", "", d.get("notes", ""),
-             *_command_line(d.get("command")),
-             "This CPU's figures (calibration):", "", *device_lines(d["cpu"]), ""]
+             *_command_line(d.get("command"))]
+    for dev in d.get("validation_devices", []):
+        lines += [f"This CPU's figures for `{dev['measured_file']}`:", "", *device_lines(dev), ""]
+    lines += ["This CPU's figures measured by `calibrate_cpu` at the time of the command:", "",
+              *device_lines(d["cpu"]), ""]
     if worst:
         lines += [f"Validation against the committed measured steps: the model's step is "
                   f"within 25% for {within} of {len(rows)} configurations; the largest error "
@@ -558,6 +624,14 @@ def render(path: Any, d: dict[str, Any]) -> list[str]:
               f"{r['measured_total_ms']:.0f}",
               f"{r['fwd_error_pct']:+.0f}%", f"{r['bwd_error_pct']:+.0f}%",
               f"{r['total_error_pct']:+.0f}%"] for r in rows]
-    lines += [*_table(head, table), "", "The H100's figures (assumed, not measured):", "",
+    lines += [*_table(head, table), ""]
+    cal = d.get("validation_calibrated_only") or []
+    if cal:
+        worst_cal = max(cal, key=lambda r: abs(r["total_error_pct"]))
+        lines += [f"With this CPU's calibration alone (no figure from the bench runs): within "
+                  f"25% for {sum(abs(r['total_error_pct']) <= 25 for r in cal)} of {len(cal)}; "
+                  f"largest error {worst_cal['total_error_pct']:+.0f}% ({worst_cal['cell']} "
+                  f"T={worst_cal['seq_len']} {worst_cal['method']}).", ""]
+    lines += ["The H100's figures (assumed, not measured):", "",
               *device_lines(d["gpu"]), ""]
     return lines + prediction_table(d["predictions"])

@@ -26,6 +26,7 @@ and "compute" (everything else: one kernel each on a GPU).
 from __future__ import annotations
 
 import inspect
+import json
 import math
 from collections import Counter
 from collections.abc import Callable
@@ -105,13 +106,29 @@ class OpSignature:
         return matmul_flops(self) if self.kind == "matmul" else 0.0
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "inputs": [list(s) for s in self.inputs],
-                "outputs": [list(s) for s in self.outputs], "itemsize": self.itemsize}
+        """Shapes run-length encoded, [[shape, repeats], ...]: an unbind of T steps has T
+        equal outputs."""
+        return {"name": self.name, "kind": self.kind, "inputs": _runs(self.inputs),
+                "outputs": _runs(self.outputs), "itemsize": self.itemsize}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> OpSignature:
-        return cls(d["name"], d["kind"], tuple(tuple(s) for s in d["inputs"]),
-                   tuple(tuple(s) for s in d["outputs"]), d["itemsize"])
+        return cls(d["name"], d["kind"], _unruns(d["inputs"]), _unruns(d["outputs"]),
+                   d["itemsize"])
+
+
+def _runs(shapes: tuple[Shape, ...]) -> list[list[Any]]:
+    out: list[list[Any]] = []
+    for s in shapes:
+        if out and out[-1][0] == list(s):
+            out[-1][1] += 1
+        else:
+            out.append([list(s), 1])
+    return out
+
+
+def _unruns(runs: list[list[Any]]) -> tuple[Shape, ...]:
+    return tuple(tuple(s) for s, n in runs for _ in range(n))
 
 
 def matmul_flops(op: OpSignature) -> float:
@@ -340,11 +357,11 @@ def build_counted(args: Any, name: str, ref: nn.Module, path: dict[str, str]
     return (lambda x: m(x)[0]), list(m.parameters())
 
 
-def count_methods(args: Any, seq_len: int, names: list[str], device: str = "cpu"
-                  ) -> list[dict[str, Any]]:
+def count_methods(args: Any, seq_len: int, names: list[str], device: str = "cpu",
+                  shapes: bool = True) -> list[dict[str, Any]]:
     """One record per method and path: forward and backward op counts (total, by kind, by
-    name, and the signatures the launch model prices) of one training step at `seq_len`
-    with the bench's sizes, on `device`. torch.nn has one path; our methods one per
+    name, and with `shapes` the signatures the launch model prices) of one training step
+    at `seq_len` with the bench's sizes, on `device`. torch.nn has one path; our methods one per
     `paths`."""
     from highwaybp.bench.rnn import _reference
 
@@ -362,9 +379,10 @@ def count_methods(args: Any, seq_len: int, names: list[str], device: str = "cpu"
                 "cell": args.cell, "seq_len": seq_len, "batch": args.batch,
                 "hidden": args.hidden, "input_size": args.input_size, "layers": args.layers,
                 "method": name, "path": path_label(path) if name != "torch" else "torch.nn",
-                "forward": {**fwd.trace.to_json(), "fused_calls": fwd.fused_meta,
-                            "fused_inner": fwd.inner.to_json() if fwd.fused_meta else None},
-                "backward": bwd.trace.to_json(),
+                "forward": {**fwd.trace.to_json(shapes), "fused_calls": fwd.fused_meta,
+                            "fused_inner": fwd.inner.to_json(shapes) if fwd.fused_meta
+                            else None},
+                "backward": bwd.trace.to_json(shapes),
             })
     return records
 
@@ -385,7 +403,7 @@ def count_names(ks: list[int]) -> list[str]:
 def run_count_ops(args: Any, meta: dict[str, Any]) -> int:
     """`highwaybp bench rnn --count-ops`: `count_methods` at each --seq-len, printed and
     written to --out."""
-    from highwaybp.train.io import atomic_write_json
+    from highwaybp.files import atomic_write_text
 
     options = {k: (list(v) if v else "not available")
                for k, v in available_options(module_class(args.cell)).items()}
@@ -393,12 +411,12 @@ def run_count_ops(args: Any, meta: dict[str, Any]) -> int:
           f"layers={args.layers}; module options {options}", flush=True)
     records = []
     for seq_len in args.seq_len:
-        recs = count_methods(args, seq_len, count_names(args.k))
+        recs = count_methods(args, seq_len, count_names(args.k), shapes=args.op_shapes)
         for r in recs:
             print(f"  T={seq_len:5d} {r['method']:14s} {r['path']:18s} forward "
                   f"{r['forward']['ops']:7d} backward {r['backward']['ops']:7d}", flush=True)
         records += recs
-    atomic_write_json(args.out, {
+    result = {
         "bench": "rnn_opcount",
         "meta": {**meta, "module_options": options,
                  "notes": "aten ops dispatched by one training step (forward: y = model(x); "
@@ -406,7 +424,9 @@ def run_count_ops(args: Any, meta: dict[str, Any]) -> int:
                           "torch's fused RNN function is one op (kind fused_rnn), what it "
                           "dispatches underneath on this device is in forward.fused_inner"},
         "records": records,
-    })
+    }
+    # with the op shapes the file is machine data (hundreds of signatures): one line
+    atomic_write_text(args.out, json.dumps(result, indent=None if args.op_shapes else 1) + "\n")
     print(f"wrote {args.out}")
     return 0
 

@@ -1106,6 +1106,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "forward and backward, method and path (torch.nn, hbp-exact, Highway(k) for --k), "
         "with their shapes (highwaybp.bench.opcount); deterministic",
     )
+    p.add_argument(
+        "--no-op-shapes",
+        dest="op_shapes",
+        action="store_false",
+        help="with --count-ops: counts only, without each op's shapes (the launch model "
+        "needs them; a T sweep does not)",
+    )
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--out", type=out_file, default="results/rnn/bench_rnn.json")
     p.set_defaults(func=run)
