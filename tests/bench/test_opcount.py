@@ -214,23 +214,41 @@ def test_signature_json_is_run_length_encoded_and_round_trips():
     assert OC.OpSignature.from_json(json.loads(json.dumps(d))) == op
 
 
-def test_device_from_bench_prices_with_the_runs_own_floors():
-    meta = {"forward_floor": {"8": {"dispatch_us_per_op": 4.0, "elementwise_us_per_op": 10.0}},
+def _bench_meta(gflop_projection: float, gflop_weights: float) -> dict:
+    return {"forward_floor": {"8": {"dispatch_us_per_op": 4.0, "elementwise_us_per_op": 10.0}},
             "step_floor": {"8": {"parts": {
                 "recurrent_forward": {"gflop": 1.0, "gflops": 50.0},
-                "input_projection": {"gflop": 2.0, "gflops": 200.0, "paths": ["onednn"]},
+                "input_projection": {"gflop": gflop_projection, "gflops": 200.0,
+                                     "paths": ["onednn"]},
                 "recurrent_backward_batched": {"gflop": 0.0, "gflops": None},
-                "weight_grads": {"gflop": 8.0, "gflops": 300.0, "paths": ["a", "b"]}}}},
-            "large_matmul": {"shape": [10, 10, 10], "onednn_gflops": 400.0,
+                "weight_grads": {"gflop": gflop_weights, "gflops": 300.0,
+                                 "paths": ["onednn", "onednn"]}}}},
+            "large_matmul": {"shape": [1000, 1000, 1000], "onednn_gflops": 400.0,
                              "torch_mm_gflops": 100.0}}
+
+
+def test_device_from_bench_prices_with_the_runs_own_floors():
+    rows, n_in, hidden, gh = 8192, 256, 512, 1536  # T * B, input, hidden, 3 * hidden
+    projection = 2.0 * rows * n_in * gh
+    weights = 2.0 * rows * gh * (n_in + hidden)  # dW_ih and dW_hh
     trace = OC.OpTrace()
     trace.add(OC.OpSignature("aten::mul", "compute", ((10,),), ((10,),), 4), 3)  # 80 bytes
     trace.add(OC.OpSignature("aten::tanh", "compute", ((30,),), ((30,),), 4), 1)  # 240 bytes
-    dev = LM.device_from_bench(meta, DEV, gates=3, batch=2, hidden=4, forward_trace=trace)
+    base = LM.Device(**{**DEV.__dict__,
+                        "bandwidth": LM.Curve(((100.0, 1e9), (1e6, 5e9), (1e8, 4e9)))})
+    dev = LM.device_from_bench(_bench_meta(projection / 1e9, weights / 1e9), base, gates=3,
+                               batch=32, hidden=hidden, input_size=n_in, forward_trace=trace)
     assert dev.launch_s == 4e-6 and dev.fused_step_s == 4e-6 and dev.view_s == DEV.view_s
-    assert math.isclose(dev.matmul_rate("blas", 2 * 2 * 4 * 3 * 4), 50e9)  # per-step matmul
-    assert math.isclose(dev.matmul_rate("onednn", 2e9), 200e9)
-    assert math.isclose(dev.matmul_rate("blas", 4e9), 300e9)  # weight grads: 2 calls of 4 GFLOP
-    assert math.isclose(dev.matmul_rate("blas", 2000.0), 400e9)
+    assert math.isclose(dev.matmul_rate("blas", 2 * 32 * hidden * gh), 50e9)  # per step
+    assert math.isclose(dev.matmul_rate("onednn", projection), 200e9)
+    assert math.isclose(dev.matmul_rate("blas", weights / 2), 300e9)  # two products
+    assert math.isclose(dev.matmul_rate("blas", 2e9), 400e9)  # the large matmul
     mean = (3 * 80 + 240) / 4
     assert math.isclose(dev.bandwidth(mean), mean / 10e-6)
+    # from 4x those bytes up, the base device's ladder (its 100-byte point is dropped)
+    assert dev.bandwidth.points[1:] == ((1e6, 5e9), (1e8, 4e9))
+    # a 3-wide input's projection is bandwidth-bound: its FLOP/s is no matmul rate
+    narrow = LM.device_from_bench(_bench_meta(2.0 * rows * 3 * gh / 1e9, weights / 1e9), base,
+                                  gates=3, batch=32, hidden=hidden, input_size=3,
+                                  forward_trace=trace)
+    assert 200e9 not in [y for _, y in narrow.matmul["blas"].points]

@@ -224,7 +224,7 @@ def predict_record(record: dict[str, Any], device: Device) -> dict[str, Any]:
 # products [m, k] x [k, n] of the calibration ladder: per-step sizes up to a large matmul
 MATMUL_LADDER = ((16, 64, 192), (128, 64, 192), (32, 512, 1536), (32, 512, 2048),
                  (1024, 512, 1536), (4096, 512, 2048), (2048, 1024, 4096))
-BANDWIDTH_LADDER = (2**12, 2**15, 2**18, 2**21, 2**24, 2**27)  # bytes per operand
+BANDWIDTH_LADDER = (2**15, 2**18, 2**20, 2**22, 2**23, 2**25, 2**27)  # bytes per operand
 
 
 def _min_seconds(fn: Callable[[], Any], repeats: int, inner: int = 1) -> float:
@@ -244,8 +244,9 @@ def calibrate_cpu(threads: int, repeats: int = 7) -> Device:
     """This CPU's figures, measured now (least of `repeats`): a do-nothing op's cost
     (`launch_s`), a view's (`view_s`), `.item()`'s (`sync_s`), the matmul rate along
     `MATMUL_LADDER` through oneDNN (`engine.linear`, weight packed as the engines do) and
-    MKL (`torch.mm` into a preallocated output), and the bandwidth of an out-of-place add
-    along `BANDWIDTH_LADDER`. The fused step's least time is the do-nothing op's."""
+    MKL (`torch.mm` into a preallocated output), and the bandwidth of an out-of-place
+    multiply along `BANDWIDTH_LADDER` (the least of many single calls). The fused step's
+    least time is the do-nothing op's."""
     from highwaybp.models.rnn.engine import PackedLinear, onednn_applies
 
     torch.set_num_threads(threads)
@@ -267,9 +268,11 @@ def calibrate_cpu(threads: int, repeats: int = 7) -> Device:
     bandwidth = []
     for size in BANDWIDTH_LADDER:
         n = size // 4
-        add = functools.partial(torch.add, torch.randn(n), torch.randn(n), out=torch.empty(n))
-        inner = max(1, int(2**26 // size))
-        bandwidth.append((3.0 * size, 3.0 * size / _min_seconds(add, repeats, inner)))
+        mul = functools.partial(torch.mul, torch.randn(n), torch.randn(n), out=torch.empty(n))
+        # single calls, the least of many: a call short enough to run unpreempted on a
+        # shared machine gives the bandwidth, a loop of calls gives the load
+        bandwidth.append((3.0 * size, 3.0 * size / _min_seconds(
+            mul, max(repeats, int(2**29 // size)), 1)))
     matmul = {"blas": Curve(tuple(blas))}
     if onednn:
         matmul["onednn"] = Curve(tuple(onednn))
@@ -283,33 +286,43 @@ def calibrate_cpu(threads: int, repeats: int = 7) -> Device:
                                  "primitive (one op per layer); torch.nn.GRU's is a loop"})
 
 
-# a DRAM-sized elementwise pass on the calibration machine, quiet: 37 GB/s (one fused
-# addcmul over 256 MiB tensors, preallocated output; /work/shared/docs/cpu-calibration.md
-# section 3, "roofline ref")
-DRAM_PASS = (4 * 2.0**28, 37e9)
+MIN_INTENSITY = 16.0  # FLOP per byte: ~the CPU's matmul rate over its DRAM bandwidth, x2
 
 
 def device_from_bench(meta: dict[str, Any], base: Device, gates: int, batch: int,
-                      hidden: int, forward_trace: OpTrace) -> Device:
+                      hidden: int, input_size: int, forward_trace: OpTrace) -> Device:
     """The CPU as a quiet `bench rnn` run measured it in its own rounds (`meta`, its
     floors), with `base`'s view and sync costs:
 
     - `launch_s` (and the fused step's least): a do-nothing op's cost, `dispatch_us_per_op`;
     - matmul rate: the per-step recurrent matmul's ([B, H] x [H, G*H]), the batched parts'
-      (input projection, one batched recurrent backward, weight gradients) and the large
-      matmul's, each at its FLOPs;
+      (input projection, one batched recurrent backward, weight gradients: rows = T*B, the
+      part's FLOPs per product) where they are compute-bound, and the large matmul's, each
+      at its FLOPs;
     - bandwidth: the forward's elementwise ops alone (`elementwise_us_per_op`) at their
-      mean bytes in `forward_trace` (the in-cache point), and `DRAM_PASS`.
+      mean bytes in `forward_trace` (the per-step point: sigmoid and tanh on a [B, G*H]
+      row cost more than their bytes), then `base`'s ladder from 4x those bytes up.
     """
     (fwd,) = meta["forward_floor"].values()
     (step,) = meta["step_floor"].values()
     parts = step["parts"]
     points = {2.0 * batch * hidden * gates * hidden: 1e9 * parts["recurrent_forward"]["gflops"]}
-    for name in ("input_projection", "recurrent_backward_batched", "weight_grads"):
+    # each batched part's products [M, K] x [K, N]; a part whose intensity is below
+    # MIN_INTENSITY (the x projection of a 3-wide input) is bandwidth-bound: its FLOP/s is
+    # not a matmul rate, and the model prices it by its bytes anyway
+    gh, n_in = gates * hidden, input_size
+    shapes = {"input_projection": [(1, n_in, gh)], "recurrent_backward_batched": [(1, gh, hidden)],
+              "weight_grads": [(gh, 1, n_in), (gh, 1, hidden)]}
+    for name, products in shapes.items():
         part = parts[name]
-        if part["gflops"]:
-            points[1e9 * part["gflop"] / max(1, len(part.get("paths", [])))] = \
-                1e9 * part["gflops"]
+        if not part["gflops"]:
+            continue
+        rows = 1e9 * part["gflop"] / sum(2.0 * m * k * n for m, k, n in products)
+        dims = [tuple(rows if d == 1 else d for d in p) for p in products]
+        flops = [2.0 * m * k * n for m, k, n in dims]
+        intensity = sum(flops) / sum(4.0 * (m * k + k * n + m * n) for m, k, n in dims)
+        if intensity >= MIN_INTENSITY:
+            points[sum(flops) / len(flops)] = 1e9 * part["gflops"]
     large = meta["large_matmul"]
     n, k, m = large["shape"]
     points[2.0 * n * k * m] = 1e9 * (large["onednn_gflops"] or large["torch_mm_gflops"])
@@ -317,8 +330,10 @@ def device_from_bench(meta: dict[str, Any], base: Device, gates: int, batch: int
     compute = [(op, c) for op, c in forward_trace.ops.items() if op.kind == "compute"]
     mean_bytes = sum(op.bytes * c for op, c in compute) / sum(c for _, c in compute)
     launch = 1e-6 * fwd["dispatch_us_per_op"]
-    bandwidth = Curve(((mean_bytes, mean_bytes / (1e-6 * fwd["elementwise_us_per_op"])),
-                       DRAM_PASS))
+    # per-step ops: the run's own elementwise floor (sigmoid/tanh at these sizes cost more
+    # than their bytes); chunk-sized and larger passes: the calibrated ladder
+    small = (mean_bytes, mean_bytes / (1e-6 * fwd["elementwise_us_per_op"]))
+    bandwidth = Curve((small, *(p for p in base.bandwidth.points if p[0] >= 4 * mean_bytes)))
     return Device(
         name="this CPU as the bench run measured it (2 threads, quiet)",
         launch_s=launch, view_s=base.view_s, sync_s=base.sync_s,
@@ -326,7 +341,7 @@ def device_from_bench(meta: dict[str, Any], base: Device, gates: int, batch: int
         fused_step_s=launch, fused_native=base.fused_native,
         sources={"launch_s, matmul, in-cache bandwidth": "the committed bench run's floors "
                  "(same rounds as its measured steps)",
-                 "DRAM bandwidth": "37 GB/s, cpu-calibration.md section 3",
+                 "bandwidth above 4x the per-step bytes": "calibrate_cpu's ladder",
                  "view_s, sync_s": base.sources.get("all", "")})
 
 
@@ -509,7 +524,7 @@ def run(args: argparse.Namespace) -> int:
         exact = next(c for c in counts if c["method"] == "hbp-exact" and all(
             c[k] == r0[k] for k in ("cell", "seq_len", "batch", "hidden", "input_size")))
         run_device = device_from_bench(d["meta"], cpu, 3 if r0["cell"] == "gru" else 4,
-                                       r0["batch"], r0["hidden"],
+                                       r0["batch"], r0["hidden"], r0["input_size"],
                                        OpTrace.from_json(exact["forward"]))
         run_devices.append({"measured_file": str(f), **run_device.to_json()})
         rows += [{**r, "measured_file": str(f)} for r in validate(counts, d["records"],
