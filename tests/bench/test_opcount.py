@@ -239,10 +239,12 @@ def test_device_from_bench_prices_with_the_runs_own_floors():
     dev = LM.device_from_bench(_bench_meta(projection / 1e9, weights / 1e9), base, gates=3,
                                batch=32, hidden=hidden, input_size=n_in, forward_trace=trace)
     assert dev.launch_s == 4e-6 and dev.fused_step_s == 4e-6 and dev.view_s == DEV.view_s
-    assert math.isclose(dev.matmul_rate("blas", 2 * 32 * hidden * gh), 50e9)  # per step
+    # a 50 MFLOP step goes through oneDNN (engine.STEP_ONEDNN_MIN_FLOPS), as the engines'
+    assert math.isclose(dev.matmul_rate("onednn", 2 * 32 * hidden * gh), 50e9)
     assert math.isclose(dev.matmul_rate("onednn", projection), 200e9)
-    assert math.isclose(dev.matmul_rate("blas", weights / 2), 300e9)  # two products
-    assert math.isclose(dev.matmul_rate("blas", 2e9), 400e9)  # the large matmul
+    assert math.isclose(dev.matmul_rate("onednn", weights / 2), 300e9)  # two products
+    assert math.isclose(dev.matmul_rate("onednn", 2e9), 400e9)  # the large matmul
+    assert dev.matmul["blas"].points == ((2e9, 100e9),)  # MKL: only its large matmul
     mean = (3 * 80 + 240) / 4
     assert math.isclose(dev.bandwidth(mean), mean / 10e-6)
     # from 4x those bytes up, the base device's ladder (its 100-byte point is dropped)

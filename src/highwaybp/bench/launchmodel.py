@@ -295,10 +295,11 @@ def device_from_bench(meta: dict[str, Any], base: Device, gates: int, batch: int
     floors), with `base`'s view and sync costs:
 
     - `launch_s` (and the fused step's least): a do-nothing op's cost, `dispatch_us_per_op`;
-    - matmul rate: the per-step recurrent matmul's ([B, H] x [H, G*H]), the batched parts'
-      (input projection, one batched recurrent backward, weight gradients: rows = T*B, the
-      part's FLOPs per product) where they are compute-bound, and the large matmul's, each
-      at its FLOPs;
+    - matmul rate, one curve per library (oneDNN, MKL's torch.mm): the per-step recurrent
+      matmul's ([B, H] x [H, G*H], through the library the engines use at that size), the
+      batched parts' (input projection, one batched recurrent backward, weight gradients:
+      rows = T*B, the part's FLOPs per product, the library its `paths` name) where they
+      are compute-bound, and the large matmul's through each library, each at its FLOPs;
     - bandwidth: the forward's elementwise ops alone (`elementwise_us_per_op`) at their
       mean bytes in `forward_trace` (the per-step point: sigmoid and tanh on a [B, G*H]
       row cost more than their bytes), then `base`'s ladder from 4x those bytes up.
@@ -306,10 +307,16 @@ def device_from_bench(meta: dict[str, Any], base: Device, gates: int, batch: int
     (fwd,) = meta["forward_floor"].values()
     (step,) = meta["step_floor"].values()
     parts = step["parts"]
-    points = {2.0 * batch * hidden * gates * hidden: 1e9 * parts["recurrent_forward"]["gflops"]}
-    # each batched part's products [M, K] x [K, N]; a part whose intensity is below
-    # MIN_INTENSITY (the x projection of a 3-wide input) is bandwidth-bound: its FLOP/s is
-    # not a matmul rate, and the model prices it by its bytes anyway
+    from highwaybp.models.rnn.engine import STEP_ONEDNN_MIN_FLOPS
+
+    # one curve per library: oneDNN's and MKL's (torch.mm) rates differ ~2x on this CPU
+    points: dict[str, dict[float, float]] = {"onednn": {}, "blas": {}}
+    step_flops = 2.0 * batch * hidden * gates * hidden
+    step_library = "onednn" if step_flops >= STEP_ONEDNN_MIN_FLOPS else "blas"
+    points[step_library][step_flops] = 1e9 * parts["recurrent_forward"]["gflops"]
+    # each batched part's products [M, K] x [K, N] (rows = T * B); a part whose intensity
+    # is below MIN_INTENSITY (the x projection of a 3-wide input) is bandwidth-bound: its
+    # FLOP/s is not a matmul rate, and the model prices it by its bytes anyway
     gh, n_in = gates * hidden, input_size
     shapes = {"input_projection": [(1, n_in, gh)], "recurrent_backward_batched": [(1, gh, hidden)],
               "weight_grads": [(gh, 1, n_in), (gh, 1, hidden)]}
@@ -322,11 +329,14 @@ def device_from_bench(meta: dict[str, Any], base: Device, gates: int, batch: int
         flops = [2.0 * m * k * n for m, k, n in dims]
         intensity = sum(flops) / sum(4.0 * (m * k + k * n + m * n) for m, k, n in dims)
         if intensity >= MIN_INTENSITY:
-            points[sum(flops) / len(flops)] = 1e9 * part["gflops"]
+            library = "blas" if "torch.mm" in part.get("paths", []) else "onednn"
+            points[library][sum(flops) / len(flops)] = 1e9 * part["gflops"]
     large = meta["large_matmul"]
     n, k, m = large["shape"]
-    points[2.0 * n * k * m] = 1e9 * (large["onednn_gflops"] or large["torch_mm_gflops"])
-    curve = Curve(tuple(sorted(points.items())))
+    if large["onednn_gflops"]:
+        points["onednn"][2.0 * n * k * m] = 1e9 * large["onednn_gflops"]
+    points["blas"][2.0 * n * k * m] = 1e9 * large["torch_mm_gflops"]
+    matmul = {lib: Curve(tuple(sorted(p.items()))) for lib, p in points.items() if p}
     compute = [(op, c) for op, c in forward_trace.ops.items() if op.kind == "compute"]
     mean_bytes = sum(op.bytes * c for op, c in compute) / sum(c for _, c in compute)
     launch = 1e-6 * fwd["dispatch_us_per_op"]
@@ -337,7 +347,7 @@ def device_from_bench(meta: dict[str, Any], base: Device, gates: int, batch: int
     return Device(
         name="this CPU as the bench run measured it (2 threads, quiet)",
         launch_s=launch, view_s=base.view_s, sync_s=base.sync_s,
-        matmul={"blas": curve, "onednn": curve}, bandwidth=bandwidth,
+        matmul=matmul, bandwidth=bandwidth,
         fused_step_s=launch, fused_native=base.fused_native,
         sources={"launch_s, matmul, in-cache bandwidth": "the committed bench run's floors "
                  "(same rounds as its measured steps)",
