@@ -138,7 +138,7 @@ def test_word_corpus_unknown_words_and_line_ends(tmp_path):
 
 def test_text_missing_split_names_the_files(tmp_path):
     (tmp_path / "train.txt").write_text("a b")
-    with pytest.raises(FileNotFoundError, match="wiki.valid.raw"):
+    with pytest.raises(FileNotFoundError, match=r"wiki\.valid\.raw"):
         D.text_splits(tmp_path)
 
 
