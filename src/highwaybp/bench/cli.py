@@ -12,6 +12,8 @@ BENCHES: tuple[str, ...] = (
     "highwaybp.bench.ddg",
     "highwaybp.bench.rnn",
     "highwaybp.bench.layer_parallel",
+    "highwaybp.bench.launchmodel",
+    "highwaybp.bench.gpu",
 )
 
 

@@ -435,6 +435,18 @@ def _mean(values: list[float | None]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def _lazy(module: str) -> Callable[[Path, dict[str, Any]], list[str]]:
+    """The `render` of `module`, imported when a file of its kind is rendered (the bench
+    modules import torch; the report's other sections need not)."""
+
+    def render_file(path: Path, d: dict[str, Any]) -> list[str]:
+        import importlib
+
+        return importlib.import_module(module).render(path, d)
+
+    return render_file
+
+
 @dataclass(frozen=True)
 class Section:
     """A kind of results file: how to recognise it and how to render it."""
@@ -448,7 +460,14 @@ SECTIONS: tuple[Section, ...] = (
     Section("The demo (`highwaybp demo`)", lambda d: "rnn" in d and "results" in d and
             "fidelity_curve" in d, _demo),
     Section("Scans", lambda d: d.get("bench") == "scan", _scan),
-    Section("RNNs (`highwaybp bench rnn`)", lambda d: "meta" in d and "records" in d, _rnn),
+    Section("RNNs (`highwaybp bench rnn`)",
+            lambda d: "meta" in d and "records" in d and "bench" not in d, _rnn),
+    Section("RNN dispatch counts (`highwaybp bench rnn --count-ops`)",
+            lambda d: d.get("bench") == "rnn_opcount", _lazy("highwaybp.bench.opcount")),
+    Section("RNN launch-aware step model (`highwaybp bench launch-model`)",
+            lambda d: d.get("bench") == "launch_model", _lazy("highwaybp.bench.launchmodel")),
+    Section("GPU suite (`highwaybp bench gpu`)",
+            lambda d: d.get("bench") == "gpu_suite", _lazy("highwaybp.bench.gpu")),
     Section("RNN profile (`highwaybp bench rnn --profile`)",
             lambda d: "meta" in d and "profiles" in d, _rnn_profile),
     Section("Deep stacks (`highwaybp bench deep`)", lambda d: d.get("bench") == "deep",

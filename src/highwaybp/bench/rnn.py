@@ -1099,6 +1099,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "prepare, one sweep, parameter gradients, exact backward) and profile one sweep's "
         "op mix (torch.profiler); use --threads 1 on a shared machine",
     )
+    p.add_argument(
+        "--count-ops",
+        action="store_true",
+        help="instead of timing: count the aten ops one training step dispatches, per "
+        "forward and backward, method and path (torch.nn, hbp-exact, Highway(k) for --k), "
+        "with their shapes (highwaybp.bench.opcount); deterministic",
+    )
+    p.add_argument(
+        "--no-op-shapes",
+        dest="op_shapes",
+        action="store_false",
+        help="with --count-ops: counts only, without each op's shapes (the launch model "
+        "needs them; a T sweep does not)",
+    )
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--out", type=out_file, default="results/rnn/bench_rnn.json")
     p.set_defaults(func=run)
@@ -1117,6 +1131,10 @@ def run(args: argparse.Namespace) -> int:
     load_before = os.getloadavg()
     if args.profile:
         return run_profile(args, load_before)
+    if args.count_ops:
+        from highwaybp.bench.opcount import run_count_ops
+
+        return run_count_ops(args, _run_meta(args, load_before))
     large = large_matmul_gflops(tuple(args.peak_matmul))
     peak = large["onednn"] or large["torch_mm"]  # the faster path where oneDNN applies
     print(

@@ -71,6 +71,9 @@ class Task:
     diag_batch: tuple[Tensor, Tensor]
     num_layers: int
     config: dict
+    # the optimizer for a model's parameters (default: Adam for "resnet", AdamW otherwise);
+    # its learning rate is set at every step by the warm-up + cosine schedule from `lr`
+    optimizer: Callable[[Any], torch.optim.Optimizer] | None = None
 
 
 # ---------------------------------------------------------------------------------------
@@ -296,8 +299,11 @@ def train_run(
     model = task.make_model()
     model.train()
     ctl = None if schedule is None else KController(model, schedule, total_steps=task.steps)
-    opt_cls = torch.optim.Adam if task.name == "resnet" else torch.optim.AdamW
-    opt = opt_cls(model.parameters(), lr=task.lr)
+    if task.optimizer is not None:
+        opt = task.optimizer(model.parameters())
+    else:
+        opt_cls = torch.optim.Adam if task.name == "resnet" else torch.optim.AdamW
+        opt = opt_cls(model.parameters(), lr=task.lr)
     run: dict[str, Any] = {
         "method": method_name(method) if ctl is None else SCHEDULE_ARM + schedule,
         "history": [],

@@ -13,6 +13,7 @@ EXPERIMENTS: tuple[str, ...] = (
     "highwaybp.train.vision_experiment",
     "highwaybp.train.kschedule",
     "highwaybp.train.recipes",
+    "highwaybp.train.paper_experiment",
 )
 
 

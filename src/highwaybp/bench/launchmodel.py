@@ -1,0 +1,662 @@
+"""A launch-aware single-device model of an RNN training step, from its counted ops.
+
+A step's time is the sum over the ops it dispatches (`highwaybp.bench.opcount`, with
+shapes) of
+
+    max(latency of the op's kind, FLOPs / matmul rate, bytes / bandwidth)
+
+- latency: `Device.launch_s` for an op that computes (one kernel launch on a GPU, the
+  dispatch floor of a do-nothing op on a CPU), `view_s` for a view (no kernel: host
+  dispatch only), `sync_s` for a device-to-host read;
+- FLOPs: matmuls only (2 * numel(out) * K); the rate is `Device.matmul` for the op's
+  library ("onednn" for mkldnn:: ops, "blas" otherwise) at the op's FLOPs (a curve: small
+  products run below a large one's rate on a CPU);
+- bytes: every tensor operand read or written once (`OpSignature.bytes`), at
+  `Device.bandwidth` for that many bytes (a curve: in-cache passes run faster on a CPU).
+
+A call of torch's fused RNN function (one op in the counted trace) is priced by a stated
+model, `fused_rnn_seconds`, where the device runs it as one kernel (`Device.fused_native`:
+cuDNN for every cell on a GPU, oneDNN's LSTM on this CPU); otherwise by what it dispatched
+underneath (`fused_inner`: torch.nn.GRU's CPU loop). The fused kernel: per layer, the input
+projection as one batched matmul, then T dependent steps, each at least one kernel's
+latency (`Device.fused_step_s`) and its matmul time; its backward the same T steps plus
+the batched weight and input gradients.
+
+`highwaybp bench launch-model` validates the model on this CPU against the committed
+`bench rnn` step times (each configuration's error) and predicts, marked as predictions,
+the paper's Table 6 settings on one H100 (`H100`, figures and sources in `H100.sources`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from highwaybp.bench.opcount import FUSED_BACKWARD_OPS, OpSignature, OpTrace
+
+
+@dataclass(frozen=True)
+class Curve:
+    """y(x) through measured points, log-log interpolated, flat beyond the ends."""
+
+    points: tuple[tuple[float, float], ...]
+
+    def __call__(self, x: float) -> float:
+        pts = sorted(self.points)
+        if x <= pts[0][0]:
+            return pts[0][1]
+        if x >= pts[-1][0]:
+            return pts[-1][1]
+        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+            if x0 <= x <= x1:
+                f = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
+                return math.exp(math.log(y0) + f * (math.log(y1) - math.log(y0)))
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def constant(cls, y: float) -> Curve:
+        return cls(((1.0, y),))
+
+
+@dataclass(frozen=True)
+class Device:
+    """The figures the model prices ops with (seconds, FLOP/s, bytes/s)."""
+
+    name: str
+    launch_s: float
+    view_s: float
+    sync_s: float
+    matmul: dict[str, Curve]  # library ("onednn", "blas") -> FLOP/s against FLOPs
+    bandwidth: Curve  # bytes/s against bytes moved
+    fused_step_s: float  # a fused RNN kernel's least time per time step
+    fused_native: tuple[str, ...]  # torch._VF functions this device runs as one kernel
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def matmul_rate(self, library: str, flops: float) -> float:
+        return self.matmul.get(library, self.matmul["blas"])(flops)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["matmul"] = {k: [list(p) for p in c.points] for k, c in self.matmul.items()}
+        d["bandwidth"] = [list(p) for p in self.bandwidth.points]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Device:
+        return cls(d["name"], d["launch_s"], d["view_s"], d["sync_s"],
+                   {k: Curve(tuple(tuple(p) for p in v)) for k, v in d["matmul"].items()},
+                   Curve(tuple(tuple(p) for p in d["bandwidth"])), d["fused_step_s"],
+                   tuple(d["fused_native"]), d.get("sources", {}))
+
+
+# One H100 SXM (80 GB HBM3). Figures are the vendor's and common measurements, not ours:
+# no GPU has been lent to this project.
+H100 = Device(
+    name="NVIDIA H100 SXM (assumed figures)",
+    launch_s=5e-6,
+    view_s=2e-6,
+    sync_s=10e-6,
+    matmul={"blas": Curve.constant(67e12), "onednn": Curve.constant(67e12)},
+    bandwidth=Curve.constant(3.35e12),
+    fused_step_s=5e-6,
+    fused_native=("gru", "lstm", "rnn_tanh", "rnn_relu"),
+    sources={
+        "launch_s": "~5 us per eager op (kernel launch plus PyTorch's host dispatch); the "
+                    "issue's figure, typical of eager PyTorch on recent GPUs",
+        "view_s": "~2 us: a view's host dispatch, no kernel (assumed)",
+        "sync_s": "~10 us: a device-to-host copy and stream sync (assumed)",
+        "matmul": "67 TFLOP/s: H100 SXM fp32 non-tensor-core peak (NVIDIA datasheet); "
+                  "torch's fp32 default (no TF32). bf16 dense tensor cores: 989 TFLOP/s, "
+                  "not used by these fp32 models",
+        "bandwidth": "3.35 TB/s: H100 SXM HBM3 (NVIDIA datasheet)",
+        "fused_step_s": "one kernel latency (5 us) per dependent time step of cuDNN's RNN, "
+                        "the issue's stated model",
+    },
+)
+
+
+def op_seconds(op: OpSignature, device: Device) -> float:
+    """One call of `op` on `device` (fused RNN ops excluded: `trace_seconds` prices them)."""
+    if op.kind == "view":
+        return device.view_s
+    if op.kind == "sync":
+        return device.sync_s
+    t = device.launch_s
+    moved = op.bytes
+    if moved:
+        t = max(t, moved / device.bandwidth(moved))
+    if op.kind == "matmul":
+        flops = op.flops
+        if flops:
+            library = "onednn" if op.name.startswith("mkldnn::") else "blas"
+            t = max(t, flops / device.matmul_rate(library, flops))
+    return t
+
+
+def fused_rnn_seconds(meta: dict[str, Any], device: Device, backward: bool) -> float:
+    """The stated model of torch's fused RNN kernel over all its layers.
+
+    Per layer (In = input size for the first layer, H above): the input projection
+    [T*B, In] x [In, G*H] as one batched matmul, then T dependent steps, each
+    max(`fused_step_s`, its [B, H] x [H, G*H] matmul's time). The backward: the same T
+    steps (the adjoint's recurrent matmul) plus the weight gradients ([G*H, T*B] x
+    [T*B, In + H], batched) and the input gradient ([T*B, G*H] x [G*H, In], batched).
+    Elementwise gate math is assumed fused into the steps (it is, in cuDNN and oneDNN).
+    """
+    T, B, H, G = meta["seq_len"], meta["batch"], meta["hidden"], meta["gates"]
+    size = meta.get("itemsize", 4)
+
+    def batched(flops: float, elements: float) -> float:
+        moved = size * elements
+        return max(device.launch_s, flops / device.matmul_rate("onednn", flops),
+                   moved / device.bandwidth(moved))
+
+    step_flops = 2.0 * B * H * G * H
+    step = max(device.fused_step_s, step_flops / device.matmul_rate("onednn", step_flops))
+    total = 0.0
+    for layer in range(meta["layers"]):
+        n_in = meta["input_size"] if layer == 0 else H
+        rows = T * B
+        if not backward:
+            total += batched(2.0 * rows * n_in * G * H, rows * (n_in + G * H)) + T * step
+        else:
+            total += T * step
+            total += batched(2.0 * rows * (n_in + H) * G * H, rows * (n_in + H + G * H))
+            total += batched(2.0 * rows * G * H * n_in, rows * (n_in + G * H))
+    return total
+
+
+def trace_seconds(trace: OpTrace, device: Device, fused_calls: list[dict[str, Any]],
+                  inner: Optional[OpTrace], backward: bool) -> dict[str, float]:
+    """Seconds of one phase by op kind (and "total"). The fused RNN calls of the forward
+    (`fused_calls`, in order) are priced by `fused_rnn_seconds` where the device runs
+    that function as one kernel, else by `inner` (what they dispatched here); in the
+    backward, the fused backward ops (`FUSED_BACKWARD_OPS`) share the fused backward
+    model of the forward's calls."""
+    out: dict[str, float] = {}
+    native = [m for m in fused_calls if m["function"] in device.fused_native]
+    for op, calls in trace.ops.items():
+        if op.kind == "fused_rnn":
+            continue
+        out[op.kind] = out.get(op.kind, 0.0) + calls * op_seconds(op, device)
+    fused = 0.0
+    if not backward:
+        fused = sum(fused_rnn_seconds(m, device, False) for m in native)
+        if len(native) < len(fused_calls) and inner is not None:
+            fused += trace_seconds(inner, device, [], None, False)["total"]
+    elif any(op.name in FUSED_BACKWARD_OPS for op in trace.ops):
+        fused = sum(fused_rnn_seconds(m, device, True) for m in native)
+    elif native:
+        # the device would run a fused backward, but this trace shows the decomposed one
+        # (torch.nn.GRU on this CPU): price the fused model instead of the counted ops
+        fused = sum(fused_rnn_seconds(m, device, True) for m in native)
+        return {"fused_rnn": fused, "total": fused}
+    if fused:
+        out["fused_rnn"] = fused
+    out["total"] = sum(out.values())
+    return out
+
+
+def predict_record(record: dict[str, Any], device: Device) -> dict[str, Any]:
+    """Modelled forward, backward and step seconds of one `count_methods` record."""
+    fwd_d, bwd_d = record["forward"], record["backward"]
+    fused = fwd_d.get("fused_calls") or []
+    inner = OpTrace.from_json(fwd_d["fused_inner"]) if fwd_d.get("fused_inner") else None
+    fwd = trace_seconds(OpTrace.from_json(fwd_d), device, fused, inner, False)
+    bwd = trace_seconds(OpTrace.from_json(bwd_d), device, fused, inner, True)
+    return {"fwd_s": fwd["total"], "bwd_s": bwd["total"], "total_s": fwd["total"] + bwd["total"],
+            "fwd_by_kind_s": fwd, "bwd_by_kind_s": bwd}
+
+
+# ---- calibration on this CPU ------------------------------------------------------------------
+
+# products [m, k] x [k, n] of the calibration ladder: per-step sizes up to a large matmul
+MATMUL_LADDER = ((16, 64, 192), (128, 64, 192), (32, 512, 1536), (32, 512, 2048),
+                 (1024, 512, 1536), (4096, 512, 2048), (2048, 1024, 4096))
+BANDWIDTH_LADDER = (2**15, 2**18, 2**20, 2**22, 2**23, 2**25, 2**27)  # bytes per operand
+
+
+def _min_seconds(fn: Callable[[], Any], repeats: int, inner: int = 1) -> float:
+    """The least time of `repeats` runs of `inner` calls, per call: on a shared machine the
+    least is the run other jobs disturbed least."""
+    fn()
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / inner)
+    return best
+
+
+def calibrate_cpu(threads: int, repeats: int = 7) -> Device:
+    """This CPU's figures, measured now (least of `repeats`): a do-nothing op's cost
+    (`launch_s`), a view's (`view_s`), `.item()`'s (`sync_s`), the matmul rate along
+    `MATMUL_LADDER` through oneDNN (`engine.linear`, weight packed as the engines do) and
+    MKL (`torch.mm` into a preallocated output), and the bandwidth of an out-of-place
+    multiply along `BANDWIDTH_LADDER` (the least of many single calls). The fused step's
+    least time is the do-nothing op's."""
+    from highwaybp.models.rnn.engine import PackedLinear, onednn_applies
+
+    torch.set_num_threads(threads)
+    tiny = torch.zeros(4, 4)
+    launch = _min_seconds(lambda: tiny.add_(1.0), repeats, 2000)
+    view = _min_seconds(lambda: tiny[1:], repeats, 2000)
+    sync = _min_seconds(lambda: tiny[0, 0].item(), repeats, 2000)
+    blas, onednn = [], []
+    for m, k, n in MATMUL_LADDER:
+        a, w = torch.randn(m, k), torch.randn(n, k)
+        out, w_t = torch.empty(m, n), w.t().contiguous()
+        flops = 2.0 * m * k * n
+        inner = max(1, int(2e8 // flops))
+        mm = functools.partial(torch.mm, a, w_t, out=out)
+        blas.append((flops, flops / _min_seconds(mm, repeats, inner)))
+        if onednn_applies(w):
+            packed = functools.partial(PackedLinear(w, m), a)
+            onednn.append((flops, flops / _min_seconds(packed, repeats, inner)))
+    bandwidth = []
+    for size in BANDWIDTH_LADDER:
+        n = size // 4
+        mul = functools.partial(torch.mul, torch.randn(n), torch.randn(n), out=torch.empty(n))
+        # single calls, the least of many: a call short enough to run unpreempted on a
+        # shared machine gives the bandwidth, a loop of calls gives the load
+        bandwidth.append((3.0 * size, 3.0 * size / _min_seconds(
+            mul, max(repeats, int(2**29 // size)), 1)))
+    matmul = {"blas": Curve(tuple(blas))}
+    if onednn:
+        matmul["onednn"] = Curve(tuple(onednn))
+    return Device(
+        name=f"this CPU ({threads} threads)", launch_s=launch, view_s=view, sync_s=sync,
+        matmul=matmul, bandwidth=Curve(tuple(bandwidth)), fused_step_s=launch,
+        fused_native=("lstm",) if onednn else (),
+        sources={"all": f"measured by calibrate_cpu now: least of {repeats} runs, "
+                        f"{threads} threads, load average {os.getloadavg()[0]:.2f}",
+                 "fused_native": "torch.nn.LSTM's CPU forward and backward are oneDNN's RNN "
+                                 "primitive (one op per layer); torch.nn.GRU's is a loop"})
+
+
+MIN_INTENSITY = 16.0  # FLOP per byte: ~the CPU's matmul rate over its DRAM bandwidth, x2
+
+
+def device_from_bench(meta: dict[str, Any], base: Device, gates: int, batch: int,
+                      hidden: int, input_size: int, forward_trace: OpTrace) -> Device:
+    """The CPU as a quiet `bench rnn` run measured it in its own rounds (`meta`, its
+    floors), with `base`'s view and sync costs:
+
+    - `launch_s` (and the fused step's least): a do-nothing op's cost, `dispatch_us_per_op`;
+    - matmul rate, one curve per library (oneDNN, MKL's torch.mm): the per-step recurrent
+      matmul's ([B, H] x [H, G*H], through the library the engines use at that size), the
+      batched parts' (input projection, one batched recurrent backward, weight gradients:
+      rows = T*B, the part's FLOPs per product, the library its `paths` name) where they
+      are compute-bound, and the large matmul's through each library, each at its FLOPs;
+    - bandwidth: the forward's elementwise ops alone (`elementwise_us_per_op`) at their
+      mean bytes in `forward_trace` (the per-step point: sigmoid and tanh on a [B, G*H]
+      row cost more than their bytes), then `base`'s ladder from 4x those bytes up.
+    """
+    (fwd,) = meta["forward_floor"].values()
+    (step,) = meta["step_floor"].values()
+    parts = step["parts"]
+    from highwaybp.models.rnn.engine import STEP_ONEDNN_MIN_FLOPS
+
+    # one curve per library: oneDNN's and MKL's (torch.mm) rates differ ~2x on this CPU
+    points: dict[str, dict[float, float]] = {"onednn": {}, "blas": {}}
+    step_flops = 2.0 * batch * hidden * gates * hidden
+    step_library = "onednn" if step_flops >= STEP_ONEDNN_MIN_FLOPS else "blas"
+    points[step_library][step_flops] = 1e9 * parts["recurrent_forward"]["gflops"]
+    # each batched part's products [M, K] x [K, N] (rows = T * B); a part whose intensity
+    # is below MIN_INTENSITY (the x projection of a 3-wide input) is bandwidth-bound: its
+    # FLOP/s is not a matmul rate, and the model prices it by its bytes anyway
+    gh, n_in = gates * hidden, input_size
+    shapes = {"input_projection": [(1, n_in, gh)], "recurrent_backward_batched": [(1, gh, hidden)],
+              "weight_grads": [(gh, 1, n_in), (gh, 1, hidden)]}
+    for name, products in shapes.items():
+        part = parts[name]
+        if not part["gflops"]:
+            continue
+        rows = 1e9 * part["gflop"] / sum(2.0 * m * k * n for m, k, n in products)
+        dims = [tuple(rows if d == 1 else d for d in p) for p in products]
+        flops = [2.0 * m * k * n for m, k, n in dims]
+        intensity = sum(flops) / sum(4.0 * (m * k + k * n + m * n) for m, k, n in dims)
+        if intensity >= MIN_INTENSITY:
+            library = "blas" if "torch.mm" in part.get("paths", []) else "onednn"
+            points[library][sum(flops) / len(flops)] = 1e9 * part["gflops"]
+    large = meta["large_matmul"]
+    n, k, m = large["shape"]
+    if large["onednn_gflops"]:
+        points["onednn"][2.0 * n * k * m] = 1e9 * large["onednn_gflops"]
+    points["blas"][2.0 * n * k * m] = 1e9 * large["torch_mm_gflops"]
+    matmul = {lib: Curve(tuple(sorted(p.items()))) for lib, p in points.items() if p}
+    compute = [(op, c) for op, c in forward_trace.ops.items() if op.kind == "compute"]
+    mean_bytes = sum(op.bytes * c for op, c in compute) / sum(c for _, c in compute)
+    launch = 1e-6 * fwd["dispatch_us_per_op"]
+    # per-step ops: the run's own elementwise floor (sigmoid/tanh at these sizes cost more
+    # than their bytes); chunk-sized and larger passes: the calibrated ladder
+    small = (mean_bytes, mean_bytes / (1e-6 * fwd["elementwise_us_per_op"]))
+    bandwidth = Curve((small, *(p for p in base.bandwidth.points if p[0] >= 4 * mean_bytes)))
+    return Device(
+        name="this CPU as the bench run measured it (2 threads, quiet)",
+        launch_s=launch, view_s=base.view_s, sync_s=base.sync_s,
+        matmul=matmul, bandwidth=bandwidth,
+        fused_step_s=launch, fused_native=base.fused_native,
+        sources={"launch_s, matmul, in-cache bandwidth": "the committed bench run's floors "
+                 "(same rounds as its measured steps)",
+                 "bandwidth above 4x the per-step bytes": "calibrate_cpu's ladder",
+                 "view_s, sync_s": base.sources.get("all", "")})
+
+
+# ---- validation and predictions -------------------------------------------------------------
+
+def validate(counts: list[dict[str, Any]], measured: list[dict[str, Any]], device: Device
+             ) -> list[dict[str, Any]]:
+    """Per counted record with a measured one of the same setting and method: modelled and
+    measured forward, backward and step (ms) and the model's error (%)."""
+    def key(r: dict[str, Any]) -> tuple:
+        return (r["cell"], r["seq_len"], r["batch"], r["hidden"], r["input_size"],
+                r["layers"], r["method"])
+
+    by_key = {key(r): r for r in measured}
+    rows = []
+    for rec in counts:
+        m = by_key.get(key(rec))
+        if m is None:
+            continue
+        p = predict_record(rec, device)
+        row = {k: rec[k] for k in ("cell", "seq_len", "batch", "hidden", "input_size",
+                                   "layers", "method", "path")}
+        for phase, mk in (("fwd", "fwd_ms"), ("bwd", "bwd_ms"), ("total", "total_ms")):
+            row[f"model_{phase}_ms"] = 1e3 * p[f"{phase}_s"]
+            row[f"measured_{phase}_ms"] = m[mk]
+            row[f"{phase}_error_pct"] = 100.0 * (1e3 * p[f"{phase}_s"] / m[mk] - 1.0)
+        row["model_by_kind_ms"] = {
+            ph: {k: 1e3 * v for k, v in p[f"{ph}_by_kind_s"].items()} for ph in ("fwd", "bwd")}
+        rows.append(row)
+    return rows
+
+
+# The paper's Table 6 settings (the paper gives T, hidden and layers; batch and input
+# sizes it does not give for the char/word models are the bench's: batch 32, input =
+# hidden; the pixel GRU reads one grey pixel per step, batch 128).
+TABLE6 = (
+    {"label": "LSTM x1, T=256, H=512", "cell": "lstm", "seq_len": 256, "batch": 32,
+     "hidden": 512, "input_size": 512, "layers": 1},
+    {"label": "GRU x1, T=256, H=512", "cell": "gru", "seq_len": 256, "batch": 32,
+     "hidden": 512, "input_size": 512, "layers": 1},
+    {"label": "GRU x3, T=256, H=512", "cell": "gru", "seq_len": 256, "batch": 32,
+     "hidden": 512, "input_size": 512, "layers": 3},
+    {"label": "GRU x1, T=1024, H=64 (pixel)", "cell": "gru", "seq_len": 1024, "batch": 128,
+     "hidden": 64, "input_size": 1, "layers": 1},
+)
+# the paper's measured speedups over its BP on one GPU (Table 6; its BP ms)
+PAPER_TABLE6 = {
+    "LSTM x1, T=256, H=512": {"bp_ms": 261, "k=0": 3.0, "k=5": 1.7, "k=10": 1.2, "k=20": 0.75},
+    "GRU x1, T=256, H=512": {"bp_ms": 209, "k=0": 3.2, "k=5": 1.8, "k=10": 1.3, "k=20": 0.79},
+    "GRU x3, T=256, H=512": {"bp_ms": 687, "k=0": 2.9, "k=5": 1.8, "k=10": 1.3, "k=20": 0.82},
+    "GRU x1, T=1024, H=64 (pixel)": {"bp_ms": 715, "k=0": 3.5, "k=5": 3.1, "k=10": 2.9,
+                                     "k=20": 2.45},
+}
+PREDICT_KS = (0, 1, 5, 10)
+
+
+def gate_recompute_seconds(setting: dict[str, Any], device: Device) -> float:
+    """The fused path's extra backward work (issue 20, item 1), as a stated model: per layer
+    the gates of all T steps recomputed from the stored inputs and outputs, one
+    [T*B, In] x [In, G*H] and one [T*B, H] x [H, G*H] matmul plus G elementwise passes
+    over [T*B, G*H]."""
+    G = 3 if setting["cell"] == "gru" else 4
+    T, B, H = setting["seq_len"], setting["batch"], setting["hidden"]
+    rows, total = T * B, 0.0
+    for layer in range(setting["layers"]):
+        n_in = setting["input_size"] if layer == 0 else H
+        for k in (n_in, H):
+            op = OpSignature("aten::mm", "matmul", ((rows, k), (k, G * H)), ((rows, G * H),), 4)
+            total += op_seconds(op, device)
+        ew = OpSignature("aten::sigmoid", "compute", ((rows, G * H),), ((rows, G * H),), 4)
+        total += G * op_seconds(ew, device)
+    return total
+
+
+def predict_table6(counts: list[dict[str, Any]], device: Device,
+                   settings: tuple[dict[str, Any], ...] = TABLE6) -> list[dict[str, Any]]:
+    """Predicted step (ms) per Table 6 setting and method on `device` from `counts` (the
+    records of `count_table6`), with the speedups over torch.nn (cuDNN) and over our Exact.
+
+    Rows: torch.nn (the fused-kernel model), our Exact and Highway(k) on each counted path,
+    and "fused forward (modelled)": today's counted backward plus torch's fused forward
+    and the gate recompute (`gate_recompute_seconds`), the fused path's expected cost
+    before it exists."""
+    out = []
+    for setting in settings:
+        mine = [r for r in counts if all(r[k] == setting[k] for k in
+                                          ("cell", "seq_len", "batch", "hidden", "layers"))]
+        if not mine:
+            continue
+        rows: dict[str, dict[str, Any]] = {}
+        for r in mine:
+            p = predict_record(r, device)
+            label = r["method"] if r["method"] == "torch" else f"{r['method']} [{r['path']}]"
+            rows[label] = {"fwd_ms": 1e3 * p["fwd_s"], "bwd_ms": 1e3 * p["bwd_s"],
+                           "total_ms": 1e3 * p["total_s"],
+                           "fwd_by_kind_ms": {k: 1e3 * v for k, v in p["fwd_by_kind_s"].items()},
+                           "bwd_by_kind_ms": {k: 1e3 * v for k, v in p["bwd_by_kind_s"].items()}}
+        torch_row = rows.get("torch")
+        if torch_row:
+            meta = {**{k: setting[k] for k in ("seq_len", "batch", "hidden", "input_size",
+                                               "layers")},
+                    "gates": 3 if setting["cell"] == "gru" else 4, "itemsize": 4}
+            fused_fwd = 1e3 * fused_rnn_seconds(meta, device, False)
+            recompute = 1e3 * gate_recompute_seconds(setting, device)
+            for r in mine:
+                if r["method"] == "torch" or r["method"] == "hbp-exact":
+                    continue
+                loop = rows[f"{r['method']} [{r['path']}]"]
+                rows[f"{r['method']} [fused forward (modelled)]"] = {
+                    "fwd_ms": fused_fwd, "bwd_ms": loop["bwd_ms"] + recompute,
+                    "total_ms": fused_fwd + loop["bwd_ms"] + recompute,
+                    "gate_recompute_ms": recompute}
+            rows["hbp-exact [fused forward (modelled)]"] = {
+                "fwd_ms": torch_row["fwd_ms"], "bwd_ms": torch_row["bwd_ms"],
+                "total_ms": torch_row["total_ms"],
+                "note": "Exact on the fused path is torch's autograd through the fused kernel"}
+        for row in rows.values():
+            if torch_row:
+                row["speedup_vs_torch"] = torch_row["total_ms"] / row["total_ms"]
+        out.append({"setting": setting, "predicted": True, "device": device.name,
+                    "paper": PAPER_TABLE6.get(setting["label"]),
+                    "rows": rows})
+    return out
+
+
+def count_table6(ks: tuple[int, ...] = PREDICT_KS, settings: tuple[dict, ...] = TABLE6
+                 ) -> list[dict[str, Any]]:
+    """Counted traces of torch.nn, our Exact and Highway(k) at the Table 6 settings, with
+    oneDNN off: the engines then take the path they take on a GPU (torch.mm throughout,
+    `engine.onednn_applies`), so the trace is the op sequence a CUDA run dispatches."""
+    from highwaybp.bench.opcount import count_methods
+
+    names = ["torch", "hbp-exact", *(f"highway(k={k})" for k in ks)]
+    records = []
+    with torch.backends.mkldnn.flags(enabled=False):
+        for s in settings:
+            args = argparse.Namespace(**{k: v for k, v in s.items() if k != "label"}, seed=0)
+            records += count_methods(args, s["seq_len"], names)
+    return records
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "launch-model",
+        help="launch-aware RNN step model: validate on this CPU, predict Table 6 on an H100",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--counts", type=Path, nargs="+", default=None,
+                   help="`bench rnn --count-ops` JSON files at the measured settings (default: "
+                        "results/rnn/opcount_*.json; files without op shapes are skipped)")
+    p.add_argument("--measured", type=Path, nargs="+", default=None,
+                   help="`bench rnn` JSON files with measured steps (default: "
+                        "results/rnn/bench_*_2threads.json)")
+    p.add_argument("--threads", type=int, default=2, help="threads of the CPU calibration")
+    p.add_argument("--calibration", type=Path, default=None,
+                   help="reuse this device JSON instead of calibrating now")
+    p.add_argument("--ks", type=str, default="0,1,5,10", help="Highway k of the predictions")
+    p.add_argument("--out", type=Path, default=Path("results/rnn/launchmodel.json"))
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from highwaybp.train.io import atomic_write_json
+
+    counts_files = args.counts or sorted(Path("results/rnn").glob("opcount_*.json"))
+    measured_files = args.measured or sorted(Path("results/rnn").glob("bench_*_2threads.json"))
+    if not counts_files or not measured_files:
+        print("launch-model: no counted or measured files: run `highwaybp bench rnn "
+              "--count-ops` at the measured settings first", file=sys.stderr)
+        return 2
+    if args.calibration:
+        cpu = Device.from_json(json.loads(args.calibration.read_text()))
+    else:
+        cpu = calibrate_cpu(args.threads)
+    counts = [r for f in counts_files for r in json.loads(f.read_text())["records"]
+              if "signatures" in r["forward"]]
+    rows, rows_calibrated, run_devices = [], [], []
+    for f in measured_files:
+        d = json.loads(f.read_text())
+        r0 = d["records"][0]
+        exact = next(c for c in counts if c["method"] == "hbp-exact" and all(
+            c[k] == r0[k] for k in ("cell", "seq_len", "batch", "hidden", "input_size")))
+        run_device = device_from_bench(d["meta"], cpu, 3 if r0["cell"] == "gru" else 4,
+                                       r0["batch"], r0["hidden"], r0["input_size"],
+                                       OpTrace.from_json(exact["forward"]))
+        run_devices.append({"measured_file": str(f), **run_device.to_json()})
+        rows += [{**r, "measured_file": str(f)} for r in validate(counts, d["records"],
+                                                                   run_device)]
+        rows_calibrated += validate(counts, d["records"], cpu)
+    for r in rows:
+        print(f"{r['cell']} T={r['seq_len']} B={r['batch']} H={r['hidden']} {r['method']:14s}"
+              f" model {r['model_total_ms']:8.1f} ms measured {r['measured_total_ms']:8.1f} ms"
+              f" error {r['total_error_pct']:+6.1f}% (fwd {r['fwd_error_pct']:+.0f}%, bwd "
+              f"{r['bwd_error_pct']:+.0f}%)")
+    ks = tuple(int(k) for k in args.ks.split(","))
+    predictions = predict_table6(count_table6(ks), H100)
+    for p in predictions:
+        print(f"\n{p['setting']['label']} on {H100.name} (PREDICTED):")
+        for label, row in p["rows"].items():
+            print(f"  {label:48s} {row['total_ms']:9.2f} ms  x{row.get('speedup_vs_torch', 0):.2f}"
+                  " vs torch.nn")
+    atomic_write_json(args.out, {
+        "bench": "launch_model",
+        "command": "highwaybp " + " ".join(sys.argv[1:]),
+        "cpu": cpu.to_json(),
+        "counts_files": [str(f) for f in counts_files],
+        "measured_files": [str(f) for f in measured_files],
+        "validation": rows,
+        "validation_devices": run_devices,
+        "validation_calibrated_only": rows_calibrated,
+        "gpu": H100.to_json(),
+        "predictions": predictions,
+        "notes": "validation: the model against the committed measured steps (no re-timing), "
+                 "with each run's own dispatch cost and matmul rates (its floors) and this "
+                 "CPU's calibration for views, syncs and bandwidth; validation_calibrated_only: "
+                 "the calibration alone. Predictions: not measured, from traces counted on "
+                 "this CPU with oneDNN off (the engines' non-CPU path)",
+    })
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+# ---- rendering (`highwaybp report`) -------------------------------------------------------------
+
+
+def _us(s: float) -> str:
+    return f"{1e6 * s:.1f} us"
+
+
+def device_lines(d: dict[str, Any]) -> list[str]:
+    """The figures a device JSON gives the model, one line each."""
+    mm = "; ".join(f"{lib}: " + ", ".join(f"{y / 1e9:.0f} GFLOP/s at {x / 1e6:.3g} MFLOP"
+                                          for x, y in pts) for lib, pts in d["matmul"].items())
+    bw = ", ".join(f"{y / 1e9:.0f} GB/s at {x / 2**20:.3g} MiB" for x, y in d["bandwidth"])
+    lines = [f"- launch (an op that computes) {_us(d['launch_s'])}, view {_us(d['view_s'])}, "
+             f"sync {_us(d['sync_s'])}, fused RNN step at least {_us(d['fused_step_s'])}; "
+             f"fused kernels: {', '.join(d['fused_native']) or 'none'}",
+             f"- matmul rate: {mm}", f"- bandwidth: {bw}"]
+    lines += [f"- {k}: {v}" for k, v in d.get("sources", {}).items()]
+    return lines
+
+
+def prediction_table(predictions: list[dict[str, Any]], measured: Optional[dict] = None
+                     ) -> list[str]:
+    """The predicted steps per setting (and, where `measured` maps (setting label, row
+    label) to a measured step in ms, the measurement beside)."""
+    from highwaybp.bench.report import _table
+
+    lines = []
+    for p in predictions:
+        s, paper = p["setting"], p.get("paper")
+        lines += [f"**{s['label']}** (batch {s['batch']}, input {s['input_size']}), "
+                  f"PREDICTED on {p.get('device', 'the GPU')}"
+                  + (f"; the paper's Table 6: BP {paper['bp_ms']} ms, Highway k=0 "
+                     f"{paper['k=0']}x, k=5 {paper['k=5']}x, k=10 {paper['k=10']}x, k=20 "
+                     f"{paper['k=20']}x over its BP" if paper else "") + ":", ""]
+        head = ["method [path]", "predicted fwd ms", "bwd ms", "step ms", "x torch.nn"]
+        if measured is not None:
+            head += ["measured step ms", "measured x torch.nn"]
+        rows = []
+        for label, r in p["rows"].items():
+            row = [label, f"{r['fwd_ms']:.2f}", f"{r['bwd_ms']:.2f}", f"{r['total_ms']:.2f}",
+                   f"{r.get('speedup_vs_torch', float('nan')):.2f}"]
+            if measured is not None:
+                m = measured.get((s["label"], label))
+                row += ["-", "-"] if m is None else [f"{m[0]:.2f}", f"{m[1]:.2f}"]
+            rows.append(row)
+        lines += [*_table(head, rows), ""]
+    return lines
+
+
+def render(path: Any, d: dict[str, Any]) -> list[str]:
+    """docs/benchmarks.md's section of `bench launch-model`'s JSON."""
+    from highwaybp.bench.report import _command_line, _table
+
+    rows = d["validation"]
+    within = sum(abs(r["total_error_pct"]) <= 25 for r in rows)
+    worst = max(rows, key=lambda r: abs(r["total_error_pct"])) if rows else None
+    lines = [f"### Launch-aware step model: `{path}`", "", d.get("notes", ""),
+             *_command_line(d.get("command"))]
+    for dev in d.get("validation_devices", []):
+        lines += [f"This CPU's figures for `{dev['measured_file']}`:", "", *device_lines(dev), ""]
+    lines += ["This CPU's figures measured by `calibrate_cpu` at the time of the command:", "",
+              *device_lines(d["cpu"]), ""]
+    if worst:
+        lines += [f"Validation against the committed measured steps: the model's step is "
+                  f"within 25% for {within} of {len(rows)} configurations; the largest error "
+                  f"is {worst['total_error_pct']:+.0f}% ({worst['cell']} T={worst['seq_len']} "
+                  f"{worst['method']}).", ""]
+    head = ["setting", "method", "model fwd / bwd / step ms", "measured fwd / bwd / step ms",
+            "error fwd", "bwd", "step"]
+    table = [[f"{r['cell'].upper()} T={r['seq_len']} B={r['batch']} H={r['hidden']} "
+              f"In={r['input_size']}", r["method"],
+              f"{r['model_fwd_ms']:.0f} / {r['model_bwd_ms']:.0f} / {r['model_total_ms']:.0f}",
+              f"{r['measured_fwd_ms']:.0f} / {r['measured_bwd_ms']:.0f} / "
+              f"{r['measured_total_ms']:.0f}",
+              f"{r['fwd_error_pct']:+.0f}%", f"{r['bwd_error_pct']:+.0f}%",
+              f"{r['total_error_pct']:+.0f}%"] for r in rows]
+    lines += [*_table(head, table), ""]
+    cal = d.get("validation_calibrated_only") or []
+    if cal:
+        worst_cal = max(cal, key=lambda r: abs(r["total_error_pct"]))
+        lines += [f"With this CPU's calibration alone (no figure from the bench runs): within "
+                  f"25% for {sum(abs(r['total_error_pct']) <= 25 for r in cal)} of {len(cal)}; "
+                  f"largest error {worst_cal['total_error_pct']:+.0f}% ({worst_cal['cell']} "
+                  f"T={worst_cal['seq_len']} {worst_cal['method']}).", ""]
+    lines += ["The H100's figures (assumed, not measured):", "",
+              *device_lines(d["gpu"]), ""]
+    return lines + prediction_table(d["predictions"])

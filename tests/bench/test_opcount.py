@@ -1,0 +1,256 @@
+"""The dispatch counter (`highwaybp.bench.opcount`), the launch-aware step model
+(`highwaybp.bench.launchmodel`) and the one-command GPU suite (`highwaybp bench gpu`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from highwaybp.bench import launchmodel as LM
+from highwaybp.bench import opcount as OC
+from highwaybp.cli import main
+
+# ---- the counter ---------------------------------------------------------------------------
+
+
+def test_counter_records_each_op_with_its_kind_and_shapes():
+    a, b = torch.randn(3, 5), torch.randn(5, 7)
+    with OC.OpCounter() as c:
+        torch.mm(a, b)
+        a.add_(1.0)
+        a[1:]
+    by = {op.name: op for op in c.trace.ops}
+    assert c.trace.total == 3 and set(by) == {"aten::mm", "aten::add_", "aten::slice"}
+    assert [by[n].kind for n in ("aten::mm", "aten::add_", "aten::slice")] == [
+        "matmul", "compute", "view"]
+    assert by["aten::mm"].inputs == ((3, 5), (5, 7)) and by["aten::mm"].outputs == ((3, 7),)
+    assert by["aten::mm"].flops == 2 * 3 * 5 * 7
+    assert by["aten::add_"].bytes == 4 * (15 + 15) and by["aten::slice"].bytes == 0
+
+
+def test_addmm_flops_read_k_from_the_first_matrix_not_the_bias():
+    op = OC.OpSignature("aten::addmm", "matmul", ((7,), (3, 5), (5, 7)), ((3, 7),), 4)
+    assert op.flops == 2 * 3 * 5 * 7
+
+
+@pytest.mark.parametrize("cls, fn, gates", [(nn.GRU, "gru", 3), (nn.LSTM, "lstm", 4)])
+def test_torch_fused_rnn_call_is_one_op(cls, fn, gates):
+    m = cls(3, 5, num_layers=2)
+    x = torch.randn(6, 2, 3)
+    with OC.OpCounter() as c:
+        m(x)
+    fused = [op for op in c.trace.ops if op.kind == "fused_rnn"]
+    assert [op.name for op in fused] == [f"fused:{fn}"] and c.trace.ops[fused[0]] == 1
+    assert c.fused_meta == [{"function": fn, "seq_len": 6, "batch": 2, "input_size": 3,
+                             "hidden": 5, "gates": gates, "layers": 2, "itemsize": 4}]
+    assert c.inner.total >= 1  # what it ran underneath on this device, kept apart
+
+
+def _args(cell="gru", **kw):
+    base = dict(cell=cell, batch=2, hidden=4, input_size=3, layers=1, seed=0)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_forward_ops_grow_by_a_fixed_number_per_step_and_backward_with_k():
+    """Today's loop path: the same ops per time step (so T=32 minus T=16 is twice T=16
+    minus T=8), and one more Highway sweep adds backward ops."""
+    fwd = {}
+    for seq_len in (8, 16, 32):
+        recs = OC.count_methods(_args(), seq_len, ["highway(k=0)", "highway(k=1)"])
+        fwd[seq_len] = recs[0]["forward"]["ops"]
+        assert recs[1]["backward"]["ops"] > recs[0]["backward"]["ops"]
+        assert recs[0]["forward"]["ops"] == recs[1]["forward"]["ops"]
+    per_step = (fwd[16] - fwd[8]) / 8
+    assert per_step >= 4 and fwd[32] - fwd[16] == 16 * per_step
+
+
+class _WithPaths(nn.Module):
+    def __init__(self, input_size, hidden_size, forward="loop", scan="sequential"):
+        super().__init__()
+        if forward not in ("loop", "fused") or scan not in ("sequential", "log"):
+            raise ValueError("bad option")
+
+
+class _WithoutPaths(nn.Module):
+    def __init__(self, input_size, hidden_size):
+        super().__init__()
+
+
+def test_path_options_are_detected_from_the_constructor():
+    assert OC.available_options(_WithoutPaths) == {"forward": None, "scan": None}
+    assert OC.paths(_WithoutPaths) == [{}]
+    assert OC.available_options(_WithPaths) == {"forward": ("loop", "fused"),
+                                                "scan": ("sequential", "log")}
+    combos = OC.paths(_WithPaths)
+    assert len(combos) == 4 and {"forward": "fused", "scan": "log"} in combos
+    assert OC.path_label({"forward": "fused", "scan": "log"}) == "forward=fused,scan=log"
+
+
+def test_count_ops_cli_writes_json_the_report_renders(tmp_path):
+    from highwaybp.bench.report import render
+
+    out = tmp_path / "results" / "rnn" / "opcount.json"
+    assert main(["bench", "rnn", "--count-ops", "--cell", "lstm", "--seq-len", "4,8",
+                 "--batch", "2", "--hidden", "4", "--k", "0", "--out", str(out)]) == 0
+    d = json.loads(out.read_text())
+    assert d["bench"] == "rnn_opcount"
+    assert {(r["method"], r["seq_len"]) for r in d["records"]} == {
+        (m, t) for m in ("torch", "hbp-exact", "highway(k=0)") for t in (4, 8)}
+    text = render(tmp_path / "results", root=tmp_path)
+    assert "RNN dispatch counts" in text and "fwd T=8 / T=4" in text
+    assert "Other results files" not in text
+
+
+# ---- the model -----------------------------------------------------------------------------
+
+
+def test_curve_is_exact_at_points_and_log_linear_between():
+    c = LM.Curve(((1.0, 10.0), (100.0, 1000.0)))
+    assert c(1.0) == 10.0 and c(100.0) == 1000.0 and c(0.5) == 10.0 and c(1e4) == 1000.0
+    assert math.isclose(c(10.0), 100.0)
+
+
+DEV = LM.Device("toy", launch_s=1e-5, view_s=1e-6, sync_s=5e-5,
+                matmul={"blas": LM.Curve.constant(1e9)}, bandwidth=LM.Curve.constant(1e9),
+                fused_step_s=2e-5, fused_native=("lstm",))
+
+
+def test_op_seconds_is_the_largest_of_latency_flops_and_bytes():
+    small = OC.OpSignature("aten::mul", "compute", ((2, 2),), ((2, 2),), 4)
+    big = OC.OpSignature("aten::mul", "compute", ((1000, 1000),), ((1000, 1000),), 4)
+    mm = OC.OpSignature("aten::mm", "matmul", ((100, 100), (100, 100)), ((100, 100),), 4)
+    view = OC.OpSignature("aten::slice", "view", ((1000, 1000),), ((10, 1000),), 4)
+    assert LM.op_seconds(small, DEV) == 1e-5
+    assert math.isclose(LM.op_seconds(big, DEV), 8e6 / 1e9)
+    assert math.isclose(LM.op_seconds(mm, DEV), 2e6 / 1e9)  # flops (2e6) over bytes (1.2e5)
+    assert LM.op_seconds(view, DEV) == 1e-6
+
+
+def test_fused_kernel_is_t_dependent_steps_each_at_least_one_latency():
+    meta = {"function": "lstm", "seq_len": 50, "batch": 1, "input_size": 1, "hidden": 1,
+            "gates": 4, "layers": 2, "itemsize": 4}
+    fast = LM.Device("fast", 1e-6, 0, 0, {"blas": LM.Curve.constant(1e18)},
+                     LM.Curve.constant(1e18), 2e-5, ("lstm",))
+    # per layer: one batched projection (one launch) and 50 steps at the step latency
+    assert math.isclose(LM.fused_rnn_seconds(meta, fast, False), 2 * (1e-6 + 50 * 2e-5))
+    # backward: the 50 steps, the weight gradients and the input gradient
+    assert math.isclose(LM.fused_rnn_seconds(meta, fast, True), 2 * (50 * 2e-5 + 2e-6))
+
+
+def test_a_fused_call_the_device_does_not_fuse_is_priced_by_what_it_ran():
+    """torch.nn.GRU on a CPU (no fused GRU kernel there) is priced by its counted inner
+    ops; on a device that fuses it, by the fused model."""
+    rec = OC.count_methods(_args(), 8, ["torch"])[0]
+    cpu_like = LM.predict_record(rec, DEV)  # DEV fuses only the LSTM
+    inner = OC.OpTrace.from_json(rec["forward"]["fused_inner"])
+    assert math.isclose(
+        cpu_like["fwd_by_kind_s"]["fused_rnn"],
+        LM.trace_seconds(inner, DEV, [], None, False)["total"])
+    gpu_like = LM.predict_record(rec, LM.Device(**{**DEV.__dict__, "fused_native": ("gru",)}))
+    meta = rec["forward"]["fused_calls"][0]
+    fused_dev = LM.Device(**{**DEV.__dict__, "fused_native": ("gru",)})
+    assert math.isclose(gpu_like["fwd_by_kind_s"]["fused_rnn"],
+                        LM.fused_rnn_seconds(meta, fused_dev, False))
+    assert math.isclose(gpu_like["bwd_s"], LM.fused_rnn_seconds(meta, fused_dev, True))
+
+
+def test_validate_reports_the_models_error_against_a_measured_step():
+    rec = OC.count_methods(_args(), 8, ["hbp-exact"])[0]
+    p = LM.predict_record(rec, DEV)
+    measured = {k: rec[k] for k in ("cell", "seq_len", "batch", "hidden", "input_size",
+                                    "layers", "method")}
+    measured.update(fwd_ms=1e3 * p["fwd_s"] * 2, bwd_ms=1e3 * p["bwd_s"],
+                    total_ms=1e3 * p["total_s"] / 0.8)
+    (row,) = LM.validate([rec], [measured, {**measured, "method": "other"}], DEV)
+    assert math.isclose(row["fwd_error_pct"], -50.0)
+    assert math.isclose(row["bwd_error_pct"], 0.0, abs_tol=1e-9)
+    assert math.isclose(row["total_error_pct"], -20.0)
+
+
+# ---- the GPU suite on this CPU (the CI run) ----------------------------------------------
+
+
+def test_gpu_suite_tiny_on_cpu_writes_every_section(tmp_path):
+    pytest.importorskip("sklearn")  # the pixel GRU's default data: scikit-learn's digits
+    from highwaybp.bench.report import render
+
+    out = tmp_path / "results" / "gpu"
+    assert main(["bench", "gpu", "--device", "cpu", "--tiny", "--out", str(out)]) == 0
+    d = json.loads((out / "gpu_suite.json").read_text())
+    assert d["skipped"] == [] and set(d["sections"]) == {
+        "selftest", "timing", "counts", "training", "predictions"}
+    assert d["sections"]["selftest"]["failed"] == []
+    timed = {(r["setting"], r["method"]) for r in d["sections"]["timing"]}
+    assert len({s for s, _ in timed}) == 4
+    assert {m for _, m in timed} == {"torch", "hbp-exact", "highway(k=0)", "highway(k=1)"}
+    assert all(r["timer"] == "perf_counter" and r["peak_mb"] > 0 and r["runs"] == 2
+               for r in d["sections"]["timing"])
+    arms = d["sections"]["training"]["arms"]
+    assert set(arms) == {"exact", "highway(k=0)", "highway(k=1)"}
+    assert all(len(a["losses"]) == 5 for a in arms.values())
+    assert len(d["sections"]["predictions"]["rows"]) == 4
+    text = render(tmp_path / "results", root=tmp_path)
+    assert "GPU suite" in text and "measured step ms" in text
+
+
+def test_gpu_suite_starts_nothing_once_its_budget_is_spent(tmp_path):
+    assert main(["bench", "gpu", "--device", "cpu", "--tiny", "--budget-s", "0",
+                 "--out", str(tmp_path)]) == 0
+    d = json.loads((tmp_path / "gpu_suite.json").read_text())
+    assert d["sections"] == {"timing": [], "counts": []}
+    assert "selftest" in d["skipped"] and "training" in d["skipped"]
+    assert any(s.startswith("timing ") for s in d["skipped"])
+
+
+def test_signature_json_is_run_length_encoded_and_round_trips():
+    op = OC.OpSignature("aten::stack", "compute", ((2, 3),) * 100 + ((4,),), ((100, 2, 3),), 4)
+    d = op.to_json()
+    assert d["inputs"] == [[[2, 3], 100], [[4], 1]]
+    assert OC.OpSignature.from_json(json.loads(json.dumps(d))) == op
+
+
+def _bench_meta(gflop_projection: float, gflop_weights: float) -> dict:
+    return {"forward_floor": {"8": {"dispatch_us_per_op": 4.0, "elementwise_us_per_op": 10.0}},
+            "step_floor": {"8": {"parts": {
+                "recurrent_forward": {"gflop": 1.0, "gflops": 50.0},
+                "input_projection": {"gflop": gflop_projection, "gflops": 200.0,
+                                     "paths": ["onednn"]},
+                "recurrent_backward_batched": {"gflop": 0.0, "gflops": None},
+                "weight_grads": {"gflop": gflop_weights, "gflops": 300.0,
+                                 "paths": ["onednn", "onednn"]}}}},
+            "large_matmul": {"shape": [1000, 1000, 1000], "onednn_gflops": 400.0,
+                             "torch_mm_gflops": 100.0}}
+
+
+def test_device_from_bench_prices_with_the_runs_own_floors():
+    rows, n_in, hidden, gh = 8192, 256, 512, 1536  # T * B, input, hidden, 3 * hidden
+    projection = 2.0 * rows * n_in * gh
+    weights = 2.0 * rows * gh * (n_in + hidden)  # dW_ih and dW_hh
+    trace = OC.OpTrace()
+    trace.add(OC.OpSignature("aten::mul", "compute", ((10,),), ((10,),), 4), 3)  # 80 bytes
+    trace.add(OC.OpSignature("aten::tanh", "compute", ((30,),), ((30,),), 4), 1)  # 240 bytes
+    base = LM.Device(**{**DEV.__dict__,
+                        "bandwidth": LM.Curve(((100.0, 1e9), (1e6, 5e9), (1e8, 4e9)))})
+    dev = LM.device_from_bench(_bench_meta(projection / 1e9, weights / 1e9), base, gates=3,
+                               batch=32, hidden=hidden, input_size=n_in, forward_trace=trace)
+    assert dev.launch_s == 4e-6 and dev.fused_step_s == 4e-6 and dev.view_s == DEV.view_s
+    # a 50 MFLOP step goes through oneDNN (engine.STEP_ONEDNN_MIN_FLOPS), as the engines'
+    assert math.isclose(dev.matmul_rate("onednn", 2 * 32 * hidden * gh), 50e9)
+    assert math.isclose(dev.matmul_rate("onednn", projection), 200e9)
+    assert math.isclose(dev.matmul_rate("onednn", weights / 2), 300e9)  # two products
+    assert math.isclose(dev.matmul_rate("onednn", 2e9), 400e9)  # the large matmul
+    assert dev.matmul["blas"].points == ((2e9, 100e9),)  # MKL: only its large matmul
+    mean = (3 * 80 + 240) / 4
+    assert math.isclose(dev.bandwidth(mean), mean / 10e-6)
+    # from 4x those bytes up, the base device's ladder (its 100-byte point is dropped)
+    assert dev.bandwidth.points[1:] == ((1e6, 5e9), (1e8, 4e9))
+    # a 3-wide input's projection is bandwidth-bound: its FLOP/s is no matmul rate
+    narrow = LM.device_from_bench(_bench_meta(2.0 * rows * 3 * gh / 1e9, weights / 1e9), base,
+                                  gates=3, batch=32, hidden=hidden, input_size=3,
+                                  forward_trace=trace)
+    assert 200e9 not in [y for _, y in narrow.matmul["blas"].points]
