@@ -10,8 +10,8 @@ tokenised as pytorch/examples does: whitespace words, `<eos>` per line; 243k tok
 25.7k-word vocabulary; 90/5/5 split) or `--text FILE`.
 
 Every arm of a seed starts from the same initialisation and sees the same batches and dropout
-masks (the RNG is seeded from (seed, step) before each step); the arms train round-robin, one step each in turn, so a load change on a shared machine slows them
-alike. Per arm: eval perplexity over training, VJP sweeps (training backward + probes, the
+masks (the RNG is seeded from (seed, step) before each step); the arms train round-robin,
+one step each in turn, so a load change on a shared machine slows them alike. Per arm: eval perplexity over training, VJP sweeps (training backward + probes, the
 `KController` unit), training seconds per step, and time-to-quality (training seconds to
 reach exact's final perplexity of the same seed, or None). Per seed, on the exact arm's
 model every `--probe-every` steps: the cosine to exact of plain and mixed Highway(k)
@@ -297,7 +297,8 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         finals = [r["history"][-1]["valid_ppl"] for r in mine]
         per_step = [r["train_seconds"] / r["steps_done"] for r in mine]
-        sweeps = [r["history"][-1]["vjp_sweeps"] / r["steps_done"] for r in mine]
+        sweeps = [(r["controller"]["train_sweeps"] + r["controller"]["probe_sweeps"])
+                  / r["steps_done"] for r in mine]
         ttq = []
         for r in mine:
             ex = exact_by_seed.get(r["seed"])
@@ -318,7 +319,8 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if exact:
             row["ppl_vs_exact"] = row["final_ppl_mean"] / exact["final_ppl_mean"]
             row["seconds_per_step_vs_exact"] = row["seconds_per_step"] / exact["seconds_per_step"]
-            row["sweeps_vs_exact"] = row["sweeps_per_step"] / exact["sweeps_per_step"]
+            row["sweeps_vs_exact"] = (row["sweeps_per_step"] / exact["sweeps_per_step"]
+                                      if exact["sweeps_per_step"] else None)
     return rows
 
 
