@@ -11,9 +11,10 @@ tokenised as pytorch/examples does: whitespace words, `<eos>` per line; 243k tok
 
 Every arm of a seed starts from the same initialisation and sees the same batches and dropout
 masks (the RNG is seeded from (seed, step) before each step); the arms train round-robin,
-one step each in turn, so a load change on a shared machine slows them alike. Per arm: eval perplexity over training, VJP sweeps (training backward + probes, the
-`KController` unit), training seconds per step, and time-to-quality (training seconds to
-reach exact's final perplexity of the same seed, or None). Per seed, on the exact arm's
+one step each in turn, so a load change on a shared machine slows them alike. Per arm: eval
+perplexity over training, VJP sweeps (training backward + probes, the `KController` unit),
+training seconds per step, and time-to-quality (training seconds to reach exact's final
+perplexity of the same seed, or None). Per seed, on the exact arm's
 model every `--probe-every` steps: the cosine to exact of plain and mixed Highway(k)
 gradients for k in `--probe-k`, over the recurrent and embedding parameters (the decoder's
 gradient is exact under every method), in float64 (Fig. 6 of the paper, plain beside
