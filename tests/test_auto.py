@@ -225,5 +225,7 @@ def test_auto_resume_equals_a_straight_run():
         assert [h["method"] for h in resumed.history] == [h["method"] for h in straight.history]
     # the same schedule text on hardware/models whose cost model differs: refused
     state = hbp.KController(TinyLM()).state_dict()  # GRU: break-even 1
-    with pytest.raises(ValueError, match="break-even"):
+    with pytest.raises(ValueError, match=r"Auto\(break_even_k=1\)"):
         hbp.KController(hbp.LSTM(3, 4)).load_state_dict(state)  # LSTM: 0
+    # ... and doing what the message says resumes
+    hbp.KController(hbp.LSTM(3, 4), Auto(break_even_k=1)).load_state_dict(state)

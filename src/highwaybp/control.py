@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import math
 import statistics
+import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -149,6 +151,13 @@ class KController:
         if isinstance(schedule, Auto):
             self.break_even = (break_even_k(model) if schedule.break_even_k is None
                                else schedule.break_even_k)
+            devices = {p.device.type for p in model.parameters()}
+            if schedule.break_even_k is None and devices - {"cpu"}:
+                warnings.warn(
+                    f"KController(Auto): the break-even k ({self.break_even}) comes from "
+                    f"benches on a CPU, but the model is on {sorted(devices - {'cpu'})}; pass "
+                    "Auto(break_even_k=...) measured there (highwaybp bench gpu)",
+                    stacklevel=2)
         self._history: list[dict[str, Any]] = []
         self._pending: dict[str, Any] | None = None
         self.method: Method | None = None
@@ -232,12 +241,18 @@ class KController:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["schedule"] != self.schedule.to_string():
+        if _resume_text(state["schedule"]) != _resume_text(self.schedule.to_string()):
             raise ValueError(
                 f"KController.load_state_dict: saved schedule {state['schedule']!r} differs "
                 f"from this controller's {self.schedule.to_string()!r}; build the controller "
                 "with the saved schedule to resume"
             )
+        if state.get("auto") is not None and state.get("break_even") != self.break_even:
+            raise ValueError(
+                f"KController.load_state_dict: saved break-even k {state.get('break_even')} "
+                f"differs from this controller's {self.break_even} (another model or "
+                f"hardware); build it with Auto(break_even_k={state.get('break_even')}) to "
+                "resume as saved")
         if state.get("total_steps") != self.total_steps:
             raise ValueError(
                 f"KController.load_state_dict: saved total_steps {state.get('total_steps')} "
@@ -254,11 +269,6 @@ class KController:
         if state["adaptive"] is not None:
             self.state = AdaptiveState(**state["adaptive"])
         if state.get("auto") is not None:
-            if state.get("break_even") != self.break_even:
-                raise ValueError(
-                    f"KController.load_state_dict: saved break-even k {state.get('break_even')} "
-                    f"differs from this controller's {self.break_even} (another model or "
-                    "hardware setting); pass Auto(break_even_k=...) to resume as saved")
             self.auto = AutoState(**state["auto"])
 
     # ---- history bookkeeping --------------------------------------------------------
@@ -378,6 +388,15 @@ class KController:
         entry["probed"] = dict(sorted(probe.cosines.items()))
         entry["cosine"] = 1.0 if st.k is None else probe.cosines[st.k]
         return sched.method_for(st.k)
+
+
+def _resume_text(schedule_text: str) -> str:
+    """The schedule text a resume must match: Auto's break-even k is compared as the value
+    the controller resolved (saved beside it), whether given or taken from the cost model."""
+    schedule = schedule_from_string(schedule_text)
+    if isinstance(schedule, Auto):
+        return replace(schedule, break_even_k=None).to_string()
+    return schedule_text
 
 
 def _probe_cost_bound(break_even: int) -> float:

@@ -390,10 +390,12 @@ class Auto(Schedule):
     - Search: bisection over k = 0 .. break-even: the break-even k first (if it misses the
       target, Exact() until the next probe), then the smallest k meeting the target in
       about log2(break-even + 1) more gradients.
-    - Budget: a probe runs at step 0 and then every `probe_every` steps only while the
-      probes' VJP sweeps so far plus the last probe's cost stay within `budget` times the
-      training sweeps so far (else it waits), so probes cost at most about `budget` of
-      training (0.25: a quarter).
+    - Budget: a probe runs at step 0; each later one (every `probe_every` steps) only if
+      the probes' VJP sweeps so far plus the largest cost a probe can have stay within
+      `budget` times the training sweeps so far (else it waits). So after any step the
+      probes cost at most `budget` of training plus the first probe (at most
+      3 + (1 + ceil(log2(b + 1))) (b + 2) sweeps for break-even b: 9 for a GRU), which a run
+      amortises (300 steps of a GRU: 600 training sweeps, budget 150).
     - Break-even: the largest k at which Highway(k) is still faster than exact backprop on
       this hardware; `break_even_k=None` takes it from the controller's cost model
       (`highwaybp.control.break_even_k`); a negative value means no k pays: train exact and

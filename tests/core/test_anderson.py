@@ -282,3 +282,66 @@ def test_anderson_option_validation_and_text():
         hbp.FixedPoint(k=3, anderson=-2)
     with pytest.raises(TypeError, match="anderson"):
         hbp.Highway(k=3, anderson=2.0)
+
+
+def test_best_fallback_returns_F_of_the_best_measured_iterate():
+    """fallback="best": F(x) of the iteration whose relative residual was smallest, from the
+    dense reference's own iterates."""
+    num_layers, m, k = 8, 2, 7
+    for seed in range(40):  # a chain whose residual is not smallest at the last iteration
+        torch.manual_seed(seed)
+        chain = make_chain(["identity"] * num_layers, 3, scale=4.0).double()
+        x = torch.randn(1, 3, dtype=torch.float64)
+        grad_out, g = upstream(num_layers, 3, False)
+        w0, F = dense_map(layer_matrices(chain, x), g)
+        rel = [np.linalg.norm(F(xj) - xj) / np.linalg.norm(F(xj)) for xj in
+               [w0, *(dense_anderson(w0, F, j, m) for j in range(1, k))]]
+        if int(np.argmin(rel)) != k - 1:
+            break
+    ws = chain.state_gradients(x, grad_out, hbp.Highway(tol=1e-300, max_k=k, anderson=m,
+                                                        fallback="best"))
+    diag = chain.last_diagnostics
+    assert diag.fallback == "best" and diag.iterations == k
+    # the reference: F values and relative residuals of its iterates x_0 .. x_{k-1}
+    fs, rel = [], []
+    for j in range(k):
+        xj = w0 if j == 0 else dense_anderson(w0, F, j, m)
+        fj = F(xj)
+        fs.append(fj)
+        rel.append(np.linalg.norm(fj - xj) / np.linalg.norm(fj))
+    np.testing.assert_allclose(diag.step_norms, rel, rtol=1e-8)
+    best = int(np.argmin(rel))
+    assert best != k - 1  # the case is not trivial: the last iterate is not the best
+    got = torch.stack([w.reshape(-1) for w in ws]).numpy()
+    np.testing.assert_allclose(got, fs[best], rtol=1e-9, atol=1e-11)
+
+
+def test_mixed_estimate_is_homogeneous_even_when_float32_products_overflow():
+    """The weights do not depend on the gradient's scale, so est(s g) = s est(g); at s = 1e30
+    float32 inner products overflow (per element ~1e60) and are redone in float64 rather
+    than turning the mix off."""
+    torch.manual_seed(22)
+    chain = make_chain(["relu", "gated", "scaled", "relu", "identity", "gated"], 4, scale=2.0)
+    x = torch.randn(2, 4)
+    grad_out = torch.randn(2, 4)
+    method = hbp.Highway(k=4, anderson=3)
+    small = chain.state_gradients(x, grad_out, method)
+    assert any(chain.last_diagnostics.mixed)
+    big = chain.state_gradients(x, grad_out * 1e30, method)
+    diag = chain.last_diagnostics
+    assert diag.mixed == [False, True, True, True]
+    assert all(np.isfinite(diag.step_norms))
+    for a, b in zip(small, big):
+        torch.testing.assert_close(b / 1e30, a, rtol=1e-4, atol=1e-6)
+
+
+def test_half_precision_states_still_mix():
+    """bfloat16 states: inner products in float32 (the restart threshold of bfloat16's own
+    eps would be ~1.3 and restart nearly every step)."""
+    torch.manual_seed(23)
+    chain = make_chain(["identity"] * 6, 8, scale=2.0).to(torch.bfloat16)
+    x = torch.randn(4, 8, dtype=torch.bfloat16)
+    grad_out = torch.randn(4, 8, dtype=torch.bfloat16)
+    chain.state_gradients(x, grad_out, hbp.Highway(k=5, anderson=3))
+    diag = chain.last_diagnostics
+    assert diag.mixed[1:] == [True] * 4 and diag.restarts == 0

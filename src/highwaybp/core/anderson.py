@@ -93,14 +93,27 @@ def combine_states_(out: States, weights: list[float], parts: list[States]) -> S
     return out
 
 
-def dot_states(a: States, b: States) -> Tensor:
-    """<a, b> over every element of every state: a 0-dim tensor (no host sync)."""
+def dot_states(a: States, b: States, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """<a, b> over every element of every state: a 0-dim tensor (no host sync), computed in
+    `dtype` (default: the states' own)."""
+    def dot(x: Tensor, y: Tensor) -> Tensor:
+        x, y = x.reshape(-1), y.reshape(-1)
+        if dtype is not None and x.dtype != dtype:
+            x, y = x.to(dtype), y.to(dtype)
+        return torch.dot(x, y)
+
     if isinstance(a, Tensor):
-        return torch.dot(a.reshape(-1), b.reshape(-1))
-    parts = [torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b) if x.numel()]
+        return dot(a, b)
+    parts = [dot(x, y) for x, y in zip(a, b) if x.numel()]
     if not parts:
         return torch.zeros(())
     return torch.stack([p.to(parts[0].device) for p in parts]).sum()
+
+
+def _dot_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Inner products of half-precision states in float32: in bfloat16 / float16 the Gram
+    matrix would carry 2-3 digits (the restart threshold 0.01 / eps would be ~1-10)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 # ---- the mixing rule ----------------------------------------------------------------------
@@ -145,7 +158,9 @@ class AndersonMixer:
             hold the other states (the layer-parallel pipeline: one all-reduce per
             iteration); None in one process.
         reg, cond_limit: the Tikhonov factor and the restart threshold (defaults from the
-            states' dtype: 100 eps and 0.01 / eps).
+            inner products' dtype: 100 eps and 0.01 / eps; the inner products are taken in
+            the states' dtype, in float32 for half-precision states, and again in float64
+            when they overflow).
         reuse_buffers: keep the F values and residuals that leave the window for reuse
             (`f_buffer`, the residuals): a caller that writes F in place (the RNN engines)
             allocates nothing after the window fills. False: a dropped F value is released
@@ -172,7 +187,8 @@ class AndersonMixer:
         self._reduce = reduce
         self._reuse = reuse_buffers
         first = like if isinstance(like, Tensor) else next(t for t in like if t is not None)
-        eps = torch.finfo(first.dtype).eps
+        self._dot_dtype = _dot_dtype(first.dtype)
+        eps = torch.finfo(self._dot_dtype).eps
         self.reg = 100.0 * eps if reg is None else float(reg)
         self.cond_limit = 0.01 / eps if cond_limit is None else float(cond_limit)
         # Ring of (F value, residual, frontier of the F value); Gram of the residuals.
@@ -198,10 +214,6 @@ class AndersonMixer:
             return self._f[0]
         return self._spare_f.pop() if self._spare_f else self._new()
 
-    def newest_f(self) -> States:
-        """The newest value of F in the window."""
-        return self._f[-1]
-
     def step(self, x: States, f: States) -> tuple[States, MixStep]:
         """From the iterate x and f = F(x), the next iterate. The mixer keeps f (it must not
         be written afterwards) and only reads x. `residual_dots` then `mix`, with `reduce`
@@ -221,9 +233,13 @@ class AndersonMixer:
             self._gram = self._gram[1:, 1:]
         r = self._spare_r.pop() if self._spare_r else self._new()
         sub_states_(r, f, x)
-        dots = torch.stack([dot_states(r, old) for old in self._r]
-                           + [dot_states(r, r), dot_states(f, f)]).to(torch.float64)
-        return r, dots
+        pairs = [*((r, old) for old in self._r), (r, r), (f, f)]
+        dots = torch.stack([dot_states(a, b, self._dot_dtype) for a, b in pairs])
+        if not bool(torch.isfinite(dots).all()):
+            # Finite states whose products overflow the states' dtype (float32 beyond ~1e19
+            # per element): redo the products in float64 rather than lose the mix to inf.
+            dots = torch.stack([dot_states(a, b, torch.float64) for a, b in pairs])
+        return r, dots.to(torch.float64)
 
     def mix(self, f: States, r: States, dots: Tensor) -> tuple[States, MixStep]:
         """The next iterate from f, its residual r and the summed inner products."""

@@ -400,12 +400,14 @@ def mixed_iterate(
             f = add_states_(u, w0) if inplace else add_states(w0, u)
             del u
         x, mix = mixer.step(x, f)
-        del f
         if not (math.isfinite(mix.relative) and math.isfinite(mix.residual)):
             raise_if_nonfinite(x, j)
-            raise_if_nonfinite(mixer.newest_f(), j)
+            raise_if_nonfinite(f, j)
         if rule.record(j, mix.relative):
-            best_w = clone_states(x)  # the mixer overwrites its iterate at the next step
+            # "best": F of the iterate whose relative residual was smallest (for the plain
+            # iteration, F(w^{j-1}) = w^j: the estimate whose step was smallest).
+            best_w = clone_states(f)
+        del f
         rule.record_mix(mix)
         if rule.should_stop(j, mix.relative, exact=mixer.is_exact):
             break

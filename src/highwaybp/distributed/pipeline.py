@@ -752,8 +752,8 @@ class HighwayPipeline:
             with self.tracer.phase("mix", self.step_index, j):
                 out, mix = mixer.mix(flat(f), r, dots)
             x = rows_of(out, f)
-            if rule.record(j, mix.relative):
-                best = [[t.clone() for t in row] for row in x]  # the mixer reuses its buffer
+            if rule.record(j, mix.relative):  # F of the best-measured iterate
+                best = [[t.clone() for t in row] for row in f]
             rule.record_mix(mix)
             if rule.should_stop(j, mix.relative, exact=mixer.is_exact):
                 break

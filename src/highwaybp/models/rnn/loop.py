@@ -82,7 +82,7 @@ def _mixed_fast_iterate(eng: Engine, rule: StopRule) -> tuple[Tensor, Diagnostic
         if not (math.isfinite(mix.relative) and math.isfinite(mix.residual)):
             _check_finite(eng, f, j)
         if rule.record(j, mix.relative):
-            best.copy_(x)  # the mixer overwrites its iterate at the next step
+            best.copy_(f)  # F of the best-measured iterate, as core.iteration.mixed_iterate
         rule.record_mix(mix)
         if rule.should_stop(j, mix.relative, exact=mixer.is_exact):
             break
