@@ -169,7 +169,7 @@ def test_method_from_string():
     ("highway:tol=1e-3,max_k=4,tol=1e-4", "'tol' given twice"),
     ("exact:k=3", "'exact' takes no options"),
     ("exact:3", "'exact' takes no options"),
-    ("fixedpoint:tol=1e-3", "'fixedpoint' takes k;"),
+    ("fixedpoint:tol=1e-3", "'fixedpoint' takes k, anderson;"),
     ("highway:depth=3", "'highway' takes k, tol, max_k, fallback"),
     ("highway:k=two", "'k' .* must be an integer, got 'two'"),
     ("highway:tol=small,max_k=3", "'tol' .* must be a number"),
