@@ -481,6 +481,9 @@ SECTIONS: tuple[Section, ...] = (
     Section("k schedules (`highwaybp experiment kschedule`)",
             lambda d: "experiment kschedule" in d.get("command", "") and "summary" in d,
             _kschedule),
+    Section("Recipes (`highwaybp experiment recipes`)",
+            lambda d: str(d.get("recipe", "")).startswith("wordlm-") and "summary" in d,
+            _lazy("highwaybp.train.recipes")),
     Section("Char-level LM (`highwaybp experiment charlm`)",
             lambda d: d.get("config", {}).get("experiment") == "charlm", _charlm),
     Section("DDG throughput (`highwaybp bench ddg`)", lambda d: d.get("bench") == "ddg",
@@ -597,9 +600,43 @@ def headline(results: Path) -> str:
                      "a schedule at half its VJP sweeps: "
                      + (", ".join(met) if met else "none (goal not met)"),
                      "`results/kschedule/summary.json`"])
+    rows += _recipes_headline(results)
     head = ["setting (2-core CPU)", "Highway k = 0: vs torch.nn / vs our exact BPTT",
             "k = 1", "file"]
     return "\n".join(_table(head, rows))
+
+
+def _recipes_headline(results: Path) -> list[list[str]]:
+    """The word-level LM recipe's rows: the trained gradient's cosine (plain beside
+    Anderson-mixed) and the training study's final perplexities against exact."""
+    rows = []
+    path = results / "recipes" / "grad1layer" / "wordlm-gru" / "recipes.json"
+    if path.exists():
+        by_step = json.loads(path.read_text())["cosine_curves"]["0"]
+        last = by_step[max(by_step, key=int)]
+        mixed = next(label for label in last if label != "plain" and label.endswith("=5"))
+        cells = [f"k={k}: {last['plain'][str(k)]:.3f} plain, {last[mixed][str(k)]:.3f} mixed"
+                 for k in (3, 5)]
+        rows.append([f"Word-level GRU LM (pytorch/examples recipe): cosine to exact after "
+                     f"{max(by_step, key=int)} SGD steps ({mixed})", *cells,
+                     f"`results/{path.relative_to(results).as_posix()}`"])
+    path = results / "recipes" / "wordlm-gru" / "recipes.json"
+    if path.exists():
+        d = json.loads(path.read_text())
+        by = {r["arm"]: r for r in d["summary"]}
+
+        def ppl(arm: str) -> str:
+            r = by.get(arm)
+            if r is None or r.get("ppl_vs_exact") is None:
+                return f"{arm}: -"
+            return (f"{arm}: {r['ppl_vs_exact']:.2f}x exact's ppl, "
+                    f"{r['sweeps_vs_exact']:.2f}x its sweeps")
+        seeds = len(by["exact"]["seeds"]) if "exact" in by else 0
+        rows.append([f"Word-level GRU LM, {d['config']['steps']} SGD steps, {seeds} seed(s): "
+                     "final valid perplexity", ppl("highway:k=3,anderson=5") + "; "
+                     + ppl("highway:k=3"), ppl("auto"),
+                     f"`results/{path.relative_to(results).as_posix()}`"])
+    return rows
 
 
 def _layer_parallel_headline(d: dict[str, Any]) -> list[str]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import json
 import math
 import statistics
 import sys
@@ -420,7 +421,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch threads (default: torch's own default)")
     p.add_argument("--out", type=out_dir, default="results/recipes")
+    p.add_argument("--combine", nargs="+", default=None, metavar="RECIPES_JSON",
+                   help="instead of training: merge the recipes.json files of runs made "
+                        "apart (e.g. one process per seed) into <out>/<recipe>/")
     p.set_defaults(func=run)
+
+
+def combine(paths: list[str], out: str) -> dict[str, Any]:
+    """Merge recipes.json files of one recipe and configuration (other seeds or arms,
+    trained in separate processes) into one, re-summarised; refuses differing configs."""
+    docs = [json.loads(Path(p).read_text()) for p in paths]
+    keep = [k for k in docs[0]["config"] if k not in (*_NOT_CONFIG, "combine")]
+    for path, d in zip(paths[1:], docs[1:]):
+        diff = {k: (docs[0]["config"].get(k), d["config"].get(k)) for k in keep
+                if docs[0]["config"].get(k) != d["config"].get(k)}
+        if d["recipe"] != docs[0]["recipe"] or diff:
+            raise ValueError(f"recipes --combine: {path} is another recipe or configuration: "
+                             f"{diff or d['recipe']}")
+    runs = [r for d in docs for r in d["runs"]]
+    seen = [(r["seed"], r["arm"]) for r in runs]
+    if len(set(seen)) != len(seen):
+        raise ValueError("recipes --combine: a (seed, arm) run appears in two files")
+    curves = {seed: c for d in docs for seed, c in d["cosine_curves"].items() if c}
+    root = Path(out) / docs[0]["recipe"]
+    doc = {"recipe": docs[0]["recipe"], "command": "highwaybp " + " ".join(sys.argv[1:]),
+           "combined_from": [d["command"] for d in docs], "config": docs[0]["config"],
+           "torch_threads": docs[0]["torch_threads"], "summary": summarize(runs),
+           "cosine_curves": curves, "runs": runs}
+    atomic_write_json(root / "recipes.json", doc)
+    plot(root, doc)
+    return doc
 
 
 def _probe(args: Any, exact: Arm | None, seed_curves: dict) -> None:
@@ -437,10 +467,15 @@ def _probe(args: Any, exact: Arm | None, seed_curves: dict) -> None:
 
 
 _NOT_CONFIG = ("func", "threads", "arms", "seeds", "out", "probe_every", "probe_k",
-               "probe_anderson", "eval_every")
+               "probe_anderson", "eval_every", "combine")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.combine:
+        doc = combine(args.combine, args.out)
+        print(f"combined {len(args.combine)} files: {len(doc['runs'])} runs into "
+              f"{Path(args.out) / doc['recipe'] / 'recipes.json'}")
+        return 0
     args.cell = args.recipe.split("-")[1]
     root = Path(args.out) / args.recipe
     check_resume_config(root, {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG})
@@ -485,3 +520,40 @@ def run(args: argparse.Namespace) -> int:
               f"{row.get('seconds_per_step_vs_exact', float('nan')):16.2f}")
     print(f"\nwrote {root / 'recipes.json'}, recipes.png")
     return 0
+
+
+def render(path: Path, d: dict[str, Any]) -> list[str]:
+    """docs/benchmarks.md's section of a recipes.json (`highwaybp report`)."""
+    lines = [f"### {d['recipe']}: `{path.as_posix()}`", "", "```", d["command"], "```", ""]
+    if d.get("combined_from"):
+        lines += ["Combined from:", "", "```", *d["combined_from"], "```", ""]
+    rows = d["summary"]
+    if rows:
+        lines += ["| arm | seeds | final valid ppl (mean +- std) | vs exact | VJP sweeps / step "
+                  "| vs exact | s / step vs exact | reached exact's final ppl (s) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            ttq = ", ".join("not reached" if t is None else f"{t:.0f}"
+                            for t in r["time_to_exact_final"])
+            lines.append(
+                f"| {r['arm']} | {len(r['seeds'])} | {r['final_ppl_mean']:.1f} +- "
+                f"{r['final_ppl_std']:.1f} | {_ratio(r.get('ppl_vs_exact'))} | "
+                f"{r['sweeps_per_step']:.2f} | {_ratio(r.get('sweeps_vs_exact'))} | "
+                f"{_ratio(r.get('seconds_per_step_vs_exact'))} | {ttq} |")
+        lines.append("")
+    for seed, by_step in d.get("cosine_curves", {}).items():
+        for step, curves in by_step.items():
+            ks = sorted({int(k) for c in curves.values() for k in c})
+            lines += [f"Cosine to exact of the RNN + embedding gradient, seed {seed}, step "
+                      f"{step} (float64, eval mode):", "",
+                      "| | " + " | ".join(f"k={k}" for k in ks) + " |",
+                      "|---|" + "---|" * len(ks)]
+            for label, c in curves.items():
+                lines.append(f"| {label} | " + " | ".join(
+                    f"{c[str(k)]:.3f}" if str(k) in c else "" for k in ks) + " |")
+            lines.append("")
+    return lines
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
