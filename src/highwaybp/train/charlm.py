@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from highwaybp.control import KController
 from highwaybp.core.methods import Exact, Method, method_from_string
 from highwaybp.models.rnn import GRU, LSTM
+from highwaybp.threads import use_threads
 from highwaybp.train.cli_types import (
     method_list,
     nonneg_float,
@@ -380,7 +381,7 @@ SCHEDULE_ARM = "schedule:"
 def run(args: argparse.Namespace) -> int:
     names = [*args.methods, *(SCHEDULE_ARM + spec for spec in args.k_schedule)]
     check_resume_config(args.out, {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG})
-    torch.set_num_threads(args.threads)
+    use_threads(args.threads, "highwaybp experiment charlm")
     corpus = char_corpus(args.text, args.max_chars)
     valid = [_batch(corpus, "valid", args, seed=10_000 + i) for i in range(args.eval_batches)]
     print(

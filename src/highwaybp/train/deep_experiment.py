@@ -37,6 +37,7 @@ from highwaybp.control import KController
 from highwaybp.core.fidelity import compare_gradients, use_method
 from highwaybp.core.methods import Exact, FixedPoint, Highway, Method
 from highwaybp.core.replay import buffers_restored
+from highwaybp.threads import use_threads
 from highwaybp.train.cli_types import (
     nonneg_int,
     nonneg_int_list,
@@ -610,7 +611,7 @@ def train_arms(task: Task, name: str, arms: list[tuple[str, Method, str | None]]
 
 
 def run(args: argparse.Namespace) -> int:
-    torch.set_num_threads(args.threads)
+    use_threads(args.threads, "highwaybp experiment deep")
     if args.tiny:
         apply_tiny(args)
     out = Path(args.out)

@@ -33,6 +33,7 @@ from highwaybp.core.fidelity import gradient_fidelity
 from highwaybp.core.methods import Exact, FixedPoint, Highway, Method, method_from_string
 from highwaybp.models.mlp import ResidualMLP
 from highwaybp.models.rnn import GRU
+from highwaybp.threads import use_threads
 from highwaybp.train.cli_types import (
     method_spec,
     mnist1d_size,
@@ -258,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
                      args.samples, args.rnn_steps, args.rnn_side, args.rnn_hidden,
                      args.rnn_batch, args.rnn_lr)
     methods = [method_from_string(m) for m in args.methods]
-    torch.set_num_threads(args.threads)
+    use_threads(args.threads, "highwaybp demo")
     torch.manual_seed(cfg.seed)
     data = load_mnist1d(num_samples=cfg.samples, seed=cfg.seed)
     out = Path(args.out)

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from highwaybp.control import KController
 from highwaybp.core.methods import Exact
+from highwaybp.threads import use_threads
 from highwaybp.train import deep_experiment
 from highwaybp.train.cli_types import (
     nonneg_int,
@@ -414,7 +415,7 @@ def apply_tiny(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    torch.set_num_threads(args.threads)
+    use_threads(args.threads, "highwaybp experiment kschedule")
     if args.tiny:
         apply_tiny(args)
     out = Path(args.out)

@@ -38,6 +38,7 @@ from torch import nn
 import highwaybp as hbp
 from highwaybp.ddg import SEMANTICS, DDGTrainer
 from highwaybp.models.resnet1d import build_resnet1d
+from highwaybp.threads import use_threads
 from highwaybp.train.cli_types import (
     mnist1d_size,
     nonneg_float,
@@ -229,8 +230,7 @@ def _write_metrics(out: Optional[Path], rows: list[dict[str, Any]]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads, "highwaybp train")  # DDG ranks: --threads or cores // ranks
     data = load_data(args)
     _validate(args, len(data.x_train))
     _check_k_schedule(args)

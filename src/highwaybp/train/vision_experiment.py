@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from highwaybp.models.torchvision import from_torchvision
+from highwaybp.threads import use_threads
 from highwaybp.train.cli_types import (
     nonneg_int,
     nonneg_int_list,
@@ -162,7 +163,7 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    torch.set_num_threads(args.threads)
+    use_threads(args.threads, "highwaybp experiment vision")
     if args.tiny:
         apply_tiny(args)
     out = Path(args.out)
