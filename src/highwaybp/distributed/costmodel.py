@@ -331,14 +331,29 @@ def _torch_orders(schedule: str, world: int, mbs: int
                   ) -> tuple[list[list[tuple[str, int, int]]], list[int]]:
     """The per-rank compute actions that torch's schedule class builds (its pipeline_order,
     built without processes, as torch's own schedule visualizer does), and each stage's
-    rank. Overlapped F/B pairs (DualPipeV) run one after the other on a one-thread rank."""
+    rank. Overlapped F/B pairs (DualPipeV) run one after the other on a one-thread rank.
+
+    Raises RuntimeError with the reason where this torch lacks the schedule or builds it
+    differently (`highwaybp.distributed.baselines.missing_schedule`)."""
+    if schedule not in _TORCH_CLASSES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose from {EXACT_SCHEDULES}")
+    from highwaybp.distributed.baselines import missing_schedule
+
+    missing = missing_schedule(schedule)
+    if missing is not None:
+        raise RuntimeError(f"cannot model schedule {schedule!r}: {missing}")
+    return read_torch_orders(schedule, world, mbs)
+
+
+def read_torch_orders(schedule: str, world: int, mbs: int
+                      ) -> tuple[list[list[tuple[str, int, int]]], list[int]]:
+    """`_torch_orders` without the check that this torch has the schedule (what the check
+    itself runs)."""
     from unittest import mock
 
     from torch.distributed import pipelining
     from torch.distributed.pipelining.stage import PipelineStage
 
-    if schedule not in _TORCH_CLASSES:
-        raise ValueError(f"unknown schedule {schedule!r}; choose from {EXACT_SCHEDULES}")
     cls_name, per_rank = _TORCH_CLASSES[schedule]
     cls = getattr(pipelining, cls_name)
     stage = mock.create_autospec(PipelineStage, instance=True)
