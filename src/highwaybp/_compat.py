@@ -48,7 +48,7 @@ ALLOW_UNTESTED_ENV = "HIGHWAYBP_ALLOW_UNTESTED"
 
 # distribution name -> (lowest tested version, first untested version or None)
 TESTED_RANGES: dict[str, tuple[str, str | None]] = {
-    "torch": ("2.0", "2.16"),
+    "torch": ("2.5", "2.16"),
     "numpy": ("1.23.5", None),
     "transformers": ("4.40", "5.25"),
     "mnist1d": ("0.0.2", None),
