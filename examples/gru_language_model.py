@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import highwaybp as hbp
-from highwaybp.threads import example_threads
+from highwaybp.train.threads import example_threads
 
 example_threads()  # torch's default thread count unless --threads N; printed
 

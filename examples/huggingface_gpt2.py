@@ -11,7 +11,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import highwaybp as hbp
-from highwaybp.threads import example_threads
+from highwaybp.train.threads import example_threads
 
 example_threads()  # torch's default thread count unless --threads N; printed
 

@@ -11,7 +11,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import highwaybp as hbp
-from highwaybp.threads import example_threads
+from highwaybp.train.threads import example_threads
 
 example_threads()  # torch's default thread count unless --threads N; printed
 

@@ -13,7 +13,8 @@ import sys
 import pytest
 import torch
 
-from highwaybp import cli, threads
+from highwaybp import cli
+from highwaybp.train import threads
 
 
 @pytest.fixture(autouse=True)

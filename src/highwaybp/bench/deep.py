@@ -37,8 +37,8 @@ from highwaybp.core.chain import ResidualChain
 from highwaybp.core.fidelity import compare_gradients
 from highwaybp.core.methods import Exact, Highway, Method
 from highwaybp.core.residual import Identity, ResidualLayer, Scaled
-from highwaybp.threads import use_threads
 from highwaybp.train.cli_types import nonneg_int, nonneg_int_list, out_file, positive_int
+from highwaybp.train.threads import use_threads
 
 MODELS = ("mlp", "transformer", "resnet")
 

@@ -62,7 +62,6 @@ from highwaybp.bench.memory import step_peak_growth_bytes
 from highwaybp.core.fidelity import compare_gradients
 from highwaybp.core.methods import Exact, FixedPoint, Highway, Method
 from highwaybp.models.rnn import GRU, LSTM, AutogradLoopRNN
-from highwaybp.threads import use_threads
 from highwaybp.train.cli_types import (
     nonneg_int,
     nonneg_int_list,
@@ -71,6 +70,7 @@ from highwaybp.train.cli_types import (
     positive_int,
     positive_int_list,
 )
+from highwaybp.train.threads import use_threads
 
 EXACT_BASELINES = ("torch", "autograd-loop")
 

@@ -24,9 +24,9 @@ import torch
 
 from highwaybp.bench.timing import machine_info
 from highwaybp.core.scan import SCANS
-from highwaybp.threads import use_threads
 from highwaybp.train.cli_types import out_file, positive_int
 from highwaybp.train.io import atomic_write_json
+from highwaybp.train.threads import use_threads
 
 KINDS = ("diagonal", "identity")
 

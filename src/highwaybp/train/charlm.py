@@ -33,7 +33,6 @@ from torch import Tensor, nn
 from highwaybp.control import KController
 from highwaybp.core.methods import Exact, Method, method_from_string
 from highwaybp.models.rnn import GRU, LSTM
-from highwaybp.threads import use_threads
 from highwaybp.train.cli_types import (
     method_list,
     nonneg_float,
@@ -58,6 +57,7 @@ from highwaybp.train.loop import (
     method_label,
     stopped_message,
 )
+from highwaybp.train.threads import use_threads
 
 DEFAULT_METHODS = (
     "exact,highway:k=0,highway:k=1,highway:k=3,fixedpoint:k=0,fixedpoint:k=1,fixedpoint:k=3"

@@ -37,7 +37,6 @@ from highwaybp.control import KController
 from highwaybp.core.fidelity import compare_gradients, use_method
 from highwaybp.core.methods import Exact, FixedPoint, Highway, Method
 from highwaybp.core.replay import buffers_restored
-from highwaybp.threads import use_threads
 from highwaybp.train.cli_types import (
     nonneg_int,
     nonneg_int_list,
@@ -53,6 +52,7 @@ from highwaybp.train.io import (
     save_figure,
 )
 from highwaybp.train.loop import StopGuard, TrainLoop, echo, method_label, warmup_cosine_lr
+from highwaybp.train.threads import use_threads
 
 FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
 

@@ -33,7 +33,6 @@ from highwaybp.core.fidelity import gradient_fidelity
 from highwaybp.core.methods import Exact, FixedPoint, Highway, Method, method_from_string
 from highwaybp.models.mlp import ResidualMLP
 from highwaybp.models.rnn import GRU
-from highwaybp.threads import use_threads
 from highwaybp.train.cli_types import (
     method_spec,
     mnist1d_size,
@@ -52,6 +51,7 @@ from highwaybp.train.io import (
     save_figure,
 )
 from highwaybp.train.loop import StopGuard, TrainLoop, method_label
+from highwaybp.train.threads import use_threads
 
 DEFAULT_METHODS = ("exact", "highway:k=0", "highway:k=1", "highway:k=3")
 

@@ -33,7 +33,6 @@ from torch import Tensor, nn
 
 from highwaybp.control import KController
 from highwaybp.core.methods import Exact
-from highwaybp.threads import use_threads
 from highwaybp.train import deep_experiment
 from highwaybp.train.cli_types import (
     nonneg_int,
@@ -51,6 +50,7 @@ from highwaybp.train.io import (
 )
 from highwaybp.train.loop import StopGuard, TrainLoop, echo, method_label, warmup_cosine_lr
 from highwaybp.train.stats import mean_std
+from highwaybp.train.threads import use_threads
 
 TASK_NAMES = ("resnet", "gpt", "gru")
 SCHEDULE_ARMS = ("linear", "steps", "adaptive", "finish", "adaptive99")

@@ -38,7 +38,6 @@ from torch import nn
 import highwaybp as hbp
 from highwaybp.ddg import SEMANTICS, DDGTrainer
 from highwaybp.models.resnet1d import build_resnet1d
-from highwaybp.threads import use_threads
 from highwaybp.train.cli_types import (
     mnist1d_size,
     nonneg_float,
@@ -54,6 +53,7 @@ from highwaybp.train.io import (
     check_resume_config,
 )
 from highwaybp.train.loop import StopGuard, TrainLoop, echo, method_label
+from highwaybp.train.threads import use_threads
 
 METHODS = ("exact", "highway", "fixedpoint", "ddg")
 # Settings that change the run: a resumed run must have the same ones.

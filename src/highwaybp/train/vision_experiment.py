@@ -29,7 +29,6 @@ import torch
 from torch import Tensor, nn
 
 from highwaybp.models.torchvision import from_torchvision
-from highwaybp.threads import use_threads
 from highwaybp.train.cli_types import (
     nonneg_int,
     nonneg_int_list,
@@ -49,6 +48,7 @@ from highwaybp.train.deep_experiment import (
 )
 from highwaybp.train.io import check_resume_config
 from highwaybp.train.loop import echo
+from highwaybp.train.threads import use_threads
 
 # ---------------------------------------------------------------------------------------
 # The model: torchvision's ResNet-18 layout with narrow widths and a small-image stem
