@@ -7,7 +7,6 @@ import math
 import pytest
 
 from highwaybp.distributed import costmodel as cm
-from highwaybp.distributed.baselines import missing_schedule
 
 NO_COMM = cm.Link()
 
@@ -95,7 +94,7 @@ def test_critical_path_covers_step():
                                scan=0.01, state_bytes=4096)
     link = cm.Link(0.05, 1e6)
     runs = [cm.highway(layers, 3, 2, link, 2), cm.exact(layers, 3, 3, link, "1f1b")]
-    if missing_schedule("interleaved-zb") is None:  # else an older torch in the range
+    if cm.unmodelled("interleaved-zb") is None:  # else an older torch in the range
         runs.append(cm.exact(layers, 3, 6, link, "interleaved-zb"))
     for t in runs:
         path = t.critical_path()
@@ -109,7 +108,7 @@ def test_critical_path_covers_step():
                                           ("zbv", 2, 4), ("zbv", 4, 8), ("dualpipev", 2, 4),
                                           ("dualpipev", 3, 6)])
 def test_zero_bubble_orders_complete(schedule, P, M):
-    reason = missing_schedule(schedule)
+    reason = cm.unmodelled(schedule)
     if reason is not None:  # an older torch in the declared range
         pytest.skip(reason)
     orders, owners = cm._torch_orders(schedule, P, M)
@@ -130,7 +129,7 @@ def test_zero_bubble_beats_1f1b_when_backward_splits():
     layers = cm.uniform_layers(16, forward=1.0, vjp_input=1.0, vjp_param=1.0)
     t_1f1b = cm.exact(layers, 4, 8, NO_COMM, "1f1b").step_time
     for schedule in ("interleaved-zb", "interleaved-zb-2", "zbv"):
-        if missing_schedule(schedule) is not None:  # an older torch in the declared range
+        if cm.unmodelled(schedule) is not None:  # an older torch in the declared range
             continue
         assert cm.exact(layers, 4, 8, NO_COMM, schedule).step_time < t_1f1b
 

@@ -518,9 +518,7 @@ def paper_predictions(device: Device, ranks: list[int], ks: list[int],
                       microbatches: list[int]) -> list[dict[str, Any]]:
     """For each model and P: the best exact schedule (over schedules and M) and, per k,
     the best Highway(k) (over M, both scans) and whether it beats the best exact. Schedules
-    this torch lacks (`missing_schedule`) are left out."""
-    from highwaybp.distributed.baselines import missing_schedule
-
+    whose order this torch cannot give (`costmodel.unmodelled`) are left out."""
     link = cm.Link(device.link_latency_s, device.link_bandwidth)
     rows = []
     for name, model in PAPER_MODELS.items():
@@ -535,7 +533,7 @@ def paper_predictions(device: Device, ranks: list[int], ks: list[int],
                 for schedule in cm.EXACT_SCHEDULES:
                     stages = P * (2 if schedule in ("zbv", "dualpipev", "interleaved-zb-2")
                                   else 1)
-                    if missing_schedule(schedule) is not None:
+                    if cm.unmodelled(schedule) is not None:
                         continue
                     if stages > L or (schedule == "1f1b" and m < P) or (
                             schedule == "dualpipev" and m < 2 * P) or (

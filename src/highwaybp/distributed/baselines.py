@@ -28,6 +28,7 @@ gradients against single-process autograd in float64.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -64,14 +65,14 @@ def _spec(schedule: str) -> tuple[str, int]:
 
 @functools.cache
 def missing_schedule(schedule: str) -> str | None:
-    """Why the installed torch cannot run `schedule` as this code uses it, or None.
+    """Why the installed torch cannot run `schedule` as ExactPipeline uses it, or None.
 
     The declared torch range reaches back to releases whose `torch.distributed.pipelining`
     lacks the newer schedules (torch 2.5 has no ScheduleZBVZeroBubble or ScheduleDualPipeV)
-    or builds them differently (its ScheduleInterleavedZeroBubble needs two stages per rank
-    and other stage attributes): the benches and tests skip those with this reason rather
-    than raise the floor. Checked by building the schedule's order without processes, as
-    the cost model reads it (2 ranks, 4 micro-batches).
+    or works differently (2.5's PipelineStage needs example inputs, its
+    ScheduleInterleavedZeroBubble two stages per rank): the benches and tests skip those
+    with this reason rather than raise the floor. The zero-bubble orders are checked as the
+    cost model reads them (`costmodel.unmodelled`).
     """
     cls, _ = _spec(schedule)
     try:
@@ -81,15 +82,14 @@ def missing_schedule(schedule: str) -> str | None:
     if not hasattr(pipelining, cls):
         return (f"torch {torch.__version__} has no torch.distributed.pipelining.{cls} "
                 f"(added in a later torch release)")
+    needs = inspect.signature(pipelining.PipelineStage).parameters.get("input_args")
+    if needs is not None and needs.default is inspect.Parameter.empty:
+        return (f"torch {torch.__version__}'s torch.distributed.pipelining.PipelineStage "
+                f"needs example inputs (input_args), which ExactPipeline does not pass "
+                f"(later releases infer the shapes)")
     from highwaybp.distributed import costmodel
 
-    if schedule in costmodel._TORCH_CLASSES:
-        try:
-            costmodel.read_torch_orders(schedule, 2, 4)
-        except Exception as error:  # an older class: other arguments or stage attributes
-            return (f"torch {torch.__version__}'s torch.distributed.pipelining.{cls} does not "
-                    f"build as this code uses it ({type(error).__name__}: {error})")
-    return None
+    return costmodel.unmodelled(schedule)
 
 
 def check_schedule(schedule: str, world: int, microbatches: int) -> str | None:
