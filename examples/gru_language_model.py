@@ -1,6 +1,6 @@
 """highwaybp.GRU dropping in for torch.nn.GRU in a character-level language model.
 
-    python examples/gru_language_model.py
+    python examples/gru_language_model.py [--threads N]   (default: torch's; it prints the count)
 
 Same parameter names and shapes as torch.nn.GRU: the two models below start from the same
 weights; only the backward through time differs (Highway-BP with k = 1 against autograd).
@@ -13,6 +13,9 @@ import torch
 from torch import nn
 
 import highwaybp as hbp
+from highwaybp.train.threads import example_threads
+
+example_threads()  # torch's default thread count unless --threads N; printed
 
 text = Path(__file__).read_text() * 4
 vocab = sorted(set(text))

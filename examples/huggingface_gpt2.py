@@ -1,6 +1,6 @@
 """One fine-tuning step of a Hugging Face GPT-2 with Highway-BP (pip install 'highway-bp[hf]').
 
-    python examples/huggingface_gpt2.py
+    python examples/huggingface_gpt2.py [--threads N]   (default: torch's; it prints the count)
 
 A tiny GPT-2 is built from a config (no download). `from_huggingface` adapts it in place:
 the same modules, parameter names and state_dict; only the backward of the block stack
@@ -11,6 +11,9 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import highwaybp as hbp
+from highwaybp.train.threads import example_threads
+
+example_threads()  # torch's default thread count unless --threads N; printed
 
 torch.manual_seed(0)
 config = GPT2Config(n_layer=3, n_embd=64, n_head=4, vocab_size=100, n_positions=64,

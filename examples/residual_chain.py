@@ -1,6 +1,6 @@
 """A residual MLP trained with Highway-BP: the chain is one argument, the loop is PyTorch.
 
-    python examples/residual_chain.py
+    python examples/residual_chain.py [--threads N]   (default: torch's; it prints the count)
 
 Trains a 12-block residual MLP on scikit-learn's digits (offline) with Highway(k=2), then
 measures how close its gradient is to exact backprop's on the trained model.
@@ -11,6 +11,9 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import highwaybp as hbp
+from highwaybp.train.threads import example_threads
+
+example_threads()  # torch's default thread count unless --threads N; printed
 
 torch.manual_seed(0)
 digits = load_digits()

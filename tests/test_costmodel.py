@@ -94,8 +94,10 @@ def test_critical_path_covers_step():
     layers = cm.uniform_layers(12, forward=1.0, vjp_input=0.7, vjp_param=1.3,
                                scan=0.01, state_bytes=4096)
     link = cm.Link(0.05, 1e6)
-    for t in (cm.highway(layers, 3, 2, link, 2), cm.exact(layers, 3, 3, link, "1f1b"),
-              cm.exact(layers, 3, 6, link, "interleaved-zb")):
+    runs = [cm.highway(layers, 3, 2, link, 2), cm.exact(layers, 3, 3, link, "1f1b")]
+    if cm.unmodelled("interleaved-zb") is None:  # else an older torch in the range
+        runs.append(cm.exact(layers, 3, 6, link, "interleaved-zb"))
+    for t in runs:
         path = t.critical_path()
         assert sum(b - a for _, _, a, b in path) == pytest.approx(t.step_time)
         for (_, _, _, b0), (_, _, a1, _) in zip(path, path[1:]):
@@ -107,6 +109,9 @@ def test_critical_path_covers_step():
                                           ("zbv", 2, 4), ("zbv", 4, 8), ("dualpipev", 2, 4),
                                           ("dualpipev", 3, 6)])
 def test_zero_bubble_orders_complete(schedule, P, M):
+    reason = cm.unmodelled(schedule)
+    if reason is not None:  # an older torch in the declared range
+        pytest.skip(reason)
     orders, owners = cm._torch_orders(schedule, P, M)
     S = len(owners)
     seen = sorted(a for order in orders for a in order)
@@ -125,6 +130,8 @@ def test_zero_bubble_beats_1f1b_when_backward_splits():
     layers = cm.uniform_layers(16, forward=1.0, vjp_input=1.0, vjp_param=1.0)
     t_1f1b = cm.exact(layers, 4, 8, NO_COMM, "1f1b").step_time
     for schedule in ("interleaved-zb", "interleaved-zb-2", "zbv"):
+        if cm.unmodelled(schedule) is not None:  # an older torch in the declared range
+            continue
         assert cm.exact(layers, 4, 8, NO_COMM, schedule).step_time < t_1f1b
 
 

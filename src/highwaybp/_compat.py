@@ -9,13 +9,19 @@ A range is (lowest tested version, first untested version or None). The lowest v
 the one `constraints/lowest.txt` pins and CI-style runs test; an upper bound is set where a new
 release is known to change what the code relies on:
 
-- torch: only 2.13 is tested (the CPU wheel; CUDA builds of 2.13 are the same code). The
-  engine relies on autograd and `torch.func` behaviour, so another minor version is refused
-  at import (see `require_tested`).
+- torch: the whole suite passes from the lowest bound to the newest release (see
+  docs/dependencies.md for the runs). The engine relies on autograd and `torch.func`
+  behaviour, so a minor version outside the range is refused at import (`require_tested`).
+  Features that older releases in the range lack (some `torch.distributed.pipelining`
+  schedules) are detected where they are used, and their tests and bench arms skipped with
+  the reason (`highwaybp.distributed.baselines.missing_schedule`).
 - transformers: `from_huggingface` replaces a model's block loop, so it depends on how the
   model calls its blocks (argument names, the KV cache, tuple or tensor returns), which
   changes between minor releases (5.24 renamed the cache argument `past_key_values` to
-  `cache`). Tested: the lowest (4.40.0) and the newest (5.24.0); a newer minor is refused.
+  `cache`). Tested: the lowest (4.40.0) and 5.24.0. It is in `SELF_CHECKED`: a newer
+  release is not refused outright but checked on each model at adaptation (the adapted
+  block loop against the original on a probe batch, see `highwaybp.models.huggingface`),
+  so pip declares no upper bound for it.
 - ruff: a newer minor release adds lint rules, which makes the style test fail; releases
   before 0.9 do not know the rule UP045 that pyproject.toml ignores (ruff refuses the file).
 - scikit-learn >= 1.6: `highwaybp.train.data.load_digits` reaches `sklearn.datasets` as an
@@ -42,7 +48,7 @@ ALLOW_UNTESTED_ENV = "HIGHWAYBP_ALLOW_UNTESTED"
 
 # distribution name -> (lowest tested version, first untested version or None)
 TESTED_RANGES: dict[str, tuple[str, str | None]] = {
-    "torch": ("2.13", "2.14"),
+    "torch": ("2.5", "2.16"),
     "numpy": ("1.23.5", None),
     "transformers": ("4.40", "5.25"),
     "mnist1d": ("0.0.2", None),
@@ -54,6 +60,11 @@ TESTED_RANGES: dict[str, tuple[str, str | None]] = {
     "ruff": ("0.9", "0.18"),
 }
 
+# Dependencies whose releases newer than the tested range are accepted after a run-time
+# self-check of what highway-bp relies on (not refused by version): pyproject.toml declares
+# only their lower bound (`declared_specifier`).
+SELF_CHECKED: frozenset[str] = frozenset({"transformers"})
+
 _warned: set[str] = set()
 
 
@@ -61,10 +72,22 @@ class UntestedVersionError(RuntimeError):
     """An installed dependency lies outside the range highway-bp is tested with."""
 
 
+class UntestedVersionWarning(RuntimeWarning):
+    """A dependency newer than the tested range is used after its self-check passed."""
+
+
 def specifier(name: str) -> str:
     """The pip version specifier of `name`'s tested range, e.g. ">=4.40,<5.25"."""
     low, high = TESTED_RANGES[name]
     return f">={low}" + (f",<{high}" if high is not None else "")
+
+
+def declared_specifier(name: str) -> str:
+    """The specifier pyproject.toml declares for `name`: the tested range, without its upper
+    bound for a dependency in `SELF_CHECKED` (a newer release is checked at run time)."""
+    if name in SELF_CHECKED:
+        return f">={TESTED_RANGES[name][0]}"
+    return specifier(name)
 
 
 def release(version: str) -> tuple[int, ...]:
@@ -92,6 +115,16 @@ def in_range(name: str, version: str) -> bool:
     if v < _padded(release(low), width):
         return False
     return high is None or v < _padded(release(high), width)
+
+
+def newer_than_tested(name: str, version: str) -> bool:
+    """Whether `version` of `name` is at or above the first untested release (False when the
+    range has no upper bound)."""
+    high = TESTED_RANGES[name][1]
+    if high is None:
+        return False
+    width = max(len(release(version)), len(release(high)))
+    return _padded(release(version), width) >= _padded(release(high), width)
 
 
 def installed_version(name: str) -> str:

@@ -968,11 +968,12 @@ def _deterministic(device: torch.device) -> Iterator[None]:
         devices = list(range(torch.cuda.device_count()))
     elif device.type == "mps":
         devices = ["mps"]
-    device_type = None if device.type == "cpu" else device.type
+    # device_type only with devices: torch < 2.5 refuses device_type=None.
+    kind = {"device_type": device.type} if devices else {}
     try:
         cudnn.deterministic, cudnn.benchmark = True, False
         cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-        with torch.random.fork_rng(devices=devices, device_type=device_type):
+        with torch.random.fork_rng(devices=devices, **kind):
             yield
     finally:
         (cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32,

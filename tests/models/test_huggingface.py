@@ -265,10 +265,10 @@ def _pretend_installed(monkeypatch, name, version):
     )
 
 
-@pytest.mark.parametrize("installed", ["5.25.0", "6.0.0", "4.39.3", "5.25.0.dev0"])
-def test_untested_transformers_is_refused(installed, monkeypatch):
-    """Fails on eab6026 (before this fix): any transformers release was run, and 5.24 gave
-    wrong logits with a cache. Outside the tested range: an error that says what to do."""
+@pytest.mark.parametrize("installed", ["4.39.3", "3.5.1"])
+def test_older_transformers_is_refused(installed, monkeypatch):
+    """Fails on eab6026 (before the range check): any transformers release was run. Older
+    than the tested range: an error that says what to do."""
     _pretend_installed(monkeypatch, "transformers", installed)
     monkeypatch.delenv(_compat.ALLOW_UNTESTED_ENV, raising=False)
     with pytest.raises(_compat.UntestedVersionError) as error:
@@ -283,6 +283,115 @@ def test_untested_transformers_is_refused(installed, monkeypatch):
     with pytest.warns(RuntimeWarning, match=f"transformers {installed} is installed"):
         model = from_huggingface(_gpt2())
     assert highway_stack(model).kind == "gpt2"
+
+
+def _adapt_recording(model, **kwargs):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        from_huggingface(model, **kwargs)
+    return [w for w in caught if issubclass(w.category, _compat.UntestedVersionWarning)]
+
+
+@pytest.mark.parametrize("installed", ["5.25.0", "5.25.0.dev0", "6.0.0"])
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_newer_transformers_is_checked_and_adapted_with_one_warning(installed, kind,
+                                                                    monkeypatch):
+    """Failed before issue 21 (a newer release was refused by its number): the probe runs
+    the model's own block loop and the adapted one, they agree, so the model is adapted,
+    with one warning that names the release; the converted model trains as usual."""
+    _pretend_installed(monkeypatch, "transformers", installed)
+    monkeypatch.delenv(_compat.ALLOW_UNTESTED_ENV, raising=False)
+    model = _gpt2() if kind == "gpt2" else _encoder("bert")
+    reference = copy.deepcopy(model)
+    rng = torch.get_rng_state()
+    caught = _adapt_recording(model, method=hbp.Highway(k=1))
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert f"transformers {installed} is newer than the tested range" in message
+    assert "Highway(k=4) gradient within" in message
+    assert highway_stack(model).kind == kind
+    assert highway_stack(model).method == hbp.Highway(k=1)
+    # The probe leaves the model, its mode and the random stream as they were.
+    torch.testing.assert_close(torch.get_rng_state(), rng, atol=0, rtol=0)
+    assert model.training == reference.training
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, atol=0, rtol=0, msg=name)
+        assert p.grad is None, name
+
+
+def _scale_output(monkeypatch, cls, factor, gradient_only=False):
+    """Plant an incompatibility in the adapted block loop: one sub-layer's output (or only
+    its gradient) scaled, as a changed block convention would."""
+    forward = cls.forward
+
+    def patched(self, x):
+        z = forward(self, x)
+        z, rest = (z[0], z[1:]) if isinstance(z, tuple) else (z, None)
+        z = z + (factor - 1) * (z - z.detach() if gradient_only else z)
+        return z if rest is None else (z, *rest)
+
+    monkeypatch.setattr(cls, "forward", patched)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_newer_transformers_with_a_different_block_loop_is_refused(kind, monkeypatch):
+    """A planted incompatibility (the adapted MLP / feed-forward's output scaled by 1.01):
+    on a newer release the probe sees the forward differ and refuses, naming it."""
+    from highwaybp.models import huggingface
+
+    _pretend_installed(monkeypatch, "transformers", "5.25.0")
+    cls = huggingface._GPT2MLP if kind == "gpt2" else huggingface._BertFeedForward
+    _scale_output(monkeypatch, cls, 1.01)
+    model = _gpt2() if kind == "gpt2" else _encoder("bert")
+    with pytest.raises(_compat.UntestedVersionError) as error:
+        from_huggingface(model, method=hbp.Highway(k=1))
+    message = str(error.value)
+    assert "transformers 5.25.0 is newer than the tested range" in message
+    assert "the last hidden state differs by" in message
+    assert highway_stack(model, required=False) is None  # refused: nothing swapped in
+
+
+def test_newer_transformers_with_a_different_gradient_is_refused(monkeypatch):
+    """The forward unchanged, the adapted attention's gradient scaled by 1.5: the
+    Highway(k = L) gradient differs from exact backprop's, and the message names the
+    parameter where it differs most."""
+    from highwaybp.models import huggingface
+
+    _pretend_installed(monkeypatch, "transformers", "6.0.0")
+    _scale_output(monkeypatch, huggingface._GPT2Attention, 1.5, gradient_only=True)
+    model = _gpt2()
+    with pytest.raises(_compat.UntestedVersionError,
+                       match=r"Highway\(k=4\) gradient of transformer\.h\.\d\..* differs "
+                             r"from exact backprop's by"):
+        from_huggingface(model, method=hbp.Highway(k=1))
+
+
+def test_a_loop_that_raises_on_a_newer_release_is_refused(monkeypatch):
+    """A changed call convention makes the adapted loop raise: refused, the error named."""
+    from highwaybp.models import huggingface
+
+    _pretend_installed(monkeypatch, "transformers", "5.25.0")
+
+    def broken(self, hidden_states, *args, **kwargs):
+        raise TypeError("unexpected keyword argument 'cache_position'")
+
+    monkeypatch.setattr(huggingface.HighwayStack, "_run_chain", broken)
+    with pytest.raises(_compat.UntestedVersionError,
+                       match="the adapted loop raised TypeError: unexpected keyword"):
+        from_huggingface(_gpt2(), method=hbp.Highway(k=1))
+
+
+def test_inside_the_tested_range_no_probe_runs(monkeypatch):
+    """A tested release is adapted as before: no probe (nothing changes), no warning."""
+    from highwaybp.models import huggingface
+
+    _pretend_installed(monkeypatch, "transformers", "5.24.0")
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the probe ran inside the tested range")
+
+    monkeypatch.setattr(huggingface, "self_check", fail)
+    assert _adapt_recording(_gpt2(), method=hbp.Highway(k=1)) == []
 
 
 @pytest.mark.parametrize("installed", ["4.40.0", "5.24.0"])

@@ -185,7 +185,8 @@ def test_input_dtype_mismatch_names_the_fix_as_torch(cell, module_dtype, input_d
     with pytest.raises(ValueError) as got:
         ours(IN, H).to(module_dtype)(x)
     fix = f"Convert input: input.to({module_dtype}), or convert model: model.to({input_dtype})"
-    assert fix in str(want.value)
+    if "Convert input" in str(want.value):  # torch 2.5 words it "input must have the type"
+        assert fix in str(want.value)
     assert fix in str(got.value)
     assert f"input dtype ({input_dtype}) does not match weight dtype ({module_dtype})" in str(
         got.value

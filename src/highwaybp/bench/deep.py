@@ -38,6 +38,7 @@ from highwaybp.core.fidelity import compare_gradients
 from highwaybp.core.methods import Exact, Highway, Method
 from highwaybp.core.residual import Identity, ResidualLayer, Scaled
 from highwaybp.train.cli_types import nonneg_int, nonneg_int_list, out_file, positive_int
+from highwaybp.train.threads import use_threads
 
 MODELS = ("mlp", "transformer", "resnet")
 
@@ -394,7 +395,7 @@ def print_memory_table(rows: list[dict]) -> None:
 def run(args: argparse.Namespace) -> int:
     from highwaybp.train.io import atomic_write_json
 
-    torch.set_num_threads(args.threads)
+    use_threads(args.threads, "highwaybp bench deep")
     if args.quick:
         args.depth, args.width, args.batch, args.seq, args.image = 4, 16, 4, 8, 6
         args.ks, args.repeats, args.warmup = [0, 1], 2, 1

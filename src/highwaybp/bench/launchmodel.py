@@ -524,6 +524,9 @@ def run(args: argparse.Namespace) -> int:
     if args.calibration:
         cpu = Device.from_json(json.loads(args.calibration.read_text()))
     else:
+        from highwaybp.train.threads import use_threads
+
+        use_threads(args.threads, "highwaybp bench launch-model")
         cpu = calibrate_cpu(args.threads)
     counts = [r for f in counts_files for r in json.loads(f.read_text())["records"]
               if "signatures" in r["forward"]]

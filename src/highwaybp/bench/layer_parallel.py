@@ -140,7 +140,8 @@ def run_configs(ranks: int, ks: list[int], microbatches: list[int], depth: int,
                 out.append(RunConfig("torch", "exact", m, schedule=schedule))
             else:
                 skipped.append({"config": f"exact-{schedule} M={m}", "reason": reason})
-    if "dualpipev" not in {c.schedule for c in out if c.runtime == "torch"}:
+    if ("dualpipev" not in {c.schedule for c in out if c.runtime == "torch"}
+            and check_schedule("dualpipev", ranks, 2 * ranks) is None):
         m = 2 * ranks
         if rows % m == 0 and depth >= 2 * ranks:
             out.append(RunConfig("torch", "exact", m, schedule="dualpipev"))
@@ -516,7 +517,8 @@ def paper_layer_costs(model: dict[str, Any], device: Device, microbatches: int
 def paper_predictions(device: Device, ranks: list[int], ks: list[int],
                       microbatches: list[int]) -> list[dict[str, Any]]:
     """For each model and P: the best exact schedule (over schedules and M) and, per k,
-    the best Highway(k) (over M, both scans) and whether it beats the best exact."""
+    the best Highway(k) (over M, both scans) and whether it beats the best exact. Schedules
+    whose order this torch cannot give (`costmodel.unmodelled`) are left out."""
     link = cm.Link(device.link_latency_s, device.link_bandwidth)
     rows = []
     for name, model in PAPER_MODELS.items():
@@ -531,6 +533,8 @@ def paper_predictions(device: Device, ranks: list[int], ks: list[int],
                 for schedule in cm.EXACT_SCHEDULES:
                     stages = P * (2 if schedule in ("zbv", "dualpipev", "interleaved-zb-2")
                                   else 1)
+                    if cm.unmodelled(schedule) is not None:
+                        continue
                     if stages > L or (schedule == "1f1b" and m < P) or (
                             schedule == "dualpipev" and m < 2 * P) or (
                             schedule.startswith("interleaved-zb") and m % max(1, m // P)):

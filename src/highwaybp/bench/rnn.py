@@ -70,6 +70,7 @@ from highwaybp.train.cli_types import (
     positive_int,
     positive_int_list,
 )
+from highwaybp.train.threads import use_threads
 
 EXACT_BASELINES = ("torch", "autograd-loop")
 
@@ -506,7 +507,7 @@ def fidelity(args: Any, ref: nn.Module, names: list[str], task: CopyTask) -> dic
 def memory_probe(config: dict) -> dict:
     """Run in a child: peak RSS above the pre-step RSS over two steps of one method."""
     args = argparse.Namespace(**config)
-    torch.set_num_threads(args.threads)
+    use_threads(args.threads, "highwaybp bench rnn")
     torch.manual_seed(0)
     ref = _reference(args)
     fn = build(args, args.probe_method, ref)
@@ -1127,7 +1128,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.input_size is None:
         args.input_size = args.hidden
-    torch.set_num_threads(args.threads)
+    use_threads(args.threads, "highwaybp bench rnn")
     load_before = os.getloadavg()
     if args.profile:
         return run_profile(args, load_before)

@@ -26,6 +26,7 @@ from highwaybp.bench.timing import machine_info
 from highwaybp.core.scan import SCANS
 from highwaybp.train.cli_types import out_file, positive_int
 from highwaybp.train.io import atomic_write_json
+from highwaybp.train.threads import use_threads
 
 KINDS = ("diagonal", "identity")
 
@@ -89,7 +90,7 @@ def bench_scans(lengths: list[int], width: int, repeats: int, dtype: torch.dtype
 
 
 def run(args: argparse.Namespace) -> int:
-    torch.set_num_threads(args.threads)
+    use_threads(args.threads, "highwaybp bench scan")
     dtype = getattr(torch, args.dtype)
     records = bench_scans(args.lengths, args.width, args.repeats, dtype, args.kinds)
     print(f"{'K':>9} {'N':>6} {'width':>7} {'sequential ms':>14} {'hillis_steele ms':>17} "

@@ -23,6 +23,7 @@ outside torch): `mem.peak_allocations`, largest first. Slower (a stack walk per 
 
 from __future__ import annotations
 
+import functools
 import traceback
 import weakref
 from collections import Counter
@@ -31,6 +32,32 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+
+@functools.cache
+def onednn_aliases_unfollowed() -> str | None:
+    """Why this torch keeps `TensorMemory` from following an alias of a oneDNN tensor, or
+    None. A oneDNN tensor has no storage, so its aliases are followed through the tensor
+    objects the dispatch mode sees; older torch releases (2.5) hand the mode another Python
+    object than the one `detach` returns to its caller, whose weak reference dies at once
+    (the buffer would count as freed while an alias lives: refused instead)."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    seen: list[torch.Tensor] = []
+
+    class _Probe(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+            out = func(*args, **(kwargs or {}))
+            seen.append(out)
+            return out
+
+    base = torch.zeros(1, 1).to_mkldnn()
+    with _Probe():
+        alias = base.detach()
+    if seen and seen[-1] is alias:
+        return None
+    return (f"torch {torch.__version__} hands a dispatch mode another object than the "
+            f"alias `detach` returns (a newer torch keeps them one object)")
 
 
 class TensorMemory(TorchDispatchMode):
@@ -66,6 +93,10 @@ class TensorMemory(TorchDispatchMode):
             return
         if address in self._refs:  # a view or in-place result of a counted allocation
             if tensor.is_mkldnn:  # an alias of a counted oneDNN tensor keeps it alive too
+                reason = onednn_aliases_unfollowed()
+                if reason is not None:
+                    raise RuntimeError(f"TensorMemory cannot count an alias of a oneDNN "
+                                       f"tensor here: {reason}")
                 self._refs[address].append(weakref.ref(owner, self._freed(address)))
             return
         if address in input_addresses:  # shares the storage of a tensor from before the block

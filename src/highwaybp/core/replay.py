@@ -189,8 +189,10 @@ def rng_forked(cpu_rng: Optional[Tensor], device_ids: list, device_rng: list,
     its state in `device_rng`; the caller's RNG states are restored afterwards. With
     `cpu_rng` None the body runs under the caller's RNG, untouched."""
     devices = device_ids if cpu_rng is not None else []
-    with torch.random.fork_rng(devices=devices, enabled=cpu_rng is not None,
-                               device_type=device_type if devices else None):
+    # device_type only with devices: torch < 2.5 refuses device_type=None, and its default
+    # ("cuda" there, the current accelerator in newer releases) forks nothing without them.
+    kind = {"device_type": device_type} if devices else {}
+    with torch.random.fork_rng(devices=devices, enabled=cpu_rng is not None, **kind):
         if cpu_rng is not None:
             torch.set_rng_state(cpu_rng)
             if devices:

@@ -27,6 +27,8 @@ gradients against single-process autograd in float64.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -63,12 +65,45 @@ def _spec(schedule: str) -> tuple[str, int]:
     return SCHEDULES[schedule]
 
 
+@functools.cache
+def missing_schedule(schedule: str) -> str | None:
+    """Why the installed torch cannot run `schedule` as ExactPipeline uses it, or None.
+
+    The declared torch range reaches back to releases whose `torch.distributed.pipelining`
+    lacks the newer schedules (torch 2.5 has no ScheduleZBVZeroBubble or ScheduleDualPipeV)
+    or works differently (2.5's PipelineStage needs example inputs, its
+    ScheduleInterleavedZeroBubble two stages per rank): the benches and tests skip those
+    with this reason rather than raise the floor. The zero-bubble orders are checked as the
+    cost model reads them (`costmodel.unmodelled`).
+    """
+    cls, _ = _spec(schedule)
+    try:
+        from torch.distributed import pipelining
+    except ImportError as error:
+        return f"torch {torch.__version__} has no torch.distributed.pipelining ({error})"
+    if not hasattr(pipelining, cls):
+        return (f"torch {torch.__version__} has no torch.distributed.pipelining.{cls} "
+                f"(added in a later torch release)")
+    needs = inspect.signature(pipelining.PipelineStage).parameters.get("input_args")
+    if needs is not None and needs.default is inspect.Parameter.empty:
+        return (f"torch {torch.__version__}'s torch.distributed.pipelining.PipelineStage "
+                f"needs example inputs (input_args), which ExactPipeline does not pass "
+                f"(later releases infer the shapes)")
+    from highwaybp.distributed import costmodel
+
+    return costmodel.unmodelled(schedule)
+
+
 def check_schedule(schedule: str, world: int, microbatches: int) -> str | None:
     """Why `schedule` cannot run with `world` ranks and `microbatches`, or None if it can.
 
-    These are torch 2.13's own constraints, checked up front so that a bench can list a
-    configuration as "does not run" with the reason instead of crashing mid-run.
+    These are torch's own constraints (as of 2.13), and whether this torch has the schedule
+    at all (`missing_schedule`), checked up front so that a bench can list a configuration
+    as "does not run" with the reason instead of crashing mid-run.
     """
+    missing = missing_schedule(schedule)
+    if missing is not None:
+        return missing
     cls, per_rank = _spec(schedule)
     if world < 2 and per_rank == 1 and schedule != "gpipe":
         return None  # a single stage is plain backprop with micro-batches; torch allows it

@@ -29,6 +29,7 @@ tests/test_costmodel.py checks it.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -332,14 +333,50 @@ def _torch_orders(schedule: str, world: int, mbs: int
                   ) -> tuple[list[list[tuple[str, int, int]]], list[int]]:
     """The per-rank compute actions that torch's schedule class builds (its pipeline_order,
     built without processes, as torch's own schedule visualizer does), and each stage's
-    rank. Overlapped F/B pairs (DualPipeV) run one after the other on a one-thread rank."""
+    rank. Overlapped F/B pairs (DualPipeV) run one after the other on a one-thread rank.
+
+    Raises RuntimeError with the reason where this torch lacks the schedule or builds it
+    differently (`highwaybp.distributed.baselines.missing_schedule`)."""
+    if schedule not in _TORCH_CLASSES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose from {EXACT_SCHEDULES}")
+    missing = unmodelled(schedule)
+    if missing is not None:
+        raise RuntimeError(f"cannot model schedule {schedule!r}: {missing}")
+    return read_torch_orders(schedule, world, mbs)
+
+
+@functools.cache
+def unmodelled(schedule: str) -> str | None:
+    """Why this torch's class for `schedule` gives no order to model, or None (always None
+    for GPipe and 1F1B, modelled without torch). An older torch in the declared range lacks
+    the class (2.5: ZBV, DualPipeV) or builds it otherwise (2.5's InterleavedZeroBubble):
+    tried on 2 ranks and 4 micro-batches."""
+    if schedule not in _TORCH_CLASSES:
+        return None
+    import torch
+    from torch.distributed import pipelining
+
+    cls_name = _TORCH_CLASSES[schedule][0]
+    if not hasattr(pipelining, cls_name):
+        return (f"torch {torch.__version__} has no torch.distributed.pipelining.{cls_name} "
+                f"(added in a later torch release)")
+    try:
+        read_torch_orders(schedule, 2, 4)
+    except Exception as error:  # an older class: other arguments or stage attributes
+        return (f"torch {torch.__version__}'s torch.distributed.pipelining.{cls_name} does "
+                f"not build as this code uses it ({type(error).__name__}: {error})")
+    return None
+
+
+def read_torch_orders(schedule: str, world: int, mbs: int
+                      ) -> tuple[list[list[tuple[str, int, int]]], list[int]]:
+    """`_torch_orders` without the check that this torch has the schedule (what the check
+    itself runs)."""
     from unittest import mock
 
     from torch.distributed import pipelining
     from torch.distributed.pipelining.stage import PipelineStage
 
-    if schedule not in _TORCH_CLASSES:
-        raise ValueError(f"unknown schedule {schedule!r}; choose from {EXACT_SCHEDULES}")
     cls_name, per_rank = _TORCH_CLASSES[schedule]
     cls = getattr(pipelining, cls_name)
     stage = mock.create_autospec(PipelineStage, instance=True)

@@ -25,14 +25,20 @@ left unfilled), no cross-attention, no `head_mask`, and `output_hidden_states`/
 recognised by what it is (a `Cache` object or a legacy tuple of tensors), whatever the
 release calls the argument (`layer_past`, `past_key_value`, `past_key_values`, `cache`).
 
-Versions: tested with transformers 4.40.0 and 5.24.0; a release outside the tested range
-(`highwaybp._compat.TESTED_RANGES`) is refused with an error, unless
-HIGHWAYBP_ALLOW_UNTESTED=1 (then a warning).
+Versions: tested with transformers 4.40.0 to 5.24.x (`highwaybp._compat.TESTED_RANGES`).
+An older release is refused with an error (unless HIGHWAYBP_ALLOW_UNTESTED=1: then a
+warning). A newer release is checked on the model being adapted (`self_check`): the
+model's own block loop and the adapted one run on a tiny probe batch, in the model's dtype
+and on its device, and their outputs must agree, and so must one Highway(k = L) gradient
+with exact backprop's. Pass: the model is adapted, with one warning naming the release.
+Fail: `UntestedVersionError` says what differed. Inside the tested range no probe runs
+(the suite checks those releases; a probe of a deep model costs O(L^2) sub-layer VJPs).
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from collections.abc import Iterator
 from typing import Any, Optional
@@ -42,7 +48,7 @@ from torch import Tensor, nn
 import highwaybp._compat as _compat
 from highwaybp.core.adapter import ChainAdapter
 from highwaybp.core.chain import ResidualChain
-from highwaybp.core.methods import Exact, Method, check_method
+from highwaybp.core.methods import Exact, Highway, Method, check_method
 from highwaybp.core.residual import Gated, ResidualLayer, Scaled
 from highwaybp.models.transformer import _check_gamma, post_ln_gate
 
@@ -325,16 +331,181 @@ def from_huggingface(
         existing.gamma = g
         return model
     parent, attr, kind = _find_stack(model)
-    # Refuse a transformers release outside the tested range (see highwaybp._compat).
-    _compat.require_tested("transformers", "highwaybp.from_huggingface")
+    # An older transformers is refused; a newer one is checked on this model below (see
+    # highwaybp._compat.SELF_CHECKED).
+    version = _compat.installed_version("transformers")
+    newer = _compat.newer_than_tested("transformers", version)
+    if not newer:
+        _compat.require_tested("transformers", "highwaybp.from_huggingface")
     g = DEFAULT_GAMMA[kind] if gamma is None else _check_gamma(gamma)
     blocks = getattr(parent, attr)
     first = blocks[0]
     ln = first.ln_1 if kind == "gpt2" else first.attention.output.LayerNorm
     returns_tuple = _block_returns_tuple(first, ln.normalized_shape[-1])
     stack = HighwayStack(blocks, kind, g, method, returns_tuple=returns_tuple, **switches)
+    if newer:
+        report = self_check(model, parent, attr, stack)  # raises if the loops differ
+        warnings.warn(
+            f"from_huggingface: transformers {version} is newer than the tested range "
+            f"(transformers{_compat.specifier('transformers')}); the adapted block loop was "
+            f"checked against {type(model).__name__}'s own on a probe batch and agrees "
+            f"({report}), so the model is adapted",
+            _compat.UntestedVersionWarning,
+            stacklevel=2,
+        )
     setattr(parent, attr, stack)
     return model
+
+
+# ---------------------------------------------------------------------------------------
+# The self-check run on a transformers release newer than the tested range
+# ---------------------------------------------------------------------------------------
+
+# Relative tolerance of the probe per dtype (of the largest magnitude of each compared
+# tensor). The adapter re-associates sums (K x + g(x)) and Highway(k = L) re-orders the
+# backward's sums, so agreement is to a few rounding errors of the dtype; what a changed
+# block loop breaks (a dropped residual or mask, a swapped order, a new argument) is O(1).
+_PROBE_RTOL = {"float64": 1e-8, "float32": 1e-4, "float16": 5e-2, "bfloat16": 1e-1}
+_PROBE_SHAPE = (2, 5)  # batch, tokens: the second sequence is right-padded by one token
+
+
+def _base_model(model: nn.Module, parent: nn.Module) -> nn.Module:
+    """The innermost module above the block list that takes `input_ids` (GPT2Model,
+    BertModel, RobertaModel): it owns the embeddings, the mask preparation and the loop."""
+    path = next(name for name, m in model.named_modules() if m is parent)
+    parts = path.split(".") if path else []
+    for n in range(len(parts), -1, -1):
+        module = model.get_submodule(".".join(parts[:n]))
+        get = getattr(module, "get_input_embeddings", None)
+        if callable(get) and isinstance(get(), nn.Embedding):
+            return module
+    raise TypeError(
+        f"from_huggingface: no module above the block list of {type(model).__name__} has "
+        f"input embeddings, so the adapter cannot be checked on this transformers release"
+    )
+
+
+def _probe_run(
+    base: nn.Module, parent: nn.Module, attr: str, blocks: nn.Module, ids: Tensor,
+    mask: Tensor, weight: Tensor, params: list[nn.Parameter],
+) -> tuple[Tensor, list[Optional[Tensor]]]:
+    """The base model's last hidden state on the probe with `blocks` as its block list, and
+    the gradients of sum(weight * hidden) for `params`."""
+    import torch
+
+    saved = getattr(parent, attr)
+    kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+    if "use_cache" in inspect.signature(base.forward).parameters:
+        kwargs["use_cache"] = False
+    setattr(parent, attr, blocks)
+    try:
+        with torch.enable_grad():
+            hidden = base(**kwargs)[0]
+            if hidden.shape != weight.shape:
+                raise ValueError(f"the last hidden state has shape {tuple(hidden.shape)}, "
+                                 f"expected {tuple(weight.shape)}")
+            grads = torch.autograd.grad((hidden * weight).sum(), params, allow_unused=True)
+    finally:
+        setattr(parent, attr, saved)
+    return hidden.detach(), list(grads)
+
+
+def _relative_error(got: Optional[Tensor], expected: Optional[Tensor],
+                    floor: float = 0.0) -> float:
+    """max |got - expected| / max(max |expected|, floor) (inf when only one is missing or a
+    value is not finite). `floor` keeps a gradient that is zero in exact arithmetic (an
+    attention key bias: softmax ignores it) from comparing rounding noise with noise."""
+    if got is None or expected is None:
+        return 0.0 if got is None and expected is None else math.inf
+    scale = max(float(expected.double().abs().max()), floor) or 1.0
+    error = float((got.double() - expected.double()).abs().max()) / scale
+    return error if math.isfinite(error) else math.inf
+
+
+def self_check(model: nn.Module, parent: nn.Module, attr: str, stack: HighwayStack) -> str:
+    """Check the adapted block loop against the model's own, on a tiny probe batch.
+
+    The base model (embeddings, mask preparation, block loop) runs twice on the same probe
+    (2 x 5 random token ids, the second sequence right-padded), in eval mode (no dropout),
+    in the model's dtype and on its device, in a forked RNG: once with its original block
+    list and exact autograd, once with a `HighwayStack` of the same blocks running
+    Highway(k = L) with L = 2 * blocks (exact in exact arithmetic). The last hidden states
+    and the gradients of a fixed random projection of them, for every block parameter and
+    the input embeddings, must agree to `_PROBE_RTOL` of the dtype (each relative to its
+    largest value, or to 1e-3 of the largest of all where that is smaller). Parameters, buffers,
+    `.grad` and the random stream are left as they were.
+
+    Returns a short summary of the largest differences; raises
+    `highwaybp._compat.UntestedVersionError` naming what differed (or what raised).
+    """
+    import torch
+
+    version = _compat.installed_version("transformers")
+    blocks = getattr(parent, attr)
+    base = _base_model(model, parent)
+    embedding = base.get_input_embeddings()
+    param = embedding.weight
+    dtype_name = str(param.dtype).replace("torch.", "")
+    rtol = _PROBE_RTOL.get(dtype_name, 1e-4)
+    params = [embedding.weight] + [p for p in blocks.parameters() if p.requires_grad]
+    names = {id(p): n for n, p in model.named_parameters()}
+    probe_method = Highway(k=2 * len(blocks))
+    probe_stack = HighwayStack(blocks, stack.kind, stack.gamma, probe_method,
+                               returns_tuple=stack.returns_tuple, **stack.chain_options())
+
+    def refuse(what: str) -> _compat.UntestedVersionError:
+        return _compat.UntestedVersionError(
+            f"from_huggingface: transformers {version} is newer than the tested range "
+            f"(transformers{_compat.specifier('transformers')}), and on a probe batch the "
+            f"adapted block loop of {type(model).__name__} does not match the original: "
+            f"{what}. Highway-BP would train this model with a wrong forward or gradient, "
+            f"so it is refused. Install a tested release "
+            f"(pip install 'transformers{_compat.specifier('transformers')}')."
+        )
+
+    training = [(m, m.training) for m in model.modules()]
+    devices = [param.device.index or 0] if param.device.type == "cuda" else []
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, embedding.num_embeddings, _PROBE_SHAPE, generator=g)
+    mask = torch.ones(_PROBE_SHAPE, dtype=torch.long)
+    mask[1, -1] = 0
+    weight = torch.randn((*_PROBE_SHAPE, embedding.embedding_dim), generator=g)
+    ids, mask = ids.to(param.device), mask.to(param.device)
+    weight = weight.to(device=param.device, dtype=param.dtype)
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=devices):
+            runs = []
+            for label, loop in (("original", blocks), ("adapted", probe_stack)):
+                try:
+                    runs.append(_probe_run(base, parent, attr, loop, ids, mask, weight, params))
+                except Exception as error:  # a changed call convention: name it
+                    raise refuse(
+                        f"the {label} loop raised {type(error).__name__}: {error}"
+                    ) from error
+    finally:
+        for m, mode in training:
+            m.training = mode
+    (expected, exact), (got, highway) = runs
+    forward = _relative_error(got, expected)
+    if not forward <= rtol:
+        raise refuse(
+            f"the last hidden state differs by {forward:.3g} (max abs difference relative "
+            f"to the largest value; tolerance {rtol:g} for {dtype_name})"
+        )
+    floor = 1e-3 * max((float(e.double().abs().max()) for e in exact if e is not None),
+                       default=0.0)
+    errors = [(_relative_error(h, e, floor), names.get(id(p), "?"))
+              for p, h, e in zip(params, highway, exact)]
+    gradient, where = max(errors, key=lambda t: t[0])
+    if not gradient <= rtol:
+        raise refuse(
+            f"the Highway(k={probe_method.k}) gradient of {where} differs from exact "
+            f"backprop's by {gradient:.3g} (relative to its largest value; tolerance "
+            f"{rtol:g} for {dtype_name})"
+        )
+    return (f"{dtype_name} probe {_PROBE_SHAPE[0]}x{_PROBE_SHAPE[1]}: hidden states within "
+            f"{forward:.1e}, Highway(k={probe_method.k}) gradient within {gradient:.1e} of exact")
 
 
 def highway_stack(model: nn.Module, required: bool = True) -> Optional[HighwayStack]:

@@ -57,6 +57,7 @@ from highwaybp.train.loop import (
     method_label,
     stopped_message,
 )
+from highwaybp.train.threads import use_threads
 
 DEFAULT_METHODS = (
     "exact,highway:k=0,highway:k=1,highway:k=3,fixedpoint:k=0,fixedpoint:k=1,fixedpoint:k=3"
@@ -380,7 +381,7 @@ SCHEDULE_ARM = "schedule:"
 def run(args: argparse.Namespace) -> int:
     names = [*args.methods, *(SCHEDULE_ARM + spec for spec in args.k_schedule)]
     check_resume_config(args.out, {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG})
-    torch.set_num_threads(args.threads)
+    use_threads(args.threads, "highwaybp experiment charlm")
     corpus = char_corpus(args.text, args.max_chars)
     valid = [_batch(corpus, "valid", args, seed=10_000 + i) for i in range(args.eval_batches)]
     print(

@@ -52,6 +52,7 @@ from highwaybp.train.io import (
     save_figure,
 )
 from highwaybp.train.loop import StopGuard, TrainLoop, echo, method_label, warmup_cosine_lr
+from highwaybp.train.threads import use_threads
 
 FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -616,7 +617,7 @@ def train_arms(task: Task, name: str, arms: list[tuple[str, Method, str | None]]
 
 
 def run(args: argparse.Namespace) -> int:
-    torch.set_num_threads(args.threads)
+    use_threads(args.threads, "highwaybp experiment deep")
     if args.tiny:
         apply_tiny(args)
     out = Path(args.out)

@@ -51,6 +51,7 @@ from highwaybp.train.io import (
     save_figure,
 )
 from highwaybp.train.loop import StopGuard, TrainLoop, method_label
+from highwaybp.train.threads import use_threads
 
 DEFAULT_METHODS = ("exact", "highway:k=0", "highway:k=1", "highway:k=3")
 
@@ -258,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
                      args.samples, args.rnn_steps, args.rnn_side, args.rnn_hidden,
                      args.rnn_batch, args.rnn_lr)
     methods = [method_from_string(m) for m in args.methods]
-    torch.set_num_threads(args.threads)
+    use_threads(args.threads, "highwaybp demo")
     torch.manual_seed(cfg.seed)
     data = load_mnist1d(num_samples=cfg.samples, seed=cfg.seed)
     out = Path(args.out)

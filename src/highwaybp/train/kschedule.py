@@ -50,6 +50,7 @@ from highwaybp.train.io import (
 )
 from highwaybp.train.loop import StopGuard, TrainLoop, echo, method_label, warmup_cosine_lr
 from highwaybp.train.stats import mean_std
+from highwaybp.train.threads import use_threads
 
 TASK_NAMES = ("resnet", "gpt", "gru")
 SCHEDULE_ARMS = ("linear", "steps", "adaptive", "finish", "adaptive99")
@@ -414,7 +415,7 @@ def apply_tiny(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    torch.set_num_threads(args.threads)
+    use_threads(args.threads, "highwaybp experiment kschedule")
     if args.tiny:
         apply_tiny(args)
     out = Path(args.out)

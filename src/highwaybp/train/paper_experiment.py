@@ -47,6 +47,7 @@ from highwaybp.train.deep_experiment import (
 )
 from highwaybp.train.io import check_resume_config
 from highwaybp.train.loop import echo
+from highwaybp.train.threads import use_threads
 
 
 def _evaluate(x_test: Tensor, y_test: Tensor, device: torch.device, rows: int = 500):
@@ -195,7 +196,10 @@ _NOT_CONFIG = ("func", "threads", "checkpoint_every", "quiet", "record_argv", "o
 
 
 def run(args: argparse.Namespace) -> int:
-    torch.set_num_threads(args.threads)
+    if args.experiment == "pixel-gru":
+        use_threads(args.threads, "highwaybp experiment pixel-gru")
+    else:
+        use_threads(args.threads, "highwaybp experiment resnet32-cifar10")
     if args.tiny:
         apply_tiny(args)
     out = Path(args.out)

@@ -49,6 +49,7 @@ from highwaybp.models.rnn import GRU, LSTM
 from highwaybp.train.cli_types import nonneg_int, out_dir, positive_int
 from highwaybp.train.io import atomic_write_json, check_resume_config, save_figure
 from highwaybp.train.loop import StopGuard, TrainLoop, echo, stopped_message
+from highwaybp.train.threads import use_threads
 
 RECIPES = ("wordlm-gru", "wordlm-lstm")
 DEFAULT_ARMS = ("exact;highway:k=1;highway:k=3;highway:k=5;highway:k=3,anderson=5;"
@@ -479,10 +480,7 @@ def run(args: argparse.Namespace) -> int:
     args.cell = args.recipe.split("-")[1]
     root = Path(args.out) / args.recipe
     check_resume_config(root, {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG})
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    print(f"recipes {args.recipe}: torch threads {torch.get_num_threads()} (--threads N)",
-          flush=True)
+    use_threads(args.threads, "highwaybp experiment recipes")
     corpus = word_corpus(args.text)
     train, valid = batchify(corpus.train, args.batch), batchify(corpus.valid, args.eval_batch)
     print(f"  corpus: {len(corpus.train)} train words, vocab {corpus.vocab_size}; arms "

@@ -55,6 +55,7 @@ from highwaybp.train.io import (
     check_resume_config,
 )
 from highwaybp.train.loop import StopGuard, TrainLoop, echo, method_label
+from highwaybp.train.threads import use_threads
 
 METHODS = ("exact", "highway", "fixedpoint", "ddg")
 # Settings that change the run: a resumed run must have the same ones.
@@ -233,8 +234,7 @@ def _write_metrics(out: Optional[Path], rows: list[dict[str, Any]]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads, "highwaybp train")  # DDG ranks: --threads or cores // ranks
     _check_k_schedule(args)  # before the data: a refusal must not wait for it
     data = load_data(args)
     _validate(args, len(data.x_train))

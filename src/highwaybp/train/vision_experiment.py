@@ -48,6 +48,7 @@ from highwaybp.train.deep_experiment import (
 )
 from highwaybp.train.io import check_resume_config
 from highwaybp.train.loop import echo
+from highwaybp.train.threads import use_threads
 
 # ---------------------------------------------------------------------------------------
 # The model: torchvision's ResNet-18 layout with narrow widths and a small-image stem
@@ -162,7 +163,7 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    torch.set_num_threads(args.threads)
+    use_threads(args.threads, "highwaybp experiment vision")
     if args.tiny:
         apply_tiny(args)
     out = Path(args.out)

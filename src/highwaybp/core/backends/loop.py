@@ -185,12 +185,15 @@ def check_no_foreign_leaves(
     direct: list[int] = []
     stack = [y.node if isinstance(y, GradientEdge) else y.grad_fn for y in outputs]
     stack = [node for node in stack if node is not None]
-    seen: set[int] = set()
+    # The nodes are kept alive by `seen`: a node's Python object can be a temporary wrapper
+    # (torch 2.5 makes a new one per `next_functions` access), so once freed its id is
+    # reused by the next node, which would be skipped as seen (a foreign leaf missed).
+    seen: dict[int, Any] = {}
     while stack:
         node = stack.pop()
         if id(node) in seen:
             continue
-        seen.add(id(node))
+        seen[id(node)] = node
         variable = getattr(node, "variable", None)
         if variable is not None:
             if id(variable) in param_index and id(variable) not in allowed_ids:
