@@ -8,6 +8,7 @@ import re
 import pytest
 
 from highwaybp.distributed import costmodel as cm
+from highwaybp.distributed.baselines import missing_schedule
 
 NO_COMM = cm.Link()
 
@@ -272,8 +273,20 @@ def _order_cases():
                 yield schedule, P, M
 
 
+def _skip_unmodelled(schedule: str) -> None:
+    """Skip, with the reason, a schedule this torch lacks or builds otherwise (torch 2.5:
+    no ZBV / DualPipeV; its InterleavedZeroBubble needs two stages per rank)."""
+    why = cm.unmodelled(schedule)
+    if why is not None:
+        pytest.skip(why)
+
+
 @pytest.mark.parametrize("schedule,P,M", sorted(set(_order_cases())))
 def test_modelled_order_is_the_order_torch_runs(schedule, P, M):
+    _skip_unmodelled(schedule)
+    why = missing_schedule(schedule)  # torch's own runtime loop is what we compare with
+    if why is not None:
+        pytest.skip(why)
     cls_name, per_rank = _TORCH_SCHEDULES[schedule]
     layers = cm.uniform_layers(P * per_rank, forward=1.0, vjp_input=1.0, vjp_param=1.0)
     if schedule in ("gpipe", "1f1b"):
@@ -364,6 +377,7 @@ def test_step_time_with_a_link_computed_by_hand(schedule, P, M, stages, rank_end
       W1.3[37.5,39.5]
       r0 I0.2[33,34] W0.2[34,36] I0.3[37,38] W0.3[38,40]. Step 40.
     """
+    _skip_unmodelled(schedule)
     t = cm.exact(_hand_layers(stages), P, M, HAND_LINK, schedule)
     assert t.step_time == pytest.approx(max(rank_ends))
     assert [max(task.end for task in tasks) for tasks in t.ranks] == pytest.approx(rank_ends)
@@ -412,6 +426,8 @@ def test_break_even_k_is_the_last_k_no_slower_than_the_best_exact_schedule(P, an
 
 
 def _accepts(schedule, P, M):
+    if cm.unmodelled(schedule) is not None:
+        return False
     try:
         cm.exact(cm.uniform_layers(16), P, M, cm.Link(), schedule)
     except ValueError:

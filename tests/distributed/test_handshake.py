@@ -333,13 +333,26 @@ def _mismatch_job(ctx, names: list[str]) -> dict[str, str]:
     return out
 
 
+def _runnable_cases() -> list[str]:
+    """The cases this torch can build: ExactPipeline needs torch's pipelining runtime as
+    it uses it (torch 2.5's PipelineStage needs example inputs: `missing_schedule`)."""
+    from highwaybp.distributed.baselines import missing_schedule
+
+    exact_missing = missing_schedule("gpipe") is not None
+    return [c for c in sorted(REAL_CASES) if not (exact_missing and c.startswith("exact "))]
+
+
 @pytest.fixture(scope="module")
 def three_rank_mismatches():
-    return spawn(_mismatch_job, 3, (sorted(REAL_CASES),), timeout=TIMEOUT)
+    return spawn(_mismatch_job, 3, (_runnable_cases(),), timeout=TIMEOUT)
 
 
 @pytest.mark.parametrize("case", sorted(REAL_CASES))
 def test_a_mismatched_field_raises_on_every_one_of_3_ranks(three_rank_mismatches, case):
+    if case not in _runnable_cases():
+        from highwaybp.distributed.baselines import missing_schedule
+
+        pytest.skip(missing_schedule("gpipe"))
     field, first, odd = REAL_CASES[case]
     runtime = "DDG" if case.startswith("ddg") else (
         "ExactPipeline" if case.startswith("exact") else "HighwayPipeline")

@@ -141,18 +141,30 @@ def changed_parameters(loss: Tensor, params: Iterable[Tensor]) -> list[bool]:
     everything upstream of them (an embedding), not those only downstream (a decoder, whose
     gradient is the same under every method). Read from `loss`'s autograd graph, which must
     have been built with an iterative method (under Exact() a chain is plain autograd)."""
-    ids = {id(p): i for i, p in enumerate(params)}
-    flags = [False] * len(ids)
+    params = list(params)
+    index = {_leaf_key(p): i for i, p in enumerate(params)}
+    flags = [False] * len(params)
+    # Some torch releases (2.5) hand out a fresh Python wrapper per access to a graph node
+    # or to AccumulateGrad.variable: leaves are matched by their storage, not by id(), and
+    # every visited wrapper is kept alive so that no id() is reused while walking.
+    visited: list[Any] = []
     seen: set[tuple[int, bool]] = set()
     stack = [(loss.grad_fn, False)]
     while stack:
         node, below = stack.pop()
         if node is None or (id(node), below) in seen:
             continue
+        visited.append(node)
         seen.add((id(node), below))
         below = below or getattr(node, "_forward_cls", None) in METHOD_FUNCTIONS
         variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf
-        if below and variable is not None and id(variable) in ids:
-            flags[ids[id(variable)]] = True
+        if below and variable is not None and _leaf_key(variable) in index:
+            flags[index[_leaf_key(variable)]] = True
         stack.extend((nxt, below) for nxt, _ in node.next_functions)
     return flags
+
+
+def _leaf_key(t: Tensor) -> tuple:
+    """What identifies a leaf tensor whatever Python object wraps it."""
+    return (t.device, t.dtype, t.data_ptr(), t.storage_offset(), tuple(t.shape),
+            tuple(t.stride()))

@@ -634,12 +634,14 @@ def break_even_k(layers: Sequence[LayerCost], num_ranks: int, microbatches: int,
                  scan: str = "distributed", anderson: int = 0, recompute: bool = False,
                  boundaries: Sequence[int] | None = None, loss: float = 0.0) -> int:
     """The largest k at which the modelled Highway(k) step on `num_ranks` ranks is no slower
-    than the best exact pipeline schedule's (over EXACT_SCHEDULES that accept this P and
-    M); -1 when even k = 0 is slower. What `Auto(break_even_k=...)` takes for a
-    layer-parallel pipeline. The step time grows with k, so the search stops at the first
-    k that loses."""
+    than the best exact pipeline schedule's (over EXACT_SCHEDULES that accept this P
+    and M and that this torch has); -1 when even k = 0 is slower. What
+    `Auto(break_even_k=...)` takes for a layer-parallel pipeline. The step time grows with
+    k, so the search stops at the first k that loses."""
     best_exact = math.inf
     for schedule in EXACT_SCHEDULES:
+        if unmodelled(schedule) is not None:  # this torch lacks it (see `unmodelled`)
+            continue
         try:
             t = exact(layers, num_ranks, microbatches, link, schedule, loss=loss,
                       boundaries=boundaries).step_time
