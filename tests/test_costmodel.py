@@ -189,6 +189,8 @@ class _RecordingStage:
     def __getattr__(self, name: str):
         if name.startswith("get_") and name.endswith("_ops"):  # get_fwd_recv_ops, ...
             return lambda *args, **kwargs: []
+        if name.startswith(("release_", "clear_")):  # buffer housekeeping (torch 2.15:
+            return lambda *args, **kwargs: None       # release_fwd_send_outputs)
         raise AttributeError(name)
 
     def forward_one_chunk(self, mb: int, *args, **kwargs) -> None:
