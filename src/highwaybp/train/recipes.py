@@ -361,7 +361,8 @@ def plot(root: Path, doc: dict[str, Any]) -> None:
                      markersize=3)
     ax2.set_xlabel("k")
     ax2.set_ylabel("cosine to exact (RNN + embedding)")
-    ax2.legend(fontsize=6)
+    if seed0:  # (no curves: --probe-every 0)
+        ax2.legend(fontsize=6)
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
     fig.suptitle(f"{doc['recipe']}: pytorch/examples word LM")
