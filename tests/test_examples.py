@@ -69,8 +69,16 @@ def test_ddg_example_without_torchrun_spawns_its_ranks(tmp_path):
     # `python examples/ddg_torchrun.py` failed with a bare KeyError: 'RANK'.
     out = _run(str(EXAMPLES / "ddg_torchrun.py"), TMPDIR=str(tmp_path))
     assert _number(r"DDG on 2 ranks: test accuracy ([\d.]+)", out) > 0.5
-    # nothing of ours is left; torch may keep its compiler cache (torchinductor_<user>) there
-    assert not [p.name for p in tmp_path.iterdir() if not p.name.startswith("torchinductor")]
+    # nothing of ours is left (torch's own may stay: its compiler cache torchinductor_<user>,
+    # and on torch 2.5 a folder per process holding the RemoteModule template it writes)
+    assert not [p.name for p in tmp_path.iterdir() if not _torchs_own(p)]
+
+
+def _torchs_own(path) -> bool:
+    if path.name.startswith("torchinductor"):
+        return True
+    return path.is_dir() and {f.name for f in path.iterdir()} == {
+        "_remote_module_non_scriptable.py"}
 
 
 def test_layer_parallel_example_matches_the_single_process_chain_and_learns():
