@@ -496,11 +496,13 @@ SECTIONS: tuple[Section, ...] = (
 
 
 def result_files(results: Path) -> list[Path]:
-    """Every JSON file under `results` except per-run files of an experiment (runs/) and
-    the configuration files that resumable commands keep beside their results."""
+    """Every JSON file under `results` except per-run files of an experiment (runs/), the
+    configuration files that resumable commands keep beside their results, and the raw
+    rounds of an interleaved before/after comparison (before_after/: docs/rnn.md reads
+    their medians)."""
     return sorted(p for p in results.rglob("*.json") if "runs" not in p.relative_to(results).parts
                   and p.name != "config.json"
-                  and not any(part.endswith("_seed1") or part == "checkpoints"
+                  and not any(part.endswith("_seed1") or part in ("checkpoints", "before_after")
                               for part in p.relative_to(results).parts))
 
 
