@@ -337,3 +337,18 @@ def test_steps_keep_the_watchdog_quiet_on_a_rank_that_receives_nothing():
     # The watchdog limit is 2 * 0.5 + 10 = 11 s; 13 s of steps must not trip it.
     (steps,) = spawn(busy_single_rank, 1, (13.0,), timeout=0.5, deadline=120.0)
     assert steps > 1
+
+
+def test_a_method_set_on_the_chain_after_construction_is_refused_not_ignored():
+    """KController / use_method / an assignment set `chain.method`; a pipeline runs the
+    method its ranks agreed on at construction, so it refuses the step instead of silently
+    training with the old method."""
+    chain = build_chain("relu")
+    pipe = HighwayPipeline(chain, 1, 0, None, final_loss)  # takes chain.method (Exact())
+    x, y = data("relu")
+    pipe.step(x, target=y)
+    with hbp.use_method(chain, hbp.Highway(k=1)), pytest.raises(ValueError, match="build a new"):
+        pipe.step(x, target=y)
+    pipe.step(x, target=y)  # restored: runs again
+    # a pipeline given its own method may differ from the chain's from the start
+    HighwayPipeline(chain, 1, 0, hbp.Highway(k=2), final_loss).step(x, target=y)

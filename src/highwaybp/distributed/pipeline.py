@@ -244,6 +244,10 @@ class HighwayPipeline:
                 or not 0 <= stage_index < num_stages):
             raise ValueError(f"stage_index must be in 0..{num_stages - 1}, got {stage_index!r}")
         self.method = check_method(chain.method if method is None else method)
+        # What the chain's own `method` was when the pipeline took its method: a later
+        # change of it (KController, use_method, a user) cannot reach a running pipeline
+        # (every rank must agree), so `step` refuses it rather than ignore it.
+        self._chain_method_at_build = chain.method
         if recompute and self.method.exact:
             raise NotImplementedError(
                 "HighwayPipeline(recompute=True) with Exact() (activation checkpointing of a "
@@ -407,6 +411,12 @@ class HighwayPipeline:
         summed over losses and averaged over micro-batches (summed with
         `scale_grads=False`), or None if it evaluated none.
         """
+        if self.chain.method != self._chain_method_at_build:
+            raise ValueError(
+                f"HighwayPipeline: the chain's method changed to {self.chain.method!r} after "
+                f"the pipeline was built with {self.method!r} (KController, use_method or an "
+                "assignment): a pipeline runs the method every rank agreed on at "
+                "construction; build a new HighwayPipeline on every rank with the new method")
         if self.is_first and x is None:
             raise ValueError("the first stage's step needs the chain input: pipe.step(x)")
         if x is not None:
