@@ -46,68 +46,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
-States = Union[Tensor, list]
-
-
-# ---- operations on a state sequence (one tensor, or a list of per-state tensors) ----------
-def empty_like_states(a: States) -> States:
-    if isinstance(a, Tensor):
-        return torch.empty_like(a)
-    return [torch.empty_like(x) for x in a]
-
-
-def copy_states_(out: States, a: States) -> States:
-    if isinstance(out, Tensor):
-        return out.copy_(a)
-    for o, x in zip(out, a):
-        o.copy_(x)
-    return out
-
-
-def sub_states_(out: States, a: States, b: States) -> States:
-    """out <- a - b."""
-    if isinstance(out, Tensor):
-        return torch.sub(a, b, out=out)
-    for o, x, y in zip(out, a, b):
-        torch.sub(x, y, out=o)
-    return out
-
-
-def combine_states_(out: States, weights: list[float], parts: list[States]) -> States:
-    """out <- sum_i weights[i] * parts[i]."""
-    if isinstance(out, Tensor):
-        torch.mul(parts[0], weights[0], out=out)
-        for w, p in zip(weights[1:], parts[1:]):
-            out.add_(p, alpha=w)
-        return out
-    for i, o in enumerate(out):
-        torch.mul(parts[0][i], weights[0], out=o)
-        for w, p in zip(weights[1:], parts[1:]):
-            o.add_(p[i], alpha=w)
-    return out
-
-
-def dot_states(a: States, b: States, dtype: Optional[torch.dtype] = None) -> Tensor:
-    """<a, b> over every element of every state: a 0-dim tensor (no host sync), computed in
-    `dtype` (default: the states' own)."""
-    def dot(x: Tensor, y: Tensor) -> Tensor:
-        x, y = x.reshape(-1), y.reshape(-1)
-        if dtype is not None and x.dtype != dtype:
-            x, y = x.to(dtype), y.to(dtype)
-        return torch.dot(x, y)
-
-    if isinstance(a, Tensor):
-        return dot(a, b)
-    parts = [dot(x, y) for x, y in zip(a, b) if x.numel()]
-    if not parts:
-        return torch.zeros(())
-    return torch.stack([p.to(parts[0].device) for p in parts]).sum()
+from highwaybp.core.states import (
+    States,
+    combine_states_,
+    copy_states_,
+    dot_states,
+    empty_like_states,
+    sub_states_,
+)
 
 
 def _dot_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -14,15 +14,21 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Literal, Optional
 
 import torch
 from torch import Tensor
 
 from highwaybp.core.anderson import AndersonMixer, MixStep
 from highwaybp.core.methods import FixedPoint, Highway
-
-States = Union[Tensor, list]
+from highwaybp.core.states import (
+    States,
+    add_states,
+    add_states_,
+    clone_states,
+    states_diff_norm,
+    states_norm,
+)
 
 StopReason = Literal["", "fixed_k", "exact_after_L", "tol", "growth", "max_k", "exact"]
 FallbackName = Literal["exact", "best", "last"]
@@ -172,45 +178,6 @@ class StopRule:
         return diag
 
 
-def add_states(a: States, b: States) -> States:
-    if isinstance(a, Tensor):
-        return a + b
-    return [x + y for x, y in zip(a, b)]
-
-
-def add_states_(a: States, b: States) -> States:
-    """a += b in place (returns a)."""
-    if isinstance(a, Tensor):
-        return a.add_(b)
-    for x, y in zip(a, b):
-        x.add_(y)
-    return a
-
-
-def clone_states(a: States) -> States:
-    return a.clone() if isinstance(a, Tensor) else [x.clone() for x in a]
-
-
-def _norms(rows: Any) -> Tensor:
-    # Per-state norms stay on a device (one sync per call, not one per state), in the
-    # states' dtype (no float64 on some accelerators), gathered on the first state's device.
-    norms = [torch.linalg.vector_norm(r) for r in rows]
-    return torch.stack([n.to(norms[0].device) for n in norms]) if norms else torch.zeros(0)
-
-
-def states_norm(a: States) -> float:
-    if isinstance(a, Tensor):
-        return float(torch.linalg.vector_norm(a))
-    return float(torch.linalg.vector_norm(_norms(a)))
-
-
-def states_diff_norm(a: States, b: States) -> float:
-    if isinstance(a, Tensor):
-        return float(torch.linalg.vector_norm(a - b))
-    # One state's difference at a time: no full-size temporary.
-    return float(torch.linalg.vector_norm(_norms(x - y for x, y in zip(a, b))))
-
-
 def last_nonfinite(a: States) -> Optional[int]:
     """Highest state index holding NaN/Inf, or None. The reverse scan carries a NaN from
     where it appears down to h_0, so the highest index is where it came in."""
@@ -294,9 +261,6 @@ def highway_iterate(
     `mixed_iterate`: the same F evaluations, mixed (`core.anderson`).
     """
     rule = StopRule(method, num_layers, record_steps)
-    if rule.mixes:
-        return mixed_iterate(g, block_vjp, scan, rule, exact_backward, inplace, loss_rows,
-                             layerwise_sweep)
     if inplace and isinstance(g, list):
         # Handed over: the caller's list is emptied so that its reference does not keep
         # w^0 (g's storage after the in-place scan) alive to the end of the iteration.
@@ -305,6 +269,9 @@ def highway_iterate(
     g_for_fallback = None
     if rule.adaptive and method.fallback == "exact":
         g_for_fallback = clone_states(g) if inplace else g
+    if rule.mixes:
+        return mixed_iterate(g, block_vjp, scan, rule, g_for_fallback, exact_backward,
+                             inplace, loss_rows, layerwise_sweep)
     sparse = inplace and not isinstance(g, Tensor) and (
         (always_sweep and layerwise_sweep is not None)
         or (loss_rows is not None and 2 * len(loss_rows) <= len(g)))
@@ -364,6 +331,7 @@ def mixed_iterate(
     block_vjp: Callable[[States], States],
     scan: Callable[[States], States],
     rule: StopRule,
+    g_for_fallback: States | None = None,
     exact_backward: Callable[[States], States] | None = None,
     inplace: bool = False,
     loss_rows: Sequence[int] | None = None,
@@ -372,15 +340,9 @@ def mixed_iterate(
     """The iteration with Anderson mixing: x_0 = w^0, then per iteration one evaluation
     f = F(x) = w^0 + scan(block_vjp(x)) (with `layerwise_sweep`: scan(g + block_vjp(x)), the
     same value, computed layer by layer) and `AndersonMixer.step`. Arguments as
-    `highway_iterate`'s; `rule.mixes` must hold. Memory: w^0, the mixer's 2m window states
-    and its iterate, and one F value being formed."""
-    method = rule.method
-    if inplace and isinstance(g, list):
-        g, handed = list(g), g
-        handed.clear()  # handed over: the caller's list must not keep g alive
-    g_for_fallback = None
-    if rule.adaptive and method.fallback == "exact":
-        g_for_fallback = clone_states(g) if inplace else g
+    `highway_iterate`'s, after it has taken `g` over; `g_for_fallback`: the losses the
+    "exact" fallback needs (None otherwise); `rule.mixes` must hold. Memory: w^0, the
+    mixer's 2m window states and its iterate, and one F value being formed."""
     g_rows: dict[int, Tensor] | None = None
     if layerwise_sweep is not None and isinstance(g, list):
         rows = range(len(g)) if loss_rows is None else loss_rows
@@ -389,7 +351,7 @@ def mixed_iterate(
     del g
     raise_if_nonfinite(w0, 0)
     # The generic path forms a fresh F value each iteration, so the mixer keeps no spares.
-    mixer = AndersonMixer(method.anderson, w0, rule.num_layers, reuse_buffers=False)
+    mixer = AndersonMixer(rule.method.anderson, w0, rule.num_layers, reuse_buffers=False)
     x: States = w0
     best_w = None
     for j in rule.iterations():
