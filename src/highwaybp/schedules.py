@@ -69,6 +69,13 @@ def _int(name: str, value: object, minimum: int = 0) -> int:
     return value
 
 
+def _cosine_target(who: str, value: object) -> float:
+    """A probe's target cosine: a number in (0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"{who}: target_cosine must be in (0, 1], got {value!r}")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class Schedule:
     """Base class: maps a training step (0-based) to a gradient method."""
@@ -237,10 +244,7 @@ class Adaptive(Schedule):
     stateful = True
 
     def __post_init__(self) -> None:
-        t = self.target_cosine
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 1:
-            raise ValueError(f"Adaptive: target_cosine must be in (0, 1], got {t!r}")
-        object.__setattr__(self, "target_cosine", float(t))
+        object.__setattr__(self, "target_cosine", _cosine_target("Adaptive", self.target_cosine))
         _int("Adaptive: probe_every", self.probe_every, minimum=1)
         _int("Adaptive: k_min", self.k_min)
         if self.k_max is None:
@@ -415,10 +419,7 @@ class Auto(Schedule):
     stateful = True
 
     def __post_init__(self) -> None:
-        t = self.target_cosine
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 1:
-            raise ValueError(f"Auto: target_cosine must be in (0, 1], got {t!r}")
-        object.__setattr__(self, "target_cosine", float(t))
+        object.__setattr__(self, "target_cosine", _cosine_target("Auto", self.target_cosine))
         _int("Auto: probe_every", self.probe_every, minimum=1)
         Highway(k=1, anderson=self.anderson)  # the window's own checks
         b = self.budget

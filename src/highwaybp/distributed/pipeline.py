@@ -702,13 +702,7 @@ class HighwayPipeline:
             return self._iterate_mixed(backend, rule, w0, g_exact, kmaps, coeffs, owned)
         for j in rule.iterations():
             self._iteration = j
-            if method.keeps_residual:
-                u = self._scan(self._sweep(backend, w, j, full=False), kmaps, coeffs, j)
-            else:
-                u = self._exchange_first_vjp(self._sweep(backend, w, j, full=True))
-            for row, base in zip(u, w0):
-                for e in owned:
-                    row[e].add_(base[e])
+            u = self._apply_map(backend, w, w0, j, kmaps, coeffs, owned)
             if rule.adaptive:
                 step = self._global_step(u, w, owned)
                 if rule.record(j, step):
@@ -719,13 +713,33 @@ class HighwayPipeline:
             w = u
             if rule.should_stop(j, step):
                 break
+        return self._finish(rule, backend, w, best, g_exact)
+
+    def _apply_map(self, backend: LoopVJP, w: list[list[Tensor]], w0: list[list[Tensor]],
+                   j: int, kmaps: Optional[list], coeffs: Optional[list], owned: range
+                   ) -> list[list[Tensor]]:
+        """F(w) = w^0 + scan(block_vjp(w)) on this stage's entries (FixedPoint: w^0 + the
+        full-layer VJPs, the first one exchanged with the stage before): iteration j."""
+        if self.method.keeps_residual:
+            f = self._scan(self._sweep(backend, w, j, full=False), kmaps, coeffs, j)
+        else:
+            f = self._exchange_first_vjp(self._sweep(backend, w, j, full=True))
+        for row, base in zip(f, w0):
+            for e in owned:
+                row[e].add_(base[e])
+        return f
+
+    def _finish(self, rule: StopRule, backend: LoopVJP, last: list[list[Tensor]],
+                best: Optional[list[list[Tensor]]], g_exact: Optional[list[list[Tensor]]]
+                ) -> list[list[Tensor]]:
+        """Record the diagnostics; the estimate the stop rule's fallback picks."""
         self.last_diagnostics = diag = rule.finish()
-        if diag.fallback == "best":
-            w = best
-        elif diag.fallback == "exact":
-            w = self._exact_sweep(backend, g_exact)
         self.last_iterations = diag.iterations
-        return w
+        if diag.fallback == "best" and best is not None:
+            return best
+        if diag.fallback == "exact":
+            return self._exact_sweep(backend, g_exact)
+        return last
 
     def _iterate_mixed(self, backend: LoopVJP, rule: StopRule, w0: list[list[Tensor]],
                        g_exact: Optional[list[list[Tensor]]], kmaps: Optional[list],
@@ -749,13 +763,7 @@ class HighwayPipeline:
         x, best = w0, None
         for j in rule.iterations():
             self._iteration = j
-            if method.keeps_residual:
-                f = self._scan(self._sweep(backend, x, j, full=False), kmaps, coeffs, j)
-            else:
-                f = self._exchange_first_vjp(self._sweep(backend, x, j, full=True))
-            for row, base in zip(f, w0):
-                for e in owned:
-                    row[e].add_(base[e])
+            f = self._apply_map(backend, x, w0, j, kmaps, coeffs, owned)
             with self.tracer.phase("mix", self.step_index, j):
                 r, dots = mixer.residual_dots(flat(x), flat(f))
             dots = self._allreduce(dots, "the Anderson inner products")
@@ -767,13 +775,7 @@ class HighwayPipeline:
             rule.record_mix(mix)
             if rule.should_stop(j, mix.relative, exact=mixer.is_exact):
                 break
-        self.last_diagnostics = diag = rule.finish()
-        if diag.fallback == "best" and best is not None:
-            x = best
-        elif diag.fallback == "exact":
-            x = self._exact_sweep(backend, g_exact)
-        self.last_iterations = diag.iterations
-        return x
+        return self._finish(rule, backend, x, best, g_exact)
 
     def _allreduce(self, t: Tensor, what: str) -> Tensor:
         """Sum the float64 tensor t over every rank (in place; returned), with the
