@@ -7,9 +7,10 @@ import json
 import random
 
 import pytest
+import torch
 
 from highwaybp.cli import main
-from highwaybp.train.recipes import batchify, shipped_text, word_corpus
+from highwaybp.train.recipe_tasks import batchify, shipped_text, word_corpus
 
 
 def _corpus(path):
@@ -30,6 +31,21 @@ def test_word_corpus_tokenises_as_pytorch_examples(tmp_path):
     data = batchify(corpus.train, 4)
     assert data.shape == (len(corpus.train) // 4, 4)
     assert data[1, 0] == corpus.train[1]  # column 0 is one contiguous stream
+
+
+def test_wikitext_preparation_splits_punctuation_and_unks_rare_words(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("the cat, the dog.\n" * 220 + "the cat's hat; zebra!\n")
+    corpus = word_corpus(path, tokenize="wikitext")
+    ids = torch.cat([corpus.train, corpus.valid, corpus.test]).tolist()
+    # 220 x [the cat , the dog . <eos>] + [the cat's hat ; zebra ! <eos>]
+    assert len(ids) == 220 * 7 + 7
+    # kept (>= 3 times): the cat , dog . <eos>; cat's hat ; zebra ! (once each): <unk>
+    assert corpus.vocab_size == 7
+    assert ids[:7] == [0, 1, 2, 0, 3, 4, 5]  # punctuation split off the words
+    assert ids[-7:] == [0, 6, 6, 6, 6, 6, 5]
+    with pytest.raises(ValueError, match="tokenize must be one of"):
+        word_corpus(path, tokenize="bpe")
 
 
 def test_shipped_corpus_is_the_word_level_text():
@@ -53,10 +69,10 @@ def test_recipes_tiny_run(tmp_path):
     assert set(rows) == {"exact", "highway:k=6", "highway:k=2,anderson=3", "auto"}
     # k = bptt is exact backprop: with the same batches and dropout masks (seeded per step)
     # its run is exact's to rounding; with masks drawn from one stream they would differ.
-    assert rows["highway:k=6"]["final_ppl_mean"] == pytest.approx(
-        rows["exact"]["final_ppl_mean"], rel=1e-5)
-    assert rows["highway:k=2,anderson=3"]["final_ppl_mean"] != pytest.approx(
-        rows["exact"]["final_ppl_mean"], rel=1e-5)
+    assert rows["highway:k=6"]["final_mean"] == pytest.approx(
+        rows["exact"]["final_mean"], rel=1e-5)
+    assert rows["highway:k=2,anderson=3"]["final_mean"] != pytest.approx(
+        rows["exact"]["final_mean"], rel=1e-5)
     assert rows["exact"]["sweeps_per_step"] == 2.0
     assert rows["highway:k=2,anderson=3"]["sweeps_per_step"] == 3.0
     auto = rows["auto"]["controller"][0]
@@ -66,3 +82,29 @@ def test_recipes_tiny_run(tmp_path):
     assert set(curves["4"]) == {"plain", "anderson=3"}
     assert curves["4"]["plain"]["1"] == pytest.approx(curves["4"]["anderson=3"]["1"], abs=1e-12)
     assert (out / "wordlm-gru" / "recipes.png").exists()
+
+
+@pytest.mark.parametrize("recipe", ["charlm-gru", "pixel-gru", "resnet20", "chargpt"])
+def test_other_recipes_tiny_run(tmp_path, recipe):
+    """Each recipe trains its arms from one initialisation on one batch sequence: Highway
+    at k >= L is exact backprop, so its run equals exact's; a mixed k = 1 + Anderson run
+    differs (the method is applied); the cosine curves cover the changed parameters."""
+    out = tmp_path / "out"
+    # L: the RNN recipes' T (128 / 64 steps); ResNet20's chain 9; the GPT's 8
+    big_k = {"charlm-gru": 128, "pixel-gru": 64, "resnet20": 9, "chargpt": 8}[recipe]
+    rc = main(["experiment", "recipes", "--recipe", recipe, "--steps", "2",
+               "--eval-every", "2", "--probe-every", "2", "--probe-k", "1",
+               "--probe-anderson", "3", "--batch", "4",
+               "--arms", f"exact;highway:k={big_k};highway:k=2,anderson=3", "--seeds", "0",
+               "--threads", "1", "--out", str(out)])
+    assert rc == 0
+    doc = json.loads((out / recipe / "recipes.json").read_text())
+    rows = {r["arm"]: r for r in doc["summary"]}
+    assert rows[f"highway:k={big_k}"]["final_mean"] == pytest.approx(
+        rows["exact"]["final_mean"], rel=1e-4)
+    runs = {r["arm"]: r for r in doc["runs"]}
+    assert doc["metric"] in ("valid loss (nats/char)", "test error (%)")
+    curves = doc["cosine_curves"]["0"]["2"]
+    assert set(curves) == {"plain", "anderson=3"}
+    assert curves["plain"]["1"] == pytest.approx(curves["anderson=3"]["1"], abs=1e-12)
+    assert runs["highway:k=2,anderson=3"]["controller"]["train_sweeps"] == 2 * 3.0

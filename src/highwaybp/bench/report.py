@@ -629,9 +629,9 @@ def _recipes_headline(results: Path) -> list[list[str]]:
 
         def ppl(arm: str) -> str:
             r = by.get(arm)
-            if r is None or r.get("ppl_vs_exact") is None:
+            if r is None or r.get("vs_exact") is None:
                 return f"{arm}: -"
-            return (f"{arm}: {r['ppl_vs_exact']:.2f}x exact's ppl, "
+            return (f"{arm}: {r['vs_exact']:.2f}x exact's ppl, "
                     f"{r['sweeps_vs_exact']:.2f}x its sweeps")
         seeds = len(by["exact"]["seeds"]) if "exact" in by else 0
         rows.append([f"Word-level GRU LM, {d['config']['steps']} SGD steps, {seeds} seed(s): "
