@@ -108,3 +108,27 @@ def test_other_recipes_tiny_run(tmp_path, recipe):
     assert set(curves) == {"plain", "anderson=3"}
     assert curves["plain"]["1"] == pytest.approx(curves["anderson=3"]["1"], abs=1e-12)
     assert runs["highway:k=2,anderson=3"]["controller"]["train_sweeps"] == 2 * 3.0
+
+
+def _run(arm, seed, final, sweeps=2.0, probe=0.0):
+    return {"arm": arm, "seed": seed, "steps_done": 10, "train_seconds": 1.0,
+            "history": [{"step": 10, "metric": final, "train_seconds": 1.0}],
+            "controller": {"train_sweeps": 10 * sweeps, "probe_sweeps": probe}}
+
+
+def test_summary_within_seed_noise_uses_exacts_spread():
+    from highwaybp.train.recipes import summarize
+
+    exact = [100.0, 110.0, 120.0]  # std 10: noise 2 * 10 * sqrt(2/3) = 16.33
+    runs = [_run("exact", s, v) for s, v in enumerate(exact)]
+    runs += [_run("close", s, v + 16.0) for s, v in enumerate(exact)]
+    runs += [_run("far", s, v + 16.7) for s, v in enumerate(exact)]
+    # a mean far off with a huge spread of its own must not pass by that spread
+    runs += [_run("wild", s, v) for s, v in enumerate([100.0, 110.0, 5000.0])]
+    runs += [_run("probed", s, v, probe=2.0) for s, v in enumerate(exact)]
+    rows = {r["arm"]: r for r in summarize(runs)}
+    assert rows["close"]["within_noise"] and not rows["far"]["within_noise"]
+    assert not rows["wild"]["within_noise"]
+    assert rows["close"]["vs_exact"] == pytest.approx(126.0 / 110.0)
+    assert rows["probed"]["probe_share"] == pytest.approx(0.1)
+    assert rows["probed"]["sweeps_per_step"] == pytest.approx(2.2)

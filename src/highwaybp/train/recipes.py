@@ -212,10 +212,14 @@ def _metric(entry: dict[str, Any]) -> float:
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per arm over seeds: the final metric (mean, std, ratio to exact's mean, and whether
-    it is within seed noise of exact's: |mean - exact's mean| <= 2 sqrt(s^2/n + s_exact^2 /
-    n_exact), s the std over seeds), VJP sweeps per step (training + probes), the probes'
-    share of the training sweeps, the median seconds per step and its ratio to exact's, and
-    time-to-quality per seed."""
+    it is within seed noise of exact's), VJP sweeps per step (training + probes), the
+    probes' share of the training sweeps, the median seconds per step and its ratio to
+    exact's, and time-to-quality per seed.
+
+    Within seed noise: |mean - exact's mean| <= 2 s_exact sqrt(1/n + 1/n_exact), s_exact
+    the std of exact's final metric over its seeds: two standard errors of the difference
+    of two means of runs that vary as exact's do. The arm's own spread is left out on
+    purpose: an arm that diverges on some seeds must not pass by its own variance."""
     arms = list(dict.fromkeys(r["arm"] for r in runs))
     exact_by_seed = {r["seed"]: r for r in runs if r["arm"] == "exact"}
     rows = []
@@ -249,8 +253,8 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for row in rows:
         if exact:
             row["vs_exact"] = row["final_mean"] / exact["final_mean"]
-            noise = 2.0 * math.sqrt(row["final_std"] ** 2 / len(row["final"])
-                                    + exact["final_std"] ** 2 / len(exact["final"]))
+            noise = 2.0 * exact["final_std"] * math.sqrt(1 / len(row["final"])
+                                                         + 1 / len(exact["final"]))
             row["within_noise"] = (len(row["final"]) > 1 and len(exact["final"]) > 1
                                    and abs(row["final_mean"] - exact["final_mean"]) <= noise)
             row["seconds_per_step_vs_exact"] = row["seconds_per_step"] / exact["seconds_per_step"]
