@@ -61,12 +61,16 @@ def test_recipes_tiny_run(tmp_path):
                "--embed", "8", "--hidden", "8", "--bptt", "6", "--batch", "4",
                "--eval-batch", "2", "--steps", "4", "--eval-every", "2", "--probe-every", "2",
                "--probe-k", "1,2", "--probe-anderson", "3", "--lr", "20",
-               "--arms", "exact;highway:k=6;highway:k=2,anderson=3;auto", "--seeds", "0",
+               "--arms", "exact;highway:k=6;highway:k=2,anderson=3;auto;auto:break_even=3",
+               "--seeds", "0",
                "--threads", "1", "--out", str(out)])
     assert rc == 0
     doc = json.loads((out / "wordlm-gru" / "recipes.json").read_text())
     rows = {r["arm"]: r for r in doc["summary"]}
-    assert set(rows) == {"exact", "highway:k=6", "highway:k=2,anderson=3", "auto"}
+    assert set(rows) == {"exact", "highway:k=6", "highway:k=2,anderson=3", "auto",
+                         "auto:break_even=3"}
+    wide = rows["auto:break_even=3"]["controller"][0]
+    assert wide["schedule"] == "auto:break_even=3"  # the option reached the controller
     # k = bptt is exact backprop: with the same batches and dropout masks (seeded per step)
     # its run is exact's to rounding; with masks drawn from one stream they would differ.
     assert rows["highway:k=6"]["final_mean"] == pytest.approx(

@@ -482,7 +482,7 @@ SECTIONS: tuple[Section, ...] = (
             lambda d: "experiment kschedule" in d.get("command", "") and "summary" in d,
             _kschedule),
     Section("Recipes (`highwaybp experiment recipes`)",
-            lambda d: str(d.get("recipe", "")).startswith("wordlm-") and "summary" in d,
+            lambda d: "experiment recipes" in d.get("command", "") and "summary" in d,
             _lazy("highwaybp.train.recipes")),
     Section("Char-level LM (`highwaybp experiment charlm`)",
             lambda d: d.get("config", {}).get("experiment") == "charlm", _charlm),
@@ -634,9 +634,10 @@ def _recipes_headline(results: Path) -> list[list[str]]:
             return (f"{arm}: {r['vs_exact']:.2f}x exact's ppl, "
                     f"{r['sweeps_vs_exact']:.2f}x its sweeps")
         seeds = len(by["exact"]["seeds"]) if "exact" in by else 0
-        rows.append([f"Word-level GRU LM, {d['config']['steps']} SGD steps, {seeds} seed(s): "
-                     "final valid perplexity", ppl("highway:k=3,anderson=5") + "; "
-                     + ppl("highway:k=3"), ppl("auto"),
+        rows.append([f"Word-level 2-layer GRU LM, {d['config']['steps']} SGD steps, {seeds} "
+                     "seed(s): final valid perplexity", "; ".join(
+                         ppl(a) for a in ("highway:k=3,anderson=5", "highway:k=5,anderson=5",
+                                          "highway:k=3")), ppl("auto"),
                      f"`results/{path.relative_to(results).as_posix()}`"])
     return rows
 

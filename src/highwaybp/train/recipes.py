@@ -43,6 +43,7 @@ from highwaybp.control import KController
 from highwaybp.core.fidelity import changed_parameters, compare_gradients, use_method
 from highwaybp.core.methods import Exact, Highway, method_from_string
 from highwaybp.core.replay import buffers_restored
+from highwaybp.schedules import schedule_from_string
 from highwaybp.train.cli_types import nonneg_float, nonneg_int, out_dir, positive_int
 from highwaybp.train.io import atomic_write_json, check_resume_config, save_figure
 from highwaybp.train.loop import StopGuard, TrainLoop, echo, stopped_message
@@ -64,11 +65,16 @@ WORD_DEFAULTS = {"lr": 20.0, "clip": 0.25, "batch": 20}
 
 
 # ---------------------------------------------------------------------------- one arm
+def _is_auto(arm: str) -> bool:
+    return arm == AUTO or arm.startswith(AUTO + ":")
+
+
 def arm_controller(model: nn.Module, arm: str) -> KController:
     """Every arm runs under a KController (the one owner of the sweep count): `auto` is
-    the recommended controller, any other arm a constant method."""
-    if arm == AUTO:
-        return KController(model)
+    the recommended controller (`auto:<options>` with options, e.g. `auto:break_even=5`, the
+    break-even k a GPU user passes), any other arm a constant method."""
+    if _is_auto(arm):
+        return KController(model, arm)
     return KController(model, "constant:" + method_from_string(arm).to_string())
 
 
@@ -285,7 +291,8 @@ def plot(root: Path, doc: dict[str, Any]) -> None:
     for r in doc["runs"]:
         hist = [h for h in r["history"] if h["step"] > 0]
         ax1.plot([h["step"] for h in hist], [_metric(h) for h in hist],
-                 "-" if "anderson" in r["arm"] or r["arm"] in ("exact", AUTO) else "--",
+                 "-" if "anderson" in r["arm"] or r["arm"] == "exact" or _is_auto(r["arm"])
+                 else "--",
                  label=f"{r['arm']} (seed {r['seed']})")
     ax1.set_yscale("log")
     ax1.set_xlabel("training step")
@@ -314,11 +321,10 @@ def arm_list(text: str) -> list[str]:
     if not names:
         raise argparse.ArgumentTypeError("expected at least one arm")
     for n in names:
-        if n != AUTO:
-            try:
-                method_from_string(n)
-            except (ValueError, TypeError) as err:
-                raise argparse.ArgumentTypeError(str(err)) from None
+        try:
+            schedule_from_string(n) if _is_auto(n) else method_from_string(n)
+        except (ValueError, TypeError) as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
     if len(set(names)) != len(names):
         raise argparse.ArgumentTypeError(f"an arm is listed twice in {text!r}")
     return names
@@ -345,7 +351,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "split off and words seen < 3 times -> <unk>, as Wikitext-2 is "
                         "prepared (default wikitext)")
     p.add_argument("--arms", type=arm_list, default=arm_list(DEFAULT_ARMS),
-                   help=f"';'-separated methods and/or 'auto' (default {DEFAULT_ARMS!r})")
+                   help="';'-separated methods and/or 'auto' ('auto:<options>', e.g. "
+                        f"'auto:break_even=5') (default {DEFAULT_ARMS!r})")
     p.add_argument("--seeds", type=int_list, default=[0, 1, 2])
     p.add_argument("--steps", type=positive_int, default=300)
     p.add_argument("--eval-every", type=positive_int, default=100)
