@@ -488,7 +488,9 @@ def render(path: Path, d: dict[str, Any]) -> list[str]:
         lines += ["Combined from:", "", "```", *d["combined_from"], "```", ""]
     if d.get("recipe_config"):
         lines += ["; ".join(f"{k}: {v}" for k, v in d["recipe_config"].items()), ""]
-    rows = d["summary"]
+    # summarised from the runs, so files written before the summary's keys were renamed
+    # render alike
+    rows = summarize(d["runs"])
     if rows:
         lines += [f"| arm | seeds | final {metric} (mean +- std) | vs exact | within seed "
                   "noise | VJP sweeps / step | vs exact | probes / training sweeps | s / step "
