@@ -136,3 +136,14 @@ def test_summary_within_seed_noise_uses_exacts_spread():
     assert rows["close"]["vs_exact"] == pytest.approx(126.0 / 110.0)
     assert rows["probed"]["probe_share"] == pytest.approx(0.1)
     assert rows["probed"]["sweeps_per_step"] == pytest.approx(2.2)
+
+
+def test_summary_of_an_exact_metric_at_zero_has_no_ratio():
+    """A test error of 0% on exact (a small test set) leaves the ratio undefined rather
+    than crashing the run that writes the summary."""
+    from highwaybp.train.recipes import summarize
+
+    runs = [_run("exact", 0, 0.0), _run("exact", 1, 0.0), _run("k1", 0, 0.3), _run("k1", 1, 0.0)]
+    rows = {r["arm"]: r for r in summarize(runs)}
+    assert rows["k1"]["vs_exact"] is None
+    assert rows["k1"]["within_noise"] is False  # exact's spread is 0: any difference is out

@@ -258,7 +258,9 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     exact = next((r for r in rows if r["arm"] == "exact"), None)
     for row in rows:
         if exact:
-            row["vs_exact"] = row["final_mean"] / exact["final_mean"]
+            # (an exact arm at 0, e.g. no test error: the ratio is undefined)
+            row["vs_exact"] = (row["final_mean"] / exact["final_mean"]
+                               if exact["final_mean"] else None)
             noise = 2.0 * exact["final_std"] * math.sqrt(1 / len(row["final"])
                                                          + 1 / len(exact["final"]))
             row["within_noise"] = (len(row["final"]) > 1 and len(exact["final"]) > 1
@@ -473,8 +475,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n{'arm':26s} {'final':>10} {'vs exact':>9} {'sweeps/step':>12} "
           f"{'s/step vs exact':>16}   ({doc['metric']})")
     for row in doc["summary"]:
+        ratio = row.get("vs_exact")
         print(f"{row['arm']:26s} {row['final_mean']:10.3f} "
-              f"{row.get('vs_exact', float('nan')):9.3f} {row['sweeps_per_step']:12.2f} "
+              f"{float('nan') if ratio is None else ratio:9.3f} {row['sweeps_per_step']:12.2f} "
               f"{row.get('seconds_per_step_vs_exact', float('nan')):16.2f}")
     print(f"\nwrote {root / 'recipes.json'}, recipes.png")
     return 0
