@@ -159,6 +159,26 @@ def test_a_fused_call_the_device_does_not_fuse_is_priced_by_what_it_ran():
     assert math.isclose(gpu_like["bwd_s"], LM.fused_rnn_seconds(meta, fused_dev, True))
 
 
+def test_highway_after_a_fused_forward_is_priced_by_its_own_backward_ops():
+    """On a device that fuses the GRU, torch.nn's backward and our Exact's on the fused path
+    (autograd through torch's fused function) are the fused-backward model; Highway's after
+    a fused forward is the engine's own backward (gates recomputed, sweeps), priced by the
+    ops it dispatched, never the fused kernel's (that once made it cost what cuDNN does)."""
+    fused_dev = LM.Device(**{**DEV.__dict__, "fused_native": ("gru",)})
+    recs = OC.count_methods(_args(), 8, ["hbp-exact", "highway(k=1)"])
+    fused = {r["method"]: r for r in recs if "forward=fused" in r["path"]
+             and "sequential" in r["path"]}
+    meta = fused["hbp-exact"]["forward"]["fused_calls"][0]
+    exact = LM.predict_record(fused["hbp-exact"], fused_dev)
+    assert math.isclose(exact["bwd_s"], LM.fused_rnn_seconds(meta, fused_dev, True))
+    rec = fused["highway(k=1)"]
+    highway = LM.predict_record(rec, fused_dev)
+    counted = LM.trace_seconds(OC.OpTrace.from_json(rec["backward"]), fused_dev, [], None,
+                               True)["total"]
+    assert math.isclose(highway["bwd_s"], counted)
+    assert highway["bwd_s"] > LM.fused_rnn_seconds(meta, fused_dev, True)
+
+
 def test_validate_reports_the_models_error_against_a_measured_step():
     rec = OC.count_methods(_args(), 8, ["hbp-exact"])[0]
     p = LM.predict_record(rec, DEV)

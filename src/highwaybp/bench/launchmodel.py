@@ -178,12 +178,17 @@ def fused_rnn_seconds(meta: dict[str, Any], device: Device, backward: bool) -> f
 
 
 def trace_seconds(trace: OpTrace, device: Device, fused_calls: list[dict[str, Any]],
-                  inner: Optional[OpTrace], backward: bool) -> dict[str, float]:
+                  inner: Optional[OpTrace], backward: bool,
+                  autograd_backward: bool = True) -> dict[str, float]:
     """Seconds of one phase by op kind (and "total"). The fused RNN calls of the forward
     (`fused_calls`, in order) are priced by `fused_rnn_seconds` where the device runs
     that function as one kernel, else by `inner` (what they dispatched here); in the
     backward, the fused backward ops (`FUSED_BACKWARD_OPS`) share the fused backward
-    model of the forward's calls."""
+    model of the forward's calls. `autograd_backward`: the backward is torch's autograd
+    through the fused forward (torch.nn, our Exact on the fused path), which a device
+    that fuses the cell runs as its fused backward; False for our engines' own backward
+    after a fused forward (Highway/FixedPoint: gates recomputed, then the sweeps), priced
+    by the ops it dispatched."""
     out: dict[str, float] = {}
     native = [m for m in fused_calls if m["function"] in device.fused_native]
     for op, calls in trace.ops.items():
@@ -197,7 +202,7 @@ def trace_seconds(trace: OpTrace, device: Device, fused_calls: list[dict[str, An
             fused += trace_seconds(inner, device, [], None, False)["total"]
     elif any(op.name in FUSED_BACKWARD_OPS for op in trace.ops):
         fused = sum(fused_rnn_seconds(m, device, True) for m in native)
-    elif native:
+    elif native and autograd_backward:
         # the device would run a fused backward, but this trace shows the decomposed one
         # (torch.nn.GRU on this CPU): price the fused model instead of the counted ops
         fused = sum(fused_rnn_seconds(m, device, True) for m in native)
@@ -214,7 +219,10 @@ def predict_record(record: dict[str, Any], device: Device) -> dict[str, Any]:
     fused = fwd_d.get("fused_calls") or []
     inner = OpTrace.from_json(fwd_d["fused_inner"]) if fwd_d.get("fused_inner") else None
     fwd = trace_seconds(OpTrace.from_json(fwd_d), device, fused, inner, False)
-    bwd = trace_seconds(OpTrace.from_json(bwd_d), device, fused, inner, True)
+    # torch.nn's backward and our Exact's on the fused path are autograd through torch's
+    # fused function; our iterative methods' backward is the engine's own (counted) ops
+    autograd = record["method"] in ("torch", "hbp-exact", "autograd-loop")
+    bwd = trace_seconds(OpTrace.from_json(bwd_d), device, fused, inner, True, autograd)
     return {"fwd_s": fwd["total"], "bwd_s": bwd["total"], "total_s": fwd["total"] + bwd["total"],
             "fwd_by_kind_s": fwd, "bwd_by_kind_s": bwd}
 
@@ -457,8 +465,9 @@ def predict_table6(counts: list[dict[str, Any]], device: Device,
             fused_fwd = 1e3 * fused_rnn_seconds(meta, device, False)
             recompute = 1e3 * gate_recompute_seconds(setting, device)
             for r in mine:
-                if r["method"] == "torch" or r["method"] == "hbp-exact":
-                    continue
+                if r["method"] in ("torch", "hbp-exact") or "fused" in r["path"] or (
+                        "log" in r["path"]):
+                    continue  # (from the sequential loop path's record only)
                 loop = rows[f"{r['method']} [{r['path']}]"]
                 rows[f"{r['method']} [fused forward (modelled)]"] = {
                     "fwd_ms": fused_fwd, "bwd_ms": loop["bwd_ms"] + recompute,
