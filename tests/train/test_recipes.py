@@ -147,3 +147,21 @@ def test_summary_of_an_exact_metric_at_zero_has_no_ratio():
     rows = {r["arm"]: r for r in summarize(runs)}
     assert rows["k1"]["vs_exact"] is None
     assert rows["k1"]["within_noise"] is False  # exact's spread is 0: any difference is out
+
+
+def test_recipe_flags_reach_the_recipe_and_a_zero_clip_is_kept():
+    import argparse
+
+    from highwaybp.train.recipe_tasks import make_recipe
+
+    args = argparse.Namespace(recipe="pixel-gru", lr=1e-4, batch=16, clip=0.0)
+    recipe = make_recipe(args, 0)
+    assert recipe.clip == 0.0  # off, not the recipe's default 1.0
+    opt = recipe.make_optimizer(recipe.make_model())
+    assert opt.param_groups[0]["lr"] == 1e-4
+    assert len(recipe.batch(0)[1]) == 16
+    default = make_recipe(argparse.Namespace(recipe="pixel-gru", lr=None, batch=None,
+                                             clip=None), 0)
+    assert default.clip == 1.0 and len(default.batch(0)[1]) == 64
+    with pytest.raises(SystemExit):
+        main(["experiment", "recipes", "--recipe", "pixel-gru", "--lr", "0"])

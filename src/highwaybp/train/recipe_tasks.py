@@ -58,6 +58,12 @@ class Recipe:
     config: dict[str, Any] = field(default_factory=dict)
 
 
+def _given(value: Any, default: Any) -> Any:
+    """A command-line value, or the recipe's default where none was given (None; a 0 given
+    stays 0: `value or default` would silently replace it)."""
+    return default if value is None else value
+
+
 def detach(carry: Any) -> Any:
     if carry is None:
         return None
@@ -247,7 +253,7 @@ def _char_data(seq: int, batch: int, seed: int) -> tuple[Any, Callable, Callable
 
 
 def charlm_recipe(args: Any, seed: int) -> Recipe:
-    lr, bsz, clip = args.lr or 3e-3, args.batch or 32, 1.0 if args.clip is None else args.clip
+    lr, bsz, clip = _given(args.lr, 3e-3), _given(args.batch, 32), _given(args.clip, 1.0)
     corpus, batch_of, valid_loss = _char_data(128, bsz, seed)
 
     def loss_of(model: nn.Module, b: tuple[Tensor, Tensor]) -> Tensor:
@@ -265,7 +271,7 @@ def charlm_recipe(args: Any, seed: int) -> Recipe:
 def chargpt_recipe(args: Any, seed: int) -> Recipe:
     from highwaybp.models.transformer import GPT
 
-    lr, bsz, clip = args.lr or 3e-3, args.batch or 32, 1.0 if args.clip is None else args.clip
+    lr, bsz, clip = _given(args.lr, 3e-3), _given(args.batch, 32), _given(args.clip, 1.0)
     corpus, batch_of, valid_loss = _char_data(64, bsz, seed)
 
     def loss_of(model: nn.Module, b: tuple[Tensor, Tensor]) -> Tensor:
@@ -311,20 +317,20 @@ def _digits_recipe(name: str, side: int, make_model: Callable[[], nn.Module],
 
 
 def pixel_recipe(args: Any, seed: int) -> Recipe:
-    clip = 1.0 if args.clip is None else args.clip
+    clip = _given(args.clip, 1.0)
     return _digits_recipe("pixel-gru", 8, PixelGRU, "GRU 64 over 64 pixels (T = 64)",
-                          args.lr or 3e-3, args.batch or 64, clip, seed)
+                          _given(args.lr, 3e-3), _given(args.batch, 64), clip, seed)
 
 
 def resnet_recipe(args: Any, seed: int) -> Recipe:
     from highwaybp.models.resnet import CifarResNet
 
-    clip = 0.0 if args.clip is None else args.clip
+    clip = _given(args.clip, 0.0)
     return _digits_recipe(
         "resnet20", 16,
         lambda: CifarResNet(20, form="pre", downsample="updown", in_channels=1, width=16),
-        "pre-act ResNet20 (updown, K = I), width 16, L = 9", args.lr or 1e-3,
-        args.batch or 64, clip, seed)
+        "pre-act ResNet20 (updown, K = I), width 16, L = 9", _given(args.lr, 1e-3),
+        _given(args.batch, 64), clip, seed)
 
 
 def make_recipe(args: Any, seed: int) -> Recipe:

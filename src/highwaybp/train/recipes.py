@@ -44,7 +44,13 @@ from highwaybp.core.fidelity import changed_parameters, compare_gradients, use_m
 from highwaybp.core.methods import Exact, Highway, method_from_string
 from highwaybp.core.replay import buffers_restored
 from highwaybp.schedules import schedule_from_string
-from highwaybp.train.cli_types import nonneg_float, nonneg_int, out_dir, positive_int
+from highwaybp.train.cli_types import (
+    nonneg_float,
+    nonneg_int,
+    out_dir,
+    positive_float,
+    positive_int,
+)
 from highwaybp.train.io import atomic_write_json, check_resume_config, save_figure
 from highwaybp.train.loop import StopGuard, TrainLoop, echo, stopped_message
 from highwaybp.train.recipe_tasks import (
@@ -371,7 +377,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--dropout", type=float, default=0.2)
     p.add_argument("--batch", type=positive_int, default=None,
                    help="batch size (default: the recipe's; word LMs 20)")
-    p.add_argument("--lr", type=float, default=None,
+    p.add_argument("--lr", type=positive_float, default=None,
                    help="learning rate (default: the recipe's; word LMs 20)")
     p.add_argument("--clip", type=nonneg_float, default=None,
                    help="gradient-norm clip, 0 off (default: the recipe's; word LMs 0.25)")
