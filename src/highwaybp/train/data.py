@@ -130,6 +130,11 @@ def char_corpus(path: str | Path | None = None, max_chars: int = 2_000_000) -> C
         if not path.is_file():
             raise FileNotFoundError(f"text corpus {path} not found: pass an existing text file")
         text = path.read_text(encoding="utf-8", errors="replace")[:max_chars]
+    return char_corpus_of_text(text)
+
+
+def char_corpus_of_text(text: str) -> CharCorpus:
+    """`text`'s characters as ids, split 90/10 in order, with its sorted vocabulary."""
     vocab = sorted(set(text))
     lookup = {ch: i for i, ch in enumerate(vocab)}
     ids = torch.tensor([lookup[ch] for ch in text], dtype=torch.int64)

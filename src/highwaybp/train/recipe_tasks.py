@@ -225,14 +225,9 @@ class CharGRU(nn.Module):
 
 
 def _char_data(seq: int, batch: int, seed: int) -> tuple[Any, Callable, Callable]:
-    from highwaybp.train.data import CharCorpus
+    from highwaybp.train.data import char_corpus_of_text
 
-    text = shipped_text()
-    vocab = sorted(set(text))
-    lookup = {ch: i for i, ch in enumerate(vocab)}
-    ids = torch.tensor([lookup[ch] for ch in text], dtype=torch.int64)
-    split = int(len(ids) * 0.9)
-    corpus = CharCorpus(ids[:split], ids[split:], vocab)
+    corpus = char_corpus_of_text(shipped_text())
 
     def batch_of(step: int) -> tuple[Tensor, Tensor]:
         return corpus.batch("train", batch, seq,

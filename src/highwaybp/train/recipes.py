@@ -47,6 +47,7 @@ from highwaybp.schedules import schedule_from_string
 from highwaybp.train.cli_types import (
     nonneg_float,
     nonneg_int,
+    nonneg_int_list,
     out_dir,
     positive_float,
     positive_int,
@@ -338,16 +339,6 @@ def arm_list(text: str) -> list[str]:
     return names
 
 
-def int_list(text: str) -> list[int]:
-    try:
-        values = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
-    if not values or min(values) < 0:
-        raise argparse.ArgumentTypeError(f"expected ints >= 0, got {text!r}")
-    return values
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "recipes", help="standard recipes: exact vs plain vs Anderson-mixed Highway vs auto",
@@ -361,13 +352,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--arms", type=arm_list, default=arm_list(DEFAULT_ARMS),
                    help="';'-separated methods and/or 'auto' ('auto:<options>', e.g. "
                         f"'auto:break_even=5') (default {DEFAULT_ARMS!r})")
-    p.add_argument("--seeds", type=int_list, default=[0, 1, 2])
+    p.add_argument("--seeds", type=nonneg_int_list, default=[0, 1, 2])
     p.add_argument("--steps", type=positive_int, default=300)
     p.add_argument("--eval-every", type=positive_int, default=100)
     p.add_argument("--probe-every", type=nonneg_int, default=100,
                    help="cosine curves on the exact arm every N steps (0: off)")
-    p.add_argument("--probe-k", type=int_list, default=[1, 2, 3, 5, 8])
-    p.add_argument("--probe-anderson", type=int_list, default=[5])
+    p.add_argument("--probe-k", type=nonneg_int_list, default=[1, 2, 3, 5, 8])
+    p.add_argument("--probe-anderson", type=nonneg_int_list, default=[5])
     g = p.add_argument_group("word LMs (the other recipes: see highwaybp.train.recipe_tasks)")
     g.add_argument("--layers", type=positive_int, default=2)
     g.add_argument("--embed", type=positive_int, default=200)
