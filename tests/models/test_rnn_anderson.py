@@ -32,8 +32,9 @@ def _setup(cell: str, seed: int = 0):
     return ref, x, h0, c0, w_y
 
 
-def _dense(cell, ref, x, h0, c0, w_y):
-    """(w0, F, [dx_t/d state rows]) on the state s = h (GRU) or [c, h] (LSTM), flattened."""
+def _dense(cell, ref, x, h0, c0, w_y, split="gate"):
+    """(w0, F, [dx_t/d state rows]) on the state s = h (GRU) or [c, h] (LSTM), flattened.
+    split="diagonal": K_t = the diagonal of the explicit Jacobian itself."""
     lstm = cell == "lstm"
     s = torch.cat([c0, h0], -1) if lstm else h0
     mats, x_jacs = [], []
@@ -42,7 +43,10 @@ def _dense(cell, ref, x, h0, c0, w_y):
             shape = s.shape
             full = jacobian(lambda v, t=t, sh=shape: ref(x[t], v.reshape(sh)).reshape(-1),
                             s.reshape(-1))
-            k = torch.diag(ref.residual_gate(x[t], s).reshape(-1))
+            if split == "diagonal":
+                k = torch.diag(torch.diagonal(full))
+            else:
+                k = torch.diag(ref.residual_gate(x[t], s).reshape(-1))
             mats.append((k, full - k))
             x_jacs.append(jacobian(lambda u, sv=s: ref(u.reshape(B, IN), sv).reshape(-1),
                                    x[t].reshape(-1)))
@@ -58,9 +62,9 @@ def _dense(cell, ref, x, h0, c0, w_y):
     return w0, F, x_jacs
 
 
-def _module_grads(cell, ref, x, h0, c0, w_y, method, iterate):
+def _module_grads(cell, ref, x, h0, c0, w_y, method, iterate, **kw):
     lstm = cell == "lstm"
-    m = (LSTM if lstm else GRU)(IN, H, iterate=iterate, method=method).double()
+    m = (LSTM if lstm else GRU)(IN, H, iterate=iterate, method=method, **kw).double()
     m.load_state_dict({f"{k}_l0": v for k, v in ref.state_dict().items()})
     xs = x.clone().requires_grad_(True)
     h = h0.clone()[None].requires_grad_(True)
@@ -170,3 +174,45 @@ def test_window_memory_is_2m_states(cell):
     plain = peak(0)
     for m in (2, 3, 5):
         assert peak(m) - plain == 2 * m * state_bytes
+
+
+def _plain_dense(w0, F, k):
+    w = w0
+    for _ in range(k):
+        w = F(w)
+    return w
+
+
+@pytest.mark.parametrize("iterate", ["fast", "reference"])
+@pytest.mark.parametrize(("forward", "scan"), [("loop", "sequential"), ("fused", "log")])
+@pytest.mark.parametrize("m", [0, 3])
+def test_gru_diagonal_split_equals_the_dense_reference_at_every_k(iterate, forward, scan, m):
+    """split="diagonal": K_t = diag of the explicit Jacobian (independent of the engine's
+    coefficients and zeroed W_hh diagonals), plain (m = 0) and mixed, every k; and it is
+    not the gate split's estimate."""
+    ref, x, h0, c0, w_y = _setup("gru", seed=5)
+    w0, F, x_jacs = _dense("gru", ref, x, h0, c0, w_y, split="diagonal")
+    gate_w0, gate_F, _ = _dense("gru", ref, x, h0, c0, w_y)
+    exact = exact_dense(w0, F, T)
+    for k in range(1, T + 2):
+        method = hbp.Highway(k=k, anderson=m)
+        dx, ds, _ = _module_grads("gru", ref, x, h0, c0, w_y, method, iterate, split="diagonal",
+                                  forward=forward, scan=scan)
+        if k >= T:
+            want = exact
+        else:
+            want = dense_anderson(w0, F, k, m) if m else _plain_dense(w0, F, k)
+            gate = dense_anderson(gate_w0, gate_F, k, m) if m else _plain_dense(gate_w0, gate_F, k)
+            assert not np.allclose(want, gate, rtol=1e-3, atol=1e-6)  # another estimate
+        want_dx, want_ds = _rows_to_grads(want, x_jacs, False)
+        np.testing.assert_allclose(ds.numpy(), want_ds, rtol=1e-9, atol=1e-11)
+        np.testing.assert_allclose(dx.numpy(), want_dx, rtol=1e-9, atol=1e-11)
+
+
+def test_split_choices_are_checked_and_shown():
+    assert "split='diagonal'" in repr(GRU(IN, H, split="diagonal"))
+    assert "split" not in repr(GRU(IN, H))
+    with pytest.raises(ValueError, match="split must be one of"):
+        GRU(IN, H, split="jacobian")
+    with pytest.raises(ValueError, match="GRU only"):
+        LSTM(IN, H, split="diagonal")

@@ -17,6 +17,14 @@ T, B, IN, H = 5, 2, 3, 4
 PAIRS = {"gru": (GRU, nn.GRU), "lstm": (LSTM, nn.LSTM)}
 pytestmark = pytest.mark.filterwarnings("ignore:dropout option adds dropout")
 PATHS = [(f, s) for f in ("loop", "fused") for s in ("sequential", "log")]
+# the GRU with K_t = diag(J_t) ("diagonal" split) runs every path too
+CELLS = ["gru", "gru-diagonal", "lstm"]
+
+
+def _split(cell: str) -> tuple[str, dict]:
+    """"gru-diagonal" -> ("gru", {"split": "diagonal"})."""
+    name, _, split = cell.partition("-")
+    return name, ({"split": split} if split else {})
 
 
 def _model(cell, layers, dtype, dropout=0.0, batch_first=False, bias=True, **kw):
@@ -62,7 +70,7 @@ EXACT_METHODS = [  # every one is exact at k >= T
 ]
 
 
-@pytest.mark.parametrize("cell", ["gru", "lstm"])
+@pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize(("forward", "scan"), PATHS)
 @pytest.mark.parametrize("layers", [1, 2])
 @pytest.mark.parametrize("dropout", [0.0, 0.5])
@@ -75,7 +83,9 @@ def test_every_path_is_torch_autograd_at_k_equal_T(
     FixedPoint k = T, adaptive to T) equal torch.nn's autograd to 1e-10, in training mode
     (the same dropout masks under the same seed)."""
     dtype = torch.float64
-    m, ref = _model(cell, layers, dtype, dropout, batch_first, forward=forward, scan=scan)
+    cell, split = _split(cell)
+    m, ref = _model(cell, layers, dtype, dropout, batch_first, forward=forward, scan=scan,
+                    **split)
     x, hx, extra, weights = _data(cell, layers, dtype, batch_first, with_h0, seed=layers)
     want = _grads(cell, ref, x, hx, extra, weights)
     for method in EXACT_METHODS:
@@ -96,18 +106,19 @@ INEXACT_METHODS = [
 TOL = {torch.float64: dict(rtol=1e-11, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-6)}
 
 
-@pytest.mark.parametrize("cell", ["gru", "lstm"])
+@pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("layers", [1, 2])
 @pytest.mark.parametrize("variant", ["plain", "dropout_batch_first_h0", "no_bias"])
 def test_fused_and_log_paths_equal_the_loop_at_every_k(cell, dtype, layers, variant):
     """Every (forward, scan) path's gradient equals the loop + sequential path's (the CPU
     default) at truncations that are not exact, to rounding, with the same diagnostics."""
+    cell, split = _split(cell)
     opts = {
         "plain": dict(),
         "dropout_batch_first_h0": dict(dropout=0.3, batch_first=True),
         "no_bias": dict(bias=False),
-    }[variant]
+    }[variant] | split
     with_h0 = variant == "dropout_batch_first_h0"
     x, hx, extra, weights = _data(cell, layers, dtype, opts.get("batch_first", False), with_h0,
                                   seed=7)  # fmt: skip

@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 
+import highwaybp as hbp
 from highwaybp.cli import main
 from highwaybp.train.recipe_tasks import batchify, shipped_text, word_corpus
 
@@ -165,3 +166,24 @@ def test_recipe_flags_reach_the_recipe_and_a_zero_clip_is_kept():
     assert default.clip == 1.0 and len(default.batch(0)[1]) == 64
     with pytest.raises(SystemExit):
         main(["experiment", "recipes", "--recipe", "pixel-gru", "--lr", "0"])
+
+
+@pytest.mark.parametrize("recipe", ["wordlm-gru", "charlm-gru", "pixel-gru"])
+def test_split_reaches_every_gru_recipe_and_other_recipes_refuse_it(recipe, tmp_path):
+    import argparse
+
+    from highwaybp.train.recipe_tasks import make_recipe
+
+    args = argparse.Namespace(recipe=recipe, lr=None, batch=None, clip=None, split="diagonal",
+                              text=str(_corpus(tmp_path / "c.txt")), tokenize="raw",
+                              embed=8, hidden=8, layers=1, dropout=0.0, bptt=5, eval_batch=2)
+    if recipe == "wordlm-gru":
+        args.batch = 2
+    model = make_recipe(args, 0).make_model()
+    grus = [m for m in model.modules() if isinstance(m, hbp.GRU)]
+    assert [m.split for m in grus] == ["diagonal"]
+    assert "split=diagonal" in make_recipe(args, 0).config["model"]
+    for other in ("wordlm-lstm", "resnet20", "chargpt"):
+        with pytest.raises(SystemExit, match="--split diagonal is for the GRU recipes"):
+            main(["experiment", "recipes", "--recipe", other, "--split", "diagonal",
+                  "--out", str(tmp_path / "o")])

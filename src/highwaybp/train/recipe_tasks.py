@@ -37,6 +37,7 @@ from highwaybp.models.rnn import GRU, LSTM
 
 WORD_RECIPES = ("wordlm-gru", "wordlm-lstm")
 RECIPES = (*WORD_RECIPES, "charlm-gru", "pixel-gru", "resnet20", "chargpt")
+GRU_RECIPES = ("wordlm-gru", "charlm-gru", "pixel-gru")  # the ones --split applies to
 
 
 @dataclass
@@ -62,6 +63,15 @@ def _given(value: Any, default: Any) -> Any:
     """A command-line value, or the recipe's default where none was given (None; a 0 given
     stays 0: `value or default` would silently replace it)."""
     return default if value is None else value
+
+
+def _split(args: Any) -> str:
+    """The GRU recipes' `split` (highwaybp.GRU's K_t: "gate" or "diagonal")."""
+    return getattr(args, "split", "gate")
+
+
+def _split_text(args: Any) -> str:
+    return "" if _split(args) == "gate" else f", split={_split(args)}"
 
 
 def detach(carry: Any) -> Any:
@@ -143,12 +153,12 @@ class WordLM(nn.Module):
     -> Linear, pytorch/examples' RNNModel (untied, uniform(-0.1, 0.1) init)."""
 
     def __init__(self, vocab: int, cell: str, embed: int, hidden: int, layers: int,
-                 dropout: float) -> None:
+                 dropout: float, split: str = "gate") -> None:
         super().__init__()
         self.drop = nn.Dropout(dropout)
         self.encoder = nn.Embedding(vocab, embed)
         rnn = GRU if cell == "gru" else LSTM
-        self.rnn = rnn(embed, hidden, num_layers=layers, dropout=dropout)
+        self.rnn = rnn(embed, hidden, num_layers=layers, dropout=dropout, split=split)
         self.decoder = nn.Linear(hidden, vocab)
         self.cell, self.layers, self.hidden = cell, layers, hidden
         nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
@@ -197,7 +207,7 @@ def word_recipe(args: Any) -> Recipe:
     return Recipe(
         args.recipe, "valid perplexity",
         lambda: WordLM(corpus.vocab_size, cell, args.embed, args.hidden, args.layers,
-                       args.dropout),
+                       args.dropout, _split(args)),
         lambda m: torch.optim.SGD(m.parameters(), lr=args.lr), batch, loss,
         lambda m: perplexity(m, valid, args.bptt), args.clip,
         init_carry=lambda: zero_hidden(cell, args.layers, args.batch, args.hidden),
@@ -205,7 +215,7 @@ def word_recipe(args: Any) -> Recipe:
         config={"corpus": f"{len(corpus.train)} train tokens, vocab {corpus.vocab_size} "
                           f"({args.tokenize})",
                 "model": f"{args.layers}-layer {cell.upper()} {args.hidden}, embedding "
-                         f"{args.embed}, dropout {args.dropout}",
+                         f"{args.embed}, dropout {args.dropout}{_split_text(args)}",
                 "optimizer": f"SGD lr {args.lr}, clip {args.clip}",
                 "batch": f"bptt {args.bptt} x {args.batch}"})
 
@@ -214,10 +224,11 @@ def word_recipe(args: Any) -> Recipe:
 class CharGRU(nn.Module):
     """Embedding [V, 64] -> highwaybp GRU (hidden 256) -> Linear; x [B, T] ids."""
 
-    def __init__(self, vocab: int, embed: int = 64, hidden: int = 256) -> None:
+    def __init__(self, vocab: int, embed: int = 64, hidden: int = 256,
+                 split: str = "gate") -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, embed)
-        self.rnn = GRU(embed, hidden, batch_first=True)
+        self.rnn = GRU(embed, hidden, batch_first=True, split=split)
         self.head = nn.Linear(hidden, vocab)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -255,11 +266,13 @@ def charlm_recipe(args: Any, seed: int) -> Recipe:
         return _ce(model(b[0]), b[1])
 
     return Recipe(
-        "charlm-gru", "valid loss (nats/char)", lambda: CharGRU(corpus.vocab_size),
+        "charlm-gru", "valid loss (nats/char)",
+        lambda: CharGRU(corpus.vocab_size, split=_split(args)),
         lambda m: torch.optim.Adam(m.parameters(), lr=lr), batch_of,
         lambda m, b, carry: (loss_of(m, b), None), lambda m: valid_loss(m, loss_of), clip,
         config={"corpus": f"{len(corpus.train)} train chars, vocab {corpus.vocab_size}",
-                "model": "GRU 256, embedding 64", "optimizer": f"Adam lr {lr}, clip {clip}",
+                "model": f"GRU 256, embedding 64{_split_text(args)}",
+                "optimizer": f"Adam lr {lr}, clip {clip}",
                 "batch": f"128 x {bsz}"})
 
 
@@ -288,9 +301,9 @@ class PixelGRU(nn.Module):
     """The pixel GRU classifier: one pixel per time step (T = 64 for 8x8 digits), GRU 64,
     a linear head on the last hidden state. x [B, 1, 8, 8] -> logits [B, 10]."""
 
-    def __init__(self, hidden: int = 64, classes: int = 10) -> None:
+    def __init__(self, hidden: int = 64, classes: int = 10, split: str = "gate") -> None:
         super().__init__()
-        self.rnn = GRU(1, hidden, batch_first=True)
+        self.rnn = GRU(1, hidden, batch_first=True, split=split)
         self.head = nn.Linear(hidden, classes)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -313,7 +326,8 @@ def _digits_recipe(name: str, side: int, make_model: Callable[[], nn.Module],
 
 def pixel_recipe(args: Any, seed: int) -> Recipe:
     clip = _given(args.clip, 1.0)
-    return _digits_recipe("pixel-gru", 8, PixelGRU, "GRU 64 over 64 pixels (T = 64)",
+    return _digits_recipe("pixel-gru", 8, lambda: PixelGRU(split=_split(args)),
+                          f"GRU 64 over 64 pixels (T = 64){_split_text(args)}",
                           _given(args.lr, 3e-3), _given(args.batch, 64), clip, seed)
 
 

@@ -43,6 +43,7 @@ from highwaybp.control import KController
 from highwaybp.core.fidelity import changed_parameters, compare_gradients, use_method
 from highwaybp.core.methods import Exact, Highway, method_from_string
 from highwaybp.core.replay import buffers_restored
+from highwaybp.models.rnn.engine import SPLITS
 from highwaybp.schedules import schedule_from_string
 from highwaybp.train.cli_types import (
     nonneg_float,
@@ -55,6 +56,7 @@ from highwaybp.train.cli_types import (
 from highwaybp.train.io import atomic_write_json, check_resume_config, save_figure
 from highwaybp.train.loop import StopGuard, TrainLoop, echo, stopped_message
 from highwaybp.train.recipe_tasks import (
+    GRU_RECIPES,
     RECIPES,
     TOKENIZERS,
     WORD_RECIPES,
@@ -359,6 +361,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="cosine curves on the exact arm every N steps (0: off)")
     p.add_argument("--probe-k", type=nonneg_int_list, default=[1, 2, 3, 5, 8])
     p.add_argument("--probe-anderson", type=nonneg_int_list, default=[5])
+    p.add_argument("--split", choices=tuple(SPLITS), default="gate",
+                   help="the GRU recipes' highwaybp.GRU(split=...): gate (K_t = diag(z_t), "
+                        "the paper's) or diagonal (K_t = diag(J_t)); default gate")
     g = p.add_argument_group("word LMs (the other recipes: see highwaybp.train.recipe_tasks)")
     g.add_argument("--layers", type=positive_int, default=2)
     g.add_argument("--embed", type=positive_int, default=200)
@@ -438,6 +443,9 @@ def run(args: argparse.Namespace) -> int:
                 setattr(args, key, value)
     elif args.text is not None:
         raise SystemExit(f"recipes: --text is for the word LMs, not {args.recipe}")
+    if args.split != "gate" and args.recipe not in GRU_RECIPES:
+        raise SystemExit(f"recipes: --split {args.split} is for the GRU recipes "
+                         f"({', '.join(GRU_RECIPES)}), not {args.recipe}")
     root = Path(args.out) / args.recipe
     check_resume_config(root, {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG})
     use_threads(args.threads, "highwaybp experiment recipes")

@@ -17,6 +17,13 @@ from torch import Tensor
 from highwaybp.core.scan import reverse_scan_blocked_rows
 
 SCAN_MODES = ("sequential", "log")  # an engine's time scans (the module's "auto" resolves)
+# What K_t, the part of the step Jacobian J_t = dh_t/dh_{t-1} that the Highway iteration's
+# scan applies exactly (the rest, J_t - K_t, is the per-iteration VJP), can be:
+SPLITS = {
+    "gate": "diag of the gate that keeps the state (GRU: z_t; LSTM: f_t on c): the paper's",
+    "diagonal": "the whole diagonal of J_t (GRU only): the gate plus the diagonal of every "
+                "other path from h_{t-1}_j to h_t_j",
+}
 
 class BufferPool:
     """Reusable scratch tensors keyed by (shape, dtype, device).
@@ -142,6 +149,7 @@ class Engine:
 
     num_gates: int
     state_parts: int  # 1 (h) or 2 (c, h)
+    splits: tuple[str, ...] = ("gate",)  # what K_t can be (`SPLITS` documents each)
     chunk_bytes = 2 << 20  # target size of one chunk of gate adjoints (fits a CPU's L2/L3)
 
     def __init__(
@@ -154,9 +162,14 @@ class Engine:
         b_ih: Optional[Tensor],
         b_hh: Optional[Tensor],
         scan: str = "sequential",
+        split: str = "gate",
     ) -> None:
         if scan not in SCAN_MODES:
             raise ValueError(f"engine scan must be one of {SCAN_MODES}, got {scan!r}")
+        if split not in self.splits:
+            raise ValueError(f"{type(self).__name__} split must be one of {self.splits}, got "
+                             f"{split!r}")
+        self.split = split
         self.pool = pool
         self.x, self.h0 = x, h0
         self.w_ih, self.w_hh, self.b_ih, self.b_hh = w_ih, w_hh, b_ih, b_hh
@@ -257,19 +270,32 @@ class Engine:
         # the sweeps' block VJP: gate adjoints [chunk * B, G*H] @ W_hh (weight W_hh^T [H, G*H])
         self.w_hh_t = self.w_hh.t().contiguous()
         self.sweep_linear = PackedLinear(self.w_hh_t, c * B) if self.onednn else None
+        # The sweeps of the split iteration multiply by the part of W_hh outside K: all of it
+        # when K is the gate (the gate's z w is not a matmul term); with K = the Jacobian's
+        # diagonal, W_hh with each gate block's diagonal zeroed, so that the same one matmul
+        # gives w (J - K) (the zeroed entries' terms are in K, `GRUEngine.prepare`).
+        self.split_w_hh, self.split_linear = self.w_hh, self.sweep_linear
+        if self.split == "diagonal":
+            w = self.w_hh.detach().clone(memory_format=torch.contiguous_format)
+            w.view(self.num_gates, H, H).diagonal(dim1=1, dim2=2).zero_()
+            self.split_w_hh = w
+            self.split_linear = PackedLinear(w.t().contiguous(), c * B) if self.onednn else None
         self.gate_adj = self.take(c, B, self.num_gates * H)  # [chunk, B, G*H] gate adjoints
         self.gate_adj_by_gate = self.gate_adj.view(c, B, self.num_gates, H)  # [chunk, B, G, H]
         self.chunk_scratch = self.take(c, B, H)  # [chunk, B, H] per-chunk scratch
         self.ones = self.x.new_ones(c * B)
 
-    def _block_matmul(self, n: int, out: Tensor) -> None:
-        """out [n, B, H] <- the first n chunk rows of gate adjoints @ W_hh (in place)."""
+    def _block_matmul(self, n: int, out: Tensor, full: bool = True) -> None:
+        """out [n, B, H] <- the first n chunk rows of gate adjoints @ W_hh (in place); with
+        full=False, @ the split's W_hh (`_chunk_buffers`: the part of W_hh outside K)."""
         g2 = self.gate_adj[:n].view(n * self.B, self.num_gates * self.H)
         out2 = out.view(n * self.B, self.H)
-        if self.sweep_linear is None:
-            torch.mm(g2, self.w_hh, out=out2)
+        weight, linear = ((self.w_hh, self.sweep_linear) if full
+                          else (self.split_w_hh, self.split_linear))  # fmt: skip
+        if linear is None:
+            torch.mm(g2, weight, out=out2)
         else:
-            out2.copy_(self.sweep_linear(g2))
+            out2.copy_(linear(g2))
 
     def _add_loss_rows_(self, out_h: Tensor, s: int, e: int) -> None:
         """out_h (rows s..e-1 of the h part) += g_s..g_{e-1} (g_0 = 0, g_i = grad_y[i-1])."""

@@ -49,12 +49,13 @@ class _LayerRun:
     engine: Optional[Engine] = field(default=None, repr=False)
     forward_path: str = "loop"  # "loop" (the engine's tape-free loop) or "fused" (torch's kernel)
     scan: str = "sequential"  # the engine's time scans: "sequential" or "log"
+    split: str = "gate"  # what K_t is (engine.SPLITS)
 
 
 def _make_engine(run: _LayerRun, x, h0, c0, w_ih, w_hh, b_ih, b_hh) -> Engine:
     if c0 is None:
-        return GRUEngine(run.pool, x, h0, w_ih, w_hh, b_ih, b_hh, run.scan)
-    return LSTMEngine(run.pool, x, h0, c0, w_ih, w_hh, b_ih, b_hh, run.scan)
+        return GRUEngine(run.pool, x, h0, w_ih, w_hh, b_ih, b_hh, run.scan, run.split)
+    return LSTMEngine(run.pool, x, h0, c0, w_ih, w_hh, b_ih, b_hh, run.scan, run.split)
 
 
 @register_method_function

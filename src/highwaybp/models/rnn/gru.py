@@ -5,8 +5,11 @@
     n = tanh(x W_in^T + b_in + r * (h W_hn^T + b_hn))
     h' = (1 - z) * n + z * h
 
-Highway split: K_t = diag(z_t). torch's z is the *kept* fraction (the paper writes the GRU
-with the roles swapped, K = diag(1 - z)); the code follows torch. Adjoint states are
+Highway split (`split="gate"`, the paper's): K_t = diag(z_t). torch's z is the *kept*
+fraction (the paper writes the GRU with the roles swapped, K = diag(1 - z)); the code follows
+torch. `split="diagonal"`: K_t = diag(J_t), the whole diagonal of the step Jacobian
+dh_t/dh_{t-1}: z_t + Pr diag(W_hr) + Pz diag(W_hz) + Pn r diag(W_hn) (the coefficients of
+`prepare`); the sweeps then multiply by W_hh with those diagonals zeroed. Adjoint states are
 [T+1, B, H]. `reference.GRUCellRef` is the same math in plain autograd.
 """
 
@@ -25,6 +28,7 @@ class GRUEngine(Engine):
 
     num_gates = 3
     state_parts = 1
+    splits = ("gate", "diagonal")
 
     def forward(self) -> Tensor:
         """Run the recurrence; returns the states h_0..h_T [T+1, B, H] (a fresh tensor).
@@ -133,7 +137,20 @@ class GRUEngine(Engine):
         self.Z = Z
         self.pn = self.N
         self.coeff_by_gate = self.G.view(self.T, self.B, 3, H)  # [T, B, 3, H]: Pr, Pz, Pn r
+        self.keep = Z if self.split == "gate" else self._jacobian_diagonal()
         self.prepared = True
+
+    def _jacobian_diagonal(self) -> Tensor:
+        """diag(J_t) [T, B, H] = z_t + sum over the gates of coefficient * diag(W_h.): the
+        entries of w (J_t - diag(z_t)) = (w * [Pr, Pz, Pn r]) @ W_hh where row and column
+        are the same unit j."""
+        H = self.H
+        diag = self.w_hh.reshape(3, H, H).diagonal(dim1=1, dim2=2)  # [3, H]: W_hr, W_hz, W_hn
+        out = self.take(self.T, self.B, H)
+        c = self.coeff_by_gate
+        torch.addcmul(self.Z, c[:, :, 0], diag[0], out=out)
+        out.addcmul_(c[:, :, 1], diag[1]).addcmul_(c[:, :, 2], diag[2])
+        return out
 
     def sweep(
         self,
@@ -144,9 +161,10 @@ class GRUEngine(Engine):
         scan: bool = False,
         norms: bool = False,
     ) -> Optional[tuple[float, float]]:
-        """out <- [scan](v + [g]) with v_i = w_{i+1} J_{i+1} (full: w_{i+1} df_{i+1}/dh_i)
-        for i < T and v_T = 0, chunk by chunk from the end. With norms, returns
-        (||out - w||, ||out||). One Highway iteration is sweep(w, out, False, True, True, True).
+        """out <- [scan](v + [g]) with v_i = w_{i+1} (J_{i+1} - K_{i+1}) (full: w_{i+1}
+        df_{i+1}/dh_i) for i < T and v_T = 0, chunk by chunk from the end; the scan is by K
+        (`self.keep`). With norms, returns (||out - w||, ||out||). One Highway iteration is
+        sweep(w, out, False, True, True, True).
         """
         T = self.T
         if with_loss:
@@ -156,34 +174,35 @@ class GRUEngine(Engine):
         acc: list[Tensor] = []
         if norms:
             self._sq(out[T:], w[T:], acc)
-        rows, zs = out.unbind(0), self.z.unbind(0)
+        rows, keeps = out.unbind(0), self.keep.unbind(0)
         for s, e in self.chunks():
             n = e - s
             gate_adj_g = self.gate_adj_by_gate[:n]
             torch.mul(w[s + 1 : e + 1].unsqueeze(2), self.coeff_by_gate[s:e], out=gate_adj_g)
             oc = out[s:e]
-            self._block_matmul(n, oc)
+            self._block_matmul(n, oc, full)
             if full:
                 oc.addcmul_(self.z[s:e], w[s + 1 : e + 1])
             if with_loss:
                 self._add_loss_rows_(oc, s, e)
             if scan and self.log_scan:  # one chunk: s = 0, e = T
-                self._reverse_scan_(out[s : e + 1], self.z[s:e])
+                self._reverse_scan_(out[s : e + 1], self.keep[s:e])
             elif scan:
                 for i in range(e - 1, s - 1, -1):
-                    rows[i].addcmul_(zs[i], rows[i + 1])
+                    rows[i].addcmul_(keeps[i], rows[i + 1])
             if norms:
                 self._sq(oc, w[s:e], acc)
         return self._norms(acc) if norms else None
 
     def block_vjp(self, w: Tensor, out: Tensor, full: bool) -> Tensor:
-        """out_i = w_{i+1} J_{i+1} (full: w_{i+1} df_{i+1}/dh_i) for i < T, out_T = 0."""
+        """out_i = w_{i+1} (J_{i+1} - K_{i+1}) (full: w_{i+1} df_{i+1}/dh_i) for i < T,
+        out_T = 0."""
         self.sweep(w, out, full)
         return out
 
     def scan_(self, x: Tensor) -> Tensor:
-        """In place: x_i += z_{i+1} * x_{i+1}, from i = T-1 down to 0."""
-        self._reverse_scan_(x, self.z)
+        """In place: x_i += K_{i+1} * x_{i+1}, from i = T-1 down to 0."""
+        self._reverse_scan_(x, self.keep)
         return x
 
     def exact_backward(self, out: Tensor) -> Tensor:

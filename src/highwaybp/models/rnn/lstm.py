@@ -22,8 +22,9 @@ class LSTMEngine(Engine):
     num_gates = 4
     state_parts = 2
 
-    def __init__(self, pool, x, h0, c0, w_ih, w_hh, b_ih, b_hh, scan="sequential") -> None:
-        super().__init__(pool, x, h0, w_ih, w_hh, b_ih, b_hh, scan)
+    def __init__(self, pool, x, h0, c0, w_ih, w_hh, b_ih, b_hh, scan="sequential",
+                 split="gate") -> None:
+        super().__init__(pool, x, h0, w_ih, w_hh, b_ih, b_hh, scan, split)
         self.c0 = c0
 
     def forward(self) -> tuple[Tensor, Tensor]:

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from highwaybp.core.iteration import Diagnostics
 from highwaybp.core.methods import Exact, Method, check_method
-from highwaybp.models.rnn.engine import BufferPool
+from highwaybp.models.rnn.engine import SPLITS, BufferPool
 from highwaybp.models.rnn.function import _LayerRun, _make_engine, apply_layer
 from highwaybp.models.rnn.fused import (
     FORWARD_MODES,
@@ -50,6 +50,7 @@ class _HighwayRNNBase(nn.Module):
         record_step_norms: bool = False,
         forward: str = "auto",
         scan: str = "auto",
+        split: str = "gate",
         device: Any = None,
         dtype: Any = None,
     ) -> None:
@@ -85,6 +86,7 @@ class _HighwayRNNBase(nn.Module):
         self.iterate = iterate
         self.forward_path = check_choice("forward", forward, FORWARD_MODES)
         self.scan = check_choice("scan", scan, SCAN_CHOICES)
+        self.split = self._check_split(split)
         self.record_step_norms = record_step_norms
         self.last_diagnostics: Optional[Diagnostics] = None
         self.layer_diagnostics: list[Optional[Diagnostics]] = [None] * num_layers
@@ -128,6 +130,15 @@ class _HighwayRNNBase(nn.Module):
                 "highwaybp.LSTM without projections followed by an nn.Linear on the outputs "
                 "(a different model: the projection is then outside the recurrence)"
             )
+
+    def _check_split(self, split: str) -> str:
+        """One of `engine.SPLITS` this cell's engine implements (GRU: both; LSTM: "gate")."""
+        if split == "diagonal" and self.mode == "LSTM":
+            raise ValueError(
+                "LSTM: split='diagonal' is implemented for highwaybp.GRU only; the LSTM's "
+                "split is its forget gate on the cell state (split='gate', the default)"
+            )
+        return check_choice("split", split, tuple(SPLITS))
 
     def reset_parameters(self) -> None:
         """torch.nn's init: every parameter ~ U(-1/sqrt(hidden), 1/sqrt(hidden))."""
@@ -174,6 +185,8 @@ class _HighwayRNNBase(nn.Module):
             text += f", forward={self.forward_path!r}"
         if getattr(self, "scan", "auto") != "auto":
             text += f", scan={self.scan!r}"
+        if getattr(self, "split", "gate") != "gate":
+            text += f", split={self.split!r}"
         return text + f", method={self.method!r}"
 
     # ---- input checks -------------------------------------------------------------------
@@ -280,7 +293,8 @@ class _HighwayRNNBase(nn.Module):
             c_init = None if c0 is None else c0[layer]
             run = _LayerRun(self, layer, method, self._pools[layer], self.iterate,
                             bool(getattr(self, "record_step_norms", False)),
-                            forward_path=path, scan=scan)  # fmt: skip
+                            forward_path=path, scan=scan,
+                            split=getattr(self, "split", "gate"))  # fmt: skip
             if path == "fused" and (method.exact or not needs_grad):
                 # Exact() on the fused path is torch's own autograd through its kernel
                 # (cuDNN's backward on a GPU); without grad, the kernel alone
@@ -353,6 +367,13 @@ class GRU(_HighwayRNNBase):
             sweep's ops over all T at once, the scans work-efficient log-depth:
             O(log T) ops per iteration instead of O(T), for a GPU's kernel launches).
             Both are exact; the estimates agree to rounding.
+        split: what K_t, the part of the step Jacobian J_t = dh_t/dh_{t-1} the iteration's
+            scan applies exactly, is: "gate" (default, the paper's: K_t = diag(z_t), the
+            update gate) or "diagonal" (K_t = diag(J_t), the gate plus the diagonal of the
+            reset and candidate paths, W_hh's three block diagonals: the iteration's VJPs
+            then carry only J_t - diag(J_t)). Same cost per iteration; exact at k >= T
+            either way; on a trained SGD word LM "diagonal" gives a much better gradient at
+            small k (docs/rnn.md#the-split). Exact() does not depend on it.
         record_step_norms: compute each iteration's relative step ||w^j - w^(j-1)|| /
             ||w^j|| into `last_diagnostics.step_norms` for a fixed k too (adaptive methods
             always compute them: their stop test reads them). Off by default: they cost a
