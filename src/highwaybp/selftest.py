@@ -590,15 +590,17 @@ def rnn_grad_check(
     dropout: float = 0.0,
     forward: str = "auto",
     scan: str = "auto",
+    split: str = "gate",
 ) -> Callable[[Setup], Measured]:
     """highwaybp.{GRU,LSTM} with method(T) against torch.nn: outputs and all gradients.
-    forward/scan: the module's paths ("auto": fused + log on CUDA, loop + sequential on CPU)."""
+    forward/scan: the module's paths ("auto": fused + log on CUDA, loop + sequential on CPU);
+    split: the module's K_t (GRU: "gate" or "diagonal")."""
 
     def check(setup: Setup) -> Measured:
         layers = 3 if dropout else 2
         ours, ref = _rnn_pair(kind, setup, dropout, layers)
         ours.iterate = iterate
-        ours.forward_path, ours.scan = forward, scan
+        ours.forward_path, ours.scan, ours.split = forward, scan, split
         x, state, leaves = _rnn_inputs(kind, setup, layers)
         note = ""
         versus_torch = not dropout or setup.device.type == "cpu"
@@ -625,7 +627,7 @@ def rnn_grad_check(
     return check
 
 
-def rnn_paths_check(kind: str, k: int) -> Callable[[Setup], Measured]:
+def rnn_paths_check(kind: str, k: int, split: str = "gate") -> Callable[[Setup], Measured]:
     """Highway(k) (truncated: not exact) on the fused forward + log scan against the loop +
     sequential scan: the same estimate to rounding (outputs and all gradients)."""
 
@@ -633,7 +635,7 @@ def rnn_paths_check(kind: str, k: int) -> Callable[[Setup], Measured]:
         results, notes = [], []
         for forward, scan in (("fused", "log"), ("loop", "sequential")):
             ours, _ = _rnn_pair(kind, setup)
-            ours.forward_path, ours.scan = forward, scan
+            ours.forward_path, ours.scan, ours.split = forward, scan, split
             x, state, leaves = _rnn_inputs(kind, setup)
             chosen = Highway(k=k)
             out = _rnn_outputs(kind, ours, x, state, method=chosen)
@@ -704,6 +706,14 @@ def _rnn_checks() -> list[Check]:
             Check(f"rnn/{kind}/fused+log-vs-loop/highway-k=1", rnn_paths_check(kind, 1),
                   quick=True),
         ]
+    # K_t = diag(J_t): exact at k = T on both paths, and the paths agree at k = 1
+    for forward, scan in (("loop", "sequential"), ("fused", "log")):
+        checks.append(Check(f"rnn/gru/{forward}+{scan}/split=diagonal/highway-k=T-grad",
+                            rnn_grad_check("gru", lambda t: Highway(k=t), forward=forward,
+                                           scan=scan, split="diagonal"),
+                            quick=scan == "log"))
+    checks.append(Check("rnn/gru/fused+log-vs-loop/split=diagonal/highway-k=1",
+                        rnn_paths_check("gru", 1, split="diagonal")))
     for kind in ("gru", "lstm"):
         checks += [
             Check(f"rnn/{kind}/forward", rnn_forward_check(kind)),

@@ -622,20 +622,24 @@ def _recipes_headline(results: Path) -> list[list[str]]:
         rows.append([f"Word-level GRU LM (pytorch/examples recipe): cosine to exact after "
                      f"{max(by_step, key=int)} SGD steps ({mixed})", *cells,
                      f"`results/{path.relative_to(results).as_posix()}`"])
-    path = results / "recipes" / "wordlm-gru" / "recipes.json"
-    if path.exists():
+    # the study on the default GRU (K_t = the update gate) and with split="diagonal"
+    for study, model in (("wordlm-gru", ""), ("wordlm-gru-split-diagonal/wordlm-gru",
+                                                " (hbp.GRU split='diagonal')")):
+        path = results / "recipes" / study / "recipes.json"
+        if not path.exists():
+            continue
         d = json.loads(path.read_text())
         by = {r["arm"]: r for r in d["summary"]}
 
-        def ppl(arm: str) -> str:
+        def ppl(arm: str, by: dict[str, Any] = by) -> str:
             r = by.get(arm)
             if r is None or r.get("vs_exact") is None:
                 return f"{arm}: -"
             return (f"{arm}: {r['vs_exact']:.2f}x exact's ppl, "
                     f"{r['sweeps_vs_exact']:.2f}x its sweeps")
         seeds = len(by["exact"]["seeds"]) if "exact" in by else 0
-        rows.append([f"Word-level 2-layer GRU LM, {d['config']['steps']} SGD steps, {seeds} "
-                     "seed(s): final valid perplexity", "; ".join(
+        rows.append([f"Word-level 2-layer GRU LM{model}, {d['config']['steps']} SGD steps, "
+                     f"{seeds} seed(s): final valid perplexity", "; ".join(
                          ppl(a) for a in ("highway:k=3,anderson=5", "highway:k=5,anderson=5",
                                           "highway:k=3")), ppl("auto"),
                      f"`results/{path.relative_to(results).as_posix()}`"])

@@ -137,8 +137,19 @@ class GRUEngine(Engine):
         self.Z = Z
         self.pn = self.N
         self.coeff_by_gate = self.G.view(self.T, self.B, 3, H)  # [T, B, 3, H]: Pr, Pz, Pn r
-        self.keep = Z if self.split == "gate" else self._jacobian_diagonal()
+        self._keep = Z if self.split == "gate" else self._jacobian_diagonal()
         self.prepared = True
+
+    @property
+    def keep(self) -> Tensor:
+        """K_t [T, B, H], the scan's coefficients: z_t (split "gate"; valid before and after
+        prepare, as `z`) or diag(J_t) (split "diagonal"; prepares if needed)."""
+        if self.prepared:
+            return self._keep
+        if self.split == "gate":
+            return self.z
+        self.prepare()
+        return self._keep
 
     def _jacobian_diagonal(self) -> Tensor:
         """diag(J_t) [T, B, H] = z_t + sum over the gates of coefficient * diag(W_h.): the

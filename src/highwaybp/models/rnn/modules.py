@@ -373,7 +373,7 @@ class GRU(_HighwayRNNBase):
             reset and candidate paths, W_hh's three block diagonals: the iteration's VJPs
             then carry only J_t - diag(J_t)). Same cost per iteration; exact at k >= T
             either way; on a trained SGD word LM "diagonal" gives a much better gradient at
-            small k (docs/rnn.md#the-split). Exact() does not depend on it.
+            small k (docs/rnn.md#the-split-split-what-k_t-is). Exact() does not depend on it.
         record_step_norms: compute each iteration's relative step ||w^j - w^(j-1)|| /
             ||w^j|| into `last_diagnostics.step_norms` for a fixed k too (adaptive methods
             always compute them: their stop test reads them). Off by default: they cost a
