@@ -34,7 +34,7 @@ def _setup(cell: str, seed: int = 0):
 
 def _dense(cell, ref, x, h0, c0, w_y, split="gate"):
     """(w0, F, [dx_t/d state rows]) on the state s = h (GRU) or [c, h] (LSTM), flattened.
-    split="diagonal": K_t = the diagonal of the explicit Jacobian itself."""
+    split="diagonal": K_t = the diagonal of the explicit Jacobian itself, clipped to [-1, 1]."""
     lstm = cell == "lstm"
     s = torch.cat([c0, h0], -1) if lstm else h0
     mats, x_jacs = [], []
@@ -43,8 +43,8 @@ def _dense(cell, ref, x, h0, c0, w_y, split="gate"):
             shape = s.shape
             full = jacobian(lambda v, t=t, sh=shape: ref(x[t], v.reshape(sh)).reshape(-1),
                             s.reshape(-1))
-            if split == "diagonal":
-                k = torch.diag(torch.diagonal(full))
+            if split == "diagonal":  # the Jacobian's own diagonal, clipped to [-1, 1]
+                k = torch.diag(torch.diagonal(full).clamp(-1.0, 1.0))
             else:
                 k = torch.diag(ref.residual_gate(x[t], s).reshape(-1))
             mats.append((k, full - k))
@@ -216,3 +216,51 @@ def test_split_choices_are_checked_and_shown():
         GRU(IN, H, split="jacobian")
     with pytest.raises(ValueError, match="GRU only"):
         LSTM(IN, H, split="diagonal")
+    # an attribute set later is checked at the forward, on every path (the fused Exact() path
+    # never builds an engine)
+    for module, bad, match in ((GRU(IN, H, forward="fused"), "bogus", "split must be one of"),
+                               (LSTM(IN, H, forward="fused"), "diagonal", "GRU only")):
+        module.split = bad
+        with pytest.raises(ValueError, match=match):
+            module(torch.randn(T, B, IN))
+
+
+def _clipping_gru(T_: int) -> tuple[GRU, torch.Tensor]:
+    """A GRU whose step Jacobian has diagonal entries near +-3 (r ~ 1, z ~ 0, W_hn =
+    3 [[1, 1], [-1, -1]]: nilpotent, its diagonal (3, -3)): an unclipped diagonal scan
+    would grow like 3^T."""
+    m = GRU(1, 2).double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.zero_()
+        m.weight_ih_l0.fill_(0.1)
+        m.bias_hh_l0[:2] = 6.0
+        m.bias_hh_l0[2:4] = -6.0
+        m.weight_hh_l0[4:] = 3.0 * torch.tensor([[1.0, 1.0], [-1.0, -1.0]])
+    x = 0.1 * torch.randn(T_, 1, 1, dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(0))
+    return m, x
+
+
+def test_diagonal_split_clips_k_so_the_scan_cannot_grow():
+    """|K_t| <= 1, so Highway(k=0)'s estimate (the scan of the per-step losses alone) is
+    bounded by the losses' sum: with loss = sum of outputs (g_t = 1) every entry of
+    dL/dh0 is at most T in size. Unclipped it would be ~3^T; the dense reference with the
+    clipped diagonal pins the value itself (and this model's diagonal is above 1)."""
+    T_ = 30
+    m, x = _clipping_gru(T_)
+    ref = GRUCellRef(1, 2).double()
+    ref.load_state_dict({k[:-3]: v for k, v in m.state_dict().items()})
+    s, biggest = torch.zeros(1, 2, dtype=torch.float64), 0.0
+    with torch.no_grad():
+        for t in range(T_):
+            full = jacobian(lambda v, t=t: ref(x[t], v.reshape(1, 2)).reshape(-1), s.reshape(-1))
+            biggest = max(biggest, float(torch.diagonal(full).abs().max()))
+            s = ref(x[t], s)
+    assert biggest > 2.0  # the clip is exercised
+    h0 = torch.zeros(1, 1, 2, dtype=torch.float64, requires_grad=True)
+    for split in ("diagonal", "gate"):
+        m.split, m.method = split, hbp.Highway(k=0)
+        y, _ = m(x, h0)
+        (grad,) = torch.autograd.grad(y.sum(), h0)
+        assert grad.abs().max() <= T_

@@ -187,3 +187,38 @@ def test_split_reaches_every_gru_recipe_and_other_recipes_refuse_it(recipe, tmp_
         with pytest.raises(SystemExit, match="--split diagonal is for the GRU recipes"):
             main(["experiment", "recipes", "--recipe", other, "--split", "diagonal",
                   "--out", str(tmp_path / "o")])
+
+
+def test_combine_and_resume_treat_a_missing_added_option_as_its_earlier_value(tmp_path, capsys):
+    """A file written before --split existed ran the gate split: it combines with a gate
+    run and is refused beside a diagonal run in either order; a run folder from before
+    resumes at the gate split and refuses the diagonal one."""
+    from highwaybp.train.recipes import combine
+
+    def tiny(seed, split, out, expect=0):
+        rc = main(["experiment", "recipes", "--recipe", "pixel-gru", "--steps", "1",
+                   "--eval-every", "1", "--probe-every", "0", "--batch", "4", "--arms", "exact",
+                   "--seeds", str(seed), "--split", split, "--threads", "1", "--out", str(out)])
+        assert rc == expect
+        return out / "pixel-gru" / "recipes.json"
+
+    gate, diagonal = tiny(0, "gate", tmp_path / "g"), tiny(1, "diagonal", tmp_path / "d")
+    gate1 = tiny(1, "gate", tmp_path / "g1")
+    old = tmp_path / "old.json"  # as written before the option existed
+    doc = json.loads(gate.read_text())
+    del doc["config"]["split"]
+    old.write_text(json.dumps(doc))
+    for pair in ((old, diagonal), (diagonal, old)):
+        with pytest.raises(ValueError, match="split"):
+            combine([str(p) for p in pair], str(tmp_path / "c"))
+    merged = combine([str(old), str(gate1)], str(tmp_path / "c"))
+    assert sorted(r["seed"] for r in merged["runs"]) == [0, 1]
+    # resume: a folder whose config.json has no split key
+    folder = tmp_path / "g" / "pixel-gru" / "config.json"
+    config = json.loads(folder.read_text())
+    config.pop("split", None)
+    folder.write_text(json.dumps(config))
+    tiny(0, "gate", tmp_path / "g")  # resumes (nothing left to train)
+    capsys.readouterr()
+    tiny(0, "diagonal", tmp_path / "g", expect=2)
+    assert "split: None (in config.json) -> 'diagonal' (now)" in capsys.readouterr().err

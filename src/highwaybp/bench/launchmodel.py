@@ -248,13 +248,36 @@ def _min_seconds(fn: Callable[[], Any], repeats: int, inner: int = 1) -> float:
     return best
 
 
+COLD_BYTES = 2**29  # the operands one bandwidth point cycles through: beyond any CPU cache
+
+
+def _cold_mul_seconds(size: int) -> float:
+    """The median time of one out-of-place multiply of two `size`-byte float32 operands read
+    cold: each call takes the next pair from buffers that together exceed `COLD_BYTES`, so
+    every operand was last touched long ago, as a training step's are (its backward reads
+    the gates and states the forward wrote over all T, its sweeps bring each chunk of them
+    in from memory). The median of single calls: a loop of calls would measure the load of
+    a shared machine, the least call an operand that was still cached."""
+    n = size // 4
+    count = max(8, min(4096, COLD_BYTES // size))
+    pool = torch.randn(count, n)
+    out = torch.empty(n)
+    times = []
+    for _ in range(3):
+        for i in range(count):
+            t0 = time.perf_counter()
+            torch.mul(pool[i], pool[(i + 1) % count], out=out)
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
 def calibrate_cpu(threads: int, repeats: int = 7) -> Device:
     """This CPU's figures, measured now (least of `repeats`): a do-nothing op's cost
     (`launch_s`), a view's (`view_s`), `.item()`'s (`sync_s`), the matmul rate along
     `MATMUL_LADDER` through oneDNN (`engine.linear`, weight packed as the engines do) and
     MKL (`torch.mm` into a preallocated output), and the bandwidth of an out-of-place
-    multiply along `BANDWIDTH_LADDER` (the least of many single calls). The fused step's
-    least time is the do-nothing op's."""
+    multiply along `BANDWIDTH_LADDER` with its operands read cold (`_cold_mul_seconds`).
+    The fused step's least time is the do-nothing op's."""
     from highwaybp.models.rnn.engine import PackedLinear, onednn_applies
 
     torch.set_num_threads(threads)
@@ -273,14 +296,8 @@ def calibrate_cpu(threads: int, repeats: int = 7) -> Device:
         if onednn_applies(w):
             packed = functools.partial(PackedLinear(w, m), a)
             onednn.append((flops, flops / _min_seconds(packed, repeats, inner)))
-    bandwidth = []
-    for size in BANDWIDTH_LADDER:
-        n = size // 4
-        mul = functools.partial(torch.mul, torch.randn(n), torch.randn(n), out=torch.empty(n))
-        # single calls, the least of many: a call short enough to run unpreempted on a
-        # shared machine gives the bandwidth, a loop of calls gives the load
-        bandwidth.append((3.0 * size, 3.0 * size / _min_seconds(
-            mul, max(repeats, int(2**29 // size)), 1)))
+    bandwidth = [(3.0 * size, 3.0 * size / _cold_mul_seconds(size))
+                 for size in BANDWIDTH_LADDER]
     matmul = {"blas": Curve(tuple(blas))}
     if onednn:
         matmul["onednn"] = Curve(tuple(onednn))
@@ -290,6 +307,8 @@ def calibrate_cpu(threads: int, repeats: int = 7) -> Device:
         fused_native=("lstm",) if onednn else (),
         sources={"all": f"measured by calibrate_cpu now: least of {repeats} runs, "
                         f"{threads} threads, load average {os.getloadavg()[0]:.2f}",
+                 "bandwidth": "median single out-of-place multiply, operands cold (cycled "
+                              f"through {COLD_BYTES >> 20} MB)",
                  "fused_native": "torch.nn.LSTM's CPU forward and backward are oneDNN's RNN "
                                  "primitive (one op per layer); torch.nn.GRU's is a loop"})
 

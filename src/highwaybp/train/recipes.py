@@ -390,10 +390,11 @@ def combine(paths: list[str], out: str) -> dict[str, Any]:
     """Merge recipes.json files of one recipe and configuration (other seeds or arms,
     trained in separate processes) into one, re-summarised; refuses differing configs."""
     docs = [json.loads(Path(p).read_text()) for p in paths]
-    keep = [k for k in docs[0]["config"] if k not in (*_NOT_CONFIG, "combine")]
+    first = run_config(docs[0]["config"])
     for path, d in zip(paths[1:], docs[1:]):
-        diff = {k: (docs[0]["config"].get(k), d["config"].get(k)) for k in keep
-                if docs[0]["config"].get(k) != d["config"].get(k)}
+        other = run_config(d["config"])
+        diff = {k: (first.get(k), other.get(k)) for k in {*first, *other}
+                if first.get(k) != other.get(k)}
         if d["recipe"] != docs[0]["recipe"] or diff:
             raise ValueError(f"recipes --combine: {path} is another recipe or configuration: "
                              f"{diff or d['recipe']}")
@@ -429,6 +430,17 @@ def _probe(args: Any, exact: Arm | None, seed_curves: dict) -> None:
 
 _NOT_CONFIG = ("func", "threads", "arms", "seeds", "out", "probe_every", "probe_k",
                "probe_anderson", "eval_every", "combine")
+# Options added after runs were written, with the value every earlier run had: a file or
+# folder without the key ran with it (so old runs resume and combine with new ones at that
+# value, and never with another).
+ADDED_OPTIONS = {"split": "gate", "tokenize": "raw"}
+
+
+def run_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The options that make two runs comparable (what resume and --combine compare), an
+    added option at its earlier value left out as the runs before it had it."""
+    return {k: v for k, v in config.items() if k not in _NOT_CONFIG
+            and not (k in ADDED_OPTIONS and v == ADDED_OPTIONS[k])}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -447,7 +459,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"recipes: --split {args.split} is for the GRU recipes "
                          f"({', '.join(GRU_RECIPES)}), not {args.recipe}")
     root = Path(args.out) / args.recipe
-    check_resume_config(root, {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG})
+    check_resume_config(root, run_config(vars(args)))
     use_threads(args.threads, "highwaybp experiment recipes")
     arms: list[Arm] = []
     curves: dict[str, dict[int, Any]] = {}

@@ -270,16 +270,7 @@ class Engine:
         # the sweeps' block VJP: gate adjoints [chunk * B, G*H] @ W_hh (weight W_hh^T [H, G*H])
         self.w_hh_t = self.w_hh.t().contiguous()
         self.sweep_linear = PackedLinear(self.w_hh_t, c * B) if self.onednn else None
-        # The sweeps of the split iteration multiply by the part of W_hh outside K: all of it
-        # when K is the gate (the gate's z w is not a matmul term); with K = the Jacobian's
-        # diagonal, W_hh with each gate block's diagonal zeroed, so that the same one matmul
-        # gives w (J - K) (the zeroed entries' terms are in K, `GRUEngine.prepare`).
-        self.split_w_hh, self.split_linear = self.w_hh, self.sweep_linear
-        if self.split == "diagonal":
-            w = self.w_hh.detach().clone(memory_format=torch.contiguous_format)
-            w.view(self.num_gates, H, H).diagonal(dim1=1, dim2=2).zero_()
-            self.split_w_hh = w
-            self.split_linear = PackedLinear(w.t().contiguous(), c * B) if self.onednn else None
+        self._split_weight: Optional[tuple[Tensor, Optional[PackedLinear]]] = None
         self.gate_adj = self.take(c, B, self.num_gates * H)  # [chunk, B, G*H] gate adjoints
         self.gate_adj_by_gate = self.gate_adj.view(c, B, self.num_gates, H)  # [chunk, B, G, H]
         self.chunk_scratch = self.take(c, B, H)  # [chunk, B, H] per-chunk scratch
@@ -290,12 +281,28 @@ class Engine:
         full=False, @ the split's W_hh (`_chunk_buffers`: the part of W_hh outside K)."""
         g2 = self.gate_adj[:n].view(n * self.B, self.num_gates * self.H)
         out2 = out.view(n * self.B, self.H)
-        weight, linear = ((self.w_hh, self.sweep_linear) if full
-                          else (self.split_w_hh, self.split_linear))  # fmt: skip
+        weight, linear = (self.w_hh, self.sweep_linear) if full else self._split_matmul()
         if linear is None:
             torch.mm(g2, weight, out=out2)
         else:
             out2.copy_(linear(g2))
+
+    def _split_matmul(self) -> tuple[Tensor, Optional[PackedLinear]]:
+        """(weight, packed or None) the split iteration's sweeps multiply by: the part of
+        W_hh outside K. All of it when K is the gate (the gate's z w is not a matmul term);
+        with K from the Jacobian's diagonal, W_hh with each gate block's diagonal zeroed, so
+        that the same one matmul gives w (J - diag J) (`GRUEngine._jacobian_diagonal`).
+        Formed once per backward, when a sweep first needs it."""
+        if self.split == "gate":
+            return self.w_hh, self.sweep_linear
+        if self._split_weight is None:
+            H = self.H
+            w = self.w_hh.detach().clone(memory_format=torch.contiguous_format)
+            w.view(self.num_gates, H, H).diagonal(dim1=1, dim2=2).zero_()
+            rows = self.chunk * self.B
+            self._split_weight = (w, PackedLinear(w.t().contiguous(), rows)
+                                  if self.onednn else None)  # fmt: skip
+        return self._split_weight
 
     def _add_loss_rows_(self, out_h: Tensor, s: int, e: int) -> None:
         """out_h (rows s..e-1 of the h part) += g_s..g_{e-1} (g_0 = 0, g_i = grad_y[i-1])."""

@@ -9,7 +9,8 @@ Highway split (`split="gate"`, the paper's): K_t = diag(z_t). torch's z is the *
 fraction (the paper writes the GRU with the roles swapped, K = diag(1 - z)); the code follows
 torch. `split="diagonal"`: K_t = diag(J_t), the whole diagonal of the step Jacobian
 dh_t/dh_{t-1}: z_t + Pr diag(W_hr) + Pz diag(W_hz) + Pn r diag(W_hn) (the coefficients of
-`prepare`); the sweeps then multiply by W_hh with those diagonals zeroed. Adjoint states are
+`prepare`), clipped to [-1, 1]; the sweeps then multiply by W_hh with those diagonals zeroed
+and add back the clipped excess (`_jacobian_diagonal`). Adjoint states are
 [T+1, B, H]. `reference.GRUCellRef` is the same math in plain autograd.
 """
 
@@ -29,6 +30,8 @@ class GRUEngine(Engine):
     num_gates = 3
     state_parts = 1
     splits = ("gate", "diagonal")
+    _keep: Optional[Tensor] = None  # K_t, set by prepare (gate) or `keep` (diagonal)
+    _excess: Optional[Tensor] = None  # diag(J_t) - K_t where the diagonal split clips
 
     def forward(self) -> Tensor:
         """Run the recurrence; returns the states h_0..h_T [T+1, B, H] (a fresh tensor).
@@ -137,31 +140,43 @@ class GRUEngine(Engine):
         self.Z = Z
         self.pn = self.N
         self.coeff_by_gate = self.G.view(self.T, self.B, 3, H)  # [T, B, 3, H]: Pr, Pz, Pn r
-        self._keep = Z if self.split == "gate" else self._jacobian_diagonal()
+        # split "diagonal": K_t and the clipped excess, formed when a sweep first needs them
+        # (Exact() and FixedPoint never scan by K)
+        self._keep, self._excess = (Z, None) if self.split == "gate" else (None, None)
         self.prepared = True
 
     @property
     def keep(self) -> Tensor:
         """K_t [T, B, H], the scan's coefficients: z_t (split "gate"; valid before and after
-        prepare, as `z`) or diag(J_t) (split "diagonal"; prepares if needed)."""
-        if self.prepared:
-            return self._keep
+        prepare, as `z`) or diag(J_t) clipped to [-1, 1] (split "diagonal"; prepares and
+        forms it if needed)."""
         if self.split == "gate":
             return self.z
-        self.prepare()
+        if not self.prepared:
+            self.prepare()
+        if self._keep is None:
+            self._keep, self._excess = self._jacobian_diagonal()
         return self._keep
 
-    def _jacobian_diagonal(self) -> Tensor:
-        """diag(J_t) [T, B, H] = z_t + sum over the gates of coefficient * diag(W_h.): the
-        entries of w (J_t - diag(z_t)) = (w * [Pr, Pz, Pn r]) @ W_hh where row and column
-        are the same unit j."""
+    def _jacobian_diagonal(self) -> tuple[Tensor, Tensor]:
+        """(K, E) [T, B, H]: K = diag(J_t) clipped to [-1, 1] and E = diag(J_t) - K.
+
+        diag(J_t) = z_t + sum over the gates of coefficient * diag(W_h.): the entries of
+        w (J_t - diag(z_t)) = (w * [Pr, Pz, Pn r]) @ W_hh where row and column are the same
+        unit j. Why the clip: the scan multiplies K along time, which is stable only for
+        |K| <= 1 (z always is); a diagonal above 1 (a unit's own recurrent weight large,
+        cancelled by its neighbours) would grow the scan like prod |K_t|. The clipped part
+        E stays in the sweeps' remainder (J - K = (J - diag J) + E), so the estimate is
+        still exact at k >= T."""
         H = self.H
         diag = self.w_hh.reshape(3, H, H).diagonal(dim1=1, dim2=2)  # [3, H]: W_hr, W_hz, W_hn
-        out = self.take(self.T, self.B, H)
+        keep, excess = self.take(self.T, self.B, H), self.take(self.T, self.B, H)
         c = self.coeff_by_gate
-        torch.addcmul(self.Z, c[:, :, 0], diag[0], out=out)
-        out.addcmul_(c[:, :, 1], diag[1]).addcmul_(c[:, :, 2], diag[2])
-        return out
+        torch.addcmul(self.Z, c[:, :, 0], diag[0], out=excess)
+        excess.addcmul_(c[:, :, 1], diag[1]).addcmul_(c[:, :, 2], diag[2])  # diag(J_t)
+        torch.clamp(excess, -1.0, 1.0, out=keep)
+        excess.sub_(keep)
+        return keep, excess
 
     def sweep(
         self,
@@ -185,7 +200,8 @@ class GRUEngine(Engine):
         acc: list[Tensor] = []
         if norms:
             self._sq(out[T:], w[T:], acc)
-        rows, keeps = out.unbind(0), self.keep.unbind(0)
+        keep = self.z if full else self.keep  # forms the diagonal split's K and E if needed
+        rows, keeps = out.unbind(0), keep.unbind(0)
         for s, e in self.chunks():
             n = e - s
             gate_adj_g = self.gate_adj_by_gate[:n]
@@ -194,10 +210,12 @@ class GRUEngine(Engine):
             self._block_matmul(n, oc, full)
             if full:
                 oc.addcmul_(self.z[s:e], w[s + 1 : e + 1])
+            elif self._excess is not None:  # split "diagonal": the clipped part of diag(J)
+                oc.addcmul_(self._excess[s:e], w[s + 1 : e + 1])
             if with_loss:
                 self._add_loss_rows_(oc, s, e)
             if scan and self.log_scan:  # one chunk: s = 0, e = T
-                self._reverse_scan_(out[s : e + 1], self.keep[s:e])
+                self._reverse_scan_(out[s : e + 1], keep[s:e])
             elif scan:
                 for i in range(e - 1, s - 1, -1):
                     rows[i].addcmul_(keeps[i], rows[i + 1])

@@ -288,13 +288,14 @@ class _HighwayRNNBase(nn.Module):
         h_last, c_last = [], []
         path, scan = resolve_paths(getattr(self, "forward_path", "auto"),
                                    getattr(self, "scan", "auto"), x.device)  # fmt: skip
+        # an attribute set after construction is checked here, whatever path runs
+        split = self._check_split(getattr(self, "split", "gate"))
         for layer in range(self.num_layers):
             params = self.layer_params(layer)
             c_init = None if c0 is None else c0[layer]
             run = _LayerRun(self, layer, method, self._pools[layer], self.iterate,
                             bool(getattr(self, "record_step_norms", False)),
-                            forward_path=path, scan=scan,
-                            split=getattr(self, "split", "gate"))  # fmt: skip
+                            forward_path=path, scan=scan, split=split)  # fmt: skip
             if path == "fused" and (method.exact or not needs_grad):
                 # Exact() on the fused path is torch's own autograd through its kernel
                 # (cuDNN's backward on a GPU); without grad, the kernel alone
@@ -370,8 +371,9 @@ class GRU(_HighwayRNNBase):
         split: what K_t, the part of the step Jacobian J_t = dh_t/dh_{t-1} the iteration's
             scan applies exactly, is: "gate" (default, the paper's: K_t = diag(z_t), the
             update gate) or "diagonal" (K_t = diag(J_t), the gate plus the diagonal of the
-            reset and candidate paths, W_hh's three block diagonals: the iteration's VJPs
-            then carry only J_t - diag(J_t)). Same cost per iteration; exact at k >= T
+            reset and candidate paths, W_hh's three block diagonals, clipped to [-1, 1] so
+            that the scan cannot grow: the iteration's VJPs then carry J_t - K_t). One more
+            elementwise pass per iteration; exact at k >= T
             either way; on a trained SGD word LM "diagonal" gives a much better gradient at
             small k (docs/rnn.md#the-split-split-what-k_t-is). Exact() does not depend on it.
         record_step_norms: compute each iteration's relative step ||w^j - w^(j-1)|| /
