@@ -12,7 +12,12 @@ shapes) of
   library ("onednn" for mkldnn:: ops, "blas" otherwise) at the op's FLOPs (a curve: small
   products run below a large one's rate on a CPU);
 - bytes: every tensor operand read or written once (`OpSignature.bytes`), at
-  `Device.bandwidth` for that many bytes (a curve: in-cache passes run faster on a CPU).
+  `Device.bandwidth` for that many bytes (a curve; on a CPU measured with the operands
+  read cold, as a training step's are: `_cold_mul_seconds`).
+
+What it cannot see: operand layouts. The trace records shapes, not strides, and a CPU
+library's product can run 30x apart on the same shapes with another layout (torch.nn.GRU's
+CPU backward: results/rnn/launchmodel_miss/).
 
 A call of torch's fused RNN function (one op in the counted trace) is priced by a stated
 model, `fused_rnn_seconds`, where the device runs it as one kernel (`Device.fused_native`:
