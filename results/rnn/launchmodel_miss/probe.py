@@ -12,18 +12,14 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from highwaybp.bench.timing import median_seconds
+
 torch.set_num_threads(2)
 T, B, H, IN = 1024, 128, 64, 3
 
 
-def best_ms(fn, repeats=5):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * min(times)
+def best_ms(fn):
+    return 1e3 * median_seconds(fn, repeats=5)["min_s"]
 
 
 torch.manual_seed(0)

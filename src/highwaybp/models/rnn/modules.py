@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from highwaybp.core.iteration import Diagnostics
 from highwaybp.core.methods import Exact, Method, check_method
-from highwaybp.models.rnn.engine import SPLITS, BufferPool
+from highwaybp.models.rnn.engine import SPLITS, BufferPool, Engine
 from highwaybp.models.rnn.function import _LayerRun, _make_engine, apply_layer
 from highwaybp.models.rnn.fused import (
     FORWARD_MODES,
@@ -21,6 +21,8 @@ from highwaybp.models.rnn.fused import (
     fused_layer,
     resolve_paths,
 )
+from highwaybp.models.rnn.gru import GRUEngine
+from highwaybp.models.rnn.lstm import LSTMEngine
 
 ITERATE_MODES = ("fast", "reference")
 # Old name of "reference" (it clashed with the `core` package's name): accepted, warned.
@@ -32,6 +34,7 @@ class _HighwayRNNBase(nn.Module):
 
     mode = ""
     gates = 0
+    engine_class: type[Engine] = Engine  # the cell's engine (its `splits`)
 
     def __init__(
         self,
@@ -132,13 +135,16 @@ class _HighwayRNNBase(nn.Module):
             )
 
     def _check_split(self, split: str) -> str:
-        """One of `engine.SPLITS` this cell's engine implements (GRU: both; LSTM: "gate")."""
-        if split == "diagonal" and self.mode == "LSTM":
+        """One of `engine.SPLITS` that this cell's engine implements (its `splits`)."""
+        split = check_choice("split", split, tuple(SPLITS))
+        if split not in self.engine_class.splits:
+            cells = [c.mode for c in (GRU, LSTM) if split in c.engine_class.splits]
             raise ValueError(
-                "LSTM: split='diagonal' is implemented for highwaybp.GRU only; the LSTM's "
-                "split is its forget gate on the cell state (split='gate', the default)"
+                f"{self.mode}: split={split!r} is implemented for highwaybp."
+                f"{'/'.join(cells)} only; this cell's splits are {self.engine_class.splits} "
+                f"(default {self.engine_class.splits[0]!r})"
             )
-        return check_choice("split", split, tuple(SPLITS))
+        return split
 
     def reset_parameters(self) -> None:
         """torch.nn's init: every parameter ~ U(-1/sqrt(hidden), 1/sqrt(hidden))."""
@@ -396,6 +402,7 @@ class GRU(_HighwayRNNBase):
 
     mode = "GRU"
     gates = 3
+    engine_class = GRUEngine
 
     def _check_proj_size(self, proj_size: int | None, hidden_size: int) -> None:
         if proj_size is not None:  # as torch.nn.GRU, which refuses the argument, even 0
@@ -427,6 +434,7 @@ class LSTM(_HighwayRNNBase):
 
     mode = "LSTM"
     gates = 4
+    engine_class = LSTMEngine
 
     def forward(
         self, x: Tensor, hx: Optional[tuple[Tensor, Tensor]] = None, method: Method | None = None
