@@ -33,6 +33,27 @@ def test_counter_records_each_op_with_its_kind_and_shapes():
     assert by["aten::add_"].bytes == 4 * (15 + 15) and by["aten::slice"].bytes == 0
 
 
+def test_a_product_records_its_operand_strides_and_other_ops_none():
+    """A CPU library's product runs far apart on the same shapes with another layout, so
+    the trace keeps a product's strides; two layouts are two signatures."""
+    a, w = torch.randn(3, 5), torch.randn(7, 5)
+    w_t, w_t_copy, bias, out = w.t(), w.t().contiguous(), torch.zeros(7), torch.empty(3, 7)
+    with OC.OpCounter() as c:
+        torch.mm(a, w_t)  # a transposed view
+        torch.mm(a, w_t_copy)
+        torch.addmm(bias, a, w_t, out=out)
+        a.add_(1.0)
+    layouts = {(op.name, op.strides) for op in c.trace.ops}
+    assert layouts == {("aten::mm", ((5, 1), (1, 5))), ("aten::mm", ((5, 1), (7, 1))),
+                       ("aten::addmm", ((1,), (5, 1), (1, 5), (7, 1))),
+                       ("aten::add_", ())}
+    for op in c.trace.ops:
+        assert OC.OpSignature.from_json(json.loads(json.dumps(op.to_json()))) == op
+    # a file counted before strides were recorded reads as no strides
+    old = {k: v for k, v in next(iter(c.trace.ops)).to_json().items() if k != "strides"}
+    assert OC.OpSignature.from_json(old).strides == ()
+
+
 def test_addmm_flops_read_k_from_the_first_matrix_not_the_bias():
     op = OC.OpSignature("aten::addmm", "matmul", ((7,), (3, 5), (5, 7)), ((3, 7),), 4)
     assert op.flops == 2 * 3 * 5 * 7
@@ -129,6 +150,61 @@ def test_op_seconds_is_the_largest_of_latency_flops_and_bytes():
     assert math.isclose(LM.op_seconds(big, DEV), 8e6 / 1e9)
     assert math.isclose(LM.op_seconds(mm, DEV), 2e6 / 1e9)  # flops (2e6) over bytes (1.2e5)
     assert LM.op_seconds(view, DEV) == 1e-6
+
+
+def _mm(strides, name="aten::mm", inputs=((100, 100), (100, 100))):
+    return OC.OpSignature(name, "matmul", inputs, ((100, 100),), 4, strides)
+
+
+def test_a_measured_product_is_priced_by_its_measurement_for_its_layout_only():
+    measured, other = _mm(((1, 100), (100, 1))), _mm(((100, 1), (100, 1)))
+    dev = LM.Device(**{**DEV.__dict__, "products": {LM.product_key(measured): 0.25}})
+    assert LM.op_seconds(measured, dev) == 0.25
+    # the same shapes in another layout, and the device without its table: the curve
+    assert math.isclose(LM.op_seconds(other, dev), 2e6 / 1e9)
+    assert math.isclose(LM.op_seconds(measured, dev.without_products()), 2e6 / 1e9)
+    # a measurement below the launch latency is still one launch
+    fast = LM.Device(**{**DEV.__dict__, "products": {LM.product_key(measured): 1e-9}})
+    assert LM.op_seconds(measured, fast) == DEV.launch_s
+    assert LM.Device.from_json(json.loads(json.dumps(dev.to_json()))) == dev
+
+
+def test_replay_builds_the_recorded_layout_and_the_out_variant():
+    op = OC.OpSignature("aten::mm", "matmul", ((3, 5), (5, 7), (3, 7)), ((3, 7),), 8,
+                        ((1, 3), (7, 1), (7, 1)))
+    fn = LM.replay_product(op)
+    a, b = fn.args
+    assert (a.shape, a.stride(), b.stride(), a.dtype) == ((3, 5), (1, 3), (7, 1), torch.float64)
+    assert fn.keywords["out"].shape == (3, 7) and fn.func is torch.ops.aten.mm.out
+    assert torch.equal(fn(), a @ b)
+    bias = LM.replay_product(OC.OpSignature(
+        "aten::addmm", "matmul", ((7,), (3, 5), (5, 7)), ((3, 7),), 4, ((0,), (5, 1), (1, 5))))
+    assert bias.args[0].stride() == (0,) and bias.func is torch.ops.aten.addmm.default
+    # what cannot be replayed faithfully is left to the curve
+    assert LM.replay_product(_mm(())) is None  # counted before strides were recorded
+    assert LM.replay_product(_mm(((1, 100), (100, 1)), name="mkldnn::_linear_pointwise")) is None
+    assert LM.replay_product(OC.OpSignature("aten::mm", "matmul", ((2, 2), (2, 2)),
+                                            ((2, 2),), 2, ((2, 1), (2, 1)))) is None  # fp16
+
+
+def test_measure_products_keys_each_layout_once_and_skips_what_it_cannot_replay():
+    a, b = _mm(((1, 100), (100, 1))), _mm(((100, 1), (100, 1)))
+    table = LM.measure_products([a, b, a, _mm(()), OC.OpSignature(
+        "aten::mul", "compute", ((4,),), ((4,),), 4)], repeats=1)
+    assert set(table) == {LM.product_key(a), LM.product_key(b)}
+
+
+def test_validation_pairs_a_measured_step_with_the_path_it_ran():
+    """bench rnn measures each module on its default path; a count file holds every path:
+    only the default's record (and torch.nn's) is compared with the measured step."""
+    recs = OC.count_methods(_args(), 8, ["torch", "hbp-exact"])
+    assert len({r["path"] for r in recs}) == 5  # torch.nn and four paths of ours
+    measured = [{k: r[k] for k in ("cell", "seq_len", "batch", "hidden", "input_size",
+                                   "layers", "method")} for r in recs]
+    pairs = LM.measured_pairs(recs, measured)
+    assert sorted(r["path"] for r, _ in pairs) == ["forward=loop,scan=sequential", "torch.nn"]
+    assert len(LM.validate(recs, [{**m, "fwd_ms": 1.0, "bwd_ms": 1.0, "total_ms": 2.0}
+                                  for m in measured], DEV)) == 2
 
 
 def test_fused_kernel_is_t_dependent_steps_each_at_least_one_latency():

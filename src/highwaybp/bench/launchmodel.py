@@ -15,9 +15,15 @@ shapes) of
   `Device.bandwidth` for that many bytes (a curve; on a CPU measured with the operands
   read cold, as a training step's are: `_cold_mul_seconds`).
 
-What it cannot see: operand layouts. The trace records shapes, not strides, and a CPU
-library's product can run 30x apart on the same shapes with another layout (torch.nn.GRU's
-CPU backward: results/rnn/launchmodel_miss/).
+A product's rate is not a function of its FLOPs alone on a CPU: MKL's gemm runs the same
+shapes up to 30x apart with another operand layout, and far below its large-matmul rate
+on a skinny one (torch.nn.GRU's CPU backward: the input weights' gradient [192, 131072] x
+[131072, 3], a transposed view, results/rnn/launchmodel_miss/). So the trace records a
+product's operand strides, and a device may carry `Device.products`: the measured time of
+each product signature (shapes and strides) its traces hold (`measure_products`, run by
+`calibrate_cpu` on the BLAS products the validated traces dispatch); a product it does not
+hold (oneDNN's, whose packed weights have no stride to replay; every product on the H100,
+where nothing is measured) is priced by the rate curve.
 
 A call of torch's fused RNN function (one op in the counted trace) is priced by a stated
 model, `fused_rnn_seconds`, where the device runs it as one kernel (`Device.fused_native`:
@@ -41,7 +47,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -87,6 +93,7 @@ class Device:
     fused_step_s: float  # a fused RNN kernel's least time per time step
     fused_native: tuple[str, ...]  # torch._VF functions this device runs as one kernel
     sources: dict[str, str] = field(default_factory=dict)
+    products: dict[str, float] = field(default_factory=dict)  # product_key -> seconds
 
     def matmul_rate(self, library: str, flops: float) -> float:
         return self.matmul.get(library, self.matmul["blas"])(flops)
@@ -102,7 +109,12 @@ class Device:
         return cls(d["name"], d["launch_s"], d["view_s"], d["sync_s"],
                    {k: Curve(tuple(tuple(p) for p in v)) for k, v in d["matmul"].items()},
                    Curve(tuple(tuple(p) for p in d["bandwidth"])), d["fused_step_s"],
-                   tuple(d["fused_native"]), d.get("sources", {}))
+                   tuple(d["fused_native"]), d.get("sources", {}), d.get("products", {}))
+
+    def without_products(self) -> Device:
+        """This device pricing every product by its rate curve (what the model did before
+        it measured products: the validation reports both)."""
+        return Device(**{**self.__dict__, "products": {}})
 
 
 # One H100 SXM (80 GB HBM3). Figures are the vendor's and common measurements, not ours:
@@ -138,6 +150,10 @@ def op_seconds(op: OpSignature, device: Device) -> float:
     if op.kind == "sync":
         return device.sync_s
     t = device.launch_s
+    if op.kind == "matmul" and device.products:
+        measured = device.products.get(product_key(op))
+        if measured is not None:
+            return max(t, measured)
     moved = op.bytes
     if moved:
         t = max(t, moved / device.bandwidth(moved))
@@ -276,12 +292,76 @@ def _cold_mul_seconds(size: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def calibrate_cpu(threads: int, repeats: int = 7) -> Device:
+def product_key(op: OpSignature) -> str:
+    """The key of a product in `Device.products`: name, input shapes and strides, element
+    size (two products with the same shapes and another layout are two entries)."""
+    return json.dumps([op.name, op.inputs, op.strides, op.itemsize], separators=(",", ":"))
+
+
+# the BLAS products `measure_products` replays: tensor operands of the op itself (an extra
+# trailing tensor is the out= of its .out overload)
+BLAS_OPERANDS = {"aten::mm": 2, "aten::addmm": 3, "aten::addmm_": 3, "aten::bmm": 2,
+                 "aten::baddbmm": 3, "aten::addbmm": 3, "aten::mv": 2, "aten::addmv": 3,
+                 "aten::addmv_": 3, "aten::dot": 2, "aten::vdot": 2}
+_DTYPES = {4: torch.float32, 8: torch.float64}
+
+
+def _strided_randn(shape: tuple[int, ...], stride: tuple[int, ...], dtype: torch.dtype
+                   ) -> torch.Tensor:
+    """A random tensor with exactly this shape and these strides (a transposed view, an
+    expanded bias, a slice of a larger buffer: whatever the trace recorded)."""
+    extent = 1 + sum((n - 1) * st for n, st in zip(shape, stride)) if all(shape) else 0
+    return torch.randn(extent, dtype=dtype).as_strided(shape, stride)
+
+
+def replay_product(op: OpSignature) -> Optional[Callable[[], Any]]:
+    """A call of the BLAS product `op` on fresh operands with its recorded shapes and
+    strides, or None where it cannot be replayed faithfully (no strides recorded: a file
+    counted before they were; an op outside `BLAS_OPERANDS`; another dtype)."""
+    n = BLAS_OPERANDS.get(op.name)
+    dtype = _DTYPES.get(op.itemsize)
+    if n is None or dtype is None or not op.strides or len(op.strides) != len(op.inputs):
+        return None
+    tensors = [_strided_randn(sh, st, dtype) for sh, st in zip(op.inputs, op.strides)]
+    packet = getattr(torch.ops.aten, op.name.split("::")[1])
+    if len(tensors) == n:
+        return functools.partial(packet.default, *tensors)
+    if len(tensors) == n + 1 and not op.name.endswith("_"):
+        return functools.partial(packet.out, *tensors[:n], out=tensors[n])
+    return None
+
+
+def measure_products(ops: Iterable[OpSignature], repeats: int = 7) -> dict[str, float]:
+    """`Device.products` of this CPU for the distinct products among `ops` that
+    `replay_product` can replay: the least time of one call (`_min_seconds`, as the
+    calibration's matmul ladder; operands warm where they fit a cache, as a loop's per-step
+    weight and state are; a product over the T*B rows of a backward reads them from memory
+    either way)."""
+    out: dict[str, float] = {}
+    for op in {op for op in ops if op.kind == "matmul"}:
+        key = product_key(op)
+        fn = replay_product(op)
+        if fn is None or key in out:
+            continue
+        try:
+            t0 = time.perf_counter()
+            fn()
+            once = time.perf_counter() - t0
+        except RuntimeError:  # an out= that aliases itself, a layout the op refuses
+            continue
+        inner = max(1, min(200, int(0.01 / max(once, 1e-7))))  # ~10 ms per timed run
+        out[key] = _min_seconds(fn, repeats, inner)
+    return dict(sorted(out.items()))
+
+
+def calibrate_cpu(threads: int, repeats: int = 7, products: Iterable[OpSignature] = ()
+                  ) -> Device:
     """This CPU's figures, measured now (least of `repeats`): a do-nothing op's cost
     (`launch_s`), a view's (`view_s`), `.item()`'s (`sync_s`), the matmul rate along
     `MATMUL_LADDER` through oneDNN (`engine.linear`, weight packed as the engines do) and
     MKL (`torch.mm` into a preallocated output), and the bandwidth of an out-of-place
-    multiply along `BANDWIDTH_LADDER` with its operands read cold (`_cold_mul_seconds`).
+    multiply along `BANDWIDTH_LADDER` with its operands read cold (`_cold_mul_seconds`),
+    and `measure_products` of the ops in `products` (the traces the model will price).
     The fused step's least time is the do-nothing op's."""
     from highwaybp.models.rnn.engine import PackedLinear, onednn_applies
 
@@ -306,6 +386,7 @@ def calibrate_cpu(threads: int, repeats: int = 7) -> Device:
     matmul = {"blas": Curve(tuple(blas))}
     if onednn:
         matmul["onednn"] = Curve(tuple(onednn))
+    measured_products = measure_products(products, repeats)
     return Device(
         name=f"this CPU ({threads} threads)", launch_s=launch, view_s=view, sync_s=sync,
         matmul=matmul, bandwidth=Curve(tuple(bandwidth)), fused_step_s=launch,
@@ -315,7 +396,10 @@ def calibrate_cpu(threads: int, repeats: int = 7) -> Device:
                  "bandwidth": "median single out-of-place multiply, operands cold (cycled "
                               f"through {COLD_BYTES >> 20} MB)",
                  "fused_native": "torch.nn.LSTM's CPU forward and backward are oneDNN's RNN "
-                                 "primitive (one op per layer); torch.nn.GRU's is a loop"})
+                                 "primitive (one op per layer); torch.nn.GRU's is a loop",
+                 "products": f"{len(measured_products)} BLAS products of the priced traces, "
+                             "replayed with their shapes and strides (least time of one call)"},
+        products=measured_products)
 
 
 MIN_INTENSITY = 16.0  # FLOP per byte: ~the CPU's matmul rate over its DRAM bandwidth, x2
@@ -384,25 +468,43 @@ def device_from_bench(meta: dict[str, Any], base: Device, gates: int, batch: int
         sources={"launch_s, matmul, in-cache bandwidth": "the committed bench run's floors "
                  "(same rounds as its measured steps)",
                  "bandwidth above 4x the per-step bytes": "calibrate_cpu's ladder",
-                 "view_s, sync_s": base.sources.get("all", "")})
+                 "view_s, sync_s, products": base.sources.get("all", "")},
+        products=base.products)
 
 
 # ---- validation and predictions -------------------------------------------------------------
 
-def validate(counts: list[dict[str, Any]], measured: list[dict[str, Any]], device: Device
-             ) -> list[dict[str, Any]]:
-    """Per counted record with a measured one of the same setting and method: modelled and
-    measured forward, backward and step (ms) and the model's error (%)."""
+def measured_path_labels(device_type: str = "cpu") -> tuple[str, ...]:
+    """The counted paths a `bench rnn` step measured on `device_type` ran: its modules keep
+    their default path ("auto", `resolve_paths`), torch.nn its own; "loop (only path)" is
+    a file counted before the path options existed."""
+    from highwaybp.bench.opcount import path_label
+    from highwaybp.models.rnn.fused import resolve_paths
+
+    forward, scan = resolve_paths("auto", "auto", torch.device(device_type))
+    return ("torch.nn", "loop (only path)", path_label({"forward": forward, "scan": scan}))
+
+
+def measured_pairs(counts: list[dict[str, Any]], measured: list[dict[str, Any]]
+                   ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(counted record, measured record) of the same setting and method, the counted one on
+    the path the measured step ran (`measured_path_labels`)."""
     def key(r: dict[str, Any]) -> tuple:
         return (r["cell"], r["seq_len"], r["batch"], r["hidden"], r["input_size"],
                 r["layers"], r["method"])
 
+    paths = measured_path_labels()
     by_key = {key(r): r for r in measured}
+    return [(rec, by_key[key(rec)]) for rec in counts
+            if key(rec) in by_key and rec["path"] in paths]
+
+
+def validate(counts: list[dict[str, Any]], measured: list[dict[str, Any]], device: Device
+             ) -> list[dict[str, Any]]:
+    """Per `measured_pairs`: modelled and measured forward, backward and step (ms) and the
+    model's error (%)."""
     rows = []
-    for rec in counts:
-        m = by_key.get(key(rec))
-        if m is None:
-            continue
+    for rec, m in measured_pairs(counts, measured):
         p = predict_record(rec, device)
         row = {k: rec[k] for k in ("cell", "seq_len", "batch", "hidden", "input_size",
                                    "layers", "method", "path")}
@@ -554,28 +656,32 @@ def run(args: argparse.Namespace) -> int:
         print("launch-model: no counted or measured files: run `highwaybp bench rnn "
               "--count-ops` at the measured settings first", file=sys.stderr)
         return 2
+    counts = [r for f in counts_files for r in json.loads(f.read_text())["records"]
+              if "signatures" in r["forward"]]
+    measured = {f: json.loads(f.read_text()) for f in measured_files}
+    priced = [rec for d in measured.values() for rec, _ in measured_pairs(counts, d["records"])]
     if args.calibration:
         cpu = Device.from_json(json.loads(args.calibration.read_text()))
     else:
         from highwaybp.train.threads import use_threads
 
         use_threads(args.threads, "highwaybp bench launch-model")
-        cpu = calibrate_cpu(args.threads)
-    counts = [r for f in counts_files for r in json.loads(f.read_text())["records"]
-              if "signatures" in r["forward"]]
-    rows, rows_calibrated, run_devices = [], [], []
-    for f in measured_files:
-        d = json.loads(f.read_text())
-        r0 = d["records"][0]
-        exact = next(c for c in counts if c["method"] == "hbp-exact" and all(
-            c[k] == r0[k] for k in ("cell", "seq_len", "batch", "hidden", "input_size")))
-        run_device = device_from_bench(d["meta"], cpu, 3 if r0["cell"] == "gru" else 4,
-                                       r0["batch"], r0["hidden"], r0["input_size"],
+        cpu = calibrate_cpu(args.threads, products=(
+            op for rec in priced for phase in (rec["forward"], rec["backward"],
+                                               rec["forward"].get("fused_inner"))
+            if phase for op in OpTrace.from_json(phase).ops))
+    rows, rows_calibrated, rows_unmeasured, run_devices = [], [], [], []
+    for f, d in measured.items():
+        pairs = measured_pairs(counts, d["records"])
+        exact = next(rec for rec, _ in pairs if rec["method"] == "hbp-exact")
+        run_device = device_from_bench(d["meta"], cpu, 3 if exact["cell"] == "gru" else 4,
+                                       exact["batch"], exact["hidden"], exact["input_size"],
                                        OpTrace.from_json(exact["forward"]))
         run_devices.append({"measured_file": str(f), **run_device.to_json()})
         rows += [{**r, "measured_file": str(f)} for r in validate(counts, d["records"],
                                                                    run_device)]
         rows_calibrated += validate(counts, d["records"], cpu)
+        rows_unmeasured += validate(counts, d["records"], run_device.without_products())
     for r in rows:
         print(f"{r['cell']} T={r['seq_len']} B={r['batch']} H={r['hidden']} {r['method']:14s}"
               f" model {r['model_total_ms']:8.1f} ms measured {r['measured_total_ms']:8.1f} ms"
@@ -597,13 +703,16 @@ def run(args: argparse.Namespace) -> int:
         "validation": rows,
         "validation_devices": run_devices,
         "validation_calibrated_only": rows_calibrated,
+        "validation_without_products": rows_unmeasured,
         "gpu": H100.to_json(),
         "predictions": predictions,
         "notes": "validation: the model against the committed measured steps (no re-timing), "
                  "with each run's own dispatch cost and matmul rates (its floors) and this "
-                 "CPU's calibration for views, syncs and bandwidth; validation_calibrated_only: "
-                 "the calibration alone. Predictions: not measured, from traces counted on "
-                 "this CPU with oneDNN off (the engines' non-CPU path)",
+                 "CPU's calibration for views, syncs, bandwidth and the BLAS products it "
+                 "measured (shapes and strides); validation_calibrated_only: the calibration "
+                 "alone; validation_without_products: every product by the rate curves. "
+                 "Predictions: not measured, from traces counted on this CPU with oneDNN off "
+                 "(the engines' non-CPU path)",
     })
     print(f"\nwrote {args.out}")
     return 0
@@ -625,6 +734,8 @@ def device_lines(d: dict[str, Any]) -> list[str]:
              f"sync {_us(d['sync_s'])}, fused RNN step at least {_us(d['fused_step_s'])}; "
              f"fused kernels: {', '.join(d['fused_native']) or 'none'}",
              f"- matmul rate: {mm}", f"- bandwidth: {bw}"]
+    if d.get("products"):
+        lines.append(f"- measured products (shapes and strides): {len(d['products'])}")
     lines += [f"- {k}: {v}" for k, v in d.get("sources", {}).items()]
     return lines
 
@@ -676,16 +787,31 @@ def render(path: Any, d: dict[str, Any]) -> list[str]:
                   f"within 25% for {within} of {len(rows)} configurations; the largest error "
                   f"is {worst['total_error_pct']:+.0f}% ({worst['cell']} T={worst['seq_len']} "
                   f"{worst['method']}).", ""]
+    def key(r: dict[str, Any]) -> tuple:
+        return tuple(r[k] for k in ("cell", "seq_len", "batch", "hidden", "input_size",
+                                    "layers", "method"))
+
+    # the same rows with every product priced by the rate curves (files before products
+    # were measured have none)
+    curve_only = {key(r): r for r in d.get("validation_without_products") or []}
     head = ["setting", "method", "model fwd / bwd / step ms", "measured fwd / bwd / step ms",
-            "error fwd", "bwd", "step"]
+            "error fwd", "bwd", "step"] + (["step, products by the curves"] if curve_only
+                                           else [])
     table = [[f"{r['cell'].upper()} T={r['seq_len']} B={r['batch']} H={r['hidden']} "
               f"In={r['input_size']}", r["method"],
               f"{r['model_fwd_ms']:.0f} / {r['model_bwd_ms']:.0f} / {r['model_total_ms']:.0f}",
               f"{r['measured_fwd_ms']:.0f} / {r['measured_bwd_ms']:.0f} / "
               f"{r['measured_total_ms']:.0f}",
               f"{r['fwd_error_pct']:+.0f}%", f"{r['bwd_error_pct']:+.0f}%",
-              f"{r['total_error_pct']:+.0f}%"] for r in rows]
+              f"{r['total_error_pct']:+.0f}%"]
+             + ([f"{curve_only[key(r)]['total_error_pct']:+.0f}%"] if curve_only else [])
+             for r in rows]
     lines += [*_table(head, table), ""]
+    if curve_only:
+        lines += [f"With every product priced by the rate curves instead of its measured "
+                  f"time: within 25% for "
+                  f"{sum(abs(r['total_error_pct']) <= 25 for r in curve_only.values())} of "
+                  f"{len(curve_only)}.", ""]
     cal = d.get("validation_calibrated_only") or []
     if cal:
         worst_cal = max(cal, key=lambda r: abs(r["total_error_pct"]))

@@ -84,13 +84,17 @@ Shape = tuple[int, ...]
 
 @dataclass(frozen=True)
 class OpSignature:
-    """One op as the model prices it: name, tensor input/output shapes, element size."""
+    """One op as the model prices it: name, tensor input/output shapes, element size, and
+    for a product the strides of its tensor inputs (a CPU library's product runs up to 30x
+    apart on the same shapes with another operand layout: results/rnn/launchmodel_miss/;
+    other ops are priced by their bytes, whatever their layout, and leave it empty)."""
 
     name: str
     kind: str
     inputs: tuple[Shape, ...]
     outputs: tuple[Shape, ...]
     itemsize: int  # bytes per element of the first tensor input (or output)
+    strides: tuple[Shape, ...] = ()  # of `inputs`, matmuls only
 
     @property
     def bytes(self) -> int:
@@ -108,13 +112,18 @@ class OpSignature:
     def to_json(self) -> dict[str, Any]:
         """Shapes run-length encoded, [[shape, repeats], ...]: an unbind of T steps has T
         equal outputs."""
-        return {"name": self.name, "kind": self.kind, "inputs": _runs(self.inputs),
-                "outputs": _runs(self.outputs), "itemsize": self.itemsize}
+        d = {"name": self.name, "kind": self.kind, "inputs": _runs(self.inputs),
+             "outputs": _runs(self.outputs), "itemsize": self.itemsize}
+        if self.strides:
+            d["strides"] = [list(s) for s in self.strides]
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> OpSignature:
+        """(Files counted before strides were recorded have none: their products are
+        priced by shape alone.)"""
         return cls(d["name"], d["kind"], _unruns(d["inputs"]), _unruns(d["outputs"]),
-                   d["itemsize"])
+                   d["itemsize"], tuple(tuple(s) for s in d.get("strides", ())))
 
 
 def _runs(shapes: tuple[Shape, ...]) -> list[list[Any]]:
@@ -187,7 +196,11 @@ class OpTrace:
 def _signature(name: str, kind: str, inputs: Any, outputs: Any) -> OpSignature:
     ins, size_in = _shapes(inputs)
     outs, size_out = _shapes(outputs)
-    return OpSignature(name, kind, ins, outs, size_in or size_out or 4)
+    strides = ()
+    if kind == "matmul":
+        strides = tuple(tuple(leaf.stride()) for leaf in tree_leaves(inputs)
+                        if isinstance(leaf, Tensor))
+    return OpSignature(name, kind, ins, outs, size_in or size_out or 4, strides)
 
 
 def _shapes(tree: Any) -> tuple[tuple[Shape, ...], int]:
