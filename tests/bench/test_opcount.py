@@ -190,8 +190,18 @@ def test_replay_builds_the_recorded_layout_and_the_out_variant():
 def test_measure_products_keys_each_layout_once_and_skips_what_it_cannot_replay():
     a, b = _mm(((1, 100), (100, 1))), _mm(((100, 1), (100, 1)))
     table = LM.measure_products([a, b, a, _mm(()), OC.OpSignature(
-        "aten::mul", "compute", ((4,),), ((4,),), 4)], repeats=1)
+        "aten::mul", "compute", ((4,),), ((4,),), 4)], repeats=1, min_bytes=0)
     assert set(table) == {LM.product_key(a), LM.product_key(b)}
+    # only products beyond the cache (120 kB each here): smaller ones keep the run's rates
+    assert LM.measure_products([a, b], repeats=1, min_bytes=a.bytes) == {}
+
+
+def test_last_level_cache_is_the_largest_cache_sysfs_lists(tmp_path):
+    for index, size in (("index0", "48K"), ("index2", "1024K"), ("index3", "32768K")):
+        (tmp_path / index).mkdir()
+        (tmp_path / index / "size").write_text(size + "\n")
+    assert LM.last_level_cache_bytes(sysfs=tmp_path) == 32 << 20
+    assert LM.last_level_cache_bytes(default=123, sysfs=tmp_path / "absent") == 123
 
 
 def test_validation_pairs_a_measured_step_with_the_path_it_ran():

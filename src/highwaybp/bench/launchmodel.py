@@ -21,9 +21,10 @@ on a skinny one (torch.nn.GRU's CPU backward: the input weights' gradient [192, 
 [131072, 3], a transposed view, results/rnn/launchmodel_miss/). So the trace records a
 product's operand strides, and a device may carry `Device.products`: the measured time of
 each product signature (shapes and strides) its traces hold (`measure_products`, run by
-`calibrate_cpu` on the BLAS products the validated traces dispatch); a product it does not
-hold (oneDNN's, whose packed weights have no stride to replay; every product on the H100,
-where nothing is measured) is priced by the rate curve.
+`calibrate_cpu` on the BLAS products of the validated traces that move more than the
+last-level cache); a product it does not hold (one within the cache; oneDNN's, whose
+packed weights have no stride to replay; every product on the H100, where nothing is
+measured) is priced by the rate curve.
 
 A call of torch's fused RNN function (one op in the counted trace) is priced by a stated
 model, `fused_rnn_seconds`, where the device runs it as one kernel (`Device.fused_native`:
@@ -331,14 +332,34 @@ def replay_product(op: OpSignature) -> Optional[Callable[[], Any]]:
     return None
 
 
-def measure_products(ops: Iterable[OpSignature], repeats: int = 7) -> dict[str, float]:
+def last_level_cache_bytes(default: int = 32 << 20,
+                           sysfs: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
+    """This CPU's largest cache (Linux sysfs), or `default` where it cannot be read."""
+    sizes = []
+    for f in sysfs.glob("index*/size"):
+        text = f.read_text().strip().upper()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    return max(sizes, default=default)
+
+
+def measure_products(ops: Iterable[OpSignature], repeats: int = 7,
+                     min_bytes: Optional[int] = None) -> dict[str, float]:
     """`Device.products` of this CPU for the distinct products among `ops` that
-    `replay_product` can replay: the least time of one call (`_min_seconds`, as the
-    calibration's matmul ladder; operands warm where they fit a cache, as a loop's per-step
-    weight and state are; a product over the T*B rows of a backward reads them from memory
-    either way)."""
+    `replay_product` can replay and that move more than `min_bytes` (default: the
+    last-level cache, `last_level_cache_bytes`): the least time of one call
+    (`_min_seconds`, as the calibration's matmul ladder).
+
+    Only products beyond the cache: their operands come from memory in the step as in the
+    replay. A per-step product's time in the step depends on what the loop around it left
+    in cache; replayed alone, such products ran 0.5-1.5x apart between two calibrations on
+    this CPU (those beyond the cache 0.7-1.0x) and below the per-step rate the bench run
+    measured in its own rounds, which they keep (`device_from_bench`)."""
+    limit = last_level_cache_bytes() if min_bytes is None else min_bytes
     out: dict[str, float] = {}
-    for op in {op for op in ops if op.kind == "matmul"}:
+    for op in {op for op in ops if op.kind == "matmul" and op.bytes > limit}:
         key = product_key(op)
         fn = replay_product(op)
         if fn is None or key in out:
@@ -397,8 +418,10 @@ def calibrate_cpu(threads: int, repeats: int = 7, products: Iterable[OpSignature
                               f"through {COLD_BYTES >> 20} MB)",
                  "fused_native": "torch.nn.LSTM's CPU forward and backward are oneDNN's RNN "
                                  "primitive (one op per layer); torch.nn.GRU's is a loop",
-                 "products": f"{len(measured_products)} BLAS products of the priced traces, "
-                             "replayed with their shapes and strides (least time of one call)"},
+                 "products": f"{len(measured_products)} BLAS products of the priced traces "
+                             f"that move more than the last-level cache "
+                             f"({last_level_cache_bytes() >> 20} MiB), replayed with their "
+                             "shapes and strides (least time of one call)"},
         products=measured_products)
 
 
