@@ -501,11 +501,9 @@ def measured_path_labels(device_type: str = "cpu") -> tuple[str, ...]:
     """The counted paths a `bench rnn` step measured on `device_type` ran: its modules keep
     their default path ("auto", `resolve_paths`), torch.nn its own; "loop (only path)" is
     a file counted before the path options existed."""
-    from highwaybp.bench.opcount import path_label
-    from highwaybp.models.rnn.fused import resolve_paths
+    from highwaybp.bench.rnn_paths import default_path_label
 
-    forward, scan = resolve_paths("auto", "auto", torch.device(device_type))
-    return ("torch.nn", "loop (only path)", path_label({"forward": forward, "scan": scan}))
+    return ("torch.nn", "loop (only path)", default_path_label(device_type))
 
 
 def measured_pairs(counts: list[dict[str, Any]], measured: list[dict[str, Any]]

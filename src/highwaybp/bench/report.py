@@ -464,6 +464,8 @@ SECTIONS: tuple[Section, ...] = (
             lambda d: "meta" in d and "records" in d and "bench" not in d, _rnn),
     Section("RNN dispatch counts (`highwaybp bench rnn --count-ops`)",
             lambda d: d.get("bench") == "rnn_opcount", _lazy("highwaybp.bench.opcount")),
+    Section("RNN paths (`highwaybp bench rnn --paths`)",
+            lambda d: d.get("bench") == "rnn_paths", _lazy("highwaybp.bench.rnn_paths")),
     Section("RNN launch-aware step model (`highwaybp bench launch-model`)",
             lambda d: d.get("bench") == "launch_model", _lazy("highwaybp.bench.launchmodel")),
     Section("GPU suite (`highwaybp bench gpu`)",

@@ -1108,6 +1108,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "with their shapes (highwaybp.bench.opcount); deterministic",
     )
     p.add_argument(
+        "--paths",
+        action="store_true",
+        help="instead of the method comparison: time torch.nn, hbp-exact and Highway(k) "
+        "for --k on every path of the module (forward= x scan=), interleaved, each against "
+        "the default path (highwaybp.bench.rnn_paths)",
+    )
+    p.add_argument(
         "--no-op-shapes",
         dest="op_shapes",
         action="store_false",
@@ -1136,6 +1143,10 @@ def run(args: argparse.Namespace) -> int:
         from highwaybp.bench.opcount import run_count_ops
 
         return run_count_ops(args, _run_meta(args, load_before))
+    if args.paths:
+        from highwaybp.bench.rnn_paths import run_paths
+
+        return run_paths(args, _run_meta(args, load_before))
     large = large_matmul_gflops(tuple(args.peak_matmul))
     peak = large["onednn"] or large["torch_mm"]  # the faster path where oneDNN applies
     print(
