@@ -153,7 +153,7 @@ def test_op_seconds_is_the_largest_of_latency_flops_and_bytes():
 
 
 def _mm(strides, name="aten::mm", inputs=((100, 100), (100, 100))):
-    return OC.OpSignature(name, "matmul", inputs, ((100, 100),), 4, strides)
+    return OC.OpSignature(name, "matmul", inputs, ((100, 100),), 4, strides, "float32")
 
 
 def test_a_measured_product_is_priced_by_its_measurement_for_its_layout_only():
@@ -169,29 +169,58 @@ def test_a_measured_product_is_priced_by_its_measurement_for_its_layout_only():
     assert LM.Device.from_json(json.loads(json.dumps(dev.to_json()))) == dev
 
 
-def test_replay_builds_the_recorded_layout_and_the_out_variant():
-    op = OC.OpSignature("aten::mm", "matmul", ((3, 5), (5, 7), (3, 7)), ((3, 7),), 8,
-                        ((1, 3), (7, 1), (7, 1)))
-    fn = LM.replay_product(op)
-    a, b = fn.args
-    assert (a.shape, a.stride(), b.stride(), a.dtype) == ((3, 5), (1, 3), (7, 1), torch.float64)
-    assert fn.keywords["out"].shape == (3, 7) and fn.func is torch.ops.aten.mm.out
-    assert torch.equal(fn(), a @ b)
-    bias = LM.replay_product(OC.OpSignature(
-        "aten::addmm", "matmul", ((7,), (3, 5), (5, 7)), ((3, 7),), 4, ((0,), (5, 1), (1, 5))))
-    assert bias.args[0].stride() == (0,) and bias.func is torch.ops.aten.addmm.default
-    # what cannot be replayed faithfully is left to the curve
+def _traced(fn):
+    with OC.OpCounter() as c:
+        fn()
+    (op,) = [op for op in c.trace.ops if op.kind == "matmul"]
+    return op
+
+
+def test_a_replayed_product_dispatches_exactly_the_traced_signature():
+    """Trace a product, replay it, trace the replay: the same signature (shapes, strides,
+    dtype, keyword arguments), whatever the layout: a transposed view, an expanded bias,
+    beta=0, an out= tensor, an in-place product into a non-contiguous row."""
+    a, w, w64 = torch.randn(3, 5), torch.randn(7, 5), torch.randn(7, 5, dtype=torch.float64)
+    bias, out, acc = torch.zeros(7).expand(3, 7), torch.empty(7, 3).t(), torch.zeros(7, 6)
+    x = torch.randn(5)
+    products = {
+        "mm of a transposed view": lambda: torch.mm(a, w.t()),
+        "addmm, expanded bias, beta=0, out= a transposed view":
+            lambda: torch.addmm(bias, a, w.t(), beta=0.0, out=out),
+        "float64 mm": lambda: torch.mm(w64, w64.t()),
+        "in-place addmm_ into a column slice": lambda: acc[:, :3].addmm_(w, a.t()[:, :3]),
+        "addmv": lambda: torch.addmv(torch.zeros(7), w, x, alpha=2.0),
+    }
+    for label, call in products.items():
+        op = _traced(call)
+        replay = LM.replay_product(op)
+        assert replay is not None, label
+        assert _traced(replay) == op, label
+    assert _traced(products["float64 mm"]).dtype == "float64"
+    assert dict(_traced(products["addmv"]).scalars) == {"alpha": 2.0}
+
+
+def test_what_cannot_be_replayed_faithfully_is_left_to_the_curve():
+    i = torch.ones(3, 3, dtype=torch.int32)
+    sparse = torch.eye(3).to_sparse()
+    assert LM.replay_product(_traced(lambda: torch.mm(i, i))) is None  # not float
+    assert LM.replay_product(_traced(lambda: torch.mm(sparse, torch.eye(3)))) is None
     assert LM.replay_product(_mm(())) is None  # counted before strides were recorded
     assert LM.replay_product(_mm(((1, 100), (100, 1)), name="mkldnn::_linear_pointwise")) is None
-    assert LM.replay_product(OC.OpSignature("aten::mm", "matmul", ((2, 2), (2, 2)),
-                                            ((2, 2),), 2, ((2, 1), (2, 1)))) is None  # fp16
+    # a signature whose strides do not match its inputs is refused, not guessed
+    assert LM.replay_product(_mm(((1, 100),))) is None
 
 
-def test_measure_products_keys_each_layout_once_and_skips_what_it_cannot_replay():
+def test_measure_products_keys_each_layout_once_and_skips_what_it_cannot_replay(
+        monkeypatch):
     a, b = _mm(((1, 100), (100, 1))), _mm(((100, 1), (100, 1)))
+    calls, real = [], LM.replay_product
+    monkeypatch.setattr(LM, "replay_product", lambda op: calls.append(op) or real(op))
     table = LM.measure_products([a, b, a, _mm(()), OC.OpSignature(
         "aten::mul", "compute", ((4,),), ((4,),), 4)], repeats=1, min_bytes=0)
     assert set(table) == {LM.product_key(a), LM.product_key(b)}
+    assert sorted(map(LM.product_key, calls)) == sorted(
+        map(LM.product_key, [a, b, _mm(())]))  # each distinct product once
     # only products beyond the cache (120 kB each here): smaller ones keep the run's rates
     assert LM.measure_products([a, b], repeats=1, min_bytes=a.bytes) == {}
 
@@ -201,6 +230,9 @@ def test_last_level_cache_is_the_largest_cache_sysfs_lists(tmp_path):
         (tmp_path / index).mkdir()
         (tmp_path / index / "size").write_text(size + "\n")
     assert LM.last_level_cache_bytes(sysfs=tmp_path) == 32 << 20
+    (tmp_path / "index4").mkdir()
+    (tmp_path / "index4" / "size").write_text("64M\n")
+    assert LM.last_level_cache_bytes(sysfs=tmp_path) == 64 << 20
     assert LM.last_level_cache_bytes(default=123, sysfs=tmp_path / "absent") == 123
 
 
@@ -215,6 +247,63 @@ def test_validation_pairs_a_measured_step_with_the_path_it_ran():
     assert sorted(r["path"] for r, _ in pairs) == ["forward=loop,scan=sequential", "torch.nn"]
     assert len(LM.validate(recs, [{**m, "fwd_ms": 1.0, "bwd_ms": 1.0, "total_ms": 2.0}
                                   for m in measured], DEV)) == 2
+    # a file counted before the path options existed gives way to one naming the path
+    old = [{**r, "path": "loop (only path)"} for r in recs
+           if r["path"] == "forward=loop,scan=sequential"]
+    for counts in (old + recs, recs + old):
+        pairs = LM.measured_pairs(counts, measured)
+        assert sorted(r["path"] for r, _ in pairs) == ["forward=loop,scan=sequential",
+                                                       "torch.nn"]
+    # the same setting counted twice on the same path is refused, not counted twice
+    with pytest.raises(ValueError, match="one file per setting"):
+        LM.measured_pairs(recs + recs, measured)
+
+
+def test_launch_model_prices_the_measured_products_per_measured_file(tmp_path, monkeypatch):
+    """`bench launch-model` end to end on tiny files (the calibration and the Table 6
+    counts stubbed): the products it measures are those of the validated traces, they
+    reach each run's device, and each row's curve-only error is its own file's."""
+    recs = OC.count_methods(_args(), 8, ["torch", "hbp-exact"])
+    rec = recs[0]  # torch.nn's
+    counts = tmp_path / "counts.json"
+    counts.write_text(json.dumps({"bench": "rnn_opcount", "meta": {}, "records": recs}))
+    product = next(op for op in OC.OpTrace.from_json(rec["backward"]).ops
+                   if op.kind == "matmul")
+    seen = []
+
+    def calibrate(threads, products=()):
+        seen.extend(products)
+        return LM.Device(**{**DEV.__dict__, "products": {LM.product_key(product): 1.0}})
+
+    monkeypatch.setattr(LM, "calibrate_cpu", calibrate)
+    monkeypatch.setattr(LM, "count_table6", lambda ks: [])
+    monkeypatch.setattr(LM, "device_from_bench", lambda meta, base, *a: base)
+    key = {k: rec[k] for k in ("cell", "seq_len", "batch", "hidden", "input_size", "layers",
+                               "method")}
+    files = []
+    for i, total in enumerate((2000.0, 4000.0)):  # two runs of the same setting
+        f = tmp_path / f"measured{i}.json"
+        f.write_text(json.dumps({"meta": {}, "records": [
+            {**key, "fwd_ms": total / 2, "bwd_ms": total / 2, "total_ms": total},
+            {**key, "method": "hbp-exact", "fwd_ms": 1.0, "bwd_ms": 1.0, "total_ms": 2.0}]}))
+        files.append(f)
+    out = tmp_path / "lm.json"
+    assert main(["bench", "launch-model", "--counts", str(counts), "--measured", *map(str, files),
+                 "--out", str(out)]) == 0
+    assert product in seen
+    d = json.loads(out.read_text())
+    with_table = {r["measured_file"]: r for r in d["validation"] if r["method"] == "torch"}
+    curve = {r["measured_file"]: r for r in d["validation_without_products"]
+             if r["method"] == "torch"}
+    for f, total in zip(files, (2000.0, 4000.0)):
+        # the measured product costs 1 s: the model's step is at least that
+        assert with_table[str(f)]["model_bwd_ms"] >= 1000.0 > curve[str(f)]["model_bwd_ms"]
+        assert with_table[str(f)]["measured_total_ms"] == total
+    text = "\n".join(LM.render(out, d))
+    for f in files:
+        row = next(line for line in text.splitlines() if line.startswith("| GRU")
+                   and f"/ {int(float(curve[str(f)]['measured_total_ms']))} |" in line)
+        assert row.rstrip(" |").endswith(f"{curve[str(f)]['total_error_pct']:+.0f}%")
 
 
 def test_fused_kernel_is_t_dependent_steps_each_at_least_one_latency():
@@ -341,10 +430,12 @@ def test_device_from_bench_prices_with_the_runs_own_floors():
     trace.add(OC.OpSignature("aten::mul", "compute", ((10,),), ((10,),), 4), 3)  # 80 bytes
     trace.add(OC.OpSignature("aten::tanh", "compute", ((30,),), ((30,),), 4), 1)  # 240 bytes
     base = LM.Device(**{**DEV.__dict__,
-                        "bandwidth": LM.Curve(((100.0, 1e9), (1e6, 5e9), (1e8, 4e9)))})
+                        "bandwidth": LM.Curve(((100.0, 1e9), (1e6, 5e9), (1e8, 4e9))),
+                        "products": {"a product": 1.0}})
     dev = LM.device_from_bench(_bench_meta(projection / 1e9, weights / 1e9), base, gates=3,
                                batch=32, hidden=hidden, input_size=n_in, forward_trace=trace)
     assert dev.launch_s == 4e-6 and dev.fused_step_s == 4e-6 and dev.view_s == DEV.view_s
+    assert dev.products == base.products != {}  # the calibration's measured products
     # a 50 MFLOP step goes through oneDNN (engine.STEP_ONEDNN_MIN_FLOPS), as the engines'
     assert math.isclose(dev.matmul_rate("onednn", 2 * 32 * hidden * gh), 50e9)
     assert math.isclose(dev.matmul_rate("onednn", projection), 200e9)

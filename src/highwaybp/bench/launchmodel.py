@@ -294,9 +294,11 @@ def _cold_mul_seconds(size: int) -> float:
 
 
 def product_key(op: OpSignature) -> str:
-    """The key of a product in `Device.products`: name, input shapes and strides, element
-    size (two products with the same shapes and another layout are two entries)."""
-    return json.dumps([op.name, op.inputs, op.strides, op.itemsize], separators=(",", ":"))
+    """The key of a product in `Device.products`: name, input shapes and strides, dtype,
+    non-tensor arguments (two products with the same shapes and another layout are two
+    entries)."""
+    return json.dumps([op.name, op.inputs, op.strides, op.dtype or op.itemsize, op.scalars],
+                      separators=(",", ":"))
 
 
 # the BLAS products `measure_products` replays: tensor operands of the op itself (an extra
@@ -304,7 +306,7 @@ def product_key(op: OpSignature) -> str:
 BLAS_OPERANDS = {"aten::mm": 2, "aten::addmm": 3, "aten::addmm_": 3, "aten::bmm": 2,
                  "aten::baddbmm": 3, "aten::addbmm": 3, "aten::mv": 2, "aten::addmv": 3,
                  "aten::addmv_": 3, "aten::dot": 2, "aten::vdot": 2}
-_DTYPES = {4: torch.float32, 8: torch.float64}
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def _strided_randn(shape: tuple[int, ...], stride: tuple[int, ...], dtype: torch.dtype
@@ -316,19 +318,23 @@ def _strided_randn(shape: tuple[int, ...], stride: tuple[int, ...], dtype: torch
 
 
 def replay_product(op: OpSignature) -> Optional[Callable[[], Any]]:
-    """A call of the BLAS product `op` on fresh operands with its recorded shapes and
-    strides, or None where it cannot be replayed faithfully (no strides recorded: a file
-    counted before they were; an op outside `BLAS_OPERANDS`; another dtype)."""
+    """A call of the BLAS product `op` on fresh operands with its recorded shapes, strides,
+    dtype and keyword arguments (beta, alpha), or None where it cannot be replayed
+    faithfully: no strides or dtype recorded (a file counted before they were, an operand
+    that is not a plain strided tensor), an op outside `BLAS_OPERANDS`, a dtype other than
+    float32/float64, a positional non-tensor argument."""
     n = BLAS_OPERANDS.get(op.name)
-    dtype = _DTYPES.get(op.itemsize)
-    if n is None or dtype is None or not op.strides or len(op.strides) != len(op.inputs):
+    dtype = _DTYPES.get(op.dtype)
+    if (n is None or dtype is None or len(op.strides) != len(op.inputs)
+            or any(name.startswith("#") for name, _ in op.scalars)):
         return None
     tensors = [_strided_randn(sh, st, dtype) for sh, st in zip(op.inputs, op.strides)]
     packet = getattr(torch.ops.aten, op.name.split("::")[1])
+    kwargs = dict(op.scalars)
     if len(tensors) == n:
-        return functools.partial(packet.default, *tensors)
+        return functools.partial(packet.default, *tensors, **kwargs)
     if len(tensors) == n + 1 and not op.name.endswith("_"):
-        return functools.partial(packet.out, *tensors[:n], out=tensors[n])
+        return functools.partial(packet.out, *tensors[:n], out=tensors[n], **kwargs)
     return None
 
 
@@ -354,9 +360,10 @@ def measure_products(ops: Iterable[OpSignature], repeats: int = 7,
 
     Only products beyond the cache: their operands come from memory in the step as in the
     replay. A per-step product's time in the step depends on what the loop around it left
-    in cache; replayed alone, such products ran 0.5-1.5x apart between two calibrations on
-    this CPU (those beyond the cache 0.7-1.0x) and below the per-step rate the bench run
-    measured in its own rounds, which they keep (`device_from_bench`)."""
+    in cache; replayed alone twice, such products ran 0.81-1.60x apart on this CPU, those
+    beyond the cache 1.01-1.10x (results/rnn/launchmodel_miss/products_repeat.json), so the
+    smaller ones keep the rates the bench run measured in its own rounds
+    (`device_from_bench`)."""
     limit = last_level_cache_bytes() if min_bytes is None else min_bytes
     out: dict[str, float] = {}
     for op in {op for op in ops if op.kind == "matmul" and op.bytes > limit}:
@@ -516,8 +523,20 @@ def measured_pairs(counts: list[dict[str, Any]], measured: list[dict[str, Any]]
 
     paths = measured_path_labels()
     by_key = {key(r): r for r in measured}
-    return [(rec, by_key[key(rec)]) for rec in counts
-            if key(rec) in by_key and rec["path"] in paths]
+    chosen: dict[tuple, dict[str, Any]] = {}
+    for rec in counts:
+        if key(rec) not in by_key or rec["path"] not in paths:
+            continue
+        other = chosen.get(key(rec))
+        if other is not None and other["path"] == rec["path"]:
+            raise ValueError(
+                f"two counted records of {key(rec)} on path {rec['path']!r}: the count files "
+                "repeat a setting; pass --counts with one file per setting")
+        # a file counted before the path options existed ("loop (only path)") gives way
+        # to one that names the default path
+        if other is None or other["path"] == "loop (only path)":
+            chosen[key(rec)] = rec
+    return [(rec, by_key[k]) for k, rec in chosen.items()]
 
 
 def validate(counts: list[dict[str, Any]], measured: list[dict[str, Any]], device: Device
@@ -683,6 +702,10 @@ def run(args: argparse.Namespace) -> int:
     priced = [rec for d in measured.values() for rec, _ in measured_pairs(counts, d["records"])]
     if args.calibration:
         cpu = Device.from_json(json.loads(args.calibration.read_text()))
+        if f"({args.threads} threads)" not in cpu.name:
+            print(f"launch-model: warning: {args.calibration} was measured as {cpu.name!r}, "
+                  f"not with --threads {args.threads}: its figures (and measured products) "
+                  "are that run's", file=sys.stderr)
     else:
         from highwaybp.train.threads import use_threads
 
@@ -701,8 +724,10 @@ def run(args: argparse.Namespace) -> int:
         run_devices.append({"measured_file": str(f), **run_device.to_json()})
         rows += [{**r, "measured_file": str(f)} for r in validate(counts, d["records"],
                                                                    run_device)]
-        rows_calibrated += validate(counts, d["records"], cpu)
-        rows_unmeasured += validate(counts, d["records"], run_device.without_products())
+        rows_calibrated += [{**r, "measured_file": str(f)}
+                            for r in validate(counts, d["records"], cpu)]
+        rows_unmeasured += [{**r, "measured_file": str(f)} for r in validate(
+            counts, d["records"], run_device.without_products())]
     for r in rows:
         print(f"{r['cell']} T={r['seq_len']} B={r['batch']} H={r['hidden']} {r['method']:14s}"
               f" model {r['model_total_ms']:8.1f} ms measured {r['measured_total_ms']:8.1f} ms"
@@ -790,6 +815,10 @@ def prediction_table(predictions: list[dict[str, Any]], measured: Optional[dict]
     return lines
 
 
+def _pct(row: Optional[dict[str, Any]]) -> str:
+    return "-" if row is None else f"{row['total_error_pct']:+.0f}%"
+
+
 def render(path: Any, d: dict[str, Any]) -> list[str]:
     """docs/benchmarks.md's section of `bench launch-model`'s JSON."""
     from highwaybp.bench.report import _command_line, _table
@@ -809,8 +838,8 @@ def render(path: Any, d: dict[str, Any]) -> list[str]:
                   f"is {worst['total_error_pct']:+.0f}% ({worst['cell']} T={worst['seq_len']} "
                   f"{worst['method']}).", ""]
     def key(r: dict[str, Any]) -> tuple:
-        return tuple(r[k] for k in ("cell", "seq_len", "batch", "hidden", "input_size",
-                                    "layers", "method"))
+        return tuple(r.get(k) for k in ("measured_file", "cell", "seq_len", "batch", "hidden",
+                                        "input_size", "layers", "method"))
 
     # the same rows with every product priced by the rate curves (files before products
     # were measured have none)
@@ -825,7 +854,7 @@ def render(path: Any, d: dict[str, Any]) -> list[str]:
               f"{r['measured_total_ms']:.0f}",
               f"{r['fwd_error_pct']:+.0f}%", f"{r['bwd_error_pct']:+.0f}%",
               f"{r['total_error_pct']:+.0f}%"]
-             + ([f"{curve_only[key(r)]['total_error_pct']:+.0f}%"] if curve_only else [])
+             + ([_pct(curve_only.get(key(r)))] if curve_only else [])
              for r in rows]
     lines += [*_table(head, table), ""]
     if curve_only:

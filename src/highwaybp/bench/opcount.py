@@ -85,9 +85,12 @@ Shape = tuple[int, ...]
 @dataclass(frozen=True)
 class OpSignature:
     """One op as the model prices it: name, tensor input/output shapes, element size, and
-    for a product the strides of its tensor inputs (a CPU library's product runs up to 30x
-    apart on the same shapes with another operand layout: results/rnn/launchmodel_miss/;
-    other ops are priced by their bytes, whatever their layout, and leave it empty)."""
+    for a product what a replay of it needs (`launchmodel.replay_product`): the strides of
+    its tensor inputs (a CPU library's product runs up to 30x apart on the same shapes with
+    another operand layout: results/rnn/launchmodel_miss/), its dtype and its non-tensor
+    arguments (beta=0 skips reading the bias). Other ops are priced by their bytes, whatever
+    their layout, and leave those empty; so does a product with an operand that is not a
+    plain strided tensor (sparse, a conjugate view): it cannot be replayed."""
 
     name: str
     kind: str
@@ -95,6 +98,8 @@ class OpSignature:
     outputs: tuple[Shape, ...]
     itemsize: int  # bytes per element of the first tensor input (or output)
     strides: tuple[Shape, ...] = ()  # of `inputs`, matmuls only
+    dtype: str = ""  # of the first tensor input, matmuls only ("float32")
+    scalars: tuple[tuple[str, Any], ...] = ()  # non-tensor arguments (name, value), matmuls
 
     @property
     def bytes(self) -> int:
@@ -116,6 +121,10 @@ class OpSignature:
              "outputs": _runs(self.outputs), "itemsize": self.itemsize}
         if self.strides:
             d["strides"] = [list(s) for s in self.strides]
+        if self.dtype:
+            d["dtype"] = self.dtype
+        if self.scalars:
+            d["scalars"] = [list(s) for s in self.scalars]
         return d
 
     @classmethod
@@ -123,7 +132,8 @@ class OpSignature:
         """(Files counted before strides were recorded have none: their products are
         priced by shape alone.)"""
         return cls(d["name"], d["kind"], _unruns(d["inputs"]), _unruns(d["outputs"]),
-                   d["itemsize"], tuple(tuple(s) for s in d.get("strides", ())))
+                   d["itemsize"], tuple(tuple(s) for s in d.get("strides", ())),
+                   d.get("dtype", ""), tuple((k, _plain(v)) for k, v in d.get("scalars", ())))
 
 
 def _runs(shapes: tuple[Shape, ...]) -> list[list[Any]]:
@@ -193,14 +203,33 @@ class OpTrace:
         return trace
 
 
+def _plain(value: Any) -> Any:
+    """A hashable, JSON-stable form of an op's non-tensor argument: numbers, strings and
+    booleans as they are, sequences as tuples, anything else by its repr."""
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return tuple(_plain(v) for v in value)
+    return repr(value)
+
+
 def _signature(name: str, kind: str, inputs: Any, outputs: Any) -> OpSignature:
     ins, size_in = _shapes(inputs)
     outs, size_out = _shapes(outputs)
-    strides = ()
-    if kind == "matmul":
-        strides = tuple(tuple(leaf.stride()) for leaf in tree_leaves(inputs)
-                        if isinstance(leaf, Tensor))
-    return OpSignature(name, kind, ins, outs, size_in or size_out or 4, strides)
+    if kind != "matmul":
+        return OpSignature(name, kind, ins, outs, size_in or size_out or 4)
+    args, kwargs = inputs
+    tensors = [t for t in tree_leaves(inputs) if isinstance(t, Tensor)]
+    if not tensors or any(t.layout != torch.strided or t.is_conj() or t.is_neg()
+                          for t in tensors):
+        return OpSignature(name, kind, ins, outs, size_in or size_out or 4)
+    scalars = [(f"#{i}", _plain(a)) for i, a in enumerate(args)
+               if not isinstance(a, Tensor) and a is not None]
+    scalars += [(k, _plain(v)) for k, v in sorted((kwargs or {}).items())
+                if not isinstance(v, Tensor) and v is not None]
+    return OpSignature(name, kind, ins, outs, size_in or size_out or 4,
+                       tuple(tuple(t.stride()) for t in tensors),
+                       str(tensors[0].dtype).removeprefix("torch."), tuple(scalars))
 
 
 def _shapes(tree: Any) -> tuple[tuple[Shape, ...], int]:

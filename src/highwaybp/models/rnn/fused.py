@@ -25,7 +25,9 @@ def resolve_paths(forward: str, scan: str, device: torch.device) -> tuple[str, s
 
     "auto": the fused kernel and the log-depth scan on CUDA, where every op is a kernel
     launch; the loop and the sequential scan on CPU, where an op costs about its own work
-    and the loop is as fast or faster (docs/rnn.md, "Fused forward and log-depth scans").
+    and loop + sequential is the fastest path of every Highway method at the four committed
+    bench settings (`bench rnn --paths`, results/rnn/paths_*.json; docs/rnn.md, "Fused
+    forward and log-depth scans").
     """
     cuda = device.type == "cuda"
     path = ("fused" if cuda else "loop") if forward == "auto" else forward
