@@ -54,3 +54,8 @@ def test_paths_cli_times_every_path_against_the_default_and_renders(tmp_path):
     assert set(d["fastest"]) == {"hbp-exact T=6", "highway(k=1) T=6"}
     text = render(tmp_path / "results", root=tmp_path)
     assert "RNN paths" in text and "forward=fused,scan=log" in text
+
+
+def test_paths_refuses_another_mode_instead_of_ignoring_it(capsys):
+    assert main(["bench", "rnn", "--paths", "--count-ops", "--seq-len", "4"]) == 2
+    assert "--count-ops and --paths" in capsys.readouterr().err

@@ -1135,6 +1135,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.input_size is None:
         args.input_size = args.hidden
+    modes = [f"--{m.replace('_', '-')}" for m in ("profile", "count_ops", "paths")
+             if getattr(args, m)]
+    if len(modes) > 1:
+        print(f"error: {' and '.join(modes)} each replace the method comparison: give one",
+              file=sys.stderr)
+        return 2
     use_threads(args.threads, "highwaybp bench rnn")
     load_before = os.getloadavg()
     if args.profile:
