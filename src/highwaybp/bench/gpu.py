@@ -45,8 +45,8 @@ from highwaybp.bench.launchmodel import TABLE6
 from highwaybp.bench.opcount import (
     build_counted,
     count_methods,
+    method_paths,
     module_class,
-    path_label,
     paths,
 )
 from highwaybp.train.cli_types import nonneg_int, nonneg_int_list, out_dir, positive_int
@@ -148,10 +148,8 @@ def time_setting(setting: dict[str, Any], ks: list[int], device: torch.device, r
     x = torch.randn(args.seq_len, args.batch, args.input_size, device=device)
     gy = torch.randn(args.seq_len, args.batch, args.hidden, device=device)
     fns: dict[tuple[str, str], tuple[Callable, list[Tensor]]] = {}
-    for name in method_names(ks):
-        for path in ([{}] if name == "torch" else paths(module_class(args.cell))):
-            label = "torch.nn" if name == "torch" else path_label(path)
-            fns[(name, label)] = build_counted(args, name, ref, path)
+    for name, path, label in method_paths(args.cell, method_names(ks)):
+        fns[(name, label)] = build_counted(args, name, ref, path)
     clock = Clock(device)
     runs: dict[tuple[str, str], list[tuple[float, float]]] = {key: [] for key in fns}
     for fn, params in fns.values():

@@ -411,22 +411,29 @@ def count_methods(args: Any, seq_len: int, names: list[str], device: str = "cpu"
     ref = _reference(args).to(device)
     x = torch.randn(seq_len, args.batch, args.input_size, device=device)
     gy = torch.randn(seq_len, args.batch, args.hidden, device=device)
-    cls_paths = paths(module_class(args.cell))
     records = []
-    for name in names:
-        for path in ([{}] if name == "torch" else cls_paths):
-            fn, params = build_counted(args, name, ref, path)
-            fwd, bwd = count_step(fn, params, x, gy)
-            records.append({
-                "cell": args.cell, "seq_len": seq_len, "batch": args.batch,
-                "hidden": args.hidden, "input_size": args.input_size, "layers": args.layers,
-                "method": name, "path": path_label(path) if name != "torch" else "torch.nn",
-                "forward": {**fwd.trace.to_json(shapes), "fused_calls": fwd.fused_meta,
-                            "fused_inner": fwd.inner.to_json(shapes) if fwd.fused_meta
-                            else None},
-                "backward": bwd.trace.to_json(shapes),
-            })
+    for name, path, label in method_paths(args.cell, names):
+        fn, params = build_counted(args, name, ref, path)
+        fwd, bwd = count_step(fn, params, x, gy)
+        records.append({
+            "cell": args.cell, "seq_len": seq_len, "batch": args.batch,
+            "hidden": args.hidden, "input_size": args.input_size, "layers": args.layers,
+            "method": name, "path": label,
+            "forward": {**fwd.trace.to_json(shapes), "fused_calls": fwd.fused_meta,
+                        "fused_inner": fwd.inner.to_json(shapes) if fwd.fused_meta
+                        else None},
+            "backward": bwd.trace.to_json(shapes),
+        })
     return records
+
+
+def method_paths(cell: str, names: list[str]) -> list[tuple[str, dict[str, str], str]]:
+    """(method name, path options, path label) for each of `names` on each of its paths:
+    torch.nn ("torch") has one, labelled "torch.nn"; our methods every `paths` of the
+    cell's module class."""
+    ours = paths(module_class(cell))
+    return [(name, path, "torch.nn" if name == "torch" else path_label(path))
+            for name in names for path in ([{}] if name == "torch" else ours)]
 
 
 def module_class(cell: str) -> type:

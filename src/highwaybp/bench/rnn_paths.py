@@ -31,8 +31,7 @@ def time_paths(args: Any, seq_len: int) -> list[dict[str, Any]]:
     """One record per method and path at `seq_len` with the bench's sizes (--batch,
     --hidden, --input-size, --layers, --k): fwd / bwd / total ms (medians of the same
     rounds), the ratio to the default path's step and torch.nn's step over this one."""
-    from highwaybp.bench.opcount import build_counted, count_names, module_class, paths
-    from highwaybp.bench.opcount import path_label as label_of
+    from highwaybp.bench.opcount import build_counted, count_names, method_paths
     from highwaybp.bench.rnn import _reference, measure_round_robin
 
     torch.manual_seed(args.seed)
@@ -40,12 +39,10 @@ def time_paths(args: Any, seq_len: int) -> list[dict[str, Any]]:
     x = torch.randn(seq_len, args.batch, args.input_size)
     gy = torch.randn(seq_len, args.batch, args.hidden)
     fns, keys = {}, {}
-    for name in count_names(args.k):
-        for path in ([{}] if name == "torch" else paths(module_class(args.cell))):
-            label = "torch.nn" if name == "torch" else label_of(path)
-            key = f"{name} [{label}]"
-            fns[key], _ = build_counted(args, name, ref, path)
-            keys[key] = (name, label)
+    for name, path, label in method_paths(args.cell, count_names(args.k)):
+        key = f"{name} [{label}]"
+        fns[key], _ = build_counted(args, name, ref, path)
+        keys[key] = (name, label)
     timings = measure_round_robin(fns, ref, {key: (x, gy) for key in fns}, args.repeats,
                                   args.warmup)
     default = default_path_label()
